@@ -1,0 +1,1 @@
+"""GenEval and T2I-CompBench scoring (arrives with the eval issue)."""

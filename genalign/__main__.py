@@ -1,0 +1,3 @@
+from genalign.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""``genalign`` command line: sample, train, tiny."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+import torch
+
+from genalign.core.config import ConfigError
+from genalign.core.trainer import NonFiniteError
+
+# Modules whose import registers a fine-tuner (each method's issue adds its module here).
+BUILTIN_FINETUNERS: tuple[str, ...] = ()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _registered_finetuners() -> dict[str, type]:
+    from genalign.finetuners import FINETUNERS
+
+    for module in BUILTIN_FINETUNERS:
+        importlib.import_module(module)
+    return FINETUNERS
+
+
+# --------------------------------------------------------------------------- sample
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from torchvision.utils import save_image
+
+    from genalign.core.experiment import BackboneConfig
+    from genalign.core.sampler import initial_noise, sample
+    from genalign.pipelines import load_backbone
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompts: give --prompt (repeatable) or --prompt-file")
+    config = BackboneConfig(
+        family=args.family,
+        path=args.backbone,
+        dtype=args.dtype,
+        finetune="none",
+        resolution=args.resolution,
+        timestep_spacing=args.timestep_spacing,
+    )
+    backbone = load_backbone(config, _device(args.device))
+    if args.lora:
+        backbone.load_lora(args.lora)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    guidance = args.guidance_scale != 1.0
+    images, image_prompts = [], []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size] * args.images_per_prompt
+        image_prompts += batch
+        negative = [args.negative_prompt] * len(batch) if args.negative_prompt else None
+        with torch.no_grad():
+            cond = backbone.encode_prompts(batch, negative, guidance=guidance)
+            latents = initial_noise(backbone, len(batch), generator)
+            trajectory = sample(backbone, cond, args.steps, args.guidance_scale, args.eta, latents, generator)
+            images.append(backbone.decode(trajectory.final).cpu())
+    images_t = torch.cat(images)
+    names = []
+    for i, image in enumerate(images_t):
+        name = f"{i:04d}.png"
+        save_image(image, out / name)
+        names.append(name)
+    save_image(images_t, out / "grid.png", nrow=min(8, len(images_t)))
+    (out / "prompts.tsv").write_text("".join(f"{n}\t{p}\n" for n, p in zip(names, image_prompts)))
+    print(f"wrote {len(names)} images and grid.png to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from genalign.core.experiment import load_experiment
+    from genalign.core.trainer import Trainer
+    from genalign.finetuners import config_classes
+
+    finetuners = _registered_finetuners()
+    if args.help_config:
+        return _help_config(finetuners)
+    if not args.config:
+        raise ConfigError("genalign train needs a config file (see configs/)")
+    config = load_experiment(args.config, config_classes(), args.overrides)
+    run = config.run
+    accelerator = Accelerator(
+        mixed_precision=run.mixed_precision,
+        log_with=None if run.tracker == "none" else run.tracker,
+        project_dir=run.output_dir,
+    )
+    backbone = None
+    if config.backbone.path:
+        from genalign.pipelines import load_backbone
+
+        backbone = load_backbone(config.backbone, accelerator.device)
+    rewards = None
+    if config.reward:
+        from genalign.rewards import load_rewards
+
+        rewards = load_rewards(config.reward, accelerator.device)
+    finetuner = finetuners[config.method_name].build(config, backbone, rewards)
+    trainer = Trainer(
+        finetuner,
+        run,
+        config.sample,
+        run.load_prompts(),
+        resolved_config=config.to_dict(),
+        accelerator=accelerator,
+    )
+    result = trainer.train(resume=args.resume)
+    accelerator.print(
+        f"done: {result.steps_done} steps ({result.skipped_steps} skipped); outputs in {result.output_dir}"
+    )
+    return 0
+
+
+def _help_config(finetuners: dict[str, type]) -> int:
+    from genalign.core.config import describe
+    from genalign.core.experiment import BackboneConfig, RewardConfig, RunConfig, SampleConfig
+
+    for section, cls in (("backbone", BackboneConfig), ("reward", RewardConfig), ("sample", SampleConfig),
+                         ("run", RunConfig)):
+        print(f"[{section}]")
+        print("\n".join("  " + line for line in describe(cls)))
+    for name, method in sorted(finetuners.items()):
+        print(f"[method: {name}]")
+        print("\n".join("  " + line for line in describe(method.Config)))
+    if not finetuners:
+        print("[method] no fine-tuners are registered yet")
+    return 0
+
+
+# --------------------------------------------------------------------------- tiny
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from genalign.pipelines.tiny import save_tiny
+
+    folder = save_tiny(args.family, args.out, args.prediction_type, args.seed)
+    print(f"wrote a tiny random {args.family} model to {folder}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genalign", description="Reward fine-tuning of text-to-image diffusion and flow models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="prompts -> image files and a grid")
+    p.add_argument("--backbone", required=True, help="diffusers checkpoint: hub id or local folder")
+    p.add_argument("--family", default="sd", help="sd, sdxl, sd-turbo, sdxl-turbo")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="text file with one prompt a line")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--out", default="runs/samples", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward batch")
+    p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"])
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="fine-tune with a YAML experiment config")
+    p.add_argument("config", nargs="?", help="experiment YAML (configs/...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.beta=2500 run.steps=200")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from the latest checkpoint of run.output_dir, or from a given checkpoint folder")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tiny", help="build a tiny random model of a family (for tests and demos)")
+    p.add_argument("family", choices=["sd", "sd-turbo", "sdxl", "sdxl-turbo"])
+    p.add_argument("out", help="output folder (diffusers format)")
+    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"genalign: config error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:  # missing weights, prompt files, checkpoints
+        print(f"genalign: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        print(f"genalign: {err}", file=sys.stderr)
+        return 1
+

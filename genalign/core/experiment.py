@@ -1,0 +1,186 @@
+"""The experiment config: backbone + reward(s) + method + sampling + run, one YAML file.
+
+```yaml
+backbone: {family: sd, path: runwayml/stable-diffusion-v1-5, dtype: bfloat16}
+reward: {name: pickscore}            # or a list of {name, weight} for a weighted sum
+method: {name: diffusion_dpo, beta: 5000}
+sample: {num_steps: 20, guidance_scale: 5.0}
+run: {steps: 2000, lr: 1e-5, mixed_precision: bf16}
+```
+
+Overrides: ``genalign train x.yaml method.beta=2500 run.steps=200``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from genalign.core.config import ConfigError, apply_overrides, check, field, from_dict, read_yaml, to_dict
+
+
+@dataclass
+class BackboneConfig:
+    family: str = field("sd", help="model family: sd (1.x/2.x), sdxl, sd-turbo, sdxl-turbo (and flow families)")
+    path: str = field("", help="diffusers checkpoint: a hub id or a local folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="weights dtype of the frozen parts")
+    revision: str | None = field(None, help="hub revision (branch, tag or commit)")
+    variant: str | None = field(None, help="weights variant, e.g. fp16")
+    finetune: Literal["lora", "full", "none"] = field("lora", help="what is trained in the denoiser")
+    lora_rank: int = field(4, help="LoRA rank r (usual 4-64)")
+    lora_alpha: float = field(4.0, help="LoRA alpha; the update is scaled by alpha / r")
+    lora_dropout: float = field(0.0, help="dropout on the LoRA input")
+    lora_targets: list[str] = field(
+        default_factory=list, help="module names that get LoRA; empty = the family's attention projections"
+    )
+    gradient_checkpointing: bool = field(False, help="recompute denoiser activations in backward (less memory)")
+    attention: Literal["sdpa", "xformers"] = field("sdpa", help="attention kernel; xformers needs CUDA")
+    resolution: int | None = field(None, help="image size in pixels; default: the model's native size")
+    timestep_spacing: str | None = field(None, help="override the scheduler's spacing (leading/trailing/linspace)")
+
+    def __post_init__(self) -> None:
+        check(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class RewardConfig:
+    name: str = field(help="registered reward name, e.g. clip, aesthetic, pickscore")
+    weight: float = field(1.0, help="weight in a weighted sum of rewards")
+    path: str | None = field(None, help="weights: hub id or local path (default: the published ones)")
+    options: dict[str, Any] = field(default_factory=dict, help="adapter-specific options")
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = field(20, help="denoising steps for rollouts and sample grids (turbo: 1-4)")
+    guidance_scale: float = field(5.0, help="classifier-free guidance scale (1 = off)")
+    eta: float = field(0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like; rollouts of RL methods use 1")
+    negative_prompt: str = field("", help="negative prompt for classifier-free guidance")
+    prompts: list[str] = field(default_factory=list, help="prompts of the periodic sample grids")
+
+    def __post_init__(self) -> None:
+        check(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
+        check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = field("runs/default", help="run directory: config, logs, checkpoints, samples")
+    seed: int = field(0, help="seed of everything; a resumed run continues the same random streams")
+    steps: int = field(100, help="optimizer steps")
+    batch_size: int = field(4, help="prompts per micro-batch per process")
+    grad_accum: int = field(1, help="micro-batches per optimizer step")
+    prompts: list[str] = field(default_factory=list, help="training prompts (cycled, reshuffled each epoch)")
+    prompt_file: str | None = field(None, help="text file with one training prompt a line")
+    lr: float = field(1e-4, help="peak learning rate")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = field(
+        "constant", help="learning-rate schedule (diffusers.optimization.get_scheduler)"
+    )
+    warmup_steps: int = field(0, help="linear warm-up steps")
+    weight_decay: float = field(1e-4, help="AdamW weight decay")
+    adam_betas: tuple[float, float] = field((0.9, 0.999), help="AdamW betas")
+    adam_eps: float = field(1e-8, help="AdamW epsilon")
+    max_grad_norm: float = field(1.0, help="gradient clipping by global norm; 0 disables")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", help="autocast precision (fp16 needs a GPU)")
+    ema: bool = field(False, help="keep an exponential moving average of the trained weights")
+    ema_decay: float = field(0.999, help="EMA decay per optimizer step")
+    tracker: Literal["tensorboard", "wandb", "none"] = field("tensorboard", help="accelerate tracker")
+    log_every: int = field(1, help="log metrics every N steps")
+    sample_every: int = field(0, help="write a sample grid every N steps (0: only at the end)")
+    checkpoint_every: int = field(50, help="save a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = field(3, help="how many most recent checkpoints to keep")
+    nan_tolerance: int = field(0, help="non-finite steps in a row that are skipped before the run stops")
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        check(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        check(self.nan_tolerance >= 0, f"nan_tolerance must be >= 0, got {self.nan_tolerance}")
+        for name in ("log_every", "sample_every", "checkpoint_every", "warmup_steps"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def load_prompts(self) -> list[str]:
+        prompts = list(self.prompts)
+        if self.prompt_file:
+            path = Path(self.prompt_file)
+            if not path.is_file():
+                raise ConfigError(f"run.prompt_file: file not found: {path}")
+            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError("no training prompts: set run.prompts or run.prompt_file")
+        return prompts
+
+
+@dataclass
+class ExperimentConfig:
+    backbone: BackboneConfig
+    reward: list[RewardConfig]
+    method_name: str
+    method: Any
+    sample: SampleConfig
+    run: RunConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        method = {"name": self.method_name, **(to_dict(self.method) if self.method is not None else {})}
+        return {
+            "backbone": to_dict(self.backbone),
+            "reward": to_dict(self.reward),
+            "method": method,
+            "sample": to_dict(self.sample),
+            "run": to_dict(self.run),
+        }
+
+
+SECTIONS = ("backbone", "reward", "method", "sample", "run")
+
+
+def build_experiment(data: Mapping[str, Any], methods: Mapping[str, type], source: str) -> ExperimentConfig:
+    """Check and build an :class:`ExperimentConfig` from a plain mapping."""
+    unknown = [k for k in data if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(map(repr, unknown))}; sections: {', '.join(SECTIONS)}")
+    method_data = dict(data.get("method") or {})
+    if not isinstance(data.get("method") or {}, Mapping):
+        raise ConfigError(f"{source}: 'method' must be a mapping with a 'name'")
+    method_name = method_data.pop("name", None)
+    if method_name is None:
+        raise ConfigError(f"{source}: 'method.name' is required; available: {', '.join(sorted(methods)) or 'none'}")
+    if method_name not in methods:
+        raise ConfigError(
+            f"{source}: unknown method.name {method_name!r}; available: {', '.join(sorted(methods)) or 'none'}"
+        )
+    rewards = data.get("reward") or []
+    if isinstance(rewards, Mapping):
+        rewards = [rewards]
+    if not isinstance(rewards, list):
+        raise ConfigError(f"{source}: 'reward' must be a mapping or a list of mappings")
+    return ExperimentConfig(
+        backbone=from_dict(BackboneConfig, data.get("backbone"), source, "backbone."),
+        reward=[from_dict(RewardConfig, r, source, f"reward[{i}].") for i, r in enumerate(rewards)],
+        method_name=method_name,
+        method=from_dict(methods[method_name], method_data, source, "method."),
+        sample=from_dict(SampleConfig, data.get("sample"), source, "sample."),
+        run=from_dict(RunConfig, data.get("run"), source, "run."),
+    )
+
+
+def load_experiment(
+    path: str | Path, methods: Mapping[str, type], overrides: Sequence[str] = ()
+) -> ExperimentConfig:
+    """Load a YAML experiment and apply dotted overrides; ``methods`` maps method names to Configs.
+
+    The file is checked on its own first, so an error in it names the file; an error that only
+    appears after the overrides names the command line.
+    """
+    data = read_yaml(path)
+    config = build_experiment(data, methods, str(path))
+    if overrides:
+        config = build_experiment(apply_overrides(data, overrides), methods, f"command line ({' '.join(overrides)})")
+    return config

@@ -1,0 +1,141 @@
+"""The generic sampler: drives any Backbone through its NoiseSchedule and records a Trajectory."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from genalign.core.sampling import gaussian_log_prob
+from genalign.core.types import Backbone, Conditioning, Trajectory
+
+
+def initial_noise(
+    backbone: Backbone,
+    batch: int,
+    generator: torch.Generator | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> Tensor:
+    """Standard normal latents (B, C, h, w) drawn on the CPU (device-independent for a seed)."""
+    shape = (batch, *backbone.latent_shape(height, width))
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(backbone.device, backbone.dtype)
+
+
+def sample(
+    backbone: Backbone,
+    cond: Conditioning,
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    latents: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    grad_last_k: int = 0,
+    checkpoint_steps: bool = True,
+    height: int | None = None,
+    width: int | None = None,
+) -> Trajectory:
+    """Run ``num_steps`` reverse steps from ``latents`` (or fresh noise) and keep everything.
+
+    grad_last_k: gradients flow through the last K steps (``-1``: all steps, 0: none). Earlier
+        steps run under ``no_grad``. With ``checkpoint_steps`` each differentiable step is
+        recomputed in backward (activation memory of one step instead of K).
+    The noise of stochastic steps (``eta > 0``) is drawn from ``generator``.
+    """
+    if latents is None:
+        latents = initial_noise(backbone, len(cond), generator, height, width)
+    timesteps = backbone.schedule.timesteps(num_steps)
+    first_grad_step = 0 if grad_last_k < 0 else num_steps - grad_last_k
+
+    xs, log_probs, means, stds = [latents], [], [], []
+    x = latents
+    for i, t in enumerate(timesteps):
+        with_grad = i >= first_grad_step and torch.is_grad_enabled()
+        noise = None
+        if eta > 0:
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+        with nullcontext() if with_grad else torch.no_grad():
+            if with_grad and checkpoint_steps:
+                prev, log_prob, mean, std = checkpoint(
+                    _one_step, backbone, x, t, cond, num_steps, guidance_scale, eta, noise, use_reentrant=False
+                )
+            else:
+                prev, log_prob, mean, std = _one_step(backbone, x, t, cond, num_steps, guidance_scale, eta, noise)
+        xs.append(prev)
+        log_probs.append(log_prob)
+        means.append(mean)
+        stds.append(std)
+        x = prev
+    return Trajectory(
+        latents=torch.stack(xs),
+        timesteps=timesteps,
+        log_probs=torch.stack(log_probs, dim=1),
+        means=torch.stack(means),
+        stds=torch.stack(stds),
+        cond=cond,
+        eta=eta,
+        guidance_scale=guidance_scale,
+    )
+
+
+def _one_step(
+    backbone: Backbone,
+    x: Tensor,
+    t: Tensor,
+    cond: Conditioning,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    noise: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    model_output = backbone.predict(x, t, cond, guidance_scale)
+    step = backbone.schedule.step(x, model_output, t, num_steps, eta)
+    if noise is None:  # eta == 0: deterministic, the mean is the sample
+        return step.prev_sample, step.log_prob, step.mean, step.std
+    # The noise is drawn outside so that a checkpointed recomputation sees the same draw.
+    prev = step.mean + step.std * noise
+    return prev, gaussian_log_prob(prev, step.mean, step.std), step.mean, step.std
+
+
+def log_probs_of(backbone: Backbone, trajectory: Trajectory, step_indices: Tensor | list[int]) -> Tensor:
+    """Log-probs (B, len(step_indices)) of the stored transitions under the current model.
+
+    The policy-gradient methods re-evaluate old trajectories with this (with gradients).
+    """
+    out = []
+    for i in torch.as_tensor(step_indices).tolist():
+        x = trajectory.latents[i]
+        t = trajectory.timesteps[i]
+        model_output = backbone.predict(x, t, trajectory.cond, trajectory.guidance_scale)
+        step = backbone.schedule.step(
+            x, model_output, t, trajectory.num_steps, trajectory.eta, prev_sample=trajectory.latents[i + 1]
+        )
+        out.append(step.log_prob)
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def invert(
+    backbone: Backbone,
+    latents: Tensor,
+    cond: Conditioning,
+    num_steps: int,
+    guidance_scale: float = 1.0,
+) -> Tensor:
+    """Deterministic inversion: clean latents x_0 -> the x_T that the eta=0 sampler maps back to x_0.
+
+    Returns all states (T+1, B, C, H, W) in sampling order (states[0] = x_T, states[-1] = x_0),
+    so that ``sample(..., latents=states[0])`` retraces them approximately.
+    """
+    timesteps = backbone.schedule.timesteps(num_steps)
+    states = [latents]
+    x = latents
+    for t in reversed(timesteps):
+        # The model is evaluated at the less noisy state with the target timestep t (the usual
+        # approximation of DDIM inversion, as in Null-text Inversion and diffusers' DDIMInverseScheduler).
+        model_output = backbone.predict(x, t, cond, guidance_scale)
+        x = backbone.schedule.invert_step(x, model_output, t, num_steps)
+        states.append(x)
+    return torch.stack(states[::-1])

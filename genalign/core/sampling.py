@@ -1,0 +1,189 @@
+"""Sampling math for variance-preserving diffusion: pure functions, no model inside.
+
+Conventions (the ones of diffusers' ``DDIMScheduler`` and of ddpo-pytorch):
+
+* ``x_t = sqrt(alpha_prod_t) * x_0 + sqrt(1 - alpha_prod_t) * eps`` where ``alpha_prod_t`` is the
+  cumulative product of ``1 - beta`` up to timestep ``t``.
+* ``model_output`` is interpreted by ``prediction_type``: ``"epsilon"`` (the noise),
+  ``"v_prediction"`` (``v = sqrt(a) * eps - sqrt(1 - a) * x_0``, Salimans & Ho 2022) or
+  ``"sample"`` (``x_0`` itself).
+* Every step returns ``(prev_sample, log_prob, mean, std)``. ``log_prob`` is the Gaussian
+  log-density of ``prev_sample`` under ``N(mean, std^2)``, averaged (not summed) over all
+  non-batch dimensions, so it has shape ``[B]`` whatever the latent size (ddpo-pytorch's
+  convention). A deterministic step (``std == 0``) has no density; its ``log_prob`` is 0.
+
+``alpha_prod_t`` and ``alpha_prod_prev`` may be Python floats, 0-d tensors or ``[B]`` tensors
+(one timestep per sample); they are broadcast against the latents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _as_batch_broadcast(value: float | Tensor, like: Tensor) -> Tensor:
+    """Turn a scalar or a ``[B]`` tensor into a tensor broadcastable to ``like`` (B, ...)."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.ndim == 0:
+        return value
+    if value.ndim != 1 or value.shape[0] != like.shape[0]:
+        raise ValueError(f"expected a scalar or a [B={like.shape[0]}] tensor, got shape {tuple(value.shape)}")
+    return value.view(-1, *([1] * (like.ndim - 1)))
+
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
+    """Log N(sample; mean, std^2) per element, averaged over non-batch dims -> ``[B]``.
+
+    Where ``std == 0`` the density is undefined and 0 is returned (deterministic step).
+    """
+    std = torch.as_tensor(std, dtype=sample.dtype, device=sample.device).expand_as(sample)
+    deterministic = std == 0
+    safe_std = torch.where(deterministic, torch.ones_like(std), std)
+    log_prob = -((sample.detach() - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - _LOG_SQRT_2PI
+    log_prob = torch.where(deterministic, torch.zeros_like(log_prob), log_prob)
+    return log_prob.mean(dim=tuple(range(1, sample.ndim)))
+
+
+def split_prediction(
+    x_t: Tensor, model_output: Tensor, alpha_prod_t: float | Tensor, prediction_type: str = "epsilon"
+) -> tuple[Tensor, Tensor]:
+    """Return ``(pred_x0, pred_eps)`` from a model output of the given parameterisation."""
+    a_t = _as_batch_broadcast(alpha_prod_t, x_t)
+    sqrt_a, sqrt_1ma = a_t.sqrt(), (1 - a_t).sqrt()
+    if prediction_type == "epsilon":
+        pred_eps = model_output
+        pred_x0 = (x_t - sqrt_1ma * pred_eps) / sqrt_a
+    elif prediction_type == "v_prediction":
+        pred_x0 = sqrt_a * x_t - sqrt_1ma * model_output
+        pred_eps = sqrt_a * model_output + sqrt_1ma * x_t
+    elif prediction_type == "sample":
+        pred_x0 = model_output
+        pred_eps = (x_t - sqrt_a * pred_x0) / sqrt_1ma
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    return pred_x0, pred_eps
+
+
+def ddim_step(
+    x_t: Tensor,
+    model_output: Tensor,
+    alpha_prod_t: float | Tensor,
+    alpha_prod_prev: float | Tensor,
+    eta: float,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    prediction_type: str = "epsilon",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12), stochastic for ``eta > 0``.
+
+    sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
+    mean  = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - sigma^2) * eps_hat
+
+    With ``eta = 0`` the mean is diffusers' ``DDIMScheduler.step(...).prev_sample``; with ``eta = 1``
+    it is the DDPM posterior with the "fixed_small" variance (see :func:`ddpm_step`).
+    If ``prev_sample`` is given, it is returned unchanged and ``log_prob`` is its density (used to
+    re-evaluate stored trajectories under the current policy).
+    """
+    pred_x0, pred_eps = split_prediction(x_t, model_output, alpha_prod_t, prediction_type)
+    a_t = _as_batch_broadcast(alpha_prod_t, x_t)
+    a_prev = _as_batch_broadcast(alpha_prod_prev, x_t)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * pred_eps
+    mean = a_prev.sqrt() * pred_x0 + direction
+    return _finish_step(mean, std, prev_sample, generator)
+
+
+def ddpm_step(
+    x_t: Tensor,
+    model_output: Tensor,
+    alpha_prod_t: float | Tensor,
+    alpha_prod_prev: float | Tensor,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    prediction_type: str = "epsilon",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ancestral DDPM step from the posterior q(x_prev | x_t, x0_hat) (Ho et al. 2020, Eq. 6-7).
+
+    beta = 1 - a_t / a_prev
+    mean = sqrt(a_prev) * beta / (1 - a_t) * x0_hat + sqrt(1 - beta) * (1 - a_prev) / (1 - a_t) * x_t
+    std  = sqrt((1 - a_prev) / (1 - a_t) * beta)        ("fixed_small" variance)
+
+    The step between two arbitrary timesteps uses the same formulas with the effective beta, as
+    diffusers' ``DDPMScheduler`` does for sparse timestep schedules.
+    """
+    pred_x0, _ = split_prediction(x_t, model_output, alpha_prod_t, prediction_type)
+    a_t = _as_batch_broadcast(alpha_prod_t, x_t)
+    a_prev = _as_batch_broadcast(alpha_prod_prev, x_t)
+    beta = 1 - a_t / a_prev
+    mean = a_prev.sqrt() * beta / (1 - a_t) * pred_x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x_t
+    std = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=0).sqrt()
+    return _finish_step(mean, std, prev_sample, generator)
+
+
+def _finish_step(
+    mean: Tensor, std: Tensor, prev_sample: Tensor | None, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    std = std.expand_as(mean) if std.ndim else std.expand(mean.shape)
+    if prev_sample is None and not bool(std.any()):
+        prev_sample = mean  # deterministic step: nothing to draw
+    elif prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        prev_sample = mean + std * noise
+    log_prob = gaussian_log_prob(prev_sample, mean, std)
+    return prev_sample, log_prob, mean, std
+
+
+def ddim_inversion_step(
+    x_prev: Tensor,
+    model_output: Tensor,
+    alpha_prod_prev: float | Tensor,
+    alpha_prod_t: float | Tensor,
+    prediction_type: str = "epsilon",
+) -> Tensor:
+    """Deterministic DDIM inversion step x_{t_prev} -> x_t (the ODE of Eq. 13 run forwards in noise).
+
+    ``model_output`` is the model evaluated at ``x_prev`` (the usual approximation, as in
+    diffusers' ``DDIMInverseScheduler``: the noise predicted at the less noisy point is reused to
+    move to the noisier one). x_t = sqrt(a_t) * x0_hat + sqrt(1 - a_t) * eps_hat.
+    """
+    pred_x0, pred_eps = split_prediction(x_prev, model_output, alpha_prod_prev, prediction_type)
+    a_t = _as_batch_broadcast(alpha_prod_t, x_prev)
+    return a_t.sqrt() * pred_x0 + (1 - a_t).sqrt() * pred_eps
+
+
+def gaussian_kl_equal_std(mean_p: Tensor, mean_q: Tensor, std: Tensor | float) -> Tensor:
+    """KL(N(mean_p, std^2) || N(mean_q, std^2)) per element, averaged over non-batch dims -> ``[B]``.
+
+    With equal variances the KL is ||mean_p - mean_q||^2 / (2 std^2); averaging (not summing) over
+    dimensions matches the log-prob convention above. ``std`` must be positive.
+    """
+    std = torch.as_tensor(std, dtype=mean_p.dtype, device=mean_p.device)
+    if bool((std <= 0).any()):
+        raise ValueError("gaussian_kl_equal_std needs std > 0 (a deterministic step has no KL)")
+    kl = (mean_p - mean_q) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, mean_p.ndim)))
+
+
+def add_noise(x0: Tensor, noise: Tensor, alpha_prod_t: float | Tensor) -> Tensor:
+    """Forward process sample x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+    a_t = _as_batch_broadcast(alpha_prod_t, x0)
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+
+
+def training_target(x0: Tensor, noise: Tensor, alpha_prod_t: float | Tensor, prediction_type: str) -> Tensor:
+    """What a model of the given parameterisation should output at x_t = add_noise(x0, noise, a_t)."""
+    a_t = _as_batch_broadcast(alpha_prod_t, x0)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return a_t.sqrt() * noise - (1 - a_t).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")

@@ -1,0 +1,143 @@
+"""Noise schedules: the object a backbone hands to the generic sampler.
+
+A schedule knows the timesteps of an N-step sampling run and how to take one step between two of
+them, so that the sampler and the fine-tuners never branch on the model family. The
+variance-preserving schedule here serves the Stable Diffusion family (epsilon and v-prediction);
+flow-matching schedules implement the same methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from genalign.core import sampling
+
+
+@dataclass(frozen=True)
+class StepResult:
+    prev_sample: Tensor  # (B, C, H, W)
+    log_prob: Tensor  # (B,)
+    mean: Tensor  # (B, C, H, W)
+    std: Tensor  # broadcastable to (B, C, H, W)
+
+
+class NoiseSchedule(Protocol):
+    """What the sampler and the fine-tuners need from a model's noise process."""
+
+    prediction_type: str
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        """Model timesteps of an N-step sampling run, noisiest first, shape (N,)."""
+
+    def step(
+        self,
+        x_t: Tensor,
+        model_output: Tensor,
+        timestep: Tensor,
+        num_steps: int,
+        eta: float,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StepResult:
+        """One reverse step from ``timestep`` to the next timestep of an N-step run."""
+
+    def invert_step(self, x_prev: Tensor, model_output: Tensor, timestep: Tensor, num_steps: int) -> Tensor:
+        """Deterministic inversion from the step after ``timestep`` up to ``timestep``."""
+
+    def previous_timestep(self, timestep: Tensor, num_steps: int) -> Tensor:
+        """The timestep a reverse step from ``timestep`` lands on."""
+
+    def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
+        """Forward-noise clean latents to ``timestep`` (``[B]`` or scalar)."""
+
+    def training_target(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
+        """What the model should predict at ``add_noise(x0, noise, timestep)``."""
+
+    def sample_training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform training timesteps, shape (B,)."""
+
+
+class DiffusionSchedule:
+    """Variance-preserving discrete schedule (DDPM/DDIM) with diffusers' timestep conventions.
+
+    Timestep placement (``leading``/``trailing``/``linspace`` spacing, ``steps_offset``) is taken
+    from diffusers' own ``DDIMScheduler.set_timesteps`` so that our sampler visits exactly the
+    timesteps a diffusers pipeline visits; the step size rule ``t_prev = t - T // N`` is also
+    diffusers' (``scheduling_ddim.py``). The last step lands on ``final_alpha_cumprod`` (1.0 when
+    ``set_alpha_to_one``, else ``alphas_cumprod[0]``).
+    """
+
+    def __init__(self, scheduler_config: dict[str, Any] | Any, timestep_spacing: str | None = None):
+        from diffusers import DDIMScheduler
+
+        config = dict(scheduler_config)
+        config.pop("_class_name", None)
+        config.pop("_diffusers_version", None)
+        if timestep_spacing is not None:
+            config["timestep_spacing"] = timestep_spacing
+        if "set_alpha_to_one" not in config:
+            # Euler-type schedulers (SD-Turbo, SDXL-Turbo) end at sigma = 0, i.e. alpha_prod = 1.
+            config["set_alpha_to_one"] = True
+        self._ddim = DDIMScheduler.from_config(config)
+        self.prediction_type: str = self._ddim.config.prediction_type
+        if self.prediction_type not in sampling.PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} in the scheduler config")
+        self.num_train_timesteps: int = self._ddim.config.num_train_timesteps
+        self.timestep_spacing: str = self._ddim.config.timestep_spacing
+        self.alphas_cumprod: Tensor = self._ddim.alphas_cumprod.to(torch.float64)
+        self.final_alpha_cumprod: float = float(self._ddim.final_alpha_cumprod)
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self._ddim.set_timesteps(num_steps)
+        return self._ddim.timesteps.clone()
+
+    def previous_timestep(self, timestep: Tensor, num_steps: int) -> Tensor:
+        return timestep - self.num_train_timesteps // num_steps
+
+    def alpha_prod(self, timestep: Tensor) -> Tensor:
+        """alpha_prod at integer timesteps; negative timesteps mean the end of the chain."""
+        timestep = torch.as_tensor(timestep)
+        ends = timestep < 0
+        values = self.alphas_cumprod[timestep.clamp(min=0).long().cpu()]
+        return torch.where(ends.cpu(), torch.full_like(values, self.final_alpha_cumprod), values)
+
+    def _alphas(self, timestep: Tensor, num_steps: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        a_t = self.alpha_prod(timestep).to(like.device, like.dtype)
+        a_prev = self.alpha_prod(self.previous_timestep(timestep, num_steps)).to(like.device, like.dtype)
+        return a_t, a_prev
+
+    def step(
+        self,
+        x_t: Tensor,
+        model_output: Tensor,
+        timestep: Tensor,
+        num_steps: int,
+        eta: float,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StepResult:
+        a_t, a_prev = self._alphas(timestep, num_steps, x_t)
+        out = sampling.ddim_step(
+            x_t, model_output, a_t, a_prev, eta, prev_sample, generator, prediction_type=self.prediction_type
+        )
+        return StepResult(*out)
+
+    def invert_step(self, x_prev: Tensor, model_output: Tensor, timestep: Tensor, num_steps: int) -> Tensor:
+        a_t, a_prev = self._alphas(timestep, num_steps, x_prev)
+        return sampling.ddim_inversion_step(x_prev, model_output, a_prev, a_t, self.prediction_type)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
+        return sampling.add_noise(x0, noise, self.alpha_prod(timestep).to(x0.device, x0.dtype))
+
+    def training_target(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
+        a_t = self.alpha_prod(timestep).to(x0.device, x0.dtype)
+        return sampling.training_target(x0, noise, a_t, self.prediction_type)
+
+    def sample_training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)

@@ -1,0 +1,379 @@
+"""The one training loop every fine-tuner runs in (accelerate underneath).
+
+Per optimizer step: ``grad_accum`` times (collect without gradients -> loss under autocast ->
+backward), then clip, optimizer and LR-scheduler step, EMA update, logging, sample grids and
+checkpoints. All randomness of a step comes from generators seeded by (seed, step, micro-step,
+rank), and the data position, optimizer, scheduler, EMA and RNG states are checkpointed, so a
+resumed run continues exactly as the uninterrupted one would have.
+
+Checkpoints are folders ``checkpoints/step-000100`` written under a temporary name and renamed
+when complete; a folder without the ``COMPLETE`` marker is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from genalign.core.experiment import RunConfig, SampleConfig
+from genalign.core.types import FineTuner
+
+CHECKPOINT_PREFIX = "step-"
+COMPLETE_MARKER = "COMPLETE"
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, a metric or the gradient norm became NaN/inf too many steps in a row."""
+
+
+class PromptSource:
+    """Cycles through the training prompts in a fresh seeded permutation each epoch.
+
+    Each process reads its own interleaved shard (rank, rank + world, ...); the position is part of
+    the checkpoint.
+    """
+
+    def __init__(self, prompts: Sequence[str], seed: int, rank: int = 0, world_size: int = 1):
+        if not prompts:
+            raise ValueError("PromptSource needs at least one prompt")
+        self.prompts = list(prompts)
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.position = 0  # index into this epoch's permutation (global, all ranks)
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.prompts), generator=generator).tolist()
+
+    def next(self, n: int) -> list[str]:
+        out = []
+        for _ in range(n):
+            for _rank in range(self.world_size):
+                if self.position >= len(self._order):
+                    self.epoch += 1
+                    self.position = 0
+                    self._order = self._permutation(self.epoch)
+                if _rank == self.rank:
+                    out.append(self.prompts[self._order[self.position]])
+                self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    skipped_steps: int
+    output_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The generator of one micro-step: a pure function of its coordinates (exact resume)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 1_009 + rank)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    value = data if isinstance(data, (int, float, str, bool)) else str(data)
+    return {prefix.rstrip("."): value}
+
+
+def _scalar(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean())
+    return float(value)
+
+
+class Trainer:
+    """Runs a :class:`FineTuner` for ``run.steps`` optimizer steps."""
+
+    def __init__(
+        self,
+        finetuner: FineTuner,
+        run: RunConfig,
+        sample: SampleConfig | None = None,
+        prompts: Sequence[str] | None = None,
+        resolved_config: dict[str, Any] | None = None,
+        accelerator: Any = None,
+    ):
+        from accelerate import Accelerator
+
+        self.finetuner = finetuner
+        self.run = run
+        self.sample_config = sample or SampleConfig()
+        self.output_dir = Path(run.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=run.mixed_precision,
+            log_with=None if run.tracker == "none" else run.tracker,
+            project_dir=str(self.output_dir),
+        )
+        acc = self.accelerator
+        self.source = PromptSource(prompts or run.load_prompts(), run.seed, acc.process_index, acc.num_processes)
+        self.resolved_config = resolved_config or {"run": _flatten(run.__dict__)}
+
+        prepare = getattr(finetuner, "prepare", None)
+        if prepare is not None:
+            prepare(acc)
+        self.named_params = finetuner.named_trainable_parameters()
+        if not self.named_params:
+            raise ValueError("the fine-tuner has no trainable parameters")
+        self.params = list(self.named_params.values())
+        optimizer = torch.optim.AdamW(
+            self.params, lr=run.lr, betas=run.adam_betas, eps=run.adam_eps, weight_decay=run.weight_decay
+        )
+        self.optimizer = acc.prepare(optimizer)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            run.lr_scheduler, optimizer, num_warmup_steps=run.warmup_steps, num_training_steps=run.steps
+        )
+        self.ema = None
+        if run.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=run.ema_decay)
+        self.step = 0
+        self.skipped_steps = 0
+        self.nonfinite_in_a_row = 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoint_root.is_dir():
+            return []
+        done = [
+            p
+            for p in self.checkpoint_root.iterdir()
+            if p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETE_MARKER).is_file()
+        ]
+        return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        final = self.checkpoint_root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        tmp = self.checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}"
+        acc.wait_for_everyone()
+        rank_state = {
+            "python_random": random.getstate()[1],
+            "numpy_random": [int(x) for x in np.random.get_state()[1]] + [int(np.random.get_state()[2])],
+            "data": self.source.state_dict(),
+        }
+        if acc.is_main_process:
+            for name, param in self.named_params.items():
+                if not torch.isfinite(param).all():
+                    raise NonFiniteError(f"step {self.step}: parameter {name} is not finite; refusing to checkpoint")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            save_file({n: p.detach().float().cpu().contiguous() for n, p in self.named_params.items()},
+                      str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), tmp / "ema.pt")
+            (tmp / "state.json").write_text(json.dumps(
+                {"step": self.step, "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row}
+            ))
+        acc.wait_for_everyone()
+        (tmp / f"rank-{acc.process_index}.json").write_text(json.dumps(rank_state))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-{acc.process_index}.safetensors"))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.checkpoints()[: -self.run.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        acc = self.accelerator
+        if not (path / COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+        weights = load_file(str(path / "trainable.safetensors"))
+        missing = set(self.named_params) - set(weights)
+        if missing:
+            raise KeyError(f"checkpoint {path} lacks parameters: {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, param in self.named_params.items():
+                param.copy_(weights[name].to(param.dtype))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
+        state = json.loads((path / "state.json").read_text())
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        rank_file = path / f"rank-{acc.process_index}.json"
+        if rank_file.is_file():
+            rank_state = json.loads(rank_file.read_text())
+            random.setstate((3, tuple(rank_state["python_random"]), None))
+            numpy_state = rank_state["numpy_random"]
+            np.random.set_state(("MT19937", np.array(numpy_state[:-1], dtype=np.uint32), numpy_state[-1]))
+            self.source.load_state_dict(rank_state["data"])
+            torch.set_rng_state(load_file(str(path / f"rng-{acc.process_index}.safetensors"))["torch"])
+
+    def resume(self, checkpoint: str | Path = "latest") -> bool:
+        """Resume from ``latest`` or a given checkpoint folder; False when there is none yet."""
+        if str(checkpoint) == "latest":
+            found = self.checkpoints()
+            if not found:
+                return False
+            path = found[-1]
+        else:
+            path = Path(checkpoint)
+        self.load_checkpoint(path)
+        self.accelerator.print(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def _micro_step(self, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        acc = self.accelerator
+        generator = step_generator(self.run.seed, self.step, micro, acc.process_index)
+        prompts = self.source.next(self.run.batch_size)
+        with torch.no_grad(), acc.autocast():
+            batch = self.finetuner.collect(prompts, generator)
+        with acc.autocast():
+            loss, metrics = self.finetuner.loss(batch)
+        return loss, metrics
+
+    def _nonfinite(self, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        self.skipped_steps += 1
+        if self.nonfinite_in_a_row > self.run.nan_tolerance:
+            last = self.checkpoints()
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+            raise NonFiniteError(
+                f"step {self.step + 1}: {what} is not finite ({self.nonfinite_in_a_row} step(s) in a row; "
+                f"run.nan_tolerance={self.run.nan_tolerance}); stopping, {where}. Try a lower run.lr, "
+                f"run.max_grad_norm, or run.mixed_precision=bf16 instead of fp16"
+            )
+        self.accelerator.print(f"step {self.step + 1}: {what} is not finite; step skipped")
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step; returns the logged metrics, or None when the step was skipped."""
+        acc = self.accelerator
+        totals: dict[str, float] = {}
+        for micro in range(self.run.grad_accum):
+            loss, metrics = self._micro_step(micro)
+            values = {"loss": loss, **metrics}
+            bad = [k for k, v in values.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+            if bad:
+                self._nonfinite(" and ".join(bad))
+                return None
+            acc.backward(loss / self.run.grad_accum)
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + _scalar(v) / self.run.grad_accum
+        if self.run.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(self.params, self.run.max_grad_norm)
+        else:
+            grads = [p.grad.norm() for p in self.params if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        if not torch.isfinite(torch.as_tensor(grad_norm)):
+            self._nonfinite("the gradient norm")
+            return None
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        self.nonfinite_in_a_row = 0
+        totals["grad_norm"] = float(grad_norm)
+        totals["lr"] = self.lr_scheduler.get_last_lr()[0]
+        if acc.num_processes > 1:
+            keys = sorted(totals)
+            reduced = acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device), "mean")
+            totals = dict(zip(keys, reduced.tolist()))
+        return totals
+
+    def write_samples(self, tag: str) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        from torchvision.utils import save_image
+
+        prompts = list(self.sample_config.prompts) or self.source.prompts[:4]
+        with torch.no_grad(), self.accelerator.autocast():
+            images = self.finetuner.sample(prompts, torch.Generator().manual_seed(self.run.seed))
+        path = self.output_dir / "samples" / f"{tag}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images.float().clamp(0, 1), path, nrow=min(len(prompts), 8))
+        (path.with_suffix(".txt")).write_text("\n".join(prompts) + "\n")
+        return path
+
+    def train(self, resume: str | Path | None = None) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        acc = self.accelerator
+        run = self.run
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
+        if resume:
+            self.resume(resume)
+        if run.tracker != "none":
+            acc.init_trackers("genalign", config=_flatten(self.resolved_config))
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=run.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
+        try:
+            while self.step < run.steps:
+                metrics = self.train_step()
+                self.step += 1
+                bar.update(1)
+                if metrics is not None:
+                    history.append({"step": self.step, **metrics})
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                    if run.log_every and self.step % run.log_every == 0:
+                        acc.log({**metrics, "skipped_steps": self.skipped_steps}, step=self.step)
+                if run.sample_every and self.step % run.sample_every == 0:
+                    self.write_samples(f"step-{self.step:06d}")
+                if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step < run.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        self.write_samples("final")
+        export = getattr(self.finetuner, "export", None)
+        if export is not None and acc.is_main_process:
+            if self.ema is not None:  # export the averaged weights, then put the trained ones back
+                self.ema.store(self.params)
+                self.ema.copy_to(self.params)
+            export(self.output_dir / "final")
+            if self.ema is not None:
+                self.ema.restore(self.params)
+        if run.tracker != "none":
+            acc.end_training()
+        return TrainResult(self.step, self.skipped_steps, self.output_dir, history)
+

@@ -1,0 +1,31 @@
+"""Fine-tuners, one file per method, registered by name for ``genalign train``.
+
+A fine-tuner class has a ``Config`` dataclass (the ``method:`` section of an experiment) and a
+``build(experiment, backbone, rewards)`` classmethod; it fits ``genalign.core.types.FineTuner``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+FINETUNERS: dict[str, type[Any]] = {}
+
+
+def register(name: str) -> Callable[[type[Any]], type[Any]]:
+    """Class decorator: make a fine-tuner available as ``method.name: <name>``."""
+
+    def decorate(cls: type[Any]) -> type[Any]:
+        if name in FINETUNERS and FINETUNERS[name] is not cls:
+            raise ValueError(f"a fine-tuner named {name!r} is already registered ({FINETUNERS[name].__name__})")
+        if not hasattr(cls, "Config") or not hasattr(cls, "build"):
+            raise TypeError(f"fine-tuner {cls.__name__} needs a Config dataclass and a build() classmethod")
+        FINETUNERS[name] = cls
+        return cls
+
+    return decorate
+
+
+def config_classes() -> dict[str, type]:
+    """Method name -> its Config dataclass (what the experiment loader checks ``method:`` against)."""
+    return {name: cls.Config for name, cls in FINETUNERS.items()}

@@ -1,0 +1,253 @@
+"""What every diffusers-backed backbone shares: loading, freezing, LoRA, reference, precision.
+
+A family adapter (sd.py, sdxl.py, ...) subclasses :class:`DiffusersBackbone` and supplies the
+pipeline class, prompt encoding and the denoiser call; everything else is here once.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from genalign.core.experiment import BackboneConfig
+from genalign.core.schedules import DiffusionSchedule, NoiseSchedule
+from genalign.core.types import Conditioning
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Backbone or reward weights that are neither on disk nor reachable."""
+
+
+def from_pretrained_or_explain(loader: Any, path: str, **kwargs: Any) -> Any:
+    """Call ``loader.from_pretrained(path, ...)``; turn "not found / offline" into one clear error."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(path).exists():
+            raise WeightsNotFoundError(f"cannot load weights from the local folder '{path}': {err}") from err
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        where = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub could not provide it"
+        raise WeightsNotFoundError(
+            f"weights '{path}' were not found: it is not a local folder, not in the Hugging Face cache, and "
+            f"{where}. Point backbone.path at a local diffusers folder or download it first ({err})"
+        ) from err
+
+
+class DiffusersBackbone:
+    """Backbone contract over a diffusers pipeline (see ``genalign.core.types.Backbone``)."""
+
+    pipeline_class: ClassVar[type]
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    default_timestep_spacing: ClassVar[str | None] = None  # turbo variants force "trailing"
+
+    def __init__(self, pipe: Any, config: BackboneConfig, device: str | torch.device = "cpu"):
+        self.pipe = pipe
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = DTYPES[config.dtype]
+        pipe.to(self.device)
+        self._freeze_all()
+        self._upcast_vae_if_needed()
+        self.schedule: NoiseSchedule = self._make_schedule()
+        self._reference_copy: nn.Module | None = None
+        self.denoiser: nn.Module = self.unwrapped_denoiser
+        if config.attention == "xformers":
+            self._enable_xformers()
+        if config.finetune == "lora":
+            self.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets or None, config.lora_dropout)
+        elif config.finetune == "full":
+            self.unwrapped_denoiser.requires_grad_(True)
+            self.unwrapped_denoiser.to(torch.float32)
+        if config.gradient_checkpointing:
+            self.unwrapped_denoiser.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, config: BackboneConfig, device: str | torch.device = "cpu") -> DiffusersBackbone:
+        if not config.path:
+            raise WeightsNotFoundError("backbone.path is empty: give a hub id or a local diffusers folder")
+        kwargs: dict[str, Any] = {"dtype": DTYPES[config.dtype]}
+        if config.revision:
+            kwargs["revision"] = config.revision
+        if config.variant:
+            kwargs["variant"] = config.variant
+        kwargs.update(cls.extra_load_kwargs())
+        pipe = from_pretrained_or_explain(cls.pipeline_class, config.path, **kwargs)
+        return cls(pipe, config, device)
+
+    @classmethod
+    def extra_load_kwargs(cls) -> dict[str, Any]:
+        return {}
+
+    def _make_schedule(self) -> NoiseSchedule:
+        spacing = self.config.timestep_spacing or self.default_timestep_spacing
+        return DiffusionSchedule(self.pipe.scheduler.config, timestep_spacing=spacing)
+
+    def _freeze_all(self) -> None:
+        for module in self.pipe.components.values():
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
+                module.eval()
+
+    def _upcast_vae_if_needed(self) -> None:
+        # SDXL's VAE overflows in fp16 (its config says force_upcast); decode it in fp32.
+        vae = self.pipe.vae
+        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae.to(torch.float32)
+
+    def _enable_xformers(self) -> None:
+        if self.device.type != "cuda":
+            raise RuntimeError("backbone.attention=xformers needs a CUDA device; use the default 'sdpa' on CPU")
+        try:
+            import xformers  # noqa: F401
+        except ImportError as err:
+            raise RuntimeError("backbone.attention=xformers but xformers is not installed (pip install genalign[xformers])") from err
+        self.unwrapped_denoiser.enable_xformers_memory_efficient_attention()
+
+    # ------------------------------------------------------------------ the family-specific part
+
+    @property
+    def unwrapped_denoiser(self) -> nn.Module:
+        return self.pipe.unet
+
+    @property
+    def parameterisation(self) -> str:
+        return self.schedule.prediction_type
+
+    def encode_prompts(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
+    ) -> Conditioning:
+        raise NotImplementedError
+
+    def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the contract
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution or self.unwrapped_denoiser.config.sample_size * self.vae_scale_factor
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        height, width = height or self.resolution, width or self.resolution
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the VAE factor {f}")
+        return (self.unwrapped_denoiser.config.in_channels, height // f, width // f)
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
+        """Denoiser output; with guidance, uncond + g * (cond - uncond) in one batched call."""
+        timestep = torch.as_tensor(timestep, device=self.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(x_t.shape[0])
+        if guidance_scale == 1.0 or cond.negative is None:
+            return self._denoise(x_t, timestep, cond.positive)
+        both = {k: torch.cat([cond.negative[k], cond.positive[k]]) for k in cond.positive}
+        out = self._denoise(torch.cat([x_t, x_t]), torch.cat([timestep, timestep]), both)
+        uncond, text = out.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        latents = latents / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents + shift
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        vae = self.pipe.vae
+        dist = vae.encode((images * 2 - 1).to(self.device, vae.dtype)).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator)
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return (latents * vae.config.scaling_factor).to(self.dtype)
+
+    # ------------------------------------------------------------------ training support
+
+    def add_lora(
+        self, rank: int, alpha: float, targets: Sequence[str] | None = None, dropout: float = 0.0
+    ) -> None:
+        from peft import LoraConfig
+
+        denoiser = self.unwrapped_denoiser
+        denoiser.add_adapter(
+            LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(targets or self.default_lora_targets),
+            )
+        )
+        # Trainable LoRA weights stay in fp32 whatever the base weights' dtype (mixed precision).
+        for param in denoiser.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.unwrapped_denoiser.named_parameters() if p.requires_grad}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.named_trainable_parameters().values())
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """The frozen starting model: LoRA adapters disabled, or a frozen copy under full fine-tuning."""
+        if self.config.finetune == "lora":
+            denoiser = self.unwrapped_denoiser
+            denoiser.disable_adapters()
+            try:
+                yield
+            finally:
+                denoiser.enable_adapters()
+        elif self.config.finetune == "full":
+            if self._reference_copy is None:
+                raise RuntimeError("no reference copy: call keep_reference() before training starts")
+            current = self.denoiser
+            self.denoiser = self._reference_copy
+            try:
+                yield
+            finally:
+                self.denoiser = current
+        else:
+            yield
+
+    def keep_reference(self) -> None:
+        """Under full fine-tuning, keep a frozen copy of the starting denoiser (LoRA needs none)."""
+        if self.config.finetune == "full" and self._reference_copy is None:
+            self._reference_copy = copy.deepcopy(self.unwrapped_denoiser).requires_grad_(False).to(self.dtype)
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Write the LoRA in diffusers format (``pytorch_lora_weights.safetensors``)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        if self.config.finetune != "lora":
+            raise RuntimeError("save_lora needs backbone.finetune=lora")
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unwrapped_denoiser))
+        self.pipeline_class.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True)
+        return Path(directory) / "pytorch_lora_weights.safetensors"
+
+    def load_lora(self, path: str | Path) -> None:
+        """Load a diffusers-format LoRA (ours or any other) into the pipeline for sampling."""
+        if not Path(path).exists():
+            raise WeightsNotFoundError(f"LoRA weights not found: {path}")
+        self.pipe.load_lora_weights(str(path))
+        self.pipe.to(self.device)

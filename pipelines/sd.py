@@ -1,0 +1,51 @@
+"""Stable Diffusion 1.x / 2.x (epsilon or v-prediction) and SD-Turbo (trailing spacing, 1-4 steps)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from diffusers import StableDiffusionPipeline
+from torch import Tensor
+
+from genalign.core.types import Conditioning
+from genalign.pipelines.base import DiffusersBackbone
+
+
+class StableDiffusionBackbone(DiffusersBackbone):
+    """UNet2DConditionModel + AutoencoderKL + one CLIP text encoder.
+
+    The parameterisation (epsilon / v_prediction) comes from the checkpoint's scheduler config,
+    as in diffusers (SD 2.x 768 models are v-prediction).
+    """
+
+    pipeline_class: ClassVar[type] = StableDiffusionPipeline
+
+    @classmethod
+    def extra_load_kwargs(cls) -> dict[str, Any]:
+        return {"safety_checker": None, "requires_safety_checker": False}
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
+    ) -> Conditioning:
+        prompts = list(prompts)
+        # diffusers' own encode_prompt: same tokenisation, truncation and empty-negative handling.
+        positive, negative = self.pipe.encode_prompt(
+            prompts, self.device, 1, guidance, list(negative_prompts) if negative_prompts else None
+        )
+        return Conditioning(
+            {"prompt_embeds": positive},
+            {"prompt_embeds": negative} if guidance else None,
+            prompts,
+        )
+
+    def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return self.denoiser(x, t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
+
+
+class StableDiffusionTurboBackbone(StableDiffusionBackbone):
+    """SD-Turbo: an SD 2.1 model distilled for 1-4 steps; sample with guidance_scale 1."""
+
+    default_timestep_spacing: ClassVar[str | None] = "trailing"

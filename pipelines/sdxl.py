@@ -1,0 +1,51 @@
+"""Stable Diffusion XL and SDXL-Turbo: two text encoders, pooled embeddings, size/crop time ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from torch import Tensor
+
+from genalign.core.types import Conditioning
+from genalign.pipelines.base import DiffusersBackbone
+
+
+class StableDiffusionXLBackbone(DiffusersBackbone):
+    """SDXL base. ``time_ids`` are (orig_h, orig_w, crop_top, crop_left, target_h, target_w) with
+    original = target = the sampling resolution and no crop, as the SDXL pipeline does by default."""
+
+    pipeline_class: ClassVar[type] = StableDiffusionXLPipeline
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
+    ) -> Conditioning:
+        prompts = list(prompts)
+        embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=list(negative_prompts) if negative_prompts else None,
+        )
+        size = self.resolution
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=embeds.dtype)
+        time_ids = time_ids.expand(len(prompts), -1)
+        positive = {"prompt_embeds": embeds, "pooled": pooled, "time_ids": time_ids}
+        negative = {"prompt_embeds": neg_embeds, "pooled": neg_pooled, "time_ids": time_ids} if guidance else None
+        return Conditioning(positive, negative, prompts)
+
+    def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+        return self.denoiser(
+            x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added, return_dict=False
+        )[0]
+
+
+class StableDiffusionXLTurboBackbone(StableDiffusionXLBackbone):
+    """SDXL-Turbo: adversarially distilled SDXL for 1-4 steps at guidance_scale 1."""
+
+    default_timestep_spacing: ClassVar[str | None] = "trailing"

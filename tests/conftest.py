@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models of every family, saved once per session as diffusers folders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Lazily built tiny checkpoints: tiny_models("sd", "v_prediction") -> folder path."""
+    from genalign.pipelines.tiny import save_tiny
+
+    cache: dict[tuple[str, str], str] = {}
+
+    def get(family: str, prediction_type: str = "epsilon") -> str:
+        key = (family, prediction_type)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}-{prediction_type}")
+            cache[key] = str(save_tiny(family, folder, prediction_type, seed=0))
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each test starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
