@@ -66,7 +66,8 @@ class DiffusersBackbone:
             self.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets or None, config.lora_dropout)
         elif config.finetune == "full":
             self.unwrapped_denoiser.requires_grad_(True)
-            self.unwrapped_denoiser.to(torch.float32)
+            if self.dtype != torch.float32:  # trained weights live in fp32 (autocast does the rest)
+                self.unwrapped_denoiser.to(torch.float32)
         if config.gradient_checkpointing:
             self.unwrapped_denoiser.enable_gradient_checkpointing()
 
