@@ -87,6 +87,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
 
     from genalign.core.experiment import load_experiment
     from genalign.core.trainer import Trainer
@@ -104,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log_with=None if run.tracker == "none" else run.tracker,
         project_dir=run.output_dir,
     )
+    set_seed(run.seed)  # LoRA and head initialisations draw from the global RNGs
     backbone = None
     if config.backbone.path:
         from genalign.pipelines import load_backbone

@@ -112,6 +112,11 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
         return float(value)

@@ -1,0 +1,146 @@
+"""The shared trainer loop: learning, exact resume, NaN guard, checkpoints, logging, precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genalign.core.experiment import BackboneConfig, RunConfig, SampleConfig
+from genalign.core.trainer import NonFiniteError, PromptSource, Trainer
+from tests.toy import ToyDenoising, ToyRegression
+
+PROMPTS = [f"prompt {i}" for i in range(5)]
+
+
+def _run(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path), steps=8, batch_size=4, lr=0.05, tracker="none", prompts=PROMPTS,
+                    checkpoint_every=3)
+    return RunConfig(**{**defaults, **kwargs})
+
+
+def _toy(**kwargs):
+    return ToyRegression(ToyRegression.Config(**kwargs))
+
+
+def test_trainer_learns_and_writes_its_outputs(tmp_path):
+    toy = _toy()
+    run = _run(tmp_path, steps=40, tracker="tensorboard", sample_every=20)
+    start = ((toy.model.weight - toy.target.T) ** 2).mean().item()
+    result = Trainer(toy, run, SampleConfig(prompts=["x", "y"])).train()
+    end = ((toy.model.weight - toy.target.T) ** 2).mean().item()
+    assert result.steps_done == 40 and result.skipped_steps == 0
+    assert end < 0.2 * start
+    assert result.history[-1]["loss"] < 0.2 * result.history[0]["loss"]
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "samples" / "step-000020.png").is_file() and (tmp_path / "samples" / "final.png").is_file()
+    assert list((tmp_path / "genalign").glob("events.out.tfevents.*")), "tensorboard wrote no events"
+    exported = load_file(str(tmp_path / "final" / "model.safetensors"))["weight"]
+    torch.testing.assert_close(exported, toy.model.weight.detach())
+
+
+def test_a_killed_run_resumes_exactly(tmp_path):
+    """Interrupted at step 6 of 8 (last checkpoint at 3) and resumed: bit-identical weights."""
+    common = dict(steps=8, lr_scheduler="cosine", warmup_steps=2, grad_accum=2, ema=True, ema_decay=0.9)
+    straight = _toy()
+    Trainer(straight, _run(tmp_path / "a", **common)).train()
+
+    crashed = _toy(crash_at_call=11)  # loss() call 11 = step 6, micro-step 1
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(crashed, _run(tmp_path / "b", **common)).train()
+    resumed = _toy()
+    trainer = Trainer(resumed, _run(tmp_path / "b", **common))
+    result = trainer.train(resume="latest")
+    assert result.steps_done == 8
+    assert torch.equal(resumed.model.weight, straight.model.weight)
+    final_a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))["weight"]
+    final_b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))["weight"]
+    assert torch.equal(final_a, final_b)  # the EMA export too
+    assert not torch.equal(final_a, straight.model.weight)  # ... which is really the EMA
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_saves_nothing_corrupt(tmp_path):
+    toy = _toy(nan_at_call=5)
+    with pytest.raises(NonFiniteError, match=r"step 5: loss.*not finite"):
+        Trainer(toy, _run(tmp_path)).train()
+    assert torch.isfinite(toy.model.weight).all()
+    checkpoints = sorted((tmp_path / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step-000003"]
+    assert torch.isfinite(load_file(str(checkpoints[0] / "trainable.safetensors"))["weight"]).all()
+
+
+def test_nan_tolerance_skips_the_step_and_counts_it(tmp_path):
+    toy = _toy(nan_at_call=5)
+    result = Trainer(toy, _run(tmp_path, nan_tolerance=1)).train()
+    assert result.steps_done == 8 and result.skipped_steps == 1 and len(result.history) == 7
+    assert torch.isfinite(toy.model.weight).all()
+
+
+def test_only_the_last_checkpoints_are_kept_and_half_written_ones_ignored(tmp_path):
+    trainer = Trainer(_toy(), _run(tmp_path, steps=10, checkpoint_every=2, keep_checkpoints=2))
+    trainer.train()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-000008", "step-000010"]
+    # a crash during a save leaves a temp folder or a folder without the marker: never resumed from
+    (tmp_path / "checkpoints" / ".tmp-step-000012").mkdir()
+    (tmp_path / "checkpoints" / "step-000014").mkdir()
+    assert trainer.checkpoints()[-1].name == "step-000010"
+
+
+def test_prompt_source_cycles_epochs_and_shards_ranks():
+    source = PromptSource(PROMPTS, seed=1)
+    first_epoch = source.next(5)
+    assert sorted(first_epoch) == sorted(PROMPTS)
+    state = source.state_dict()
+    ahead = source.next(3)
+    source.load_state_dict(state)
+    assert source.next(3) == ahead
+    ranks = [PromptSource(PROMPTS, seed=1, rank=r, world_size=2) for r in range(2)]
+    pairs = [r.next(2) for r in ranks]
+    assert pairs[0] + pairs[1] != [] and sorted(pairs[0][:1] + pairs[1][:1] + pairs[0][1:] + pairs[1][1:]) == sorted(
+        PromptSource(PROMPTS, seed=1).next(4)
+    )
+
+
+@pytest.fixture
+def tiny_lora(tiny_models):
+    from genalign.pipelines import load_backbone
+
+    path = tiny_models("sd")
+
+    def make():
+        torch.manual_seed(0)  # the LoRA init draws from the global RNG (the CLI seeds it from run.seed)
+        return load_backbone(BackboneConfig(family="sd", path=path, finetune="lora", lora_rank=2))
+
+    return make
+
+
+def test_lora_training_on_a_real_backbone_resumes_exactly_and_exports_diffusers_lora(tmp_path, tiny_lora):
+    run = dict(steps=4, batch_size=2, lr=1e-2, checkpoint_every=2, sample_every=0)
+    straight = ToyDenoising(ToyDenoising.Config(), tiny_lora())
+    result = Trainer(straight, _run(tmp_path / "a", **run)).train()
+    assert result.history[0]["mse"] > 0
+    half = ToyDenoising(ToyDenoising.Config(), tiny_lora())
+    Trainer(half, _run(tmp_path / "b", **{**run, "steps": 2})).train()
+    resumed = ToyDenoising(ToyDenoising.Config(), tiny_lora())
+    Trainer(resumed, _run(tmp_path / "b", **run)).train(resume=str(tmp_path / "b" / "checkpoints" / "step-000002"))
+    for (name, a), b in zip(straight.named_trainable_parameters().items(), resumed.named_trainable_parameters().values()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "a" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "a" / "samples" / "final.png").is_file()
+
+
+def test_bf16_autocast_gives_the_fp32_loss_within_tolerance(tmp_path, tiny_lora):
+    losses = {}
+    for precision in ("no", "bf16"):
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        finetuner = ToyDenoising(ToyDenoising.Config(), tiny_lora())
+        trainer = Trainer(finetuner, _run(tmp_path / precision, steps=1, batch_size=4, mixed_precision=precision))
+        with torch.no_grad(), trainer.accelerator.autocast():
+            losses[precision] = finetuner.loss(finetuner.collect(PROMPTS[:4], torch.Generator().manual_seed(0)))[0]
+        trainer.train()
+        assert all(p.dtype == torch.float32 for p in finetuner.named_trainable_parameters().values())
+    assert losses["bf16"].item() == pytest.approx(losses["no"].item(), rel=0.05)
+    assert losses["bf16"].item() != losses["no"].item()  # autocast really ran in bf16
