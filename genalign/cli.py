@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
 import torch
 
 from genalign.core.config import ConfigError

@@ -1,0 +1,89 @@
+"""The command line as a user runs it: sample, train, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from genalign.cli import main
+from tests import toy  # noqa: F401  (registers the toy methods for `genalign train`)
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "genalign", "--help"], capture_output=True, text=True, check=True)
+    for command in ("sample", "train", "tiny"):
+        assert command in out.stdout
+
+
+def test_tiny_then_sample_writes_images_grid_and_prompts(tmp_path, capsys):
+    model = tmp_path / "tiny-sd"
+    assert main(["tiny", "sd", str(model)]) == 0
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    out = tmp_path / "samples"
+    args = ["sample", "--backbone", str(model), "--prompt", "a red circle", "--prompt", "a blue square",
+            "--steps", "4", "--out", str(out), "--device", "cpu", "--images-per-prompt", "2"]
+    assert main(args) == 0
+    files = sorted(p.name for p in out.glob("0*.png"))
+    assert files == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    first = np.asarray(Image.open(out / "0000.png"))
+    assert first.shape == (16, 16, 3) and first.std() > 0
+    assert Image.open(out / "grid.png").size[0] > 16
+    lines = (out / "prompts.tsv").read_text().splitlines()
+    assert lines[0] == "0000\ta red circle".replace("0000", "0000.png") and len(lines) == 4
+    # the same seed gives the same images
+    assert main(args[:-4] + ["--out", str(tmp_path / "again"), "--device", "cpu", "--images-per-prompt", "2"]) == 0
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "again" / "0000.png")))
+
+
+def _config(tmp_path, **run):
+    data = {
+        "method": {"name": "toy_regression"},
+        "run": {"output_dir": str(tmp_path / "run"), "steps": 4, "prompts": ["a", "b"], "tracker": "none", **run},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_train_runs_a_registered_method_with_overrides_and_resumes(tmp_path):
+    path = _config(tmp_path)
+    assert main(["train", str(path), "run.steps=3", "run.lr=1e-2"]) == 0
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["run"]["steps"] == 3 and resolved["run"]["lr"] == 0.01
+    assert resolved["method"]["name"] == "toy_regression"
+    assert main(["train", str(path), "run.steps=5", "--resume"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-000005").is_dir()
+
+
+def test_train_config_errors_exit_2_and_name_the_key(tmp_path, capsys):
+    path = _config(tmp_path, stepss=3)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "run.stepss" in err and str(path) in err
+    assert main(["train", str(_config(tmp_path)), "run.lr=fast"]) == 2
+    assert "'run.lr' must be a number" in capsys.readouterr().err
+
+
+def test_train_with_missing_weights_exits_2_naming_the_path(tmp_path, capsys):
+    path = _config(tmp_path)
+    assert main(["train", str(path), "backbone.path=/nowhere/sd15"]) == 2
+    assert "/nowhere/sd15" in capsys.readouterr().err
+
+
+def test_help_config_lists_keys_with_help(capsys):
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "run.steps" not in out  # keys are listed per section
+    assert "steps = 100: optimizer steps" in out and "[method: toy_regression]" in out
+
+
+def test_sample_without_prompts_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sample"])
+    assert main(["sample", "--backbone", str(tmp_path)]) == 2
+    assert "no prompts" in capsys.readouterr().err
