@@ -87,11 +87,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from genalign.core.experiment import load_experiment
-    from genalign.core.trainer import Trainer
+    from genalign.core.trainer import Trainer, make_accelerator
     from genalign.finetuners import config_classes
 
     finetuners = _registered_finetuners()
@@ -101,11 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("genalign train needs a config file (see configs/)")
     config = load_experiment(args.config, config_classes(), args.overrides)
     run = config.run
-    accelerator = Accelerator(
-        mixed_precision=run.mixed_precision,
-        log_with=None if run.tracker == "none" else run.tracker,
-        project_dir=run.output_dir,
-    )
+    accelerator = make_accelerator(run)
     set_seed(run.seed)  # LoRA and head initialisations draw from the global RNGs
     backbone = None
     if config.backbone.path:

@@ -39,9 +39,6 @@ class ToyRegression:
     def named_trainable_parameters(self):
         return dict(self.model.named_parameters())
 
-    def trainable_modules(self):
-        return [self.model]
-
     def collect(self, prompts, generator):
         x = torch.randn(len(prompts), self.config.dim, generator=generator)
         return x, x @ self.target
@@ -86,9 +83,6 @@ class ToyDenoising:
     def named_trainable_parameters(self):
         return self.backbone.named_trainable_parameters()
 
-    def trainable_modules(self):
-        return [self.backbone.unwrapped_denoiser]
-
     def collect(self, prompts, generator):
         bb = self.backbone
         cond = bb.encode_prompts(prompts, guidance=False)
@@ -113,3 +107,18 @@ class ToyDenoising:
 
     def export(self, directory):
         self.backbone.save_lora(directory)
+
+
+@register("toy_prompt_regression")
+class ToyPromptRegression(ToyRegression):
+    """Data is a pure function of the prompt ("p<i>" -> row i of a fixed table), so the union of
+    the ranks' shards is the single-process batch (for the data-parallel equivalence test)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.dropout = nn.Identity()
+        self.table = torch.randn(64, config.dim, generator=torch.Generator().manual_seed(1))
+
+    def collect(self, prompts, generator):
+        x = self.table[[int(p[1:]) for p in prompts]]
+        return x, x @ self.target

@@ -6,6 +6,11 @@ checkpoints. All randomness of a step comes from generators seeded by (seed, ste
 rank), and the data position, optimizer, scheduler, EMA and RNG states are checkpointed, so a
 resumed run continues exactly as the uninterrupted one would have.
 
+Data parallelism: each process collects its own shard of prompts and the gradients of the
+trainable parameters are averaged across processes before clipping (what DDP does, without
+wrapping the backbone's modules, so a fine-tuner's calls go through the backbone unchanged).
+Sharded engines (FSDP, DeepSpeed ZeRO) need the modules wrapped and are not handled here yet.
+
 Checkpoints are folders ``checkpoints/step-000100`` written under a temporary name and renamed
 when complete; a folder without the ``COMPLETE`` marker is never resumed from.
 """
@@ -107,6 +112,22 @@ def _scalar(value: Any) -> float:
     return float(value)
 
 
+def make_accelerator(run: RunConfig) -> Any:
+    """The accelerate ``Accelerator`` of a run (precision, tracker, project folder).
+
+    Without CUDA it is told ``cpu=True``: only then does accelerate pick up the process group of
+    ``torchrun`` / ``accelerate launch --multi_gpu`` on CPU machines (gloo).
+    """
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=run.mixed_precision,
+        log_with=None if run.tracker == "none" else run.tracker,
+        project_dir=str(run.output_dir),
+        cpu=not torch.cuda.is_available(),
+    )
+
+
 class Trainer:
     """Runs a :class:`FineTuner` for ``run.steps`` optimizer steps."""
 
@@ -119,24 +140,15 @@ class Trainer:
         resolved_config: dict[str, Any] | None = None,
         accelerator: Any = None,
     ):
-        from accelerate import Accelerator
-
         self.finetuner = finetuner
         self.run = run
         self.sample_config = sample or SampleConfig()
         self.output_dir = Path(run.output_dir)
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=run.mixed_precision,
-            log_with=None if run.tracker == "none" else run.tracker,
-            project_dir=str(self.output_dir),
-        )
+        self.accelerator = accelerator or make_accelerator(run)
         acc = self.accelerator
         self.source = PromptSource(prompts or run.load_prompts(), run.seed, acc.process_index, acc.num_processes)
         self.resolved_config = resolved_config or {"run": _flatten(run.__dict__)}
 
-        prepare = getattr(finetuner, "prepare", None)
-        if prepare is not None:
-            prepare(acc)
         self.named_params = finetuner.named_trainable_parameters()
         if not self.named_params:
             raise ValueError("the fine-tuner has no trainable parameters")
@@ -297,6 +309,7 @@ class Trainer:
             acc.backward(loss / self.run.grad_accum)
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + _scalar(v) / self.run.grad_accum
+        self._average_gradients_across_processes()
         if self.run.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(self.params, self.run.max_grad_norm)
         else:
@@ -318,6 +331,18 @@ class Trainer:
             reduced = acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device), "mean")
             totals = dict(zip(keys, reduced.tolist()))
         return totals
+
+    def _average_gradients_across_processes(self) -> None:
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = acc.reduce(flat, reduction="mean")
+        offset = 0
+        for param, grad in zip(self.params, grads):
+            param.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
+            offset += grad.numel()
 
     def write_samples(self, tag: str) -> Path | None:
         if not self.accelerator.is_main_process:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -141,9 +141,6 @@ class FineTuner(Protocol):
 
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]: ...
 
-    def trainable_modules(self) -> list[nn.Module]:
-        """Modules the trainer hands to ``accelerator.prepare`` (DDP/FSDP wrapping)."""
-
     def collect(self, prompts: list[str], generator: torch.Generator) -> Any:
         """Roll out / build the data of one micro-batch, without gradients."""
 
@@ -153,7 +150,3 @@ class FineTuner(Protocol):
     def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] of the current model, for sample grids."""
 
-
-def iter_parameters(modules: Sequence[nn.Module]) -> Iterator[nn.Parameter]:
-    for module in modules:
-        yield from (p for p in module.parameters() if p.requires_grad)

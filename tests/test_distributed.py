@@ -1,0 +1,45 @@
+"""Two real processes (gloo, torchrun) against one: the data-parallel step is the big-batch step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).with_name("distributed_step.py")
+
+
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(SCRIPT), str(tmp_path / "two"), "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "4"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    metrics_two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    metrics_one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert metrics_two["world"] == 2 and metrics_one["world"] == 1
+    w_two = load_file(str(tmp_path / "two" / "weight.safetensors"))["weight"]
+    w_one = load_file(str(tmp_path / "one" / "weight.safetensors"))["weight"]
+    start = ToyStart.weight()
+    assert (w_one - start).abs().max() > 1e-3  # the step moved the weights
+    torch.testing.assert_close(w_two, w_one, rtol=1e-5, atol=1e-6)
+    # the logged loss is the mean over ranks = the big-batch loss
+    assert abs(metrics_two["loss"] - metrics_one["loss"]) < 1e-5 * max(1.0, abs(metrics_one["loss"]))
+
+
+class ToyStart:
+    @staticmethod
+    def weight() -> torch.Tensor:
+        from tests.toy import ToyPromptRegression
+
+        return ToyPromptRegression(ToyPromptRegression.Config(dim=4)).model.weight.detach()
