@@ -152,6 +152,8 @@ class DiffusersBackbone:
 
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """Denoiser output; with guidance, uncond + g * (cond - uncond) in one batched call."""
+        # Inputs go to the denoiser's device and dtype (fp16/bf16 weights take fp32 latents too).
+        x_t = x_t.to(self.device, self.unwrapped_denoiser.dtype)
         timestep = torch.as_tensor(timestep, device=self.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(x_t.shape[0])

@@ -198,3 +198,17 @@ def test_missing_weights_give_a_clear_error(tmp_path):
         load_backbone(BackboneConfig(family="sd", path=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown backbone.family"):
         load_backbone(BackboneConfig(family="sd9", path=str(tmp_path)))
+
+
+def test_bf16_weights_sample_finite_and_close_to_fp32(tiny_models):
+    """In bf16, alpha_prod = 0.99915 rounds to 1; the step math must run in fp32 (it once gave NaN)."""
+    images = {}
+    for dtype in ("float32", "bfloat16"):
+        backbone = _load(tiny_models, "sd", finetune="none", dtype=dtype)
+        latents = initial_noise(backbone, 2, torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            final = sample(backbone, backbone.encode_prompts(PROMPTS), 10, 4.0, latents=latents).final
+            images[dtype] = backbone.decode(final)
+        assert final.dtype == backbone.dtype
+    assert torch.isfinite(images["bfloat16"]).all()
+    assert (images["bfloat16"] - images["float32"]).abs().mean() < 0.05

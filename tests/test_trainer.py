@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from genalign.core.experiment import BackboneConfig, RunConfig, SampleConfig
-from genalign.core.trainer import NonFiniteError, PromptSource, Trainer
+from genalign.core.trainer import NonFiniteError, PromptSource, Trainer, make_accelerator
 from tests.toy import ToyDenoising, ToyRegression
 
 PROMPTS = [f"prompt {i}" for i in range(5)]
@@ -108,9 +108,9 @@ def tiny_lora(tiny_models):
 
     path = tiny_models("sd")
 
-    def make():
+    def make(device="cpu"):
         torch.manual_seed(0)  # the LoRA init draws from the global RNG (the CLI seeds it from run.seed)
-        return load_backbone(BackboneConfig(family="sd", path=path, finetune="lora", lora_rank=2))
+        return load_backbone(BackboneConfig(family="sd", path=path, finetune="lora", lora_rank=2), device)
 
     return make
 
@@ -136,8 +136,10 @@ def test_bf16_autocast_gives_the_fp32_loss_within_tolerance(tmp_path, tiny_lora)
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
-        finetuner = ToyDenoising(ToyDenoising.Config(), tiny_lora())
-        trainer = Trainer(finetuner, _run(tmp_path / precision, steps=1, batch_size=4, mixed_precision=precision))
+        run = _run(tmp_path / precision, steps=1, batch_size=4, mixed_precision=precision)
+        accelerator = make_accelerator(run)
+        finetuner = ToyDenoising(ToyDenoising.Config(), tiny_lora(accelerator.device))
+        trainer = Trainer(finetuner, run, accelerator=accelerator)
         with torch.no_grad(), trainer.accelerator.autocast():
             losses[precision] = finetuner.loss(finetuner.collect(PROMPTS[:4], torch.Generator().manual_seed(0)))[0]
         trainer.train()

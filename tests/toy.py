@@ -89,13 +89,13 @@ class ToyDenoising:
         x0 = torch.randn(len(prompts), *bb.latent_shape(), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         t = bb.schedule.sample_training_timesteps(len(prompts), generator)
-        return cond, x0, noise, t
+        return cond, x0.to(bb.device), noise.to(bb.device), t
 
     def loss(self, batch):
         cond, x0, noise, t = batch
         bb = self.backbone
         pred = bb.predict(bb.schedule.add_noise(x0, noise, t), t, cond)
-        loss = ((pred.float() - bb.schedule.training_target(x0, noise, t)) ** 2).mean()
+        loss = ((pred.float() - bb.schedule.training_target(x0, noise, t).float()) ** 2).mean()
         return loss, {"mse": loss.detach()}
 
     def sample(self, prompts, generator):

@@ -122,15 +122,22 @@ class DiffusionSchedule:
         prev_sample: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> StepResult:
-        a_t, a_prev = self._alphas(timestep, num_steps, x_t)
-        out = sampling.ddim_step(
-            x_t, model_output, a_t, a_prev, eta, prev_sample, generator, prediction_type=self.prediction_type
+        # The step math runs in fp32 whatever the latents' dtype: in bf16, alpha_prod = 0.99915
+        # rounds to 1 and the step divides by zero. Results come back in the latents' dtype.
+        x32 = x_t.float()
+        a_t, a_prev = self._alphas(timestep, num_steps, x32)
+        prev32 = None if prev_sample is None else prev_sample.float()
+        prev, log_prob, mean, std = sampling.ddim_step(
+            x32, model_output.float(), a_t, a_prev, eta, prev32, generator, prediction_type=self.prediction_type
         )
-        return StepResult(*out)
+        if prev_sample is None:
+            prev_sample = prev.to(x_t.dtype)
+        return StepResult(prev_sample, log_prob, mean.to(x_t.dtype), std.to(x_t.dtype))
 
     def invert_step(self, x_prev: Tensor, model_output: Tensor, timestep: Tensor, num_steps: int) -> Tensor:
-        a_t, a_prev = self._alphas(timestep, num_steps, x_prev)
-        return sampling.ddim_inversion_step(x_prev, model_output, a_prev, a_t, self.prediction_type)
+        x32 = x_prev.float()
+        a_t, a_prev = self._alphas(timestep, num_steps, x32)
+        return sampling.ddim_inversion_step(x32, model_output.float(), a_prev, a_t, self.prediction_type).to(x_prev.dtype)
 
     def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
         return sampling.add_noise(x0, noise, self.alpha_prod(timestep).to(x0.device, x0.dtype))

@@ -315,12 +315,16 @@ class Trainer:
         else:
             grads = [p.grad.norm() for p in self.params if p.grad is not None]
             grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
-        if not torch.isfinite(torch.as_tensor(grad_norm)):
+        scaled = acc.scaler is not None  # fp16: overflowing gradients are the GradScaler's to handle
+        if not scaled and not torch.isfinite(torch.as_tensor(grad_norm)):
             self._nonfinite("the gradient norm")
             return None
         self.optimizer.step()
-        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if scaled and self.optimizer.step_was_skipped:  # the scaler lowered its scale; not a failure
+            self.skipped_steps += 1
+            return None
+        self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.step(self.params)
         self.nonfinite_in_a_row = 0
