@@ -69,7 +69,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         with torch.no_grad():
             cond = backbone.encode_prompts(batch, negative, guidance=guidance)
             latents = initial_noise(backbone, len(batch), generator)
-            trajectory = sample(backbone, cond, args.steps, args.guidance_scale, args.eta, latents, generator)
+            trajectory = sample(backbone, cond, args.steps, args.guidance_scale, args.eta, latents, generator,
+                                progress=True)
             images.append(backbone.decode(trajectory.final).cpu())
     images_t = torch.cat(images)
     names = []

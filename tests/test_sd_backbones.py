@@ -62,8 +62,9 @@ def test_turbo_trailing_steps_match_the_euler_pipeline(tiny_models, family, step
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_images(tiny_models, tmp_path):
-    backbone = _load(tiny_models, "sd", finetune="lora", lora_rank=4, lora_alpha=4.0)
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_images(tiny_models, tmp_path, family):
+    backbone = _load(tiny_models, family, finetune="lora", lora_rank=4, lora_alpha=4.0)
     with torch.no_grad():  # move the LoRA away from its near-zero init so that it matters
         for p in backbone.trainable_parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -76,9 +77,7 @@ def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_images(tin
     assert (ours - base).abs().max() > 1e-2  # the LoRA changes the output
     backbone.save_lora(tmp_path)
 
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_models("sd"), safety_checker=None)
+    pipe = type(backbone.pipe).from_pretrained(tiny_models(family))  # a plain diffusers pipeline
     with torch.no_grad():
         plain = pipe(PROMPTS, latents=latents, num_inference_steps=8, guidance_scale=3.0, output_type="latent").images
     pipe.load_lora_weights(str(tmp_path))

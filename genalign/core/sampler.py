@@ -36,6 +36,7 @@ def sample(
     checkpoint_steps: bool = True,
     height: int | None = None,
     width: int | None = None,
+    progress: bool = False,
 ) -> Trajectory:
     """Run ``num_steps`` reverse steps from ``latents`` (or fresh noise) and keep everything.
 
@@ -43,6 +44,7 @@ def sample(
         steps run under ``no_grad``. With ``checkpoint_steps`` each differentiable step is
         recomputed in backward (activation memory of one step instead of K).
     The noise of stochastic steps (``eta > 0``) is drawn from ``generator``.
+    progress: show a progress bar over the steps.
     """
     if latents is None:
         latents = initial_noise(backbone, len(cond), generator, height, width)
@@ -51,7 +53,12 @@ def sample(
 
     xs, log_probs, means, stds = [latents], [], [], []
     x = latents
-    for i, t in enumerate(timesteps):
+    steps = enumerate(timesteps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, total=num_steps, desc="sampling", leave=False)
+    for i, t in steps:
         with_grad = i >= first_grad_step and torch.is_grad_enabled()
         noise = None
         if eta > 0:
