@@ -13,8 +13,17 @@ import torch
 from genalign.core.config import ConfigError
 from genalign.core.trainer import NonFiniteError
 
+# Backbone families (genalign.pipelines.BACKBONES; listed here so that --help stays fast).
+FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo")
 # Modules whose import registers a fine-tuner (each method's issue adds its module here).
 BUILTIN_FINETUNERS: tuple[str, ...] = ()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _device(name: str) -> torch.device:
@@ -122,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resolved_config=config.to_dict(),
         accelerator=accelerator,
     )
-    result = trainer.train(resume=args.resume)
+    result = trainer.train(resume=args.resume_from or ("latest" if args.resume else None))
     accelerator.print(
         f"done: {result.steps_done} steps ({result.skipped_steps} skipped); outputs in {result.output_dir}"
     )
@@ -167,34 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="prompts -> image files and a grid")
     p.add_argument("--backbone", required=True, help="diffusers checkpoint: hub id or local folder")
-    p.add_argument("--family", default="sd", help="sd, sdxl, sd-turbo, sdxl-turbo")
+    p.add_argument("--family", default="sd", choices=FAMILIES, help="model family of the checkpoint")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file with one prompt a line")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--out", default="runs/samples", help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=_positive_int, default=20)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward batch")
+    p.add_argument("--images-per-prompt", type=_positive_int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per forward batch")
     p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--resolution", type=_positive_int, default=None)
     p.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"])
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="fine-tune with a YAML experiment config")
     p.add_argument("config", nargs="?", help="experiment YAML (configs/...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.beta=2500 run.steps=200")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from the latest checkpoint of run.output_dir, or from a given checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint of run.output_dir")
+    p.add_argument("--resume-from", metavar="CHECKPOINT", help="resume from this checkpoint folder")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tiny", help="build a tiny random model of a family (for tests and demos)")
-    p.add_argument("family", choices=["sd", "sd-turbo", "sdxl", "sdxl-turbo"])
+    p.add_argument("family", choices=FAMILIES)
     p.add_argument("out", help="output folder (diffusers format)")
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     p.add_argument("--seed", type=int, default=0)
@@ -216,4 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as err:
         print(f"genalign: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # bad values found while loading (sizes, families, schedules)
+        print(f"genalign: error: {err}", file=sys.stderr)
+        return 2
 

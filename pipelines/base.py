@@ -152,14 +152,17 @@ class DiffusersBackbone:
 
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """Denoiser output; with guidance, uncond + g * (cond - uncond) in one batched call."""
-        # Inputs go to the denoiser's device and dtype (fp16/bf16 weights take fp32 latents too).
-        x_t = x_t.to(self.device, self.unwrapped_denoiser.dtype)
+        # Inputs go to the denoiser's device and dtype: fp16/bf16 weights take fp32 latents, and a
+        # fully fine-tuned fp32 denoiser takes bf16 text embeddings (and its bf16 reference fp32 ones).
+        dtype = self.denoiser.dtype
+        x_t = x_t.to(self.device, dtype)
         timestep = torch.as_tensor(timestep, device=self.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(x_t.shape[0])
+        positive = {k: v.to(self.device, dtype) for k, v in cond.positive.items()}
         if guidance_scale == 1.0 or cond.negative is None:
-            return self._denoise(x_t, timestep, cond.positive)
-        both = {k: torch.cat([cond.negative[k], cond.positive[k]]) for k in cond.positive}
+            return self._denoise(x_t, timestep, positive)
+        both = {k: torch.cat([cond.negative[k].to(self.device, dtype), positive[k]]) for k in positive}
         out = self._denoise(torch.cat([x_t, x_t]), torch.cat([timestep, timestep]), both)
         uncond, text = out.chunk(2)
         return uncond + guidance_scale * (text - uncond)
@@ -203,12 +206,24 @@ class DiffusersBackbone:
         for param in denoiser.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+        denoiser.eval()  # add_adapter makes its dropout modules in train mode; see training()
 
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.unwrapped_denoiser.named_parameters() if p.requires_grad}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.named_trainable_parameters().values())
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Train mode for the denoiser (LoRA dropout on) within the context; eval mode otherwise, so
+        that rollouts, re-scored log-probs and sample grids are deterministic."""
+        denoiser = self.unwrapped_denoiser
+        denoiser.train()
+        try:
+            yield
+        finally:
+            denoiser.eval()
 
     @contextmanager
     def reference(self) -> Iterator[None]:

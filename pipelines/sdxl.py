@@ -15,7 +15,8 @@ from genalign.pipelines.base import DiffusersBackbone
 
 class StableDiffusionXLBackbone(DiffusersBackbone):
     """SDXL base. ``time_ids`` are (orig_h, orig_w, crop_top, crop_left, target_h, target_w) with
-    original = target = the sampling resolution and no crop, as the SDXL pipeline does by default."""
+    original = target = ``backbone.resolution`` and no crop, as the SDXL pipeline does by default
+    (set ``backbone.resolution`` to sample at another square size)."""
 
     pipeline_class: ClassVar[type] = StableDiffusionXLPipeline
 

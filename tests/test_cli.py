@@ -56,8 +56,10 @@ def test_train_runs_a_registered_method_with_overrides_and_resumes(tmp_path):
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert resolved["run"]["steps"] == 3 and resolved["run"]["lr"] == 0.01
     assert resolved["method"]["name"] == "toy_regression"
-    assert main(["train", str(path), "run.steps=5", "--resume"]) == 0
+    assert main(["train", "--resume", str(path), "run.steps=5"]) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-000005").is_dir()
+    assert main(["train", str(path), "run.steps=6", "--resume-from", str(tmp_path / "run" / "checkpoints" / "step-000005")]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-000006").is_dir()
 
 
 def test_train_config_errors_exit_2_and_name_the_key(tmp_path, capsys):
@@ -80,6 +82,17 @@ def test_help_config_lists_keys_with_help(capsys):
     out = capsys.readouterr().out
     assert "run.steps" not in out  # keys are listed per section
     assert "steps = 100: optimizer steps" in out and "[method: toy_regression]" in out
+
+
+def test_sample_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    model = tmp_path / "tiny"
+    assert main(["tiny", "sd", str(model)]) == 0
+    assert main(["sample", "--backbone", str(model), "--prompt", "x", "--resolution", "15", "--device", "cpu",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "not a multiple" in capsys.readouterr().err
+    for bad in (["--steps", "0"], ["--family", "sd9"], ["--batch-size", "-1"]):
+        with pytest.raises(SystemExit):
+            main(["sample", "--backbone", str(model), "--prompt", "x", *bad])
 
 
 def test_sample_without_prompts_is_an_error(tmp_path, capsys):

@@ -102,11 +102,27 @@ def test_reward_section_accepts_one_mapping_or_a_list(tmp_path):
 
 
 def test_apply_overrides_does_not_touch_the_input():
-    data = {"run": {"steps": 1}}
+    data = {"run": {"steps": 1}, "sample": None}
     out = apply_overrides(data, ["run.steps=2", "sample.eta=1.0"])
-    assert data == {"run": {"steps": 1}} and out == {"run": {"steps": 2}, "sample": {"eta": 1.0}}
+    assert data == {"run": {"steps": 1}, "sample": None}
+    assert out["run"]["steps"].parsed == 2 and out["sample"]["eta"].parsed == 1.0
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"run": {"steps": 1}}, ["run.steps.x=2"])
+
+
+def test_string_overrides_stay_verbatim_and_empty_sections_take_overrides(tmp_path):
+    config = load_experiment(
+        _write(tmp_path, {**BASE, "sample": None}), config_classes(),
+        ["sample.negative_prompt=no", "backbone.revision=0123456", "run.output_dir=2024", "sample.num_steps=3",
+         "backbone.variant=null", "method.name=toy_regression"],
+    )
+    assert config.sample.negative_prompt == "no" and config.backbone.revision == "0123456"
+    assert config.run.output_dir == "2024" and config.sample.num_steps == 3 and config.backbone.variant is None
+
+
+def test_method_that_is_not_a_mapping_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="'method' must be a mapping"):
+        load_experiment(_write(tmp_path, {"method": "toy_regression"}), config_classes())
 
 
 def test_shipped_configs_all_load():

@@ -139,3 +139,12 @@ def test_training_target_v_by_hand():
 def test_unknown_prediction_type_is_an_error():
     with pytest.raises(ValueError, match="prediction_type"):
         sampling.ddim_step(torch.zeros(1, 1), torch.zeros(1, 1), 0.5, 0.6, 0.0, prediction_type="flow")
+
+
+def test_conditioning_select_with_a_boolean_mask_keeps_prompts_aligned():
+    from genalign.core.types import Conditioning
+
+    cond = Conditioning({"e": torch.arange(3).view(3, 1)}, None, ["a", "b", "c"])
+    picked = cond.select(torch.tensor([False, False, True]))
+    assert picked.prompts == ["c"] and picked.positive["e"].tolist() == [[2]]
+    assert cond.select([2, 0]).prompts == ["c", "a"]

@@ -211,3 +211,61 @@ def test_bf16_weights_sample_finite_and_close_to_fp32(tiny_models):
         assert final.dtype == backbone.dtype
     assert torch.isfinite(images["bfloat16"]).all()
     assert (images["bfloat16"] - images["float32"]).abs().mean() < 0.05
+
+
+def test_bf16_trajectory_log_probs_equal_their_rescoring(tiny_models):
+    """The sampler scores the sample as stored (rounded to bf16), like log_probs_of does later."""
+    backbone = _load(tiny_models, "sd", finetune="none", dtype="bfloat16")
+    cond = backbone.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        traj = sample(backbone, cond, 6, 3.0, eta=1.0, generator=torch.Generator().manual_seed(8))
+        rescored = log_probs_of(backbone, traj, range(6))
+    assert traj.latents.dtype == torch.bfloat16
+    torch.testing.assert_close(rescored, traj.log_probs, rtol=0, atol=1e-4)
+
+
+def test_bf16_noising_keeps_small_noise_levels(tiny_models):
+    backbone = _load(tiny_models, "sd", finetune="none")
+    x0, noise = torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8)
+    t = torch.tensor([0])
+    exact = backbone.schedule.add_noise(x0, noise, t)
+    half = backbone.schedule.add_noise(x0.bfloat16(), noise.bfloat16(), t)
+    assert exact[0, 0, 0, 0].item() == pytest.approx(0.0292, abs=1e-3)  # sqrt(1 - 0.99915)
+    assert half.dtype == torch.bfloat16 and half.float()[0, 0, 0, 0].item() == pytest.approx(0.0292, rel=0.01)
+
+
+def test_lora_dropout_only_in_training_mode(tiny_models):
+    backbone = _load(tiny_models, "sd", finetune="lora", lora_dropout=0.5)
+    with torch.no_grad():
+        for p in backbone.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = initial_noise(backbone, 1, torch.Generator().manual_seed(9))
+    cond = backbone.encode_prompts(PROMPTS[:1], guidance=False)
+    t = torch.tensor(400)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.predict(x, t, cond), backbone.predict(x, t, cond))
+        with backbone.training():
+            assert (backbone.predict(x, t, cond) - backbone.predict(x, t, cond)).abs().max() > 1e-4
+        torch.testing.assert_close(backbone.predict(x, t, cond), backbone.predict(x, t, cond))
+
+
+def test_full_finetune_with_bf16_weights_predicts_without_autocast(tiny_models):
+    backbone = _load(tiny_models, "sd", finetune="full", dtype="bfloat16")
+    backbone.keep_reference()
+    x = initial_noise(backbone, 1, torch.Generator().manual_seed(10))
+    cond = backbone.encode_prompts(PROMPTS[:1], guidance=True)
+    policy = backbone.predict(x, torch.tensor(300), cond, guidance_scale=2.0)
+    with backbone.reference():
+        reference = backbone.predict(x, torch.tensor(300), cond, guidance_scale=2.0)
+    assert policy.dtype == torch.float32 and reference.dtype == torch.bfloat16
+    assert (policy.float() - reference.float()).abs().mean() < 0.05
+
+
+def test_euler_configs_end_the_chain_at_alpha_one():
+    from diffusers import EulerDiscreteScheduler
+
+    from genalign.core.schedules import DiffusionSchedule
+
+    config = EulerDiscreteScheduler(timestep_spacing="trailing").config
+    assert config.get("set_alpha_to_one") is False or "set_alpha_to_one" not in config
+    assert DiffusionSchedule(config).final_alpha_cumprod == 1.0

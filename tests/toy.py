@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,7 +48,12 @@ class ToyRegression:
     def loss(self, batch):
         x, y = batch
         self.calls += 1
-        loss = ((self.model(self.dropout(x)) - y) ** 2).mean()
+        # Draws from Python's and numpy's global Gaussians too (odd counts leave their caches full),
+        # so an exact resume must restore those states with their caches.
+        draws = 1 + self.calls % 2  # 2, 1, 2, 1, ...: after 3 steps of 2 micro-steps, 9 draws
+        jitter = 1.0 + 0.01 * sum(random.gauss(0.0, 1.0) for _ in range(draws))
+        jitter += 0.01 * float(np.random.randn(draws).sum())
+        loss = jitter * ((self.model(self.dropout(x)) - y) ** 2).mean()
         if self.calls == self.config.crash_at_call:
             raise KeyboardInterrupt("simulated kill")
         if self.calls == self.config.nan_at_call:

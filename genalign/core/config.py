@@ -66,9 +66,31 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, source: str = "<conf
         raise ConfigError(f"{source}: invalid value in '{prefix.rstrip('.') or '<root>'}': {err}") from err
 
 
+@dataclasses.dataclass(frozen=True)
+class OverrideValue:
+    """A command-line value: parsed as YAML for typed fields, kept verbatim for string fields
+    (so that ``negative_prompt=no`` stays "no" and ``revision=0123456`` stays a string)."""
+
+    raw: str
+    parsed: Any
+
+
+def _wants_raw(tp: Any, value: OverrideValue) -> bool:
+    if tp is str:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return value.raw in args
+    if origin in (Union, types.UnionType):
+        return str in args and not (value.parsed is None and type(None) in args)
+    return False
+
+
 def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, OverrideValue):
+        value = value.raw if _wants_raw(tp, value) else value.parsed
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -167,12 +189,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not all(parts):
             raise ConfigError(f"command line: malformed key in override {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"command line: cannot parse the value of {item!r}: {err}") from err
+            parsed = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            parsed = raw  # a string field takes it verbatim; a typed field reports the type error
+        value = OverrideValue(raw, parsed)
         node = data
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # an empty section in the file (`sample:`)
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"command line: '{key}' goes through '{part}', which is not a section")
             node = child

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from genalign.core.config import ConfigError, apply_overrides, check, field, from_dict, read_yaml, to_dict
+from genalign.core.config import (
+    ConfigError,
+    OverrideValue,
+    apply_overrides,
+    check,
+    field,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
 
 
 @dataclass
@@ -86,7 +95,9 @@ class RunConfig:
     max_grad_norm: float = field(1.0, help="gradient clipping by global norm; 0 disables")
     mixed_precision: Literal["no", "fp16", "bf16"] = field("no", help="autocast precision (fp16 needs a GPU)")
     ema: bool = field(False, help="keep an exponential moving average of the trained weights")
-    ema_decay: float = field(0.999, help="EMA decay per optimizer step")
+    ema_decay: float = field(
+        0.999, help="EMA decay; diffusers' EMAModel ramps it up as min(decay, (1 + s) / (10 + s)) at step s"
+    )
     tracker: Literal["tensorboard", "wandb", "none"] = field("tensorboard", help="accelerate tracker")
     log_every: int = field(1, help="log metrics every N steps")
     sample_every: int = field(0, help="write a sample grid every N steps (0: only at the end)")
@@ -146,10 +157,12 @@ def build_experiment(data: Mapping[str, Any], methods: Mapping[str, type], sourc
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {', '.join(map(repr, unknown))}; sections: {', '.join(SECTIONS)}")
-    method_data = dict(data.get("method") or {})
     if not isinstance(data.get("method") or {}, Mapping):
-        raise ConfigError(f"{source}: 'method' must be a mapping with a 'name'")
+        raise ConfigError(f"{source}: 'method' must be a mapping with a 'name', got {data.get('method')!r}")
+    method_data = dict(data.get("method") or {})
     method_name = method_data.pop("name", None)
+    if isinstance(method_name, OverrideValue):
+        method_name = method_name.raw
     if method_name is None:
         raise ConfigError(f"{source}: 'method.name' is required; available: {', '.join(sorted(methods)) or 'none'}")
     if method_name not in methods:

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from genalign.core.sampling import gaussian_log_prob
 from genalign.core.types import Backbone, Conditioning, Trajectory
 
 
@@ -62,7 +61,7 @@ def sample(
         with_grad = i >= first_grad_step and torch.is_grad_enabled()
         noise = None
         if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
         with nullcontext() if with_grad else torch.no_grad():
             if with_grad and checkpoint_steps:
                 prev, log_prob, mean, std = checkpoint(
@@ -98,12 +97,9 @@ def _one_step(
     noise: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     model_output = backbone.predict(x, t, cond, guidance_scale)
-    step = backbone.schedule.step(x, model_output, t, num_steps, eta)
-    if noise is None:  # eta == 0: deterministic, the mean is the sample
-        return step.prev_sample, step.log_prob, step.mean, step.std
     # The noise is drawn outside so that a checkpointed recomputation sees the same draw.
-    prev = step.mean + step.std * noise
-    return prev, gaussian_log_prob(prev, step.mean, step.std), step.mean, step.std
+    step = backbone.schedule.step(x, model_output, t, num_steps, eta, noise=noise)
+    return step.prev_sample, step.log_prob, step.mean, step.std
 
 
 def log_probs_of(backbone: Backbone, trajectory: Trajectory, step_indices: Tensor | list[int]) -> Tensor:

@@ -79,6 +79,7 @@ def ddim_step(
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
     prediction_type: str = "epsilon",
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12), stochastic for ``eta > 0``.
 
@@ -88,7 +89,8 @@ def ddim_step(
     With ``eta = 0`` the mean is diffusers' ``DDIMScheduler.step(...).prev_sample``; with ``eta = 1``
     it is the DDPM posterior with the "fixed_small" variance (see :func:`ddpm_step`).
     If ``prev_sample`` is given, it is returned unchanged and ``log_prob`` is its density (used to
-    re-evaluate stored trajectories under the current policy).
+    re-evaluate stored trajectories under the current policy). ``noise`` (standard normal, the
+    latents' shape) replaces the draw from ``generator``.
     """
     pred_x0, pred_eps = split_prediction(x_t, model_output, alpha_prod_t, prediction_type)
     a_t = _as_batch_broadcast(alpha_prod_t, x_t)
@@ -97,7 +99,7 @@ def ddim_step(
     std = eta * variance.clamp(min=0).sqrt()
     direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * pred_eps
     mean = a_prev.sqrt() * pred_x0 + direction
-    return _finish_step(mean, std, prev_sample, generator)
+    return _finish_step(mean, std, prev_sample, generator, noise)
 
 
 def ddpm_step(
@@ -128,14 +130,19 @@ def ddpm_step(
 
 
 def _finish_step(
-    mean: Tensor, std: Tensor, prev_sample: Tensor | None, generator: torch.Generator | None
+    mean: Tensor,
+    std: Tensor,
+    prev_sample: Tensor | None,
+    generator: torch.Generator | None,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     std = std.expand_as(mean) if std.ndim else std.expand(mean.shape)
     if prev_sample is None and not bool(std.any()):
         prev_sample = mean  # deterministic step: nothing to draw
     elif prev_sample is None:
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        prev_sample = mean + std * noise
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        prev_sample = mean + std * noise.to(mean.dtype)
     log_prob = gaussian_log_prob(prev_sample, mean, std)
     return prev_sample, log_prob, mean, std
 

@@ -42,8 +42,13 @@ class NoiseSchedule(Protocol):
         eta: float,
         prev_sample: Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> StepResult:
-        """One reverse step from ``timestep`` to the next timestep of an N-step run."""
+        """One reverse step from ``timestep`` to the next timestep of an N-step run.
+
+        The new sample is ``prev_sample`` if given, else mean + std * ``noise`` (or a draw from
+        ``generator``); ``log_prob`` is the density of the sample as returned (in its dtype).
+        """
 
     def invert_step(self, x_prev: Tensor, model_output: Tensor, timestep: Tensor, num_steps: int) -> Tensor:
         """Deterministic inversion from the step after ``timestep`` up to ``timestep``."""
@@ -59,6 +64,17 @@ class NoiseSchedule(Protocol):
 
     def sample_training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
         """Uniform training timesteps, shape (B,)."""
+
+
+def _in_dtype(step: StepResult, dtype: torch.dtype, given: Tensor | None) -> StepResult:
+    """Cast an fp32 step to the latents' dtype; the log-prob is of the sample as rounded."""
+    if dtype == torch.float32:
+        return step
+    if given is not None:
+        return StepResult(given, step.log_prob, step.mean.to(dtype), step.std.to(dtype))
+    prev = step.prev_sample.to(dtype)
+    log_prob = sampling.gaussian_log_prob(prev.float(), step.mean, step.std)
+    return StepResult(prev, log_prob, step.mean.to(dtype), step.std.to(dtype))
 
 
 class DiffusionSchedule:
@@ -79,8 +95,10 @@ class DiffusionSchedule:
         config.pop("_diffusers_version", None)
         if timestep_spacing is not None:
             config["timestep_spacing"] = timestep_spacing
-        if "set_alpha_to_one" not in config:
-            # Euler-type schedulers (SD-Turbo, SDXL-Turbo) end at sigma = 0, i.e. alpha_prod = 1.
+        class_name = dict(scheduler_config).get("_class_name", "")
+        if class_name not in ("DDIMScheduler", "PNDMScheduler") or "set_alpha_to_one" not in config:
+            # Euler/DPM-type schedulers (SD-Turbo, SDXL-Turbo ship Euler) end at sigma = 0, i.e.
+            # alpha_prod = 1, whatever a leftover set_alpha_to_one key in their config says.
             config["set_alpha_to_one"] = True
         self._ddim = DDIMScheduler.from_config(config)
         self.prediction_type: str = self._ddim.config.prediction_type
@@ -121,18 +139,18 @@ class DiffusionSchedule:
         eta: float,
         prev_sample: Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> StepResult:
         # The step math runs in fp32 whatever the latents' dtype: in bf16, alpha_prod = 0.99915
         # rounds to 1 and the step divides by zero. Results come back in the latents' dtype.
         x32 = x_t.float()
         a_t, a_prev = self._alphas(timestep, num_steps, x32)
         prev32 = None if prev_sample is None else prev_sample.float()
+        noise32 = None if noise is None else noise.float()
         prev, log_prob, mean, std = sampling.ddim_step(
-            x32, model_output.float(), a_t, a_prev, eta, prev32, generator, prediction_type=self.prediction_type
+            x32, model_output.float(), a_t, a_prev, eta, prev32, generator, self.prediction_type, noise32
         )
-        if prev_sample is None:
-            prev_sample = prev.to(x_t.dtype)
-        return StepResult(prev_sample, log_prob, mean.to(x_t.dtype), std.to(x_t.dtype))
+        return _in_dtype(StepResult(prev, log_prob, mean, std), x_t.dtype, given=prev_sample)
 
     def invert_step(self, x_prev: Tensor, model_output: Tensor, timestep: Tensor, num_steps: int) -> Tensor:
         x32 = x_prev.float()
@@ -140,11 +158,12 @@ class DiffusionSchedule:
         return sampling.ddim_inversion_step(x32, model_output.float(), a_prev, a_t, self.prediction_type).to(x_prev.dtype)
 
     def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
-        return sampling.add_noise(x0, noise, self.alpha_prod(timestep).to(x0.device, x0.dtype))
+        a_t = self.alpha_prod(timestep).to(x0.device, torch.float32)
+        return sampling.add_noise(x0.float(), noise.float(), a_t).to(x0.dtype)
 
     def training_target(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
-        a_t = self.alpha_prod(timestep).to(x0.device, x0.dtype)
-        return sampling.training_target(x0, noise, a_t, self.prediction_type)
+        a_t = self.alpha_prod(timestep).to(x0.device, torch.float32)
+        return sampling.training_target(x0.float(), noise.float(), a_t, self.prediction_type).to(x0.dtype)
 
     def sample_training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
         return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)

@@ -34,6 +34,8 @@ from genalign.core.experiment import RunConfig, SampleConfig
 from genalign.core.types import FineTuner
 
 CHECKPOINT_PREFIX = "step-"
+# fp16: the GradScaler halves its scale at each overflow; this many in a row means real NaNs.
+MAX_SCALER_SKIPS = 30
 COMPLETE_MARKER = "COMPLETE"
 
 
@@ -170,6 +172,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
+        self.scaler_skips_in_a_row = 0
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -188,20 +191,24 @@ class Trainer:
         ]
         return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
+    def _counters(self) -> dict[str, int]:
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "scaler_skips_in_a_row": self.scaler_skips_in_a_row,
+        }
+
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
         final = self.checkpoint_root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         tmp = self.checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}"
+        # Every process checks (the parameters are equal on all of them), so all raise together.
+        for name, param in self.named_params.items():
+            if not torch.isfinite(param).all():
+                raise NonFiniteError(f"step {self.step}: parameter {name} is not finite; refusing to checkpoint")
         acc.wait_for_everyone()
-        rank_state = {
-            "python_random": random.getstate()[1],
-            "numpy_random": [int(x) for x in np.random.get_state()[1]] + [int(np.random.get_state()[2])],
-            "data": self.source.state_dict(),
-        }
         if acc.is_main_process:
-            for name, param in self.named_params.items():
-                if not torch.isfinite(param).all():
-                    raise NonFiniteError(f"step {self.step}: parameter {name} is not finite; refusing to checkpoint")
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
@@ -211,12 +218,22 @@ class Trainer:
             torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), tmp / "ema.pt")
-            (tmp / "state.json").write_text(json.dumps(
-                {"step": self.step, "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row}
-            ))
+            if acc.scaler is not None:  # fp16: the loss scale is part of the state
+                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "state.json").write_text(json.dumps(self._counters()))
         acc.wait_for_everyone()
+        # Per process: the data position and every RNG (with the Gaussian caches of random/numpy).
+        numpy_state = np.random.get_state()
+        rank_state = {
+            "python_random": random.getstate(),
+            "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "data": self.source.state_dict(),
+        }
         (tmp / f"rank-{acc.process_index}.json").write_text(json.dumps(rank_state))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-{acc.process_index}.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / f"rng-{acc.process_index}.safetensors"))
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / COMPLETE_MARKER).write_text("ok\n")
@@ -239,22 +256,38 @@ class Trainer:
         with torch.no_grad():
             for name, param in self.named_params.items():
                 param.copy_(weights[name].to(param.dtype))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+
+        def load(name: str) -> Any:  # CPU first: a checkpoint written on cuda:0 loads on any rank/machine
+            return torch.load(path / name, map_location="cpu", weights_only=True)
+
+        self.optimizer.load_state_dict(load("optimizer.pt"))  # moves its state to the parameters' device
+        self.lr_scheduler.load_state_dict(load("scheduler.pt"))
         if self.ema is not None:
-            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
+            self.ema.load_state_dict(load("ema.pt"))
+            self.ema.to(acc.device)
+        if acc.scaler is not None and (path / "scaler.pt").is_file():
+            acc.scaler.load_state_dict(load("scaler.pt"))
         state = json.loads((path / "state.json").read_text())
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.scaler_skips_in_a_row = state.get("scaler_skips_in_a_row", 0)
         rank_file = path / f"rank-{acc.process_index}.json"
-        if rank_file.is_file():
-            rank_state = json.loads(rank_file.read_text())
-            random.setstate((3, tuple(rank_state["python_random"]), None))
-            numpy_state = rank_state["numpy_random"]
-            np.random.set_state(("MT19937", np.array(numpy_state[:-1], dtype=np.uint32), numpy_state[-1]))
-            self.source.load_state_dict(rank_state["data"])
-            torch.set_rng_state(load_file(str(path / f"rng-{acc.process_index}.safetensors"))["torch"])
+        if not rank_file.is_file():
+            raise FileNotFoundError(
+                f"{path} has no state for process {acc.process_index}: it was written by fewer processes"
+            )
+        rank_state = json.loads(rank_file.read_text())
+        version, internal, gauss_next = rank_state["python_random"]
+        random.setstate((version, tuple(internal), gauss_next))
+        name, keys, pos, has_gauss, cached = rank_state["numpy_random"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        self.source.load_state_dict(rank_state["data"])
+        rng = load_file(str(path / f"rng-{acc.process_index}.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        cuda_states = [rng[f"cuda_{i}"] for i in range(len(rng) - 1) if f"cuda_{i}" in rng]
+        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
 
     def resume(self, checkpoint: str | Path = "latest") -> bool:
         """Resume from ``latest`` or a given checkpoint folder; False when there is none yet."""
@@ -295,6 +328,13 @@ class Trainer:
             )
         self.accelerator.print(f"step {self.step + 1}: {what} is not finite; step skipped")
 
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (so that all skip or stop together)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
+
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; returns the logged metrics, or None when the step was skipped."""
         acc = self.accelerator
@@ -303,27 +343,32 @@ class Trainer:
             loss, metrics = self._micro_step(micro)
             values = {"loss": loss, **metrics}
             bad = [k for k, v in values.items() if not torch.isfinite(torch.as_tensor(v)).all()]
-            if bad:
-                self._nonfinite(" and ".join(bad))
+            if self._any_process(bool(bad)):
+                self._nonfinite(" and ".join(bad) or "a value on another process")
                 return None
             acc.backward(loss / self.run.grad_accum)
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + _scalar(v) / self.run.grad_accum
         self._average_gradients_across_processes()
-        if self.run.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(self.params, self.run.max_grad_norm)
-        else:
-            grads = [p.grad.norm() for p in self.params if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        # With max_grad_norm = 0 an infinite bound still unscales (fp16) and measures the norm.
+        grad_norm = acc.clip_grad_norm_(self.params, self.run.max_grad_norm or float("inf"))
         scaled = acc.scaler is not None  # fp16: overflowing gradients are the GradScaler's to handle
         if not scaled and not torch.isfinite(torch.as_tensor(grad_norm)):
             self._nonfinite("the gradient norm")
             return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if scaled and self.optimizer.step_was_skipped:  # the scaler lowered its scale; not a failure
+        if scaled and self.optimizer.step_was_skipped:  # the scaler lowered its scale
             self.skipped_steps += 1
+            self.scaler_skips_in_a_row += 1
+            if self.scaler_skips_in_a_row > MAX_SCALER_SKIPS:
+                raise NonFiniteError(
+                    f"step {self.step + 1}: fp16 gradients were not finite for {self.scaler_skips_in_a_row} steps "
+                    f"in a row (loss scale now {acc.scaler.get_scale():.3g}); stopping. Try "
+                    f"run.mixed_precision=bf16 or a lower run.lr"
+                )
             return None
+        self.scaler_skips_in_a_row = 0
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.step(self.params)
@@ -370,8 +415,12 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
-        if resume:
-            self.resume(resume)
+        if not (resume and self.resume(resume)):
+            # A fresh run seeds the global RNGs (dropout, any library draws) per process; a resumed
+            # one restores them from the checkpoint instead.
+            from accelerate.utils import set_seed
+
+            set_seed(run.seed, device_specific=True)
         if run.tracker != "none":
             acc.init_trackers("genalign", config=_flatten(self.resolved_config))
         history: list[dict[str, float]] = []

@@ -34,7 +34,10 @@ class Conditioning:
         if isinstance(index, slice):
             prompts = self.prompts[index]
         else:
-            idx = torch.as_tensor(index).tolist()
+            index = torch.as_tensor(index)
+            if index.dtype == torch.bool:
+                index = index.nonzero().squeeze(1)
+            idx = index.tolist()
             prompts = [self.prompts[i] for i in idx] if self.prompts else []
         negative = None if self.negative is None else {k: v[index] for k, v in self.negative.items()}
         return Conditioning({k: v[index] for k, v in self.positive.items()}, negative, prompts)
@@ -118,6 +121,9 @@ class Backbone(Protocol):
 
     def reference(self) -> AbstractContextManager[None]:
         """Within this context ``predict`` is the frozen reference model."""
+
+    def training(self) -> AbstractContextManager[None]:
+        """Within this context the trained modules are in train mode (dropout on)."""
 
 
 @runtime_checkable
