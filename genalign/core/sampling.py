@@ -194,3 +194,109 @@ def training_target(x0: Tensor, noise: Tensor, alpha_prod_t: float | Tensor, pre
     if prediction_type == "sample":
         return x0
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+# --------------------------------------------------------------------------- flow matching
+#
+# Convention (diffusers' FlowMatchEulerDiscreteScheduler, SD3, FLUX): sigma runs from 1 (noise)
+# to 0 (data), x_sigma = (1 - sigma) * x_0 + sigma * noise, and the model predicts the velocity
+# v = noise - x_0 = dx/dsigma. Sampling integrates from sigma = 1 down to 0, so steps have
+# dt = sigma_next - sigma < 0. The model's timestep is sigma * 1000 (FLUX's transformer takes sigma).
+#
+# The Adjoint Matching paper (Domingo-Enrich et al. 2024) uses the opposite time: t = 0 noise,
+# t = 1 data, X_t = t * x_0 + (1 - t) * noise, velocity u = dX/dt = x_0 - noise. The conversions are
+# t = 1 - sigma and u = -v (see :func:`sigma_to_data_time`, :func:`velocity_to_data_time`).
+
+
+def sigma_to_data_time(sigma: Tensor | float) -> Tensor | float:
+    """diffusers' sigma (1 = noise) -> the Adjoint Matching paper's t (0 = noise, 1 = data)."""
+    return 1 - sigma
+
+
+def data_time_to_sigma(t: Tensor | float) -> Tensor | float:
+    """The Adjoint Matching paper's t -> diffusers' sigma."""
+    return 1 - t
+
+
+def velocity_to_data_time(velocity: Tensor) -> Tensor:
+    """v = noise - x_0 (per unit sigma) -> u = x_0 - noise (per unit of the paper's t): u = -v."""
+    return -velocity
+
+
+def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
+    """The flow-matching regression target v = noise - x_0."""
+    return noise - x0
+
+
+def flow_add_noise(x0: Tensor, noise: Tensor, sigma: float | Tensor) -> Tensor:
+    """x_sigma = (1 - sigma) x_0 + sigma noise (``sigma`` scalar or ``[B]``)."""
+    s = _as_batch_broadcast(sigma, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def flow_euler_step(x: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:
+    """Euler step of the probability-flow ODE: x + (sigma_next - sigma) * v (diffusers' step)."""
+    dt = _as_batch_broadcast(sigma_next, x) - _as_batch_broadcast(sigma, x)
+    return x + dt * velocity
+
+
+# Adjoint Matching's memoryless noise schedule sigma(t) = sqrt(2 eta_t), eta_t = (1 - t) / t, is the
+# SDE below with noise_level sqrt(2): then s^2 = 2 sigma / (1 - sigma) = 2 (1 - t) / t.
+MEMORYLESS_NOISE_LEVEL = math.sqrt(2.0)
+
+
+def memoryless_noise_std(t: Tensor | float) -> Tensor | float:
+    """Adjoint Matching's memoryless diffusion coefficient sqrt(2 (1 - t) / t), paper time t."""
+    if isinstance(t, Tensor):
+        return (2 * (1 - t) / t).sqrt()
+    return math.sqrt(2 * (1 - t) / t)
+
+
+def flow_sde_step(
+    x: Tensor,
+    velocity: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    noise_level: float,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    sigma_max: float | Tensor | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One step of the marginal-preserving SDE of a flow model, with its Gaussian log-prob.
+
+    The form of Flow-GRPO (Liu et al. 2025, Eq. 9 discretised), in diffusers' convention:
+
+        dt   = sigma_next - sigma                       (negative)
+        s    = noise_level * sqrt(sigma / (1 - sigma))  (1 - sigma_max in the denominator where sigma = 1)
+        mean = x * (1 + s^2 dt / (2 sigma)) + v * (1 + s^2 (1 - sigma) / (2 sigma)) * dt
+        std  = s * sqrt(-dt)
+
+    ``noise_level = 0`` is the Euler ODE step exactly; ``noise_level = sqrt(2)`` is Adjoint
+    Matching's memoryless schedule (:data:`MEMORYLESS_NOISE_LEVEL`). ``sigma_max`` is the largest
+    sigma below 1 of the schedule (Flow-GRPO uses ``scheduler.sigmas[1]``); it is required when a
+    ``sigma`` equals 1 and ``noise_level > 0``. Returns ``(prev_sample, log_prob, mean, std)`` like
+    :func:`ddim_step`, log-prob averaged over non-batch dims.
+    """
+    s_t = _as_batch_broadcast(sigma, x)
+    s_next = _as_batch_broadcast(sigma_next, x)
+    dt = s_next - s_t
+    if noise_level == 0:
+        mean = x + dt * velocity
+        return _finish_step(mean, torch.zeros_like(s_t), prev_sample, generator, noise)
+    at_one = s_t >= 1
+    if bool(at_one.any()):
+        if sigma_max is None:
+            raise ValueError("flow_sde_step at sigma = 1 needs sigma_max (the schedule's sigmas[1])")
+        denominator = 1 - torch.where(at_one, _as_batch_broadcast(sigma_max, x) * torch.ones_like(s_t), s_t)
+    else:
+        denominator = 1 - s_t
+    s = noise_level * (s_t / denominator).sqrt()
+    mean = x * (1 + s**2 * dt / (2 * s_t)) + velocity * (1 + s**2 * (1 - s_t) / (2 * s_t)) * dt
+    std = s * (-dt).sqrt()
+    return _finish_step(mean, std, prev_sample, generator, noise)
+
+
+def flow_inversion_step(x: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:
+    """Run the ODE backwards from sigma_next up to sigma: x + (sigma - sigma_next) * v."""
+    return flow_euler_step(x, velocity, sigma_next, sigma)
