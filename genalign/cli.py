@@ -14,7 +14,8 @@ from genalign.core.config import ConfigError
 from genalign.core.trainer import NonFiniteError
 
 # Backbone families (genalign.pipelines.BACKBONES; listed here so that --help stays fast).
-FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo")
+FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux")
+TINY_FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux", "flux-schnell")
 # Modules whose import registers a fine-tuner (each method's issue adds its module here).
 BUILTIN_FINETUNERS: tuple[str, ...] = ()
 
@@ -203,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tiny", help="build a tiny random model of a family (for tests and demos)")
-    p.add_argument("family", choices=FAMILIES)
+    p.add_argument("family", choices=TINY_FAMILIES)
     p.add_argument("out", help="output folder (diffusers format)")
-    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
+                   help="SD families only (flow models predict velocity)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny)
     return parser

@@ -6,7 +6,9 @@ import torch
 
 from genalign.core.experiment import BackboneConfig
 from genalign.pipelines.base import DiffusersBackbone, WeightsNotFoundError
+from genalign.pipelines.flux import FluxBackbone
 from genalign.pipelines.sd import StableDiffusionBackbone, StableDiffusionTurboBackbone
+from genalign.pipelines.sd3 import StableDiffusion3Backbone
 from genalign.pipelines.sdxl import StableDiffusionXLBackbone, StableDiffusionXLTurboBackbone
 
 BACKBONES: dict[str, type[DiffusersBackbone]] = {
@@ -14,6 +16,8 @@ BACKBONES: dict[str, type[DiffusersBackbone]] = {
     "sd-turbo": StableDiffusionTurboBackbone,
     "sdxl": StableDiffusionXLBackbone,
     "sdxl-turbo": StableDiffusionXLTurboBackbone,
+    "sd3": StableDiffusion3Backbone,
+    "flux": FluxBackbone,  # FLUX.1 [dev] and [schnell] (one-step/few-step) alike
 }
 
 

@@ -42,11 +42,25 @@ def from_pretrained_or_explain(loader: Any, path: str, **kwargs: Any) -> Any:
         ) from err
 
 
+def absent_components(path: str) -> set[str]:
+    """Components a local diffusers folder saved as null in model_index.json (e.g. SD3 without T5)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return set()
+    import json
+
+    return {k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is None}
+
+
 class DiffusersBackbone:
     """Backbone contract over a diffusers pipeline (see ``genalign.core.types.Backbone``)."""
 
     pipeline_class: ClassVar[type]
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_layers_kwarg: ClassVar[str] = "unet_lora_layers"  # the save_lora_weights argument
+    # UNet LoRAs are saved in diffusers' key format, transformer LoRAs in PEFT's, as diffusers'
+    # own DreamBooth-LoRA scripts save them (train_dreambooth_lora_sdxl.py vs _sd3.py / _flux.py).
+    lora_keys_to_diffusers: ClassVar[bool] = True
     default_timestep_spacing: ClassVar[str | None] = None  # turbo variants force "trailing"
 
     def __init__(self, pipe: Any, config: BackboneConfig, device: str | torch.device = "cpu"):
@@ -82,12 +96,12 @@ class DiffusersBackbone:
             kwargs["revision"] = config.revision
         if config.variant:
             kwargs["variant"] = config.variant
-        kwargs.update(cls.extra_load_kwargs())
+        kwargs.update(cls.extra_load_kwargs(config))
         pipe = from_pretrained_or_explain(cls.pipeline_class, config.path, **kwargs)
         return cls(pipe, config, device)
 
     @classmethod
-    def extra_load_kwargs(cls) -> dict[str, Any]:
+    def extra_load_kwargs(cls, config: BackboneConfig) -> dict[str, Any]:
         return {}
 
     def _make_schedule(self) -> NoiseSchedule:
@@ -143,12 +157,21 @@ class DiffusersBackbone:
     def resolution(self) -> int:
         return self.config.resolution or self.unwrapped_denoiser.config.sample_size * self.vae_scale_factor
 
+    @property
+    def latent_channels(self) -> int:
+        return self.unwrapped_denoiser.config.in_channels
+
+    @property
+    def latent_multiple(self) -> int:
+        """Image sizes must be multiples of this (the VAE factor; FLUX's 2x2 packing doubles it)."""
+        return self.vae_scale_factor
+
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         height, width = height or self.resolution, width or self.resolution
-        f = self.vae_scale_factor
+        f = self.latent_multiple
         if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the VAE factor {f}")
-        return (self.unwrapped_denoiser.config.in_channels, height // f, width // f)
+            raise ValueError(f"image size {height}x{width} is not a multiple of {f} (VAE factor, packing)")
+        return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """Denoiser output; with guidance, uncond + g * (cond - uncond) in one batched call."""
@@ -259,8 +282,10 @@ class DiffusersBackbone:
 
         if self.config.finetune != "lora":
             raise RuntimeError("save_lora needs backbone.finetune=lora")
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unwrapped_denoiser))
-        self.pipeline_class.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True)
+        state = get_peft_model_state_dict(self.unwrapped_denoiser)
+        if self.lora_keys_to_diffusers:
+            state = convert_state_dict_to_diffusers(state)
+        self.pipeline_class.save_lora_weights(directory, **{self.lora_layers_kwarg: state}, safe_serialization=True)
         return Path(directory) / "pytorch_lora_weights.safetensors"
 
     def load_lora(self, path: str | Path) -> None:

@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
+from genalign.core.experiment import BackboneConfig
 from genalign.core.types import Conditioning
 from genalign.pipelines.base import DiffusersBackbone
 
@@ -23,7 +24,7 @@ class StableDiffusionBackbone(DiffusersBackbone):
     pipeline_class: ClassVar[type] = StableDiffusionPipeline
 
     @classmethod
-    def extra_load_kwargs(cls) -> dict[str, Any]:
+    def extra_load_kwargs(cls, config: BackboneConfig) -> dict[str, Any]:
         return {"safety_checker": None, "requires_safety_checker": False}
 
     @torch.no_grad()

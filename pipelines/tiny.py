@@ -143,11 +143,127 @@ def tiny_sdxl_pipeline(prediction_type: str = "epsilon", turbo: bool = False, se
     )
 
 
+def build_t5_tokenizer(folder: str | Path | None = None, max_length: int = MAX_TOKENS) -> Any:
+    """A character-level T5 tokenizer (Unigram over single characters, SentencePiece-style spaces)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -3.0) for c in chars]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+        model_max_length=max_length,
+    )
+    if folder is not None:
+        tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def _flow_vae(latent_channels: int, shift_factor: float) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=1.5,
+    )
+
+
+def tiny_sd3_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
+    """SD3 with CLIP-L and CLIP-G stand-ins and no T5 (the pipeline fills T5's part with zeros)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=2 * TEXT_HIDDEN,  # CLIP-L + CLIP-G hidden states side by side
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * TEXT_HIDDEN,
+        pos_embed_max_size=16,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_flow_vae(4, 0.0609),
+        text_encoder=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def tiny_flux_pipeline(prediction_type: str = "flow", seed: int = 0, guidance_embeds: bool = True) -> Any:
+    """FLUX with a CLIP text encoder (pooled) and a small T5 encoder (tokens); [dev]-style guidance
+    embedding unless ``guidance_embeds`` is off ([schnell])."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    t5_tokenizer = build_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_HIDDEN,
+        pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(t5_tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_flow_vae(4, 0.1159),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
 TINY_BUILDERS = {
     "sd": lambda prediction_type, seed: tiny_sd_pipeline(prediction_type, False, seed),
     "sd-turbo": lambda prediction_type, seed: tiny_sd_pipeline(prediction_type, True, seed),
     "sdxl": lambda prediction_type, seed: tiny_sdxl_pipeline(prediction_type, False, seed),
     "sdxl-turbo": lambda prediction_type, seed: tiny_sdxl_pipeline(prediction_type, True, seed),
+    "sd3": lambda prediction_type, seed: tiny_sd3_pipeline(prediction_type, seed),
+    "flux": lambda prediction_type, seed: tiny_flux_pipeline(prediction_type, seed, guidance_embeds=True),
+    "flux-schnell": lambda prediction_type, seed: tiny_flux_pipeline(prediction_type, seed, guidance_embeds=False),
 }
 
 

@@ -100,3 +100,14 @@ def test_sample_without_prompts_is_an_error(tmp_path, capsys):
         main(["sample"])
     assert main(["sample", "--backbone", str(tmp_path)]) == 2
     assert "no prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tiny,family", [("sd3", "sd3"), ("flux-schnell", "flux")])
+def test_sample_works_with_flow_backbones(tmp_path, tiny, family):
+    model = tmp_path / tiny
+    assert main(["tiny", tiny, str(model)]) == 0
+    out = tmp_path / "out"
+    assert main(["sample", "--backbone", str(model), "--family", family, "--prompt", "a red circle",
+                 "--steps", "2", "--guidance-scale", "1", "--out", str(out), "--device", "cpu"]) == 0
+    image = np.asarray(Image.open(out / "0000.png"))
+    assert image.shape == (16, 16, 3) and image.std() > 0

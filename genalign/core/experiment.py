@@ -32,7 +32,7 @@ from genalign.core.config import (
 
 @dataclass
 class BackboneConfig:
-    family: str = field("sd", help="model family: sd (1.x/2.x), sdxl, sd-turbo, sdxl-turbo (and flow families)")
+    family: str = field("sd", help="model family: sd (1.x/2.x), sdxl, sd-turbo, sdxl-turbo, sd3, flux")
     path: str = field("", help="diffusers checkpoint: a hub id or a local folder")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="weights dtype of the frozen parts")
     revision: str | None = field(None, help="hub revision (branch, tag or commit)")
@@ -48,6 +48,7 @@ class BackboneConfig:
     attention: Literal["sdpa", "xformers"] = field("sdpa", help="attention kernel; xformers needs CUDA")
     resolution: int | None = field(None, help="image size in pixels; default: the model's native size")
     timestep_spacing: str | None = field(None, help="override the scheduler's spacing (leading/trailing/linspace)")
+    drop_t5: bool = field(False, help="SD3: load without the T5-XXL text encoder (about 10 GB less; weaker prompts)")
 
     def __post_init__(self) -> None:
         check(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")

@@ -167,3 +167,111 @@ class DiffusionSchedule:
 
     def sample_training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
         return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
+
+
+class FlowSchedule:
+    """Rectified-flow / flow-matching schedule (SD3, FLUX) with diffusers' sigma placement.
+
+    Sigmas (and the model timesteps ``sigma * 1000``) come from diffusers' own
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps`` with the checkpoint's config (static ``shift``
+    for SD3; ``mu`` dynamic shifting and ``linspace(1, 1/N, N)`` sigmas as the FLUX pipeline passes
+    them). Steps are :func:`~genalign.core.sampling.flow_sde_step`, whose ``noise_level`` is the
+    sampler's ``eta`` (0: the Euler ODE, sqrt(2): Adjoint Matching's memoryless SDE).
+    """
+
+    prediction_type = "flow"
+
+    def __init__(
+        self,
+        scheduler_config: dict[str, Any] | Any,
+        mu: float | None = None,
+        linspace_sigmas: bool = False,
+        logit_normal: tuple[float, float] = (0.0, 1.0),
+    ):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = dict(scheduler_config)
+        config.pop("_class_name", None)
+        config.pop("_diffusers_version", None)
+        self._scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        self.num_train_timesteps: int = self._scheduler.config.num_train_timesteps
+        self.shift: float = float(self._scheduler.config.shift)
+        self.mu = mu
+        self.linspace_sigmas = linspace_sigmas
+        self.logit_normal = logit_normal
+        if self._scheduler.config.use_dynamic_shifting and mu is None:
+            raise ValueError("this flow scheduler uses dynamic shifting: give mu (FLUX: from the image size)")
+        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def sigmas(self, num_steps: int) -> tuple[Tensor, Tensor]:
+        """(timesteps (N,), sigmas (N+1,) ending at 0) of an N-step run, both float32."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if num_steps not in self._cache:
+            import numpy as np
+
+            custom = np.linspace(1.0, 1 / num_steps, num_steps) if self.linspace_sigmas else None
+            self._scheduler.set_timesteps(num_steps, sigmas=custom, mu=self.mu)
+            self._cache[num_steps] = (self._scheduler.timesteps.clone().float(), self._scheduler.sigmas.clone().float())
+        return self._cache[num_steps]
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        return self.sigmas(num_steps)[0].clone()
+
+    def _index(self, timestep: Tensor, num_steps: int) -> int:
+        timesteps = self.sigmas(num_steps)[0]
+        t = torch.as_tensor(timestep, dtype=torch.float32).cpu().reshape(-1)[0]
+        matches = (timesteps - t).abs() < 1e-3
+        if not bool(matches.any()):
+            raise ValueError(f"timestep {float(t)} is not on the {num_steps}-step schedule")
+        return int(matches.nonzero()[0, 0])
+
+    def _sigma_pair(self, timestep: Tensor, num_steps: int) -> tuple[float, float]:
+        i = self._index(timestep, num_steps)
+        sigmas = self.sigmas(num_steps)[1]
+        return float(sigmas[i]), float(sigmas[i + 1])
+
+    def previous_timestep(self, timestep: Tensor, num_steps: int) -> Tensor:
+        i = self._index(timestep, num_steps)
+        return self.sigmas(num_steps)[1][i + 1] * self.num_train_timesteps
+
+    def step(
+        self,
+        x_t: Tensor,
+        model_output: Tensor,
+        timestep: Tensor,
+        num_steps: int,
+        eta: float,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> StepResult:
+        sigma, sigma_next = self._sigma_pair(timestep, num_steps)
+        sigma_max = float(self.sigmas(num_steps)[1][1]) if num_steps > 1 else sigma_next
+        prev32 = None if prev_sample is None else prev_sample.float()
+        noise32 = None if noise is None else noise.float()
+        out = sampling.flow_sde_step(
+            x_t.float(), model_output.float(), sigma, sigma_next, eta, prev32, generator, sigma_max, noise32
+        )
+        return _in_dtype(StepResult(*out), x_t.dtype, given=prev_sample)
+
+    def invert_step(self, x_prev: Tensor, model_output: Tensor, timestep: Tensor, num_steps: int) -> Tensor:
+        sigma, sigma_next = self._sigma_pair(timestep, num_steps)
+        return sampling.flow_inversion_step(x_prev.float(), model_output.float(), sigma, sigma_next).to(x_prev.dtype)
+
+    def _sigma(self, timestep: Tensor, like: Tensor) -> Tensor:
+        return (torch.as_tensor(timestep, dtype=torch.float32) / self.num_train_timesteps).to(like.device)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
+        return sampling.flow_add_noise(x0.float(), noise.float(), self._sigma(timestep, x0)).to(x0.dtype)
+
+    def training_target(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
+        return sampling.flow_target(x0.float(), noise.float()).to(x0.dtype)
+
+    def sample_training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """Logit-normal sigmas (SD3 paper, Sec. 3.1; mean 0, std 1 by default), shifted like the
+        sampling schedule (static ``shift``), as model timesteps ``sigma * 1000``."""
+        mean, std = self.logit_normal
+        u = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
+        sigma = self.shift * u / (1 + (self.shift - 1) * u)
+        return sigma * self.num_train_timesteps

@@ -1,0 +1,103 @@
+"""FLUX.1 [dev] / [schnell]: FluxTransformer2DModel on 2x2-packed latents, CLIP-L pooled + T5 tokens.
+
+Latents stay unpacked (B, C, h, w) everywhere outside this file, so the generic sampler and every
+fine-tuner treat FLUX like any other backbone; packing and the latent image ids happen in
+``predict``. ``guidance_scale`` is the distilled guidance that [dev] embeds (FLUX has no
+classifier-free guidance by default; [schnell] ignores it). Sigmas are placed as the FLUX pipeline
+places them: ``linspace(1, 1/N, N)`` shifted with ``mu`` from the image's token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from diffusers import FluxPipeline
+from torch import Tensor, nn
+
+from genalign.core.schedules import FlowSchedule, NoiseSchedule
+from genalign.core.types import Conditioning
+from genalign.pipelines.base import DiffusersBackbone
+
+
+class FluxBackbone(DiffusersBackbone):
+    pipeline_class: ClassVar[type] = FluxPipeline
+    # Attention projections of the double- and single-stream blocks (diffusers' FLUX LoRA script).
+    default_lora_targets: ClassVar[tuple[str, ...]] = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    )
+    lora_layers_kwarg: ClassVar[str] = "transformer_lora_layers"
+    lora_keys_to_diffusers: ClassVar[bool] = False
+    max_sequence_length: ClassVar[int] = 512
+
+    @property
+    def unwrapped_denoiser(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution or self.pipe.vae.config.sample_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unwrapped_denoiser.config.in_channels // 4
+
+    @property
+    def latent_multiple(self) -> int:
+        return 2 * self.vae_scale_factor
+
+    def image_tokens(self, height: int | None = None, width: int | None = None) -> int:
+        _, h, w = self.latent_shape(height, width)
+        return (h // 2) * (w // 2)
+
+    def _make_schedule(self) -> NoiseSchedule:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.pipe.scheduler.config
+        mu = calculate_shift(
+            self.image_tokens(),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return FlowSchedule(config, mu=mu, linspace_sigmas=True)
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
+    ) -> Conditioning:
+        prompts = list(prompts)
+        max_length = min(self.max_sequence_length, self.pipe.tokenizer_2.model_max_length)
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1, max_sequence_length=max_length
+        )
+        # text ids are (L, 3) for the whole batch; kept per row so that Conditioning.select works
+        text_ids = text_ids.unsqueeze(0).expand(len(prompts), -1, -1)
+        return Conditioning({"prompt_embeds": embeds, "pooled": pooled, "text_ids": text_ids}, None, prompts)
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
+        dtype = self.denoiser.dtype
+        batch, channels, h, w = x_t.shape
+        x_t = x_t.to(self.device, dtype)
+        timestep = torch.as_tensor(timestep, device=self.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        packed = self.pipeline_class._pack_latents(x_t, batch, channels, h, w)
+        image_ids = self.pipeline_class._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, dtype)
+        guidance = None
+        if self.unwrapped_denoiser.config.guidance_embeds:
+            guidance = torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
+        out = self.denoiser(
+            hidden_states=packed,
+            timestep=timestep.to(dtype) / 1000,  # the FLUX pipeline's convention: sigma, in the latents' dtype
+            guidance=guidance,
+            pooled_projections=cond.positive["pooled"].to(self.device, dtype),
+            encoder_hidden_states=cond.positive["prompt_embeds"].to(self.device, dtype),
+            txt_ids=cond.positive["text_ids"][0].to(self.device, dtype),
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        f = self.vae_scale_factor
+        return self.pipeline_class._unpack_latents(out, h * f, w * f, f)
