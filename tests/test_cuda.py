@@ -15,17 +15,21 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPTS = ["a photo of a red circle", "two blue squares"]
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_cuda_sampler_matches_the_pipeline_and_the_cpu(tiny_models, family):
+FAMILY = {"sd": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+
+
+@pytest.mark.parametrize("tiny", ["sd", "sdxl", "sd3", "flux"])
+def test_cuda_sampler_matches_the_pipeline_and_the_cpu(tiny_models, tiny):
+    from tests.test_flow_backbones import _pipeline_latents
+
     results = {}
     for device in ("cpu", "cuda"):
-        backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(family), finetune="none"), device)
+        backbone = load_backbone(BackboneConfig(family=FAMILY[tiny], path=tiny_models(tiny), finetune="none"), device)
         latents = initial_noise(backbone, 2, torch.Generator().manual_seed(0))
         with torch.no_grad():
             cond = backbone.encode_prompts(PROMPTS)
             ours = sample(backbone, cond, 10, 4.0, latents=latents).final
-            ref = backbone.pipe(PROMPTS, latents=latents, num_inference_steps=10, guidance_scale=4.0,
-                                output_type="latent").images
+            ref = _pipeline_latents(backbone, latents, 10, 4.0)
         # On CUDA, kernel choices differ between the two call sites at the 1e-6 level, and the random
         # tiny UNet amplifies that over 10 steps (measured: 5e-3 max abs on values of about 7).
         assert (ours - ref).norm() / ref.norm() < 2e-3
@@ -34,12 +38,12 @@ def test_cuda_sampler_matches_the_pipeline_and_the_cpu(tiny_models, family):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_half_precision_weights_sample_close_to_fp32(tiny_models, family, dtype):
+@pytest.mark.parametrize("tiny", ["sd", "sdxl", "sd3", "flux"])
+def test_half_precision_weights_sample_close_to_fp32(tiny_models, tiny, dtype):
     outputs = {}
     for name in ("float32", dtype):
         backbone = load_backbone(
-            BackboneConfig(family=family, path=tiny_models(family), finetune="none", dtype=name), "cuda"
+            BackboneConfig(family=FAMILY[tiny], path=tiny_models(tiny), finetune="none", dtype=name), "cuda"
         )
         latents = initial_noise(backbone, 2, torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -52,10 +56,11 @@ def test_half_precision_weights_sample_close_to_fp32(tiny_models, family, dtype)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_mixed_precision_lora_training_on_cuda(tmp_path, tiny_models, precision):
-    path = tiny_models("sd")
+@pytest.mark.parametrize("tiny", ["sd", "flux"])
+def test_mixed_precision_lora_training_on_cuda(tmp_path, tiny_models, precision, tiny):
+    path = tiny_models(tiny)
     torch.manual_seed(0)
-    backbone = load_backbone(BackboneConfig(family="sd", path=path, finetune="lora", dtype="float16"
+    backbone = load_backbone(BackboneConfig(family=FAMILY[tiny], path=path, finetune="lora", dtype="float16"
                                             if precision == "fp16" else "bfloat16"), "cuda")
     finetuner = ToyDenoising(ToyDenoising.Config(), backbone)
     before = {k: v.detach().clone() for k, v in finetuner.named_trainable_parameters().items()}

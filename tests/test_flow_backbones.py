@@ -123,9 +123,9 @@ def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_pa
     """ToyDenoising only calls the Backbone contract (encode, schedule noising/target, predict)."""
     from tests.toy import ToyDenoising
 
-    family = FAMILY.get(tiny, tiny)
+    family, path = FAMILY.get(tiny, tiny), tiny_models(tiny)
     torch.manual_seed(0)
-    backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(tiny), finetune="lora", lora_rank=4))
+    backbone = load_backbone(BackboneConfig(family=family, path=path, finetune="lora", lora_rank=4))
     finetuner = ToyDenoising(ToyDenoising.Config(num_steps=2), backbone)
     held_out = finetuner.collect(PROMPTS * 8, torch.Generator().manual_seed(123))
     with torch.no_grad():
@@ -138,3 +138,22 @@ def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_pa
     assert len(result.history) == 12 and all(torch.isfinite(torch.tensor([h["mse"] for h in result.history])))
     assert after < 0.98 * before, (before, after)  # it learns, measured on a fixed held-out batch
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, tiny):
+    grads = {}
+    path = tiny_models(tiny)
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA init both times
+        backbone = load_backbone(BackboneConfig(family=FAMILY.get(tiny, tiny), path=path,
+                                                finetune="lora", gradient_checkpointing=checkpointing))
+        with backbone.training():
+            assert backbone.unwrapped_denoiser.is_gradient_checkpointing == checkpointing
+            cond = backbone.encode_prompts(PROMPTS, guidance=False)
+            x = initial_noise(backbone, 2, torch.Generator().manual_seed(5))
+            t = backbone.schedule.timesteps(4)[1]
+            backbone.predict(x, t, cond).pow(2).mean().backward()
+        grads[checkpointing] = torch.cat([p.grad.flatten() for p in backbone.trainable_parameters()])
+    assert grads[False].abs().sum() > 0
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)
