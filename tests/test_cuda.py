@@ -66,7 +66,15 @@ def test_mixed_precision_lora_training_on_cuda(tmp_path, tiny_models, precision,
     before = {k: v.detach().clone() for k, v in finetuner.named_trainable_parameters().items()}
     run = RunConfig(output_dir=str(tmp_path), steps=5, batch_size=4, lr=1e-2, tracker="none",
                     prompts=PROMPTS, mixed_precision=precision)
-    result = Trainer(finetuner, run).train()
+    # Measured on an H200 (torch 2.11): the fused SDPA kernels' bf16 backward gives non-finite
+    # gradients for the tiny FLUX's head dim of 8 (real FLUX: 128); the math kernel matches the CPU
+    # to 4 digits. So the tiny FLUX trains on the math kernel here.
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]) if tiny == "flux" else nullcontext():
+        result = Trainer(finetuner, run).train()
     assert result.skipped_steps < 5  # fp16: the GradScaler skips steps while it finds its scale
     after = finetuner.named_trainable_parameters()
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after.values())

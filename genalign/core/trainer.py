@@ -264,7 +264,7 @@ class Trainer:
         self.lr_scheduler.load_state_dict(load("scheduler.pt"))
         if self.ema is not None:
             self.ema.load_state_dict(load("ema.pt"))
-            self.ema.to(acc.device)
+            self.ema.to(self.params[0].device)  # next to the weights it averages
         if acc.scaler is not None and (path / "scaler.pt").is_file():
             acc.scaler.load_state_dict(load("scaler.pt"))
         state = json.loads((path / "state.json").read_text())
