@@ -52,11 +52,12 @@ def _text_config(vocab_size: int, projection_dim: int = TEXT_HIDDEN) -> Any:
     )
 
 
-def _vae() -> Any:
+def _vae(**overrides: Any) -> Any:
+    """A two-block AutoencoderKL: VAE factor 2, latents 8x8x4 for 16x16 images (``overrides``
+    give the flow models' variant: no quant convs, a shift factor)."""
     from diffusers import AutoencoderKL
 
-    # Two blocks: a VAE factor of 2, latents 8x8x4 for 16x16 images.
-    return AutoencoderKL(
+    config: dict[str, Any] = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -67,6 +68,12 @@ def _vae() -> Any:
         norm_num_groups=8,
         sample_size=16,
     )
+    return AutoencoderKL(**{**config, **overrides})
+
+
+def _flow_vae(shift_factor: float) -> Any:
+    """SD3 / FLUX VAEs: no quant convs, latents shifted then scaled."""
+    return _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift_factor, scaling_factor=1.5)
 
 
 def _sd_scheduler(prediction_type: str, turbo: bool) -> Any:
@@ -163,26 +170,6 @@ def build_t5_tokenizer(folder: str | Path | None = None, max_length: int = MAX_T
     return tokenizer
 
 
-def _flow_vae(latent_channels: int, shift_factor: float) -> Any:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=16,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=shift_factor,
-        scaling_factor=1.5,
-    )
-
-
 def tiny_sd3_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
     """SD3 with CLIP-L and CLIP-G stand-ins and no T5 (the pipeline fills T5's part with zeros)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -206,7 +193,7 @@ def tiny_sd3_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_flow_vae(4, 0.0609),
+        vae=_flow_vae(0.0609),
         text_encoder=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
         tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
@@ -247,7 +234,7 @@ def tiny_flux_pipeline(prediction_type: str = "flow", seed: int = 0, guidance_em
     )
     return FluxPipeline(
         scheduler=scheduler,
-        vae=_flow_vae(4, 0.1159),
+        vae=_flow_vae(0.1159),
         text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
         tokenizer=tokenizer,
         text_encoder_2=t5,
