@@ -3,7 +3,8 @@
 Latents stay unpacked (B, C, h, w) everywhere outside this file, so the generic sampler and every
 fine-tuner treat FLUX like any other backbone; packing and the latent image ids happen in
 ``predict``. ``guidance_scale`` is the distilled guidance that [dev] embeds (FLUX has no
-classifier-free guidance by default; [schnell] ignores it). Sigmas are placed as the FLUX pipeline
+classifier-free guidance by default; [schnell] ignores it); fine-tuners of [dev] should pass the
+guidance they sample with (diffusers' FLUX scripts train at 3.5), not the contract's default 1. Sigmas are placed as the FLUX pipeline
 places them: ``linspace(1, 1/N, N)`` shifted with ``mu`` from the image's token count.
 """
 
@@ -29,7 +30,9 @@ class FluxBackbone(DiffusersBackbone):
     )
     lora_layers_kwarg: ClassVar[str] = "transformer_lora_layers"
     lora_keys_to_diffusers: ClassVar[bool] = False
+    # T5 tokens: 512 for [dev], 256 for [schnell] (as diffusers' FLUX docs and BFL's code use them)
     max_sequence_length: ClassVar[int] = 512
+    max_sequence_length_schnell: ClassVar[int] = 256
 
     @property
     def unwrapped_denoiser(self) -> nn.Module:
@@ -47,6 +50,11 @@ class FluxBackbone(DiffusersBackbone):
     def latent_multiple(self) -> int:
         return 2 * self.vae_scale_factor
 
+    @property
+    def guidance_embedded(self) -> bool:
+        """FLUX [dev] embeds its guidance scale; [schnell] has no guidance input."""
+        return bool(self.unwrapped_denoiser.config.guidance_embeds)
+
     def image_tokens(self, height: int | None = None, width: int | None = None) -> int:
         _, h, w = self.latent_shape(height, width)
         return (h // 2) * (w // 2)
@@ -55,8 +63,9 @@ class FluxBackbone(DiffusersBackbone):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         config = self.pipe.scheduler.config
+        self._schedule_tokens = self.image_tokens()
         mu = calculate_shift(
-            self.image_tokens(),
+            self._schedule_tokens,
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
@@ -69,7 +78,8 @@ class FluxBackbone(DiffusersBackbone):
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
         prompts = list(prompts)
-        max_length = min(self.max_sequence_length, self.pipe.tokenizer_2.model_max_length)
+        longest = self.max_sequence_length if self.guidance_embedded else self.max_sequence_length_schnell
+        max_length = min(longest, self.pipe.tokenizer_2.model_max_length)
         embeds, pooled, text_ids = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1, max_sequence_length=max_length
         )
@@ -84,10 +94,16 @@ class FluxBackbone(DiffusersBackbone):
         timestep = torch.as_tensor(timestep, device=self.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
+        if (h // 2) * (w // 2) != self._schedule_tokens:
+            raise ValueError(
+                f"FLUX's sigma shift (mu) was set for {self.resolution}px images ({self._schedule_tokens} tokens); "
+                f"these latents are {h * self.vae_scale_factor}x{w * self.vae_scale_factor}px: set "
+                f"backbone.resolution to sample at another size"
+            )
         packed = self.pipeline_class._pack_latents(x_t, batch, channels, h, w)
         image_ids = self.pipeline_class._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, dtype)
         guidance = None
-        if self.unwrapped_denoiser.config.guidance_embeds:
+        if self.guidance_embedded:
             guidance = torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
         out = self.denoiser(
             hidden_states=packed,

@@ -228,10 +228,13 @@ def tiny_flux_pipeline(prediction_type: str = "flow", seed: int = 0, guidance_em
         T5Config(vocab_size=len(t5_tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                  relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )
+    if guidance_embeds:  # FLUX.1 [dev]'s scheduler: resolution-dependent (mu) shifting
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        )
+    else:  # FLUX.1 [schnell]'s: no shift at all
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     return FluxPipeline(
         scheduler=scheduler,
         vae=_flow_vae(0.1159),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -157,3 +159,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, tiny):
         grads[checkpointing] = torch.cat([p.grad.flatten() for p in backbone.trainable_parameters()])
     assert grads[False].abs().sum() > 0
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)
+
+
+def test_flow_schedule_edges_and_training_timesteps(tiny_models):
+    dev = _load(tiny_models, "flux", finetune="none")
+    schedule = dev.schedule
+    # training sigmas are shifted like sampling: FLUX [dev] uses mu, i.e. a shift of exp(mu)
+    sigmas = schedule.sample_training_timesteps(20_000, torch.Generator().manual_seed(0)) / 1000
+    expected_median = math.exp(schedule.mu) / (math.exp(schedule.mu) + 1)
+    assert sigmas.median().item() == pytest.approx(expected_median, abs=0.01)
+    # the step into sigma = 0 adds no noise; a 1-step schedule refuses SDE noise
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    last = schedule.timesteps(4)[-1]
+    step = schedule.step(x, torch.zeros_like(x), last, 4, eta=0.7)
+    assert torch.all(step.std == 0) and torch.all(step.log_prob == 0)
+    with pytest.raises(ValueError, match="1-step"):
+        schedule.step(x, torch.zeros_like(x), schedule.timesteps(1)[0], 1, eta=0.7)
+    # per-sample timesteps get per-sample sigmas
+    timesteps = schedule.timesteps(4)
+    both = schedule.step(x, torch.ones_like(x), timesteps[[0, 2]], 4, eta=0.0).prev_sample
+    for row, t in enumerate(timesteps[[0, 2]]):
+        alone = schedule.step(x[row : row + 1], torch.ones_like(x[:1]), t, 4, eta=0.0).prev_sample
+        torch.testing.assert_close(both[row : row + 1], alone)
+    # the schedule's mu belongs to one resolution
+    with pytest.raises(ValueError, match="backbone.resolution"):
+        dev.predict(torch.randn(1, 4, 16, 16), timesteps[0], dev.encode_prompts(PROMPTS[:1]))

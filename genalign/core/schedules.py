@@ -218,22 +218,25 @@ class FlowSchedule:
     def timesteps(self, num_steps: int) -> Tensor:
         return self.sigmas(num_steps)[0].clone()
 
-    def _index(self, timestep: Tensor, num_steps: int) -> int:
+    def _index(self, timestep: Tensor, num_steps: int) -> Tensor:
+        """Schedule index of each timestep (scalar -> 0-d, [B] -> [B]); the smallest gap between
+        two timesteps of a schedule is far above the tolerance (0.32 at 1000 steps)."""
         timesteps = self.sigmas(num_steps)[0]
-        t = torch.as_tensor(timestep, dtype=torch.float32).cpu().reshape(-1)[0]
-        matches = (timesteps - t).abs() < 1e-3
-        if not bool(matches.any()):
-            raise ValueError(f"timestep {float(t)} is not on the {num_steps}-step schedule")
-        return int(matches.nonzero()[0, 0])
+        t = torch.as_tensor(timestep, dtype=torch.float32).cpu()
+        distance = (t.reshape(-1, 1) - timesteps.reshape(1, -1)).abs()  # (B, N)
+        nearest = distance.argmin(dim=1)
+        off = distance.gather(1, nearest[:, None]).squeeze(1) >= 1e-3
+        if bool(off.any()):
+            raise ValueError(f"timestep {float(t.reshape(-1)[off][0])} is not on the {num_steps}-step schedule")
+        return nearest.reshape(t.shape)
 
-    def _sigma_pair(self, timestep: Tensor, num_steps: int) -> tuple[float, float]:
+    def _sigma_pair(self, timestep: Tensor, num_steps: int) -> tuple[Tensor, Tensor]:
         i = self._index(timestep, num_steps)
         sigmas = self.sigmas(num_steps)[1]
-        return float(sigmas[i]), float(sigmas[i + 1])
+        return sigmas[i], sigmas[i + 1]
 
     def previous_timestep(self, timestep: Tensor, num_steps: int) -> Tensor:
-        i = self._index(timestep, num_steps)
-        return self.sigmas(num_steps)[1][i + 1] * self.num_train_timesteps
+        return self._sigma_pair(timestep, num_steps)[1] * self.num_train_timesteps
 
     def step(
         self,
@@ -247,17 +250,27 @@ class FlowSchedule:
         noise: Tensor | None = None,
     ) -> StepResult:
         sigma, sigma_next = self._sigma_pair(timestep, num_steps)
-        sigma_max = float(self.sigmas(num_steps)[1][1]) if num_steps > 1 else sigma_next
+        if eta > 0 and num_steps == 1:
+            raise ValueError("a 1-step flow schedule has no room for SDE noise: sample it with eta = 0")
+        # The step into sigma = 0 is the ODE step (no noise is left to add on clean data; FLUX's
+        # linspace(1, 1/N) schedules would otherwise leave the last sigma's noise in the image).
+        if bool((sigma_next == 0).all()):
+            eta = 0.0
         prev32 = None if prev_sample is None else prev_sample.float()
         noise32 = None if noise is None else noise.float()
+        sigma_max = self.sigmas(num_steps)[1][1]
         out = sampling.flow_sde_step(
-            x_t.float(), model_output.float(), sigma, sigma_next, eta, prev32, generator, sigma_max, noise32
+            x_t.float(), model_output.float(), sigma.to(x_t.device), sigma_next.to(x_t.device), eta, prev32,
+            generator, sigma_max, noise32,
         )
         return _in_dtype(StepResult(*out), x_t.dtype, given=prev_sample)
 
     def invert_step(self, x_prev: Tensor, model_output: Tensor, timestep: Tensor, num_steps: int) -> Tensor:
         sigma, sigma_next = self._sigma_pair(timestep, num_steps)
-        return sampling.flow_inversion_step(x_prev.float(), model_output.float(), sigma, sigma_next).to(x_prev.dtype)
+        x32 = x_prev.float()
+        return sampling.flow_inversion_step(
+            x32, model_output.float(), sigma.to(x32.device), sigma_next.to(x32.device)
+        ).to(x_prev.dtype)
 
     def _sigma(self, timestep: Tensor, like: Tensor) -> Tensor:
         return (torch.as_tensor(timestep, dtype=torch.float32) / self.num_train_timesteps).to(like.device)
@@ -269,9 +282,13 @@ class FlowSchedule:
         return sampling.flow_target(x0.float(), noise.float()).to(x0.dtype)
 
     def sample_training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
-        """Logit-normal sigmas (SD3 paper, Sec. 3.1; mean 0, std 1 by default), shifted like the
-        sampling schedule (static ``shift``), as model timesteps ``sigma * 1000``."""
+        """Logit-normal sigmas (SD3 paper, Sec. 3.1; mean 0, std 1 by default), shifted as the
+        sampling schedule is (static ``shift``, or FLUX's ``mu`` time shift, i.e. a shift of
+        exp(mu), when the config uses dynamic shifting), as model timesteps ``sigma * 1000``."""
         mean, std = self.logit_normal
         u = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
-        sigma = self.shift * u / (1 + (self.shift - 1) * u)
+        if self._scheduler.config.use_dynamic_shifting:
+            sigma = self._scheduler.time_shift(self.mu, 1.0, u)
+        else:
+            sigma = self.shift * u / (1 + (self.shift - 1) * u)
         return sigma * self.num_train_timesteps
