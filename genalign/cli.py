@@ -166,6 +166,52 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- shapes
+
+
+def cmd_shapes_build(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from genalign.shapes.build import BuildConfig, build
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)
+                 if getattr(args, f.name, None) is not None}
+    log = build(BuildConfig(**overrides))
+    print(f"built the shapes world's models in {log['seconds']:.0f} s under {args.out}")
+    return 0
+
+
+def cmd_eval_shapes(args: argparse.Namespace) -> int:
+    import json
+
+    from torchvision.utils import save_image
+
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+    from genalign.shapes.scoring import clip_agreement, evaluate_backbone
+    from genalign.shapes.world import TASKS
+
+    backbone = load_backbone(BackboneConfig(family=args.family, path=args.backbone, finetune="none"),
+                             _device(args.device))
+    if args.lora:
+        backbone.load_lora(args.lora)
+    scores, images, metas = evaluate_backbone(backbone, args.per_task, args.steps, args.guidance_scale, args.seed)
+    result: dict = {"gold": scores, "backbone": args.backbone, "lora": args.lora, "per_task": args.per_task,
+                    "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed}
+    if args.clip:
+        result["clip_agreement_on_ground_truth"] = clip_agreement(args.clip, args.per_task, args.seed)
+    print("gold score (exact evaluator, held-out prompts): " + ", ".join(
+        f"{task} {scores[task]:.3f}" for task in (*TASKS, "overall") if task in scores))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_row = 8  # the first 8 images of each task, one task a row
+    grid = torch.cat([images[i * args.per_task : i * args.per_task + per_row] for i in range(len(TASKS))])
+    save_image(grid, out / "grid.png", nrow=per_row)
+    (out / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'grid.png'} (one task a row) and {out / 'scores.json'}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -210,6 +256,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD families only (flow models predict velocity)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny)
+
+    shapes = sub.add_parser("shapes", help="the embedded shapes world").add_subparsers(dest="shapes_command",
+                                                                                       required=True)
+    p = shapes.add_parser("build", help="train the world's tiny SD, SD3 and CLIP models from scratch (seeded)")
+    p.add_argument("--out", default="models/shapes")
+    p.add_argument("--seed", type=int, default=None)
+    for name in ("dataset_size", "batch_size", "vae_steps", "sd_steps", "flow_steps", "clip_steps"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_positive_int, default=None)
+    p.set_defaults(func=cmd_shapes_build)
+
+    evals = sub.add_parser("eval", help="benchmark scoring").add_subparsers(dest="eval_command", required=True)
+    p = evals.add_parser("shapes", help="gold score of a model on the shapes world's held-out prompts")
+    p.add_argument("--backbone", default="models/shapes/sd", help="a shapes model (diffusers folder)")
+    p.add_argument("--family", default="sd", choices=FAMILIES)
+    p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
+    p.add_argument("--per-task", type=_positive_int, default=50, help="prompts per task")
+    p.add_argument("--steps", type=_positive_int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", help="also report how often this CLIP proxy's top-1 prompt is right")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/eval-shapes")
+    p.set_defaults(func=cmd_eval_shapes)
     return parser
 
 

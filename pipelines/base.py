@@ -52,6 +52,15 @@ def absent_components(path: str) -> set[str]:
     return {k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is None}
 
 
+def checkpoint_defaults(path: str) -> dict[str, Any]:
+    """Settings a local checkpoint folder records for genalign in ``genalign.json`` (e.g. the shapes
+    world's SD3 model, trained with a 1-token T5 part); empty for anything else."""
+    import json
+
+    file = Path(path) / "genalign.json"
+    return json.loads(file.read_text()) if path and file.is_file() else {}
+
+
 class DiffusersBackbone:
     """Backbone contract over a diffusers pipeline (see ``genalign.core.types.Backbone``)."""
 
@@ -71,6 +80,7 @@ class DiffusersBackbone:
         pipe.to(self.device)
         self._freeze_all()
         self._upcast_vae_if_needed()
+        self.defaults = checkpoint_defaults(config.path)
         self.schedule: NoiseSchedule = self._make_schedule()
         self._reference_copy: nn.Module | None = None
         self.denoiser: nn.Module = self.unwrapped_denoiser
@@ -148,6 +158,11 @@ class DiffusersBackbone:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the contract
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """T5 tokens of the prompt (SD3, FLUX): the config's, else the checkpoint's genalign.json."""
+        return self.config.max_sequence_length or self.defaults.get("max_sequence_length")
 
     @property
     def vae_scale_factor(self) -> int:

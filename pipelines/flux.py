@@ -31,8 +31,8 @@ class FluxBackbone(DiffusersBackbone):
     lora_layers_kwarg: ClassVar[str] = "transformer_lora_layers"
     lora_keys_to_diffusers: ClassVar[bool] = False
     # T5 tokens: 512 for [dev], 256 for [schnell] (as diffusers' FLUX docs and BFL's code use them)
-    max_sequence_length: ClassVar[int] = 512
-    max_sequence_length_schnell: ClassVar[int] = 256
+    default_sequence_length: ClassVar[int] = 512
+    default_sequence_length_schnell: ClassVar[int] = 256
 
     @property
     def unwrapped_denoiser(self) -> nn.Module:
@@ -78,7 +78,9 @@ class FluxBackbone(DiffusersBackbone):
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
         prompts = list(prompts)
-        longest = self.max_sequence_length if self.guidance_embedded else self.max_sequence_length_schnell
+        longest = self.max_sequence_length or (
+            self.default_sequence_length if self.guidance_embedded else self.default_sequence_length_schnell
+        )
         max_length = min(longest, self.pipe.tokenizer_2.model_max_length)
         embeds, pooled, text_ids = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1, max_sequence_length=max_length

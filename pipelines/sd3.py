@@ -58,6 +58,7 @@ class StableDiffusion3Backbone(DiffusersBackbone):
             num_images_per_prompt=1,
             do_classifier_free_guidance=guidance,
             negative_prompt=list(negative_prompts) if negative_prompts else None,
+            **({"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}),
         )
         positive = {"prompt_embeds": embeds, "pooled": pooled}
         negative = {"prompt_embeds": neg_embeds, "pooled": neg_pooled} if guidance else None

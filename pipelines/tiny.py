@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import string
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,39 @@ TEXT_HIDDEN = 32
 MAX_TOKENS = 32
 
 
-def build_clip_tokenizer(folder: str | Path | None = None, max_length: int = MAX_TOKENS) -> Any:
-    """A character-level CLIPTokenizer (every printable character is a token, plus its ``</w>`` form)."""
+def build_clip_tokenizer(
+    folder: str | Path | None = None, max_length: int = MAX_TOKENS, words: Sequence[str] = ()
+) -> Any:
+    """A CLIPTokenizer built locally: every printable character is a token (plus its ``</w>``
+    form), and each of ``words`` becomes one token through BPE merges learned on the words, so
+    that a small world's vocabulary is tokenised word by word."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder or tempfile.mkdtemp(prefix="genalign-tok-"))
     folder.mkdir(parents=True, exist_ok=True)
     chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    if words:
+        # A BPE trained on the words themselves (tokenizers' trainer) gives merges whose greedy,
+        # rank-ordered application rebuilds every word whole.
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+        bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+        unique = sorted({w.lower() for w in words})
+        trainer = trainers.BpeTrainer(vocab_size=len(tokens) + 40 * len(unique), min_frequency=1,
+                                      initial_alphabet=chars, end_of_word_suffix="</w>", show_progress=False)
+        bpe.train_from_iterator(unique, trainer)
+        model = json.loads(bpe.to_str())["model"]
+        known = set(tokens)
+        for token in sorted(model["vocab"], key=model["vocab"].get):
+            if token not in known:
+                tokens.append(token)
+                known.add(token)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
     if len(tokenizer) != len(tokens):  # guards against the transformers 5 silent-vocab pitfall
         raise RuntimeError(f"tiny tokenizer has {len(tokenizer)} tokens, expected {len(tokens)}")

@@ -49,6 +49,9 @@ class BackboneConfig:
     resolution: int | None = field(None, help="image size in pixels; default: the model's native size")
     timestep_spacing: str | None = field(None, help="override the scheduler's spacing (leading/trailing/linspace)")
     drop_t5: bool = field(False, help="SD3: load without the T5-XXL text encoder (about 10 GB less; weaker prompts)")
+    max_sequence_length: int | None = field(
+        None, help="T5 tokens of SD3/FLUX prompts; default: the checkpoint's genalign.json, else diffusers' (256/512)"
+    )
 
     def __post_init__(self) -> None:
         check(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")

@@ -1,0 +1,339 @@
+"""`genalign shapes build`: train the world's tiny pretrained models from scratch, seeded.
+
+What it writes (diffusers / transformers folders, safetensors, weights stored in fp16):
+
+* ``sd/``   a latent SD-family model (StableDiffusionPipeline layout): AutoencoderKL with a VAE
+  factor of 2 (32x32x3 images <-> 16x16x4 latents), UNet2DConditionModel (epsilon prediction),
+  a CLIP text encoder trained jointly with the UNet, and a word-level CLIP tokenizer;
+* ``sd3/``  a flow model (StableDiffusion3Pipeline layout): SD3Transformer2DModel on the same VAE
+  latents, conditioned by the SD model's text encoder (frozen; both CLIP slots), no T5;
+* ``clip/`` the proxy reward: a tiny transformers CLIPModel trained contrastively on the world;
+* ``build.json``: the configuration, step counts, losses and timings.
+
+Recipe (facts measured on these CPUs, ../shared/ENVIRONMENT.md): epsilon prediction with min-SNR
+weighting (gamma 5), 10% empty captions for classifier-free guidance, AdamW lr 2e-3 with cosine
+decay, batch 64, bf16 autocast; a shallow VAE because deep latents learned about half as fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from genalign.shapes.world import IMAGE_SIZE, all_prompts, training_examples
+
+TEXT_HIDDEN = 128
+MAX_TOKENS = 16
+T5_TOKENS = 1  # the SD3 model has no T5: one zero token instead of diffusers' 256 (recorded in genalign.json)
+
+
+@dataclass
+class BuildConfig:
+    out: str = "models/shapes"
+    seed: int = 0
+    dataset_size: int = 24_000
+    batch_size: int = 64
+    vae_steps: int = 600
+    sd_steps: int = 1500
+    flow_steps: int = 1500
+    clip_steps: int = 800
+    lr: float = 2e-3
+    empty_caption_rate: float = 0.1
+    min_snr_gamma: float = 5.0
+
+
+def world_words() -> list[str]:
+    return sorted({w for meta in all_prompts() for w in meta["prompt"].split()})
+
+
+def make_dataset(size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """``size`` training images (N, 3, 32, 32) in [-1, 1] and their captions (train split)."""
+    stream = training_examples(seed=seed, split="train")
+    images, captions = [], []
+    for _ in range(size):
+        image, caption, _ = next(stream)
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
+        captions.append(caption)
+    return torch.stack(images) * 2 - 1, captions
+
+
+def _cosine(step: int, total: int, warmup: int = 50) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _train(
+    name: str,
+    params: list[nn.Parameter],
+    steps: int,
+    lr: float,
+    loss_fn: Callable[[int, torch.Generator], torch.Tensor],
+    seed: int,
+    log: dict[str, Any],
+) -> None:
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, steps))
+    generator = torch.Generator().manual_seed(seed)
+    start, losses = time.time(), []
+    bar = tqdm(range(steps), desc=f"shapes build: {name}")
+    for step in bar:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(step, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.float().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+    log[name] = {"steps": steps, "seconds": round(time.time() - start, 1),
+                 "final_loss": float(np.mean(losses[-50:]))}
+
+
+# --------------------------------------------------------------------------- the models
+
+
+def make_vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, sample_size=IMAGE_SIZE,
+    )
+
+
+def make_text_encoder(vocab_size: int, with_projection: bool = False) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_HIDDEN,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def make_unet() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4,
+        block_out_channels=(64, 128, 128), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def make_transformer() -> Any:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=2 * TEXT_HIDDEN,
+        caption_projection_dim=128, pooled_projection_dim=2 * TEXT_HIDDEN, pos_embed_max_size=16,
+    )
+
+
+def sd_scheduler() -> Any:
+    from diffusers import DDIMScheduler
+
+    # The SD 1.5 schedule.
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def train_vae(images: torch.Tensor, config: BuildConfig, log: dict[str, Any]) -> Any:
+    torch.manual_seed(config.seed)
+    vae = make_vae()
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
+        batch = images[torch.randint(len(images), (config.batch_size,), generator=g)]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(g)).sample
+        return (recon.float() - batch).abs().mean() + 1e-6 * posterior.kl().mean()
+
+    _train("vae", list(vae.parameters()), config.vae_steps, 1e-3, loss_fn, config.seed, log)
+    vae.eval()
+    with torch.no_grad():
+        sample = encode_latents(vae, images[:2048]) / vae.config.scaling_factor
+    vae.register_to_config(scaling_factor=float(1 / sample.std()))
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images[:256]).latent_dist.mean).sample
+    log["vae"]["reconstruction_l1"] = float((recon - images[:256]).abs().mean())
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    out = [vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def train_sd(latents: torch.Tensor, captions: list[str], tokenizer: Any, config: BuildConfig,
+             log: dict[str, Any]) -> tuple[Any, Any]:
+    torch.manual_seed(config.seed + 1)
+    unet, text_encoder = make_unet(), make_text_encoder(len(tokenizer))
+    scheduler = sd_scheduler()
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    token_ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                          return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(latents), (config.batch_size,), generator=g)
+        x0, ids = latents[idx], token_ids[idx].clone()
+        drop = torch.rand(len(idx), generator=g) < config.empty_caption_rate
+        ids[drop] = empty
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        hidden = text_encoder(ids).last_hidden_state
+        pred = unet(x_t, t, encoder_hidden_states=hidden).sample
+        weight = torch.clamp(snr[t], max=config.min_snr_gamma) / snr[t]  # min-SNR for epsilon targets
+        return (weight * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    _train("sd", params, config.sd_steps, config.lr, loss_fn, config.seed + 1, log)
+    return unet.eval(), text_encoder.eval()
+
+
+def train_flow(latents: torch.Tensor, captions: list[str], pipe: Any, config: BuildConfig,
+               log: dict[str, Any]) -> Any:
+    torch.manual_seed(config.seed + 2)
+    transformer = make_transformer()
+    unique = sorted(set(captions)) + [""]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=unique, prompt_2=None, prompt_3=None, device="cpu",
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                  max_sequence_length=T5_TOKENS)
+    row = {c: i for i, c in enumerate(unique)}
+    caption_rows = torch.tensor([row[c] for c in captions])
+    empty_row = row[""]
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(latents), (config.batch_size,), generator=g)
+        rows = caption_rows[idx].clone()
+        rows[torch.rand(len(idx), generator=g) < config.empty_caption_rate] = empty_row
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal (SD3 paper), shift 1
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        pred = transformer(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=embeds[rows],
+                           pooled_projections=pooled[rows]).sample
+        return ((pred.float() - (noise - x0)) ** 2).mean()
+
+    _train("flow", list(transformer.parameters()), config.flow_steps, 1e-3, loss_fn, config.seed + 2, log)
+    return transformer.eval()
+
+
+def train_clip(images: torch.Tensor, captions: list[str], tokenizer: Any, config: BuildConfig,
+               log: dict[str, Any]) -> Any:
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(config.seed + 3)
+    clip_config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
+                         num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=4, hidden_size=TEXT_HIDDEN,
+                           intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=4, num_attention_heads=4),
+        projection_dim=TEXT_HIDDEN,
+    )
+    model = CLIPModel(clip_config)
+    token_ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                          return_tensors="pt").input_ids
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(images), (config.batch_size,), generator=g)
+        pixels = ((images[idx] + 1) / 2 - mean) / std
+        ids = token_ids[idx]
+        out = model(input_ids=ids, pixel_values=pixels)
+        # identical captions in a batch are positives of each other, not negatives
+        same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
+        targets = same / same.sum(dim=1, keepdim=True)
+        logits = out.logits_per_image.float()
+        return 0.5 * (torch.sum(-targets * logits.log_softmax(1), 1).mean()
+                      + torch.sum(-targets * logits.t().log_softmax(1), 1).mean())
+
+    _train("clip", list(model.parameters()), config.clip_steps, 1e-3, loss_fn, config.seed + 3, log)
+    return model.eval()
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build(config: BuildConfig) -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    from genalign.pipelines.tiny import build_clip_tokenizer
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log: dict[str, Any] = {"config": asdict(config)}
+    started = time.time()
+    torch.manual_seed(config.seed)
+    images, captions = make_dataset(config.dataset_size, config.seed)
+    tokenizer = build_clip_tokenizer(words=world_words(), max_length=MAX_TOKENS)
+
+    vae = train_vae(images, config, log)
+    latents = encode_latents(vae, images)
+    unet, text_encoder = train_sd(latents, captions, tokenizer, config, log)
+    sd = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                 scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                 requires_safety_checker=False)
+    sd.to(torch.float16).save_pretrained(out / "sd", safe_serialization=True)
+    sd.to(torch.float32)
+
+    # The flow model reuses the trained text encoder in both CLIP slots (frozen), with a random
+    # projection for the pooled vector.
+    encoders = []
+    for _ in range(2):
+        encoder = make_text_encoder(len(tokenizer), with_projection=True)
+        encoder.text_model.load_state_dict(text_encoder.state_dict())
+        encoders.append(encoder.eval())
+    sd3 = StableDiffusion3Pipeline(transformer=make_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                                   vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
+                                   tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    sd3.transformer = train_flow(latents, captions, sd3, config, log)
+    sd3.register_modules(transformer=sd3.transformer)
+    sd3.to(torch.float16).save_pretrained(out / "sd3", safe_serialization=True)
+    (out / "sd3" / "genalign.json").write_text(json.dumps({"max_sequence_length": T5_TOKENS}) + "\n")
+
+    clip = train_clip(images, captions, tokenizer, config, log)
+    clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
+    tokenizer.save_pretrained(out / "clip")
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out / "clip")
+
+    log["seconds"] = round(time.time() - started, 1)
+    (out / "build.json").write_text(json.dumps(log, indent=2))
+    return log

@@ -1,0 +1,99 @@
+"""Score any backbone on the shapes world's held-out prompts with the exact evaluator, and measure
+how well a CLIP proxy reward agrees with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from genalign.core.sampler import initial_noise, sample
+from genalign.core.types import Backbone
+from genalign.shapes.evaluator import evaluate, score
+from genalign.shapes.world import all_prompts, evaluation_set, sample_example
+
+
+@torch.no_grad()
+def generate(
+    backbone: Backbone,
+    prompts: list[str],
+    num_steps: int = 25,
+    guidance_scale: float = 2.0,
+    seed: int = 0,
+    batch_size: int = 100,
+    eta: float = 0.0,
+) -> Tensor:
+    """Images (N, 3, H, W) in [0, 1] for ``prompts``; image i uses noise seeded by (seed, i)."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        noise = torch.cat([
+            initial_noise(backbone, 1, torch.Generator().manual_seed(seed * 1_000_003 + start + i))
+            for i in range(len(batch))
+        ])
+        cond = backbone.encode_prompts(batch, guidance=guidance_scale != 1.0)
+        trajectory = sample(backbone, cond, num_steps, guidance_scale, eta, latents=noise,
+                            generator=torch.Generator().manual_seed(seed))
+        images.append(backbone.decode(trajectory.final).float().cpu())
+    return torch.cat(images)
+
+
+def evaluate_backbone(
+    backbone: Backbone,
+    per_task: int = 50,
+    num_steps: int = 25,
+    guidance_scale: float = 2.0,
+    seed: int = 0,
+    split: str = "heldout",
+) -> tuple[dict[str, float], Tensor, list[dict[str, Any]]]:
+    """Gold scores (per task and overall) of ``backbone`` on ``per_task`` prompts of each task."""
+    metas = evaluation_set(split, per_task=per_task, seed=seed)
+    images = generate(backbone, [m["prompt"] for m in metas], num_steps, guidance_scale, seed)
+    return score(list(images), metas), images, metas
+
+
+@torch.no_grad()
+def clip_scores(model: Any, tokenizer: Any, images: Tensor, prompts: list[str]) -> Tensor:
+    """logit_scale * cos(image, text) for every image x prompt pair -> (N_images, N_prompts)."""
+    from genalign.shapes.build import CLIP_MEAN, CLIP_STD, MAX_TOKENS
+
+    dtype = next(model.parameters()).dtype
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pixels = ((images.float() - mean) / std).to(dtype)
+    ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids
+    image_embeds = model.get_image_features(pixel_values=pixels)
+    text_embeds = model.get_text_features(input_ids=ids)
+    # transformers 5 returns output objects; the projected embedding is pooler_output
+    image_embeds = getattr(image_embeds, "pooler_output", image_embeds).float()
+    text_embeds = getattr(text_embeds, "pooler_output", text_embeds).float()
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    return model.logit_scale.exp().float() * image_embeds @ text_embeds.T
+
+
+def clip_agreement(clip_path: str, per_task: int = 50, seed: int = 0) -> dict[str, float]:
+    """How often the CLIP proxy's top-1 prompt (among all prompts of the same task) is one that the
+    gold evaluator says the image satisfies, on ground-truth images of held-out prompts."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(clip_path).float().eval()
+    tokenizer = CLIPTokenizer.from_pretrained(clip_path)
+    metas = evaluation_set("heldout", per_task=per_task, seed=seed)
+    candidates: dict[str, list[dict[str, Any]]] = {}
+    for meta in all_prompts():
+        candidates.setdefault(meta["tag"], []).append(meta)
+    hits: dict[str, list[bool]] = {}
+    for i, meta in enumerate(metas):
+        image, _ = sample_example(meta, seed=10_000 + i)
+        pool = candidates[meta["tag"]]
+        logits = clip_scores(model, tokenizer, torch.from_numpy(image).permute(2, 0, 1)[None],
+                             [m["prompt"] for m in pool])
+        best = pool[int(logits.argmax())]
+        hits.setdefault(meta["tag"], []).append(evaluate(image, best)[0])
+    result = {task: float(np.mean(v)) for task, v in hits.items()}
+    result["overall"] = float(np.mean(list(result.values())))
+    return result

@@ -1,0 +1,58 @@
+"""`genalign shapes build` at toy scale, the loaders it must fit, and `genalign eval shapes`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from genalign.cli import main
+from genalign.core.experiment import BackboneConfig
+from genalign.pipelines import load_backbone
+from genalign.shapes.world import TASKS
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "shapes"
+
+
+@pytest.fixture(scope="module")
+def toy_build(tmp_path_factory):
+    from genalign.shapes.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("shapes")
+    log = build(BuildConfig(out=str(out), dataset_size=96, batch_size=8, vae_steps=2, sd_steps=2, flow_steps=2,
+                            clip_steps=2))
+    return out, log
+
+
+def test_build_writes_loadable_sd_sd3_and_clip_folders(toy_build):
+    out, log = toy_build
+    assert {"vae", "sd", "flow", "clip"} <= set(log) and log["sd"]["steps"] == 2
+    assert json.loads((out / "build.json").read_text())["config"]["seed"] == 0
+    sd = load_backbone(BackboneConfig(family="sd", path=str(out / "sd"), finetune="none"))
+    assert sd.latent_shape() == (4, 16, 16) and sd.resolution == 32
+    ids = sd.pipe.tokenizer("a photo of a red circle").input_ids
+    assert len(ids) == 8  # word-level: <start> a photo of a red circle <end>
+    sd3 = load_backbone(BackboneConfig(family="sd3", path=str(out / "sd3"), finetune="none"))
+    cond = sd3.encode_prompts(["a photo of a red circle"], guidance=False)
+    assert cond.positive["prompt_embeds"].shape[1] == 16 + 1  # CLIP tokens + the 1-token T5 part (genalign.json)
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from genalign.shapes.scoring import clip_scores
+
+    clip = CLIPModel.from_pretrained(out / "clip")
+    scores = clip_scores(clip, CLIPTokenizer.from_pretrained(out / "clip"), torch.rand(2, 3, 32, 32),
+                         ["a photo of a circle", "a photo of two squares", "a photo of a red square"])
+    assert scores.shape == (2, 3) and torch.isfinite(scores).all()
+
+
+def test_eval_shapes_command_scores_every_task(toy_build, tmp_path, capsys):
+    out, _ = toy_build
+    assert main(["eval", "shapes", "--backbone", str(out / "sd"), "--per-task", "2", "--steps", "2",
+                 "--device", "cpu", "--out", str(tmp_path), "--clip", str(out / "clip")]) == 0
+    result = json.loads((tmp_path / "scores.json").read_text())
+    assert set(result["gold"]) == {*TASKS, "overall"}
+    assert all(0.0 <= v <= 1.0 for v in result["gold"].values())
+    assert set(result["clip_agreement_on_ground_truth"]) == {*TASKS, "overall"}
+    assert (tmp_path / "grid.png").is_file() and "gold score" in capsys.readouterr().out
