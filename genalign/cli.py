@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     for name in ("dataset_size", "batch_size", "vae_steps", "sd_steps", "flow_steps", "clip_steps"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_positive_int, default=None)
+    p.add_argument("--stages", type=lambda text: tuple(text.split(",")), default=None,
+                   help="comma-separated subset of sd,flow,clip (later stages alone reuse the saved sd/)")
     p.set_defaults(func=cmd_shapes_build)
 
     evals = sub.add_parser("eval", help="benchmark scoring").add_subparsers(dest="eval_command", required=True)

@@ -56,3 +56,35 @@ def test_eval_shapes_command_scores_every_task(toy_build, tmp_path, capsys):
     assert all(0.0 <= v <= 1.0 for v in result["gold"].values())
     assert set(result["clip_agreement_on_ground_truth"]) == {*TASKS, "overall"}
     assert (tmp_path / "grid.png").is_file() and "gold score" in capsys.readouterr().out
+
+
+def test_build_is_deterministic_for_a_seed(toy_build, tmp_path):
+    """Same seed, same weights, byte for byte (CPU): the shipped models are reproducible."""
+    from safetensors.torch import load_file
+
+    from genalign.shapes.build import BuildConfig, build
+
+    first, _ = toy_build
+    build(BuildConfig(out=str(tmp_path), dataset_size=96, batch_size=8, vae_steps=2, sd_steps=2, flow_steps=2,
+                      clip_steps=2))
+    for part in ("sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors",
+                 "sd3/transformer/diffusion_pytorch_model.safetensors", "clip/model.safetensors"):
+        a, b = load_file(str(first / part)), load_file(str(tmp_path / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_shipped_models_exist_and_fit_the_size_budget():
+    weights = [f for f in SHIPPED.rglob("*.safetensors")]
+    assert {f.relative_to(SHIPPED).parts[0] for f in weights} == {"sd", "sd3", "clip"}
+    assert sum(f.stat().st_size for f in weights) <= 30 * 2**20
+
+
+def test_shipped_sd_model_is_between_chance_and_perfect_on_heldout_prompts():
+    """The quality bar (measured at 50 prompts a task in the README); 20 a task keeps this fast."""
+    from genalign.shapes.scoring import evaluate_backbone
+
+    backbone = load_backbone(BackboneConfig(family="sd", path=str(SHIPPED / "sd"), finetune="none"))
+    scores, images, _ = evaluate_backbone(backbone, per_task=20, num_steps=25, guidance_scale=2.0, seed=0)
+    assert images.shape == (120, 3, 32, 32)
+    assert scores["single_object"] >= 0.6, scores
+    assert 0.25 <= scores["overall"] <= 0.7, scores

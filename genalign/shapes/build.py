@@ -44,11 +44,12 @@ class BuildConfig:
     batch_size: int = 64
     vae_steps: int = 600
     sd_steps: int = 1500
-    flow_steps: int = 1500
+    flow_steps: int = 4000
     clip_steps: int = 800
     lr: float = 2e-3
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
+    stages: tuple[str, ...] = ("sd", "flow", "clip")  # later stages alone reuse the saved sd/
 
 
 def world_words() -> list[str]:
@@ -291,7 +292,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build(config: BuildConfig) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor
 
     from genalign.pipelines.tiny import build_clip_tokenizer
@@ -304,17 +305,42 @@ def build(config: BuildConfig) -> dict[str, Any]:
     images, captions = make_dataset(config.dataset_size, config.seed)
     tokenizer = build_clip_tokenizer(words=world_words(), max_length=MAX_TOKENS)
 
-    vae = train_vae(images, config, log)
+    if "sd" in config.stages:
+        vae = train_vae(images, config, log)
+        unet, text_encoder = train_sd(encode_latents(vae, images), captions, tokenizer, config, log)
+        sd = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                     scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)
+        sd.to(torch.float16).save_pretrained(out / "sd", safe_serialization=True)
+    # Later stages use the SD model as saved (fp16 weights), so that rerunning them alone
+    # (stages=flow,clip) gives exactly what a full build gives.
+    sd = StableDiffusionPipeline.from_pretrained(out / "sd", dtype=torch.float32, safety_checker=None,
+                                                 requires_safety_checker=False)
+    vae, text_encoder, tokenizer = sd.vae.eval(), sd.text_encoder.eval(), sd.tokenizer
     latents = encode_latents(vae, images)
-    unet, text_encoder = train_sd(latents, captions, tokenizer, config, log)
-    sd = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                 scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
-                                 requires_safety_checker=False)
-    sd.to(torch.float16).save_pretrained(out / "sd", safe_serialization=True)
-    sd.to(torch.float32)
 
-    # The flow model reuses the trained text encoder in both CLIP slots (frozen), with a random
-    # projection for the pooled vector.
+    if "flow" in config.stages:
+        _build_flow(config, out, vae, text_encoder, tokenizer, latents, captions, log)
+    if "clip" in config.stages:
+        clip = train_clip(images, captions, tokenizer, config, log)
+        clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
+        tokenizer.save_pretrained(out / "clip")
+        CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out / "clip")
+
+    log["seconds"] = round(time.time() - started, 1)
+    previous = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
+    (out / "build.json").write_text(json.dumps({**previous, **log}, indent=2))
+    return log
+
+
+def _build_flow(config: BuildConfig, out: Path, vae: Any, text_encoder: Any, tokenizer: Any, latents: torch.Tensor,
+                captions: list[str], log: dict[str, Any]) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    # The flow model reuses the trained text encoder in both CLIP slots (frozen), with a seeded
+    # random projection for the pooled vector.
+    torch.manual_seed(config.seed + 4)
     encoders = []
     for _ in range(2):
         encoder = make_text_encoder(len(tokenizer), with_projection=True)
@@ -327,13 +353,3 @@ def build(config: BuildConfig) -> dict[str, Any]:
     sd3.register_modules(transformer=sd3.transformer)
     sd3.to(torch.float16).save_pretrained(out / "sd3", safe_serialization=True)
     (out / "sd3" / "genalign.json").write_text(json.dumps({"max_sequence_length": T5_TOKENS}) + "\n")
-
-    clip = train_clip(images, captions, tokenizer, config, log)
-    clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
-    tokenizer.save_pretrained(out / "clip")
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out / "clip")
-
-    log["seconds"] = round(time.time() - started, 1)
-    (out / "build.json").write_text(json.dumps(log, indent=2))
-    return log
