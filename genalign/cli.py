@@ -208,6 +208,10 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     grid = torch.cat([images[i * args.per_task : i * args.per_task + per_row] for i in range(len(TASKS))])
     save_image(grid, out / "grid.png", nrow=per_row)
     (out / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.clip:
+        agreement = result["clip_agreement_on_ground_truth"]
+        print("CLIP proxy top-1 prompt right by the gold evaluator (ground-truth images): " + ", ".join(
+            f"{task} {agreement[task]:.3f}" for task in (*TASKS, "overall") if task in agreement))
     print(f"wrote {out / 'grid.png'} (one task a row) and {out / 'scores.json'}")
     return 0
 
