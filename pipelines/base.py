@@ -188,16 +188,23 @@ class DiffusersBackbone:
             raise ValueError(f"image size {height}x{width} is not a multiple of {f} (VAE factor, packing)")
         return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
-    def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
-        """Denoiser output; with guidance, uncond + g * (cond - uncond) in one batched call."""
-        # Inputs go to the denoiser's device and dtype: fp16/bf16 weights take fp32 latents, and a
-        # fully fine-tuned fp32 denoiser takes bf16 text embeddings (and its bf16 reference fp32 ones).
+    def _inputs(
+        self, x_t: Tensor, timestep: Tensor, cond: Conditioning
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], torch.dtype]:
+        """Latents, per-sample timesteps and positive conditioning on the denoiser's device and dtype:
+        fp16/bf16 weights take fp32 latents, and a fully fine-tuned fp32 denoiser takes bf16 text
+        embeddings (and its bf16 reference fp32 ones)."""
         dtype = self.denoiser.dtype
         x_t = x_t.to(self.device, dtype)
         timestep = torch.as_tensor(timestep, device=self.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(x_t.shape[0])
         positive = {k: v.to(self.device, dtype) for k, v in cond.positive.items()}
+        return x_t, timestep, positive, dtype
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
+        """Denoiser output; with guidance, uncond + g * (cond - uncond) in one batched call."""
+        x_t, timestep, positive, dtype = self._inputs(x_t, timestep, cond)
         if guidance_scale == 1.0 or cond.negative is None:
             return self._denoise(x_t, timestep, positive)
         both = {k: torch.cat([cond.negative[k].to(self.device, dtype), positive[k]]) for k in positive}

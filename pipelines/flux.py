@@ -90,12 +90,8 @@ class FluxBackbone(DiffusersBackbone):
         return Conditioning({"prompt_embeds": embeds, "pooled": pooled, "text_ids": text_ids}, None, prompts)
 
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
-        dtype = self.denoiser.dtype
+        x_t, timestep, positive, dtype = self._inputs(x_t, timestep, cond)
         batch, channels, h, w = x_t.shape
-        x_t = x_t.to(self.device, dtype)
-        timestep = torch.as_tensor(timestep, device=self.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
         if (h // 2) * (w // 2) != self._schedule_tokens:
             raise ValueError(
                 f"FLUX's sigma shift (mu) was set for {self.resolution}px images ({self._schedule_tokens} tokens); "
@@ -111,9 +107,9 @@ class FluxBackbone(DiffusersBackbone):
             hidden_states=packed,
             timestep=timestep.to(dtype) / 1000,  # the FLUX pipeline's convention: sigma, in the latents' dtype
             guidance=guidance,
-            pooled_projections=cond.positive["pooled"].to(self.device, dtype),
-            encoder_hidden_states=cond.positive["prompt_embeds"].to(self.device, dtype),
-            txt_ids=cond.positive["text_ids"][0].to(self.device, dtype),
+            pooled_projections=positive["pooled"],
+            encoder_hidden_states=positive["prompt_embeds"],
+            txt_ids=positive["text_ids"][0],
             img_ids=image_ids,
             return_dict=False,
         )[0]

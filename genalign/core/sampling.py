@@ -282,7 +282,7 @@ def flow_sde_step(
     s_next = _as_batch_broadcast(sigma_next, x)
     dt = s_next - s_t
     if noise_level == 0:
-        mean = x + dt * velocity
+        mean = flow_euler_step(x, velocity, sigma, sigma_next)
         return _finish_step(mean, torch.zeros_like(s_t), prev_sample, generator, noise)
     at_one = s_t >= 1
     if bool(at_one.any()):
