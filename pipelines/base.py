@@ -7,7 +7,6 @@ pipeline class, prompt encoding and the denoiser call; everything else is here o
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,29 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from genalign.core.experiment import BackboneConfig
+from genalign.core.loading import WeightsNotFoundError, from_pretrained_or_explain
 from genalign.core.schedules import DiffusionSchedule, NoiseSchedule
 from genalign.core.types import Conditioning
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Backbone or reward weights that are neither on disk nor reachable."""
-
-
-def from_pretrained_or_explain(loader: Any, path: str, **kwargs: Any) -> Any:
-    """Call ``loader.from_pretrained(path, ...)``; turn "not found / offline" into one clear error."""
-    try:
-        return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        if Path(path).exists():
-            raise WeightsNotFoundError(f"cannot load weights from the local folder '{path}': {err}") from err
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        where = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub could not provide it"
-        raise WeightsNotFoundError(
-            f"weights '{path}' were not found: it is not a local folder, not in the Hugging Face cache, and "
-            f"{where}. Point backbone.path at a local diffusers folder or download it first ({err})"
-        ) from err
 
 
 def absent_components(path: str) -> set[str]:
@@ -107,7 +88,10 @@ class DiffusersBackbone:
         if config.variant:
             kwargs["variant"] = config.variant
         kwargs.update(cls.extra_load_kwargs(config))
-        pipe = from_pretrained_or_explain(cls.pipeline_class, config.path, **kwargs)
+        pipe = from_pretrained_or_explain(
+            cls.pipeline_class, config.path,
+            hint="Point backbone.path at a local diffusers folder or download it first", **kwargs
+        )
         return cls(pipe, config, device)
 
     @classmethod

@@ -63,6 +63,12 @@ class RewardConfig:
     name: str = field(help="registered reward name, e.g. clip, aesthetic, pickscore")
     weight: float = field(1.0, help="weight in a weighted sum of rewards")
     path: str | None = field(None, help="weights: hub id or local path (default: the published ones)")
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        "float32", help="dtype of the reward model's weights (preprocessing and scores stay fp32)"
+    )
+    gradient_checkpointing: bool = field(
+        False, help="recompute the reward model's activations in backward (differentiable rewards)"
+    )
     options: dict[str, Any] = field(default_factory=dict, help="adapter-specific options")
 
 

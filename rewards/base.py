@@ -1,0 +1,120 @@
+"""What every reward adapter shares: the call contract and its input checks, frozen and cached
+reward models, activation checkpointing that works in eval mode.
+
+An adapter subclasses :class:`RewardModel`, sets ``name`` and ``differentiable`` and implements
+``score(images, prompts, metadata) -> scores (B,)``; extra named sub-scores come from
+``sub_scores``. Everything is on tensors; differentiable adapters never leave torch, so gradients
+reach the pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Metadata = Sequence[Mapping[str, Any]] | None
+
+
+class RewardInputError(ValueError):
+    """Images, prompts or metadata that do not fit the Reward contract."""
+
+
+def check_inputs(images: Tensor, prompts: Sequence[str], metadata: Metadata) -> None:
+    """The contract: images (B, 3, H, W) float in [0, 1], B prompts, B metadata rows if any."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise RewardInputError(f"rewards take images of shape (B, 3, H, W); got {shape}")
+    if not images.is_floating_point():
+        raise RewardInputError(f"rewards take float images in [0, 1]; got dtype {images.dtype}")
+    if isinstance(prompts, str):
+        raise RewardInputError("prompts must be a sequence of strings, one per image, not one string")
+    if len(prompts) != images.shape[0]:
+        raise RewardInputError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    if metadata is not None and len(metadata) != images.shape[0]:
+        raise RewardInputError(f"{images.shape[0]} images but {len(metadata)} metadata rows")
+    if images.numel():
+        low, high = float(images.detach().min()), float(images.detach().max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise RewardInputError(
+                f"rewards take images in [0, 1]; got values in [{low:.3f}, {high:.3f}] "
+                "(a decoded latent in [-1, 1] needs (x + 1) / 2)"
+            )
+
+
+class RewardModel:
+    """Base of the adapters: ``reward(images, prompts, metadata) -> (scores (B,), sub-scores)``."""
+
+    name: ClassVar[str] = "reward"
+    differentiable: ClassVar[bool] = True
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
+        """(B,) scores of images (B, 3, H, W) in [0, 1] on ``self.device``; higher is better."""
+        raise NotImplementedError
+
+    def __call__(
+        self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        check_inputs(images, prompts, metadata)
+        grad = torch.is_grad_enabled() and self.differentiable
+        with torch.set_grad_enabled(grad):
+            scores = self.score(images.to(self.device), list(prompts), metadata).float()
+        if scores.shape != (images.shape[0],):
+            raise RuntimeError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, "
+                               f"expected ({images.shape[0]},)")
+        return scores, {self.name: scores}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device}, dtype={self.dtype})"
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Reward models are never trained: eval mode (no dropout) and no parameter gradients."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+_CACHE: dict[Hashable, Any] = {}
+
+
+def cached(key: Hashable, build: Callable[[], Any]) -> Any:
+    """Load a reward model once per (kind, weights, device, dtype, ...) key and share it, so that
+    e.g. a weighted sum of CLIP score and the aesthetic predictor on the same CLIP loads it once."""
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def checkpoint_layers(layers: Iterable[nn.Module]) -> None:
+    """Recompute each layer's activations in the backward pass instead of storing them.
+
+    transformers only checkpoints in training mode and reward models stay in eval mode, so the
+    layers' ``forward`` is wrapped here instead; it is a no-op when gradients are off.
+    """
+    for layer in layers:
+        if getattr(layer, "_genalign_checkpointed", False):
+            continue
+        forward = layer.forward
+
+        @functools.wraps(forward)
+        def wrapped(*args: Any, __forward: Callable[..., Any] = forward, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(__forward, *args, use_reentrant=False, **kwargs)
+            return __forward(*args, **kwargs)
+
+        layer.forward = wrapped  # type: ignore[method-assign]
+        layer._genalign_checkpointed = True  # type: ignore[assignment]
