@@ -8,6 +8,7 @@ Select them by name from a config: ``reward: {name: pickscore}`` or a list for a
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,9 @@ from genalign.core.experiment import RewardConfig
 from genalign.rewards.base import RewardModel
 
 REWARDS: dict[str, Any] = {}
+# rewards that live outside rewards/ (which may import only genalign.core): name -> the module
+# that registers it, imported on first use
+ELSEWHERE = {"shapes_gold": "genalign.shapes.reward"}
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -34,8 +38,11 @@ def register(name: str) -> Callable[[type], type]:
 
 def load_reward(config: RewardConfig, device: str | torch.device = "cpu") -> RewardModel:
     """One adapter from its config."""
+    if config.name not in REWARDS and config.name in ELSEWHERE:
+        importlib.import_module(ELSEWHERE[config.name])
     if config.name not in REWARDS:
-        raise ConfigError(f"unknown reward.name {config.name!r}; available: {', '.join(sorted(REWARDS))}")
+        available = ", ".join(sorted({*REWARDS, *ELSEWHERE}))
+        raise ConfigError(f"unknown reward.name {config.name!r}; available: {available}")
     return REWARDS[config.name].from_config(config, device)
 
 
@@ -49,7 +56,8 @@ def build_reward(configs: Sequence[RewardConfig], device: str | torch.device = "
     from genalign.rewards.combine import WeightedSum
 
     if not configs:
-        raise ConfigError("no reward configured: set reward.name (available: " + ", ".join(sorted(REWARDS)) + ")")
+        available = ", ".join(sorted({*REWARDS, *ELSEWHERE}))
+        raise ConfigError(f"no reward configured: set reward.name (available: {available})")
     rewards = load_rewards(configs, device)
     if len(rewards) == 1 and configs[0].weight == 1.0:
         return rewards[0]
@@ -65,9 +73,8 @@ from genalign.rewards import (  # noqa: E402
     hps,
     image_reward,
     pickscore,
-    shapes,
     vlm,
 )
 
 __all__ = ["REWARDS", "RewardModel", "build_reward", "load_reward", "load_rewards", "register"]
-del aesthetic, clip, combine, compressibility, hps, image_reward, pickscore, shapes, vlm
+del aesthetic, clip, combine, compressibility, hps, image_reward, pickscore, vlm

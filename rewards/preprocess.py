@@ -25,7 +25,9 @@ def resize(images: Tensor, size: tuple[int, int], mode: str = "bicubic") -> Tens
     if tuple(images.shape[-2:]) == tuple(size):
         return images
     kwargs = {"align_corners": False, "antialias": True} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(images, size=size, mode=mode, **kwargs)
+    resized = F.interpolate(images, size=size, mode=mode, **kwargs)
+    # bicubic overshoots at edges; PIL's uint8 output clips it to the pixel range
+    return resized.clamp(0, 1) if mode == "bicubic" else resized
 
 
 def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -37,6 +39,17 @@ def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
 
 def resize_shortest(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
     return resize(images, shortest_side_size(images.shape[-2], images.shape[-1], size), mode)
+
+
+def resize_longest_pad(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
+    """The longest side becomes ``size`` (rounded), then zero-pad to a centred square: HPSv2's
+    eval transform (``ResizeMaxSize`` of its open_clip fork, padding ``[w//2, h//2, rest]``)."""
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    new_h, new_w = round(height * scale), round(width * scale)
+    images = resize(images, (new_h, new_w), mode)
+    pad_h, pad_w = size - new_h, size - new_w
+    return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
 
 def center_crop(images: Tensor, size: tuple[int, int]) -> Tensor:
@@ -60,10 +73,11 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """resize (shortest side, or to an exact (H, W)) -> center crop -> normalise, all on tensors.
+    """resize -> center crop -> normalise, all on tensors.
 
-    ``resize_to``: an int resizes the shortest side (CLIP), a pair resizes to exactly (H, W)
-    (BLIP); ``crop`` is the center crop (H, W) or None.
+    ``resize_to``: an int resizes the shortest side (CLIP) or, with ``longest_pad``, the longest
+    side and pads to a square (HPSv2); a pair resizes to exactly (H, W) (BLIP). ``crop``: the
+    center crop (H, W) or None.
     """
 
     resize_to: int | tuple[int, int] | None
@@ -71,12 +85,14 @@ class ImageTransform:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     mode: str = "bicubic"
+    longest_pad: bool = False
 
     def __call__(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1], float -> normalised model input (fp32)."""
         images = images.float()
         if isinstance(self.resize_to, int):
-            images = resize_shortest(images, self.resize_to, self.mode)
+            resize_one = resize_longest_pad if self.longest_pad else resize_shortest
+            images = resize_one(images, self.resize_to, self.mode)
         elif self.resize_to is not None:
             images = resize(images, tuple(self.resize_to), self.mode)
         if self.crop is not None:

@@ -59,7 +59,7 @@ def _project_imports(path: Path) -> set[str]:
         ("rewards", ("genalign.core", "genalign.rewards")),
         ("eval", ("genalign.core", "genalign.eval")),
         ("genalign/finetuners", ("genalign.core", "genalign.finetuners")),
-        ("genalign/shapes", ("genalign.core", "genalign.shapes", "genalign.pipelines")),
+        ("genalign/shapes", ("genalign.core", "genalign.shapes", "genalign.pipelines", "genalign.rewards")),
     ],
 )
 def test_import_direction(folder, allowed):

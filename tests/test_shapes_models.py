@@ -37,14 +37,17 @@ def test_build_writes_loadable_sd_sd3_and_clip_folders(toy_build):
     sd3 = load_backbone(BackboneConfig(family="sd3", path=str(out / "sd3"), finetune="none"))
     cond = sd3.encode_prompts(["a photo of a red circle"], guidance=False)
     assert cond.positive["prompt_embeds"].shape[1] == 16 + 1  # CLIP tokens + the 1-token T5 part (genalign.json)
-    from transformers import CLIPModel, CLIPTokenizer
+    from genalign.core.experiment import RewardConfig
+    from genalign.rewards import load_reward
+    from genalign.shapes.scoring import clip_logits
 
-    from genalign.shapes.scoring import clip_scores
-
-    clip = CLIPModel.from_pretrained(out / "clip")
-    scores = clip_scores(clip, CLIPTokenizer.from_pretrained(out / "clip"), torch.rand(2, 3, 32, 32),
-                         ["a photo of a circle", "a photo of two squares", "a photo of a red square"])
-    assert scores.shape == (2, 3) and torch.isfinite(scores).all()
+    reward = load_reward(RewardConfig(name="clip", path=str(out / "clip")))
+    prompts = ["a photo of a circle", "a photo of two squares", "a photo of a red square"]
+    images = torch.rand(2, 3, 32, 32)
+    logits = clip_logits(reward, images, prompts)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    # the pairwise matrix's diagonal is the reward's score
+    torch.testing.assert_close(logits[:, :2].diagonal(), reward(images, prompts[:2])[0])
 
 
 def test_eval_shapes_command_scores_every_task(toy_build, tmp_path, capsys):

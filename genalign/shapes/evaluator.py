@@ -148,14 +148,14 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float]) -> set[str
     return relations
 
 
-def evaluate(image: Any, meta: dict[str, Any], detections: list[Detection] | None = None) -> tuple[bool, str]:
-    """(correct, reason) of one image against its prompt's GenEval metadata."""
+def check_clauses(image: Any, meta: dict[str, Any], detections: list[Detection] | None = None) -> tuple[list[bool], str]:
+    """Whether each of the prompt's GenEval clauses (``include`` then ``exclude``) holds, and why not."""
     if detections is None:
         detections = detect(image)
     by_class: dict[str, list[Detection]] = {shape: [] for shape in SHAPES}
     for det in detections:
         by_class[det.shape].append(det)
-    correct, reasons = True, []
+    results, reasons = [], []
     groups: list[list[Detection] | None] = []
     for clause in meta.get("include", []):
         name, count = clause["class"], clause["count"]
@@ -177,14 +177,20 @@ def evaluate(image: Any, meta: dict[str, Any], detections: list[Detection] | Non
             elif not all(relation in relative_position(d.bbox, t.bbox) for d in chosen for t in targets):
                 matched = False
                 reasons.append(f"expected {name} {relation} target")
-        correct &= matched
+        results.append(matched)
         groups.append(chosen if matched else None)
     for clause in meta.get("exclude", []):
         present = len(by_class.get(clause["class"], []))
+        results.append(present < clause["count"])
         if present >= clause["count"]:
-            correct = False
             reasons.append(f"expected {clause['class']}<{clause['count']}, found {present}")
-    return correct, "; ".join(reasons)
+    return results, "; ".join(reasons)
+
+
+def evaluate(image: Any, meta: dict[str, Any], detections: list[Detection] | None = None) -> tuple[bool, str]:
+    """(correct, reason) of one image against its prompt's GenEval metadata: every clause holds."""
+    results, reasons = check_clauses(image, meta, detections)
+    return all(results), reasons
 
 
 def score(images: Sequence[Any], metas: Sequence[dict[str, Any]]) -> dict[str, float]:

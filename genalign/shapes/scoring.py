@@ -55,33 +55,23 @@ def evaluate_backbone(
 
 
 @torch.no_grad()
-def clip_scores(model: Any, tokenizer: Any, images: Tensor, prompts: list[str]) -> Tensor:
-    """logit_scale * cos(image, text) for every image x prompt pair -> (N_images, N_prompts)."""
-    from genalign.shapes.build import CLIP_MEAN, CLIP_STD, MAX_TOKENS
-
-    dtype = next(model.parameters()).dtype
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    pixels = ((images.float() - mean) / std).to(dtype)
-    ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                    return_tensors="pt").input_ids
-    image_embeds = model.get_image_features(pixel_values=pixels)
-    text_embeds = model.get_text_features(input_ids=ids)
-    # transformers 5 returns output objects; the projected embedding is pooler_output
-    image_embeds = getattr(image_embeds, "pooler_output", image_embeds).float()
-    text_embeds = getattr(text_embeds, "pooler_output", text_embeds).float()
+def clip_logits(reward: Any, images: Tensor, prompts: list[str]) -> Tensor:
+    """logit_scale * cos(image, text) for every image x prompt pair -> (N_images, N_prompts), with
+    the CLIP reward adapter's encoder (the same preprocessing and tokenisation as the reward)."""
+    image_embeds = reward.encoder.image_embeds(images.float().to(reward.device))
+    text_embeds = reward.encoder.text_embeds(prompts)
     image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
     text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
-    return model.logit_scale.exp().float() * image_embeds @ text_embeds.T
+    return reward.encoder.logit_scale * image_embeds @ text_embeds.T
 
 
 def clip_agreement(clip_path: str, per_task: int = 50, seed: int = 0) -> dict[str, float]:
     """How often the CLIP proxy's top-1 prompt (among all prompts of the same task) is one that the
     gold evaluator says the image satisfies, on ground-truth images of held-out prompts."""
-    from transformers import CLIPModel, CLIPTokenizer
+    from genalign.core.experiment import RewardConfig
+    from genalign.rewards import load_reward
 
-    model = CLIPModel.from_pretrained(clip_path).float().eval()
-    tokenizer = CLIPTokenizer.from_pretrained(clip_path)
+    reward = load_reward(RewardConfig(name="clip", path=clip_path))
     metas = evaluation_set("heldout", per_task=per_task, seed=seed)
     candidates: dict[str, list[dict[str, Any]]] = {}
     for meta in all_prompts():
@@ -90,8 +80,7 @@ def clip_agreement(clip_path: str, per_task: int = 50, seed: int = 0) -> dict[st
     for i, meta in enumerate(metas):
         image, _ = sample_example(meta, seed=10_000 + i)
         pool = candidates[meta["tag"]]
-        logits = clip_scores(model, tokenizer, torch.from_numpy(image).permute(2, 0, 1)[None],
-                             [m["prompt"] for m in pool])
+        logits = clip_logits(reward, torch.from_numpy(image).permute(2, 0, 1)[None], [m["prompt"] for m in pool])
         best = pool[int(logits.argmax())]
         hits.setdefault(meta["tag"], []).append(evaluate(image, best)[0])
     result = {task: float(np.mean(v)) for task, v in hits.items()}

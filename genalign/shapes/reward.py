@@ -1,0 +1,72 @@
+"""The shapes world's exact evaluator as a reward (registered as ``shapes_gold``).
+
+Score: ``clauses`` (default), the fraction of the prompt's GenEval clauses the image satisfies
+(the GenEval detector reward, with the world's exact detector in place of Mask2Former), or
+``strict``, GenEval's all-clauses-hold 0/1. Both are sub-scores. Metadata rows in GenEval format
+may be passed; otherwise the prompt is looked up among the world's prompts. Not differentiable.
+
+Training on it is training on the gold score itself (an upper bound for the proxy-reward runs).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from genalign.core.experiment import RewardConfig
+from genalign.rewards import register
+from genalign.rewards.base import Metadata, RewardModel
+from genalign.shapes.evaluator import check_clauses
+from genalign.shapes.world import all_prompts
+
+
+@functools.cache
+def _metadata_by_prompt() -> dict[str, dict[str, Any]]:
+    return {meta["prompt"]: meta for meta in all_prompts()}
+
+
+@register("shapes_gold")
+class ShapesGold(RewardModel):
+    name = "shapes_gold"
+    differentiable = False
+
+    def __init__(self, score: str = "clauses", device: str | torch.device = "cpu"):
+        if score not in ("clauses", "strict"):
+            raise ValueError(f"shapes_gold: options.score must be 'clauses' or 'strict', got {score!r}")
+        super().__init__(device)
+        self.mode = score
+
+    @classmethod
+    def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> ShapesGold:
+        unknown = set(config.options) - {"score"}
+        if unknown:
+            raise ValueError(f"reward {config.name}: unknown option(s) {sorted(unknown)}; known: score")
+        return cls(config.options.get("score", "clauses"), device)
+
+    def _clauses(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
+        known = _metadata_by_prompt()
+        if metadata is None:
+            missing = [p for p in prompts if p not in known]
+            if missing:
+                raise ValueError(f"shapes_gold: no metadata given and {missing[:3]} are not shapes-world prompts")
+            metadata = [known[p] for p in prompts]
+        pixels = images.detach().float().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        fractions, strict = [], []
+        for image, meta in zip(pixels, metadata):
+            results, _ = check_clauses(image, dict(meta))
+            fractions.append(sum(results) / max(len(results), 1))
+            strict.append(float(all(results)))
+        return torch.tensor(fractions), torch.tensor(strict)
+
+    def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
+        fractions, strict = self._clauses(images, prompts, metadata)
+        return (fractions if self.mode == "clauses" else strict).to(images.device)
+
+    def __call__(self, images: Tensor, prompts: Any, metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
+        scores, sub = super().__call__(images, prompts, metadata)
+        fractions, strict = self._clauses(images, list(prompts), metadata)
+        sub.update({"shapes_clauses": fractions.to(scores.device), "shapes_strict": strict.to(scores.device)})
+        return scores, sub

@@ -1,1 +1,0 @@
-"""Placeholder: arrives with the rewards issue."""
