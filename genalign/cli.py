@@ -17,7 +17,7 @@ from genalign.core.trainer import NonFiniteError
 FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux")
 TINY_FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux", "flux-schnell")
 # Modules whose import registers a fine-tuner (each method's issue adds its module here).
-BUILTIN_FINETUNERS: tuple[str, ...] = ()
+BUILTIN_FINETUNERS: tuple[str, ...] = ("genalign.finetuners.diffusion_dpo", "genalign.finetuners.inversion_dpo")
 
 
 def _positive_int(text: str) -> int:
@@ -118,17 +118,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         from genalign.pipelines import load_backbone
 
         backbone = load_backbone(config.backbone, accelerator.device)
-    rewards = None
+    reward = None
     if config.reward:
-        from genalign.rewards import load_rewards
+        from genalign.rewards import build_reward
 
-        rewards = load_rewards(config.reward, accelerator.device)
-    finetuner = finetuners[config.method_name].build(config, backbone, rewards)
+        reward = build_reward(config.reward, accelerator.device)
+    finetuner = finetuners[config.method_name].build(config, backbone, reward)
+    own_data = getattr(finetuner, "training_prompts", None)
+    prompts = own_data() if own_data is not None else None  # e.g. offline preference pairs
     trainer = Trainer(
         finetuner,
         run,
         config.sample,
-        run.load_prompts(),
+        prompts or run.load_prompts(),
         resolved_config=config.to_dict(),
         accelerator=accelerator,
     )
@@ -188,7 +190,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
     from genalign.core.experiment import BackboneConfig
     from genalign.pipelines import load_backbone
-    from genalign.shapes.scoring import clip_agreement, evaluate_backbone
+    from genalign.shapes.scoring import clip_agreement, evaluate_backbone, proxy_reward
     from genalign.shapes.world import TASKS
 
     backbone = load_backbone(BackboneConfig(family=args.family, path=args.backbone, finetune="none"),
@@ -199,9 +201,13 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     result: dict = {"gold": scores, "backbone": args.backbone, "lora": args.lora, "per_task": args.per_task,
                     "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed}
     if args.clip:
+        result["proxy_reward"] = proxy_reward(args.clip, images, metas)
         result["clip_agreement_on_ground_truth"] = clip_agreement(args.clip, args.per_task, args.seed)
     print("gold score (exact evaluator, held-out prompts): " + ", ".join(
         f"{task} {scores[task]:.3f}" for task in (*TASKS, "overall") if task in scores))
+    if args.clip:
+        print("proxy reward (CLIP score of the same images): " + ", ".join(
+            f"{task} {result['proxy_reward'][task]:.3f}" for task in (*TASKS, "overall") if task in scores))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     per_row = 8  # the first 8 images of each task, one task a row

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -118,3 +119,18 @@ def checkpoint_layers(layers: Iterable[nn.Module]) -> None:
 
         layer.forward = wrapped  # type: ignore[method-assign]
         layer._genalign_checkpointed = True  # type: ignore[assignment]
+
+
+def load_checkpoint(file: Path) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` or a torch file loaded with ``weights_only=True``; a dict
+    holding ``state_dict`` (HPS and open_clip checkpoints) is unwrapped."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict")
+    return dict(state)

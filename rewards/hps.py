@@ -14,29 +14,16 @@ a local checkpoint file; ``options.model``: the open_clip architecture (default 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from genalign.core.experiment import RewardConfig
 from genalign.core.loading import resolve_file
 from genalign.rewards import register
-from genalign.rewards.base import DTYPES, cached
+from genalign.rewards.base import DTYPES, cached, load_checkpoint
 from genalign.rewards.clip import CLIPScore, OpenCLIP
 
 CHECKPOINTS = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
-
-
-def load_state_dict(path: Path) -> dict[str, Tensor]:
-    """A checkpoint's state dict: safetensors, or torch.load(weights_only=True) of a plain dict or
-    a dict holding ``state_dict`` (as HPS and open_clip checkpoints do)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return checkpoint.get("state_dict", checkpoint)
 
 
 @register("hps")
@@ -60,7 +47,7 @@ class HPSv2(CLIPScore):
 
         def build() -> OpenCLIP:
             encoder = OpenCLIP(model_name, None, device, dtype, config.gradient_checkpointing)
-            encoder.load_weights(load_state_dict(file))
+            encoder.load_weights(load_checkpoint(file))
             encoder.transform = replace(encoder.transform, crop=None, longest_pad=True)
             return encoder
 

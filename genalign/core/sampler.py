@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -119,7 +120,46 @@ def log_probs_of(backbone: Backbone, trajectory: Trajectory, step_indices: Tenso
     return torch.stack(out, dim=1)
 
 
+@dataclass
+class Inversion:
+    """A deterministic inversion x_0 -> x_T and what the model said along it.
+
+    states:      (T+1, B, C, H, W) in sampling order (states[0] = x_T, states[-1] = x_0)
+    inputs:      (T, B, C, H, W) the state the model was evaluated at, per step (inversion order:
+                 inputs[0] = x_0)
+    timesteps:   (T,) the timestep of each evaluation (inversion order: least noisy first)
+    predictions: (T, B, C, H, W) the model output at (inputs[i], timesteps[i])
+    """
+
+    states: Tensor
+    inputs: Tensor
+    timesteps: Tensor
+    predictions: Tensor
+
+
 @torch.no_grad()
+def invert_trajectory(
+    backbone: Backbone,
+    latents: Tensor,
+    cond: Conditioning,
+    num_steps: int,
+    guidance_scale: float = 1.0,
+) -> Inversion:
+    """Deterministic (DDIM / flow ODE) inversion of clean latents, keeping every model call."""
+    timesteps = backbone.schedule.timesteps(num_steps).flip(0)
+    states, inputs, predictions = [latents], [], []
+    x = latents
+    for t in timesteps:
+        # The model is evaluated at the less noisy state with the target timestep t (the usual
+        # approximation of DDIM inversion, as in Null-text Inversion and diffusers' DDIMInverseScheduler).
+        model_output = backbone.predict(x, t, cond, guidance_scale)
+        inputs.append(x)
+        predictions.append(model_output)
+        x = backbone.schedule.invert_step(x, model_output, t, num_steps)
+        states.append(x)
+    return Inversion(torch.stack(states[::-1]), torch.stack(inputs), timesteps, torch.stack(predictions))
+
+
 def invert(
     backbone: Backbone,
     latents: Tensor,
@@ -132,13 +172,4 @@ def invert(
     Returns all states (T+1, B, C, H, W) in sampling order (states[0] = x_T, states[-1] = x_0),
     so that ``sample(..., latents=states[0])`` retraces them approximately.
     """
-    timesteps = backbone.schedule.timesteps(num_steps)
-    states = [latents]
-    x = latents
-    for t in reversed(timesteps):
-        # The model is evaluated at the less noisy state with the target timestep t (the usual
-        # approximation of DDIM inversion, as in Null-text Inversion and diffusers' DDIMInverseScheduler).
-        model_output = backbone.predict(x, t, cond, guidance_scale)
-        x = backbone.schedule.invert_step(x, model_output, t, num_steps)
-        states.append(x)
-    return torch.stack(states[::-1])
+    return invert_trajectory(backbone, latents, cond, num_steps, guidance_scale).states

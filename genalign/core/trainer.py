@@ -220,6 +220,9 @@ class Trainer:
                 torch.save(self.ema.state_dict(), tmp / "ema.pt")
             if acc.scaler is not None:  # fp16: the loss scale is part of the state
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+            finetuner_state = getattr(self.finetuner, "state_dict", None)
+            if finetuner_state is not None:  # e.g. an EMA reference model, a reward stat tracker
+                torch.save(finetuner_state(), tmp / "finetuner.pt")
             (tmp / "state.json").write_text(json.dumps(self._counters()))
         acc.wait_for_everyone()
         # Per process: the data position and every RNG (with the Gaussian caches of random/numpy).
@@ -267,6 +270,10 @@ class Trainer:
             self.ema.to(self.params[0].device)  # next to the weights it averages
         if acc.scaler is not None and (path / "scaler.pt").is_file():
             acc.scaler.load_state_dict(load("scaler.pt"))
+        if hasattr(self.finetuner, "load_state_dict"):
+            if not (path / "finetuner.pt").is_file():
+                raise FileNotFoundError(f"{path} has no finetuner.pt: it was written by another method")
+            self.finetuner.load_state_dict(load("finetuner.pt"))
         state = json.loads((path / "state.json").read_text())
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
@@ -372,6 +379,9 @@ class Trainer:
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.step(self.params)
+        after_step = getattr(self.finetuner, "after_optimizer_step", None)
+        if after_step is not None:  # e.g. move a slowly updated reference toward the policy
+            after_step()
         self.nonfinite_in_a_row = 0
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.lr_scheduler.get_last_lr()[0]

@@ -99,6 +99,10 @@ class Backbone(Protocol):
     def parameterisation(self) -> str:
         """``epsilon``, ``v_prediction`` or ``flow``."""
 
+    @property
+    def resolution(self) -> int:
+        """The model's default image size in pixels."""
+
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image of the given size (default: the model's)."""
 
@@ -155,4 +159,9 @@ class FineTuner(Protocol):
 
     def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] of the current model, for sample grids."""
+
+    # Optional, used when present: ``training_prompts() -> list[str]`` (the method's own data,
+    # e.g. offline pair ids, instead of run.prompts), ``after_optimizer_step()``,
+    # ``state_dict() / load_state_dict(state)`` (saved in checkpoints; tensors and plain
+    # containers only, loaded with weights_only=True), ``export(directory)``.
 

@@ -1,7 +1,8 @@
 """Fine-tuners, one file per method, registered by name for ``genalign train``.
 
 A fine-tuner class has a ``Config`` dataclass (the ``method:`` section of an experiment) and a
-``build(experiment, backbone, rewards)`` classmethod; it fits ``genalign.core.types.FineTuner``.
+``build(experiment, backbone, reward)`` classmethod (``reward``: the configured reward, a weighted
+sum when several are listed, or None); it fits ``genalign.core.types.FineTuner``.
 """
 
 from __future__ import annotations

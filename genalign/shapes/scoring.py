@@ -86,3 +86,22 @@ def clip_agreement(clip_path: str, per_task: int = 50, seed: int = 0) -> dict[st
     result = {task: float(np.mean(v)) for task, v in hits.items()}
     result["overall"] = float(np.mean(list(result.values())))
     return result
+
+
+@torch.no_grad()
+def proxy_reward(clip_path: str, images: Tensor, metas: list[dict[str, Any]], batch_size: int = 100) -> dict[str, float]:
+    """Mean CLIP reward of generated ``images`` against their prompts, per task and overall (the
+    quantity the fine-tuners optimise; its rise next to the gold score's shows reward hacking or not)."""
+    from genalign.core.experiment import RewardConfig
+    from genalign.rewards import load_reward
+
+    reward = load_reward(RewardConfig(name="clip", path=clip_path))
+    prompts = [m["prompt"] for m in metas]
+    scores = torch.cat([reward(images[i : i + batch_size].float().clamp(0, 1), prompts[i : i + batch_size])[0].cpu()
+                        for i in range(0, len(prompts), batch_size)])
+    per_task: dict[str, list[float]] = {}
+    for meta, value in zip(metas, scores.tolist()):
+        per_task.setdefault(meta["tag"], []).append(value)
+    result = {task: float(np.mean(v)) for task, v in per_task.items()}
+    result["overall"] = float(np.mean(list(result.values())))
+    return result

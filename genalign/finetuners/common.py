@@ -1,0 +1,76 @@
+"""Pieces several fine-tuners share: per-sample errors, exporting what was trained, a slowly
+updated (EMA) copy of the trainable parameters that can stand in for them, sample grids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from genalign.core.sampler import sample
+from genalign.core.types import Backbone
+
+
+def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """(B, ...) x (B, ...) -> (B,) mean squared error per sample, in fp32."""
+    return (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+
+
+def export_trained(backbone: Backbone, directory: Path) -> Path:
+    """The LoRA (diffusers format) or, under full fine-tuning, the denoiser (``save_pretrained``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if backbone.config.finetune == "lora":  # type: ignore[attr-defined]
+        return backbone.save_lora(directory)  # type: ignore[attr-defined]
+    backbone.unwrapped_denoiser.save_pretrained(directory / "denoiser")  # type: ignore[attr-defined]
+    return directory / "denoiser"
+
+
+@torch.no_grad()
+def sample_images(backbone: Backbone, prompts: list[str], generator: torch.Generator, num_steps: int,
+                  guidance_scale: float) -> Tensor:
+    cond = backbone.encode_prompts(prompts, guidance=guidance_scale != 1.0)
+    return backbone.decode(sample(backbone, cond, num_steps, guidance_scale, generator=generator).final)
+
+
+class ShadowParameters:
+    """An exponential moving average of parameters, swappable into them.
+
+    ``update(rate)``: shadow <- shadow + rate * (param - shadow). ``swapped()``: within the context
+    the parameters hold the shadow values (e.g. a reference model that follows the policy slowly).
+    Starts equal to the parameters (for a fresh LoRA: exactly the base model).
+    """
+
+    def __init__(self, named: dict[str, nn.Parameter]):
+        self.params = named
+        self.shadow = {name: p.detach().clone().float() for name, p in named.items()}
+
+    @torch.no_grad()
+    def update(self, rate: float) -> None:
+        for name, param in self.params.items():
+            self.shadow[name].lerp_(param.detach().float(), rate)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        saved = {name: p.detach().clone() for name, p in self.params.items()}
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(self.shadow[name].to(param.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    param.copy_(saved[name])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {name: t.clone() for name, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"shadow parameters missing from the checkpoint: {sorted(missing)[:5]}")
+        for name in self.shadow:
+            self.shadow[name] = state[name].float().to(self.shadow[name].device)
