@@ -132,3 +132,23 @@ def test_shipped_configs_all_load():
         data = yaml.safe_load(path.read_text())
         if data.get("method", {}).get("name") in config_classes():
             load_experiment(path, config_classes())
+
+
+def _shipped_configs():
+    from pathlib import Path
+
+    return sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    """Every config in configs/ names registered methods and rewards and passes the checks."""
+    from genalign.cli import _registered_finetuners
+    from genalign.core.experiment import load_experiment
+    from genalign.finetuners import config_classes
+    from genalign.rewards import ELSEWHERE, REWARDS
+
+    _registered_finetuners()
+    experiment = load_experiment(path, config_classes())
+    assert all(r.name in REWARDS or r.name in ELSEWHERE for r in experiment.reward)
+    assert experiment.run.steps >= 1

@@ -167,21 +167,6 @@ def _experiment(config, sample_steps=4):
                            sample=SampleConfig(num_steps=sample_steps, guidance_scale=1.0))
 
 
-def _train(finetuner, prompts, steps, lr=3e-3):
-    optimizer = torch.optim.Adam(list(finetuner.named_trainable_parameters().values()), lr=lr)
-    metrics = []
-    for step in range(steps):
-        with torch.no_grad():
-            batch = finetuner.collect(prompts, torch.Generator().manual_seed(step))
-        loss, m = finetuner.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        finetuner.after_optimizer_step()
-        metrics.append({k: float(v) for k, v in {"loss": loss, **m}.items()})
-    return metrics
-
-
 @pytest.mark.parametrize("family,prediction", [("sd", "epsilon"), ("sd", "v_prediction"), ("sd3", "flow")])
 def test_dpo_steps_lower_the_winners_error_relative_to_the_reference(tiny_models, family, prediction):
     """On a fixed batch of online pairs, a few optimizer steps make the policy's error margin
@@ -301,3 +286,29 @@ def test_inversions_of_offline_pairs_are_cached(tiny_models, pick_a_pic, monkeyp
     torch.testing.assert_close(first["inversion_w"].predictions, second["inversion_w"].predictions)
     loss, _ = dpo.loss(second)
     assert torch.isfinite(loss)
+
+
+def test_full_fine_tuning_uses_a_frozen_copy_as_reference(tiny_models):
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="full"), "cpu")
+    dpo = DiffusionDPO.build(_experiment(DiffusionDPOConfig(beta=2000.0)), backbone, _BrightnessReward())
+    with torch.no_grad():
+        batch = dpo.collect(["a red circle"], torch.Generator().manual_seed(0))
+    metrics = _train_on(dpo, batch, steps=3, lr=1e-4)
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    with torch.no_grad():
+        model_err, ref_err = dpo.errors(batch["pairs"], batch["noise"], batch["timesteps"])
+    assert not torch.allclose(model_err, ref_err)  # the policy moved, the frozen copy did not
+    assert metrics[-1]["ref_mse_w"] == pytest.approx(metrics[0]["ref_mse_w"], rel=1e-5)
+
+
+def _train_on(finetuner, batch, steps, lr):
+    optimizer = torch.optim.Adam(list(finetuner.named_trainable_parameters().values()), lr=lr)
+    metrics = []
+    for _ in range(steps):
+        loss, m = finetuner.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        metrics.append({k: float(v) for k, v in {"loss": loss.detach(), **m}.items()})
+    return metrics

@@ -442,6 +442,9 @@ class Trainer:
                 bar.update(1)
                 if metrics is not None:
                     history.append({"step": self.step, **metrics})
+                    if acc.is_main_process:  # one JSON line a step: easy to plot or grep
+                        with open(self.output_dir / "metrics.jsonl", "a") as log:
+                            log.write(json.dumps(history[-1]) + "\n")
                     bar.set_postfix(loss=f"{metrics['loss']:.4g}")
                     if run.log_every and self.step % run.log_every == 0:
                         acc.log({**metrics, "skipped_steps": self.skipped_steps}, step=self.step)
