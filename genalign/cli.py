@@ -17,7 +17,11 @@ from genalign.core.trainer import NonFiniteError
 FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux")
 TINY_FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux", "flux-schnell")
 # Modules whose import registers a fine-tuner (each method's issue adds its module here).
-BUILTIN_FINETUNERS: tuple[str, ...] = ("genalign.finetuners.diffusion_dpo", "genalign.finetuners.inversion_dpo")
+BUILTIN_FINETUNERS: tuple[str, ...] = (
+    "genalign.finetuners.diffusion_dpo",
+    "genalign.finetuners.inversion_dpo",
+    "genalign.finetuners.d3po",
+)
 
 
 def _positive_int(text: str) -> int:
@@ -222,6 +226,45 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- d3po sample
+
+
+def cmd_d3po_sample(args: argparse.Namespace) -> int:
+    """Pairs of trajectories (same initial noise, stochastic sampler) for human labelling."""
+    import random
+    from dataclasses import replace
+
+    from genalign.core.experiment import load_experiment
+    from genalign.finetuners import config_classes
+    from genalign.finetuners.d3po import rollout, save_pairs
+    from genalign.pipelines import load_backbone
+
+    _registered_finetuners()
+    config = load_experiment(args.config, config_classes(), args.overrides)
+    if config.sample.eta <= 0:
+        raise ConfigError("d3po pairs need a stochastic sampler: set sample.eta > 0")
+    torch.manual_seed(config.run.seed)
+    backbone = load_backbone(replace(config.backbone, finetune="none"), _device(args.device))
+    if args.lora:
+        backbone.load_lora(args.lora)
+    prompts = config.run.load_prompts()
+    random.Random(args.seed).shuffle(prompts)
+    chosen = [prompts[i % len(prompts)] for i in range(args.num_pairs)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = out / "pairs.jsonl"
+    start = sum(1 for _ in index.open()) if index.is_file() else 0
+    generator = torch.Generator().manual_seed(args.seed)
+    written = 0
+    for first in range(0, len(chosen), args.batch_size):
+        batch = chosen[first : first + args.batch_size]
+        trajectory, images = rollout(backbone, batch, 2, config.sample, generator)
+        written += len(save_pairs(out, trajectory, images, batch, start + written))
+    print(f"wrote {written} pairs to {out}: label them as JSON {{pair_id: 0 | 1 | \"tie\"}} (0: the first image "
+          f"is better) and train with method.preferences=labels method.pairs_dir={out} method.labels=<file>")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -291,6 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/eval-shapes")
     p.set_defaults(func=cmd_eval_shapes)
+    p = sub.add_parser("d3po", help="D3PO's human-feedback loop")
+    d3po = p.add_subparsers(dest="d3po_command", required=True)
+    p = d3po.add_parser("sample", help="write pairs of trajectories (and their images) for labelling")
+    p.add_argument("config", help="the experiment YAML (backbone, sample and run.prompts are used)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.eta=1.0")
+    p.add_argument("--out", required=True, help="folder for pairs.jsonl, images/ and trajectories/ (appended to)")
+    p.add_argument("--num-pairs", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--lora", help="sample from this LoRA (a later round of the loop)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_d3po_sample)
     return parser
 
 

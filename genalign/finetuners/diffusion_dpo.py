@@ -97,6 +97,9 @@ class DiffusionDPOConfig:
     pairs_from: Literal["reference", "policy"] = field(
         "reference", help="online pairs: sample from the starting model (off-policy, as offline DPO) or the current one")
     min_reward_gap: float = field(0.0, help="online pairs: drop pairs whose reward gap is <= this (ties)")
+    pairs_reuse: int = field(
+        1, help="online pairs: train on each sampled batch of pairs for this many micro-steps, with fresh "
+                "noise and timesteps each time (sampling dominates the cost; 1: new pairs every micro-step)")
     reference_update_rate: float = field(
         0.0, help="stable reference: ref <- ref + rate * (policy - ref) after each step (0: frozen reference)")
     reference_anchor: float = field(
@@ -111,6 +114,7 @@ class DiffusionDPOConfig:
         check(0 <= self.reference_anchor <= 1, f"reference_anchor must be in [0, 1], got {self.reference_anchor}")
         check(self.pairs == "online" or bool(self.dataset), "pairs: offline needs method.dataset")
         check(self.min_reward_gap >= 0, f"min_reward_gap must be >= 0, got {self.min_reward_gap}")
+        check(self.pairs_reuse >= 1, f"pairs_reuse must be >= 1, got {self.pairs_reuse}")
 
 
 def concat_conditioning(cond: Conditioning, times: int = 2) -> Conditioning:
@@ -138,6 +142,8 @@ class DiffusionDPO:
         self.stable_reference = ShadowParameters(self.params) if config.reference_update_rate > 0 else None
         self.start = ShadowParameters(self.params) if config.reference_anchor > 0 else None
         self.data, self.rows = None, []
+        self.buffer: PairBatch | None = None  # online pairs being reused (pairs_reuse > 1)
+        self.buffer_uses = 0
         if config.pairs == "offline":
             self.data = load_pick_a_pic(str(config.dataset), config.dataset_split)
             self.rows = preference_rows(self.data)
@@ -169,10 +175,16 @@ class DiffusionDPO:
         if self.data is not None:
             rows = [int(p.removeprefix("row:")) for p in prompts]
             return offline_pairs(self.backbone, self.data, rows, generator, self.config.random_crop, self.config.hflip)
+        if self.buffer is not None and self.buffer_uses < self.config.pairs_reuse:
+            self.buffer_uses += 1
+            return self.buffer
         s = self.sample_config
-        return online_pairs(self.backbone, self.reward, prompts, generator, self.config.samples_per_prompt,
-                            s.num_steps, s.guidance_scale, s.eta, self.config.pairs_from == "reference",
-                            self.config.min_reward_gap)
+        pairs = online_pairs(self.backbone, self.reward, prompts, generator, self.config.samples_per_prompt,
+                             s.num_steps, s.guidance_scale, s.eta, self.config.pairs_from == "reference",
+                             self.config.min_reward_gap)
+        pairs.extras.clear()  # the decoded images are not needed for training
+        self.buffer, self.buffer_uses = pairs, 1
+        return pairs
 
     def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
         pairs = self.pairs(prompts, generator)
@@ -229,11 +241,22 @@ class DiffusionDPO:
                 value.lerp_(self.start.shadow[name], self.config.reference_anchor)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stable_reference": self.stable_reference.state_dict() if self.stable_reference else {}}
+        state: dict[str, Any] = {"stable_reference": self.stable_reference.state_dict() if self.stable_reference else {}}
+        if self.buffer is not None and self.config.pairs_reuse > 1:  # a resumed run reuses the same pairs
+            b = self.buffer
+            state["buffer"] = {"x0_w": b.x0_w.cpu(), "x0_l": b.x0_l.cpu(), "prompts": list(b.prompts),
+                               "metrics": {k: v.cpu() for k, v in b.metrics.items()}, "uses": self.buffer_uses}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.stable_reference is not None:
             self.stable_reference.load_state_dict(state["stable_reference"])
+        if "buffer" in state:
+            b, device = state["buffer"], self.backbone.device
+            cond = self.backbone.encode_prompts(b["prompts"], guidance=False)
+            self.buffer = PairBatch(cond, b["x0_w"].to(device), b["x0_l"].to(device), b["prompts"],
+                                    {k: v.to(device) for k, v in b["metrics"].items()})
+            self.buffer_uses = b["uses"]
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:

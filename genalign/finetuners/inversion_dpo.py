@@ -82,6 +82,7 @@ class InversionDPO(DiffusionDPO):
         super().__init__(config, backbone, reward, sample_config)
         self.cache: OrderedDict[tuple[int, int], tuple[Inversion, Inversion]] = OrderedDict()
         self.reference_version = 0  # bumped whenever a stable reference moves: cached inversions expire
+        self.buffer_inversions: tuple[PairBatch, tuple[Inversion, Inversion]] | None = None
         weighting = config.step_weighting
         if weighting == "auto":
             weighting = "alpha" if hasattr(backbone.schedule, "alpha_prod") else "uniform"
@@ -123,7 +124,12 @@ class InversionDPO(DiffusionDPO):
         rows = [int(p.removeprefix("row:")) for p in prompts] if self.data is not None else None
         if len(pairs) == 0:
             return {"pairs": pairs}
-        inversion_w, inversion_l = self.inversions(pairs, rows)
+        if rows is None and self.buffer_inversions is not None and self.buffer_inversions[0] is pairs:
+            inversion_w, inversion_l = self.buffer_inversions[1]  # reused online pairs: inverted once
+        else:
+            inversion_w, inversion_l = self.inversions(pairs, rows)
+            if rows is None:
+                self.buffer_inversions = (pairs, (inversion_w, inversion_l))
         steps = torch.arange(self.config.inversion_steps)
         if self.config.steps_per_update:
             steps = torch.randperm(self.config.inversion_steps, generator=generator)[: self.config.steps_per_update]
@@ -161,6 +167,7 @@ class InversionDPO(DiffusionDPO):
         super().after_optimizer_step()
         if self.stable_reference is not None:
             self.reference_version += 1
+            self.buffer_inversions = None
 
 
 def _to(inversion: Inversion, device: Any) -> Inversion:
