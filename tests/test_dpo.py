@@ -312,3 +312,21 @@ def _train_on(finetuner, batch, steps, lr):
         optimizer.step()
         metrics.append({k: float(v) for k, v in {"loss": loss.detach(), **m}.items()})
     return metrics
+
+
+def test_online_pairs_are_reused_and_survive_a_resume(tiny_models):
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora"), "cpu")
+    config = DiffusionDPOConfig(pairs_reuse=2, samples_per_prompt=2)
+    dpo = DiffusionDPO.build(_experiment(config), backbone, _BrightnessReward())
+    first = dpo.collect(["a red circle"], torch.Generator().manual_seed(0))
+    state = dpo.state_dict()  # a checkpoint after the first use of these pairs
+    second = dpo.collect(["a blue square"], torch.Generator().manual_seed(1))
+    assert second["pairs"] is first["pairs"] and not torch.equal(second["noise"], first["noise"])
+    third = dpo.collect(["a blue square"], torch.Generator().manual_seed(2))
+    assert third["pairs"] is not first["pairs"] and third["pairs"].prompts == ["a blue square"]
+    resumed = DiffusionDPO.build(_experiment(config), backbone, _BrightnessReward())
+    resumed.load_state_dict(state)
+    again = resumed.collect(["a blue square"], torch.Generator().manual_seed(1))
+    assert again["pairs"].prompts == ["a red circle"]  # the buffered pairs' second use
+    torch.testing.assert_close(again["pairs"].x0_w, first["pairs"].x0_w)
