@@ -197,32 +197,50 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from genalign.shapes.scoring import clip_agreement, evaluate_backbone, proxy_reward
     from genalign.shapes.world import TASKS
 
+    if args.with_base and not args.lora:
+        raise ConfigError("--with-base compares the base model with --lora; give --lora")
     backbone = load_backbone(BackboneConfig(family=args.family, path=args.backbone, finetune="none"),
                              _device(args.device))
+    models = []  # (label, scores, images) in evaluation order; the same seeds for every model
+    if args.with_base:
+        scores, images, metas = evaluate_backbone(backbone, args.per_task, args.steps, args.guidance_scale, args.seed)
+        models.append(("base", scores, images))
     if args.lora:
         backbone.load_lora(args.lora)
     scores, images, metas = evaluate_backbone(backbone, args.per_task, args.steps, args.guidance_scale, args.seed)
+    models.append(("fine-tuned" if args.lora else "model", scores, images))
     result: dict = {"gold": scores, "backbone": args.backbone, "lora": args.lora, "per_task": args.per_task,
                     "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed}
     if args.clip:
         result["proxy_reward"] = proxy_reward(args.clip, images, metas)
-        result["clip_agreement_on_ground_truth"] = clip_agreement(args.clip, args.per_task, args.seed)
-    print("gold score (exact evaluator, held-out prompts): " + ", ".join(
-        f"{task} {scores[task]:.3f}" for task in (*TASKS, "overall") if task in scores))
+    if args.with_base:
+        result["base"] = {"gold": models[0][1]}
+        if args.clip:
+            result["base"]["proxy_reward"] = proxy_reward(args.clip, models[0][2], metas)
     if args.clip:
-        print("proxy reward (CLIP score of the same images): " + ", ".join(
-            f"{task} {result['proxy_reward'][task]:.3f}" for task in (*TASKS, "overall") if task in scores))
+        result["clip_agreement_on_ground_truth"] = clip_agreement(args.clip, args.per_task, args.seed)
+
+    def line(values: dict) -> str:
+        return ", ".join(f"{task} {values[task]:.3f}" for task in (*TASKS, "overall") if task in values)
+
+    for label, gold, _ in models:
+        print(f"gold score (exact evaluator, held-out prompts), {label}: {line(gold)}")
+    if args.clip:
+        if args.with_base:
+            print(f"proxy reward (CLIP score of the same images), base: {line(result['base']['proxy_reward'])}")
+        print(f"proxy reward (CLIP score of the same images), {models[-1][0]}: {line(result['proxy_reward'])}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_row = 8  # the first 8 images of each task, one task a row
-    grid = torch.cat([images[i * args.per_task : i * args.per_task + per_row] for i in range(len(TASKS))])
-    save_image(grid, out / "grid.png", nrow=per_row)
+    per_row = min(8, args.per_task)  # the first images of each task, one task a row (base above fine-tuned)
+    rows = [model_images[i * args.per_task : i * args.per_task + per_row]
+            for i in range(len(TASKS)) for _, _, model_images in models]
+    save_image(torch.cat(rows), out / "grid.png", nrow=per_row)
     (out / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.clip:
-        agreement = result["clip_agreement_on_ground_truth"]
-        print("CLIP proxy top-1 prompt right by the gold evaluator (ground-truth images): " + ", ".join(
-            f"{task} {agreement[task]:.3f}" for task in (*TASKS, "overall") if task in agreement))
-    print(f"wrote {out / 'grid.png'} (one task a row) and {out / 'scores.json'}")
+        print("CLIP proxy top-1 prompt right by the gold evaluator (ground-truth images): "
+              + line(result["clip_agreement_on_ground_truth"]))
+    layout = "one task a row, base above fine-tuned" if args.with_base else "one task a row"
+    print(f"wrote {out / 'grid.png'} ({layout}) and {out / 'scores.json'}")
     return 0
 
 
@@ -330,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=25)
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clip", help="also report how often this CLIP proxy's top-1 prompt is right")
+    p.add_argument("--clip", help="also report the proxy reward and how often this CLIP's top-1 prompt is right")
+    p.add_argument("--with-base", action="store_true", help="score the base model too (same seeds), before vs after")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/eval-shapes")
     p.set_defaults(func=cmd_eval_shapes)

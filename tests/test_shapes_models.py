@@ -91,3 +91,20 @@ def test_shipped_sd_model_is_between_chance_and_perfect_on_heldout_prompts():
     assert images.shape == (120, 3, 32, 32)
     assert scores["single_object"] >= 0.6, scores
     assert 0.25 <= scores["overall"] <= 0.7, scores
+
+
+def test_eval_shapes_compares_base_and_fine_tuned_on_the_same_seeds(toy_build, tmp_path, capsys):
+    out, _ = toy_build
+    backbone = load_backbone(BackboneConfig(family="sd", path=str(out / "sd"), finetune="lora"))
+    lora = backbone.save_lora(tmp_path / "lora")
+    assert main(["eval", "shapes", "--backbone", str(out / "sd"), "--per-task", "1", "--steps", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "eval"), "--lora", str(lora), "--with-base"]) == 0
+    result = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    # a fresh LoRA (B = 0) is the base model: identical images, identical scores
+    assert result["base"]["gold"] == result["gold"]
+    text = capsys.readouterr().out
+    assert "gold score (exact evaluator, held-out prompts), base:" in text and "fine-tuned:" in text
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "eval" / "grid.png")
+    assert grid.size[1] == 12 * (grid.size[0] - 2) + 2  # one image a row (per_task 1), two rows a task
