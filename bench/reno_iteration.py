@@ -60,16 +60,19 @@ def main() -> None:
         sync()
         return time.perf_counter() - start
 
-    def reno_iteration(iterations: int = 3) -> float:
+    def reno_run(iterations: int) -> float:
         config = RenoConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, iterations=iterations)
         sync()
         start = time.perf_counter()
         reno(backbone, reward, prompts, config, noise=noise)
         sync()
-        # iterations + 1 evaluations, the last without backward: count it as one more iteration
-        return (time.perf_counter() - start) / (iterations + 1)
+        return time.perf_counter() - start
 
-    floor(), reno_iteration(1)  # warm-up
+    def reno_iteration(extra: int = 3) -> float:
+        # the marginal cost of an iteration: runs of 1 and 1 + extra iterations, set-up cancels
+        return (reno_run(1 + extra) - reno_run(1)) / extra
+
+    floor(), reno_run(1)  # warm-up
     floors, iterations = [], []
     for _ in range(args.repeats):
         floors.append(floor())
