@@ -19,27 +19,13 @@ from torch import Tensor, nn
 from genalign.core.experiment import RewardConfig
 from genalign.core.loading import resolve_file
 from genalign.rewards import register
-from genalign.rewards.base import DTYPES, Metadata, RewardModel, cached, freeze
+from genalign.rewards.base import DTYPES, Metadata, PreferenceMLP, RewardModel, cached, freeze
 from genalign.rewards.clip import load_encoder
 
 DEFAULT_MLP = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
 
 
-class AestheticMLP(nn.Module):
-    """768 -> 1024 -> 128 -> 64 -> 16 -> 1, linear layers with dropout (0.2, 0.2, 0.1) between."""
-
-    def __init__(self, input_size: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, embeds: Tensor) -> Tensor:
-        return self.layers(embeds)
+AestheticMLP = PreferenceMLP  # 768 -> 1024 -> 128 -> 64 -> 16 -> 1, see rewards/base.py
 
 
 def load_mlp(location: str) -> AestheticMLP:

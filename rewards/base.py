@@ -134,3 +134,22 @@ def load_checkpoint(file: Path) -> dict[str, Tensor]:
     if not isinstance(state, Mapping):
         raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict")
     return dict(state)
+
+
+class PreferenceMLP(nn.Module):
+    """The linear MLP head of the LAION aesthetic predictor v2, reused as is by ImageReward:
+    width -> 1024 -> 128 -> 64 -> 16 -> 1, dropout .2, .2, .1 between, no activations. Module for
+    module as published, so ``layers.{0,2,4,6,7}`` keys load unchanged."""
+
+    def __init__(self, width: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(width, 1024), nn.Dropout(0.2),
+            nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layers(features)

@@ -45,7 +45,16 @@ from torch import Tensor, nn
 from genalign.core.experiment import RewardConfig
 from genalign.core.loading import from_pretrained_or_explain, resolve_file
 from genalign.rewards import register
-from genalign.rewards.base import DTYPES, Metadata, RewardModel, cached, checkpoint_layers, freeze, load_checkpoint
+from genalign.rewards.base import (
+    DTYPES,
+    Metadata,
+    PreferenceMLP,
+    RewardModel,
+    cached,
+    checkpoint_layers,
+    freeze,
+    load_checkpoint,
+)
 from genalign.rewards.preprocess import ImageTransform
 
 DEFAULT_PATH = "THUDM/ImageReward"
@@ -72,22 +81,7 @@ TEXT_DEFAULTS: dict[str, Any] = {
 OPTIONS = ("tokenizer", "vision_config", "text_config")
 
 
-class ImageRewardHead(nn.Module):
-    """The official MLP, module for module so its keys load unchanged: width -> 1024 -> 128 -> 64 ->
-    16 -> 1 with dropout .2, .2, .1 between and no activations (the ReLUs are commented out there)."""
-
-    def __init__(self, width: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(width, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.layers(features)
+ImageRewardHead = PreferenceMLP  # the aesthetic predictor's MLP, keys included (rewards/base.py)
 
 
 class ImageRewardModel(nn.Module):

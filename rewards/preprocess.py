@@ -52,16 +52,19 @@ def resize_longest_pad(images: Tensor, size: int, mode: str = "bicubic") -> Tens
     return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
 
-def center_crop(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """torchvision's ``CenterCrop`` (pads with zeros when the image is smaller)."""
+def center_crop(images: Tensor, size: tuple[int, int], floor: bool = False) -> Tensor:
+    """torchvision's ``CenterCrop`` (pads with zeros when the image is smaller); ``floor``: offsets
+    rounded down, as transformers' image processors crop."""
     crop_h, crop_w = size
     height, width = images.shape[-2:]
     if crop_h > height or crop_w > width:
         pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
         images = F.pad(images, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
         height, width = images.shape[-2:]
-    top = int(round((height - crop_h) / 2.0))
-    left = int(round((width - crop_w) / 2.0))
+    if floor:
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    else:
+        top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
     return images[..., top : top + crop_h, left : left + crop_w]
 
 

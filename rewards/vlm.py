@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from genalign.core.config import ConfigError
@@ -50,7 +49,7 @@ from genalign.rewards.base import (
     checkpoint_layers,
     freeze,
 )
-from genalign.rewards.preprocess import normalize, resize, shortest_side_size
+from genalign.rewards.preprocess import center_crop, normalize, resize, shortest_side_size
 
 # VQAScore's question and answer (t2v_metrics, default_question_template / default_answer_template)
 VQASCORE_TEMPLATE = 'Does this figure show "{prompt}"? Please answer yes or no.'
@@ -227,7 +226,7 @@ class LlavaPixels:
         elif self.resize_to is not None:
             images = _resize_like_uint8(images, self.resize_to, self.mode)
         if self.crop is not None:
-            images = self._center_crop(images, self.crop)
+            images = center_crop(images, self.crop, floor=True)
         return list(normalize(images, self.mean, self.std))
 
     def _pad_to_square(self, images: Tensor) -> Tensor:
@@ -240,16 +239,6 @@ class LlavaPixels:
         canvas[..., top : top + height, left : left + width] = images
         return canvas
 
-    @staticmethod
-    def _center_crop(images: Tensor, size: tuple[int, int]) -> Tensor:
-        crop_h, crop_w = size
-        height, width = images.shape[-2:]
-        if crop_h > height or crop_w > width:
-            pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
-            images = F.pad(images, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-            height, width = images.shape[-2:]
-        top, left = (height - crop_h) // 2, (width - crop_w) // 2
-        return images[..., top : top + crop_h, left : left + crop_w]
 
     def __call__(self, images: Sequence[Tensor]) -> tuple[dict[str, Tensor], list[int]]:
         pixel_values = torch.stack(_by_shape(images, self.transform))  # (N, 3, h, w)

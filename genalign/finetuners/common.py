@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,26 @@ def sample_images(backbone: Backbone, prompts: list[str], generator: torch.Gener
                   guidance_scale: float) -> Tensor:
     cond = backbone.encode_prompts(prompts, guidance=guidance_scale != 1.0)
     return backbone.decode(sample(backbone, cond, num_steps, guidance_scale, generator=generator).final)
+
+
+class BackboneMethod:
+    """What the methods that train the backbone share: its trainable parameters, sample grids with
+    the experiment's sampling settings, and exporting the result."""
+
+    backbone: Backbone
+    params: dict[str, nn.Parameter]
+    sample_config: Any
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return self.params
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
+        return sample_images(self.backbone, prompts, generator, self.sample_config.num_steps,
+                             self.sample_config.guidance_scale)
+
+    def export(self, directory: Path) -> None:
+        export_trained(self.backbone, directory)
 
 
 class ShadowParameters:

@@ -34,7 +34,7 @@ from genalign.core.config import ConfigError, check, field
 from genalign.core.sampler import initial_noise, log_probs_of, sample
 from genalign.core.types import Backbone, Reward, Trajectory
 from genalign.finetuners import register
-from genalign.finetuners.common import export_trained, sample_images
+from genalign.finetuners.common import BackboneMethod
 
 # ------------------------------------------------------------------ the objective (pure functions)
 
@@ -162,7 +162,7 @@ class D3POConfig:
 
 
 @register("d3po")
-class D3PO:
+class D3PO(BackboneMethod):
     Config = D3POConfig
 
     def __init__(self, config: D3POConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
@@ -193,9 +193,6 @@ class D3PO:
         if backbone is None:
             raise ConfigError("d3po needs a backbone: set backbone.family and backbone.path")
         return cls(experiment.method, backbone, reward, experiment.sample)
-
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return self.params
 
     def training_prompts(self) -> list[str] | None:
         """Labelled pairs (ties dropped: they give no gradient) stand in for prompts."""
@@ -288,11 +285,3 @@ class D3PO:
         metrics.update({"log_ratio_preferred": log_ratio_preferred, "log_ratio_other": log_ratio_other,
                         "pairs_trained": torch.tensor(float(a.numel()))})
         return total, metrics
-
-    @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
-        return sample_images(self.backbone, prompts, generator, self.sample_config.num_steps,
-                             self.sample_config.guidance_scale)
-
-    def export(self, directory: Any) -> None:
-        export_trained(self.backbone, directory)

@@ -36,7 +36,7 @@ from torch import Tensor
 from genalign.core.config import ConfigError, check, field
 from genalign.core.types import Backbone, Conditioning, Reward
 from genalign.finetuners import register
-from genalign.finetuners.common import ShadowParameters, export_trained, per_sample_mse, sample_images
+from genalign.finetuners.common import BackboneMethod, ShadowParameters, per_sample_mse
 from genalign.finetuners.preference_data import (
     PairBatch,
     load_pick_a_pic,
@@ -124,7 +124,7 @@ def concat_conditioning(cond: Conditioning, times: int = 2) -> Conditioning:
 
 
 @register("diffusion_dpo")
-class DiffusionDPO:
+class DiffusionDPO(BackboneMethod):
     Config = DiffusionDPOConfig
 
     def __init__(self, config: DiffusionDPOConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
@@ -162,9 +162,6 @@ class DiffusionDPO:
         """Offline pairs: the dataset's row ids stand in for prompts, so the trainer's sharded,
         resumable data order applies to them."""
         return [f"row:{row}" for row in self.rows] if self.data is not None else None
-
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return self.params
 
     def reference(self) -> Any:
         if self.stable_reference is not None:
@@ -257,11 +254,3 @@ class DiffusionDPO:
             self.buffer = PairBatch(cond, b["x0_w"].to(device), b["x0_l"].to(device), b["prompts"],
                                     {k: v.to(device) for k, v in b["metrics"].items()})
             self.buffer_uses = b["uses"]
-
-    @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
-        return sample_images(self.backbone, prompts, generator, self.sample_config.num_steps,
-                             self.sample_config.guidance_scale)
-
-    def export(self, directory: Any) -> None:
-        export_trained(self.backbone, directory)
