@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from genalign.core.experiment import RewardConfig
 from genalign.core.loading import resolve_file
 from genalign.rewards import register
-from genalign.rewards.base import DTYPES, Metadata, PreferenceMLP, RewardModel, cached, freeze
+from genalign.rewards.base import DTYPES, Metadata, PreferenceMLP, RewardModel, cached, check_options, freeze
 from genalign.rewards.clip import load_encoder
 
 DEFAULT_MLP = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
@@ -54,9 +54,7 @@ class Aesthetic(RewardModel):
 
     @classmethod
     def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> Aesthetic:
-        unknown = set(config.options) - {"mlp", "model"}
-        if unknown:
-            raise ValueError(f"reward {config.name}: unknown option(s) {sorted(unknown)}; known: mlp, model")
+        check_options(config.name, config.options, ("mlp", "model"))
         device = torch.device(device)
         encoder = load_encoder(config, device, "openai/clip-vit-large-patch14")
         location = str(config.options.get("mlp", DEFAULT_MLP))

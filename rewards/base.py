@@ -78,6 +78,14 @@ class RewardModel:
         return f"{type(self).__name__}(device={self.device}, dtype={self.dtype})"
 
 
+def check_options(name: str, options: Mapping[str, Any], known: Iterable[str]) -> None:
+    """Unknown adapter options are errors that list the known ones."""
+    known = sorted(known)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"reward {name}: unknown option(s) {unknown}; known: {', '.join(known) or 'none'}")
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Reward models are never trained: eval mode (no dropout) and no parameter gradients."""
     module.eval()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from genalign.core.experiment import RewardConfig
 from genalign.core.loading import WeightsNotFoundError, from_pretrained_or_explain
 from genalign.rewards import register
-from genalign.rewards.base import DTYPES, Metadata, RewardModel, cached, checkpoint_layers, freeze
+from genalign.rewards.base import DTYPES, Metadata, RewardModel, cached, check_options, checkpoint_layers, freeze
 from genalign.rewards.preprocess import ImageTransform, clip_transform
 
 
@@ -154,9 +154,7 @@ class CLIPScore(RewardModel):
 
     @classmethod
     def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> CLIPScore:
-        unknown = set(config.options) - {"model", "processor"}
-        if unknown:
-            raise ValueError(f"reward {config.name}: unknown option(s) {sorted(unknown)}; known: model, processor")
+        check_options(config.name, config.options, ("model", "processor"))
         device = torch.device(device)
         encoder = load_encoder(config, device, cls.default_path, cls.default_processor)
         return cls(encoder, device, DTYPES[config.dtype])

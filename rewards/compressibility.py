@@ -13,7 +13,7 @@ from torch import Tensor
 
 from genalign.core.experiment import RewardConfig
 from genalign.rewards import register
-from genalign.rewards.base import Metadata, RewardModel
+from genalign.rewards.base import Metadata, RewardModel, check_options
 
 
 def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
@@ -41,9 +41,7 @@ class JpegCompressibility(RewardModel):
 
     @classmethod
     def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> JpegCompressibility:
-        unknown = set(config.options) - {"quality"}
-        if unknown:
-            raise ValueError(f"reward {config.name}: unknown option(s) {sorted(unknown)}; known: quality")
+        check_options(config.name, config.options, ("quality",))
         return cls(int(config.options.get("quality", 95)), device)
 
     def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 from genalign.core.experiment import RewardConfig
 from genalign.core.loading import resolve_file
 from genalign.rewards import register
-from genalign.rewards.base import DTYPES, cached, load_checkpoint
+from genalign.rewards.base import DTYPES, cached, check_options, load_checkpoint
 from genalign.rewards.clip import CLIPScore, OpenCLIP
 
 CHECKPOINTS = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -34,9 +34,7 @@ class HPSv2(CLIPScore):
 
     @classmethod
     def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> HPSv2:
-        unknown = set(config.options) - {"model", "version"}
-        if unknown:
-            raise ValueError(f"reward {config.name}: unknown option(s) {sorted(unknown)}; known: model, version")
+        check_options(config.name, config.options, ("model", "version"))
         version = str(config.options.get("version", "v2.1"))
         if version not in CHECKPOINTS:
             raise ValueError(f"reward {config.name}: options.version must be one of {sorted(CHECKPOINTS)}, got {version!r}")

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from genalign.core.experiment import RewardConfig
 from genalign.rewards import register
-from genalign.rewards.base import Metadata, RewardModel
+from genalign.rewards.base import Metadata, RewardModel, check_options
 from genalign.shapes.evaluator import check_clauses
 from genalign.shapes.world import all_prompts
 
@@ -41,9 +41,7 @@ class ShapesGold(RewardModel):
 
     @classmethod
     def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> ShapesGold:
-        unknown = set(config.options) - {"score"}
-        if unknown:
-            raise ValueError(f"reward {config.name}: unknown option(s) {sorted(unknown)}; known: score")
+        check_options(config.name, config.options, ("score",))
         return cls(config.options.get("score", "clauses"), device)
 
     def _clauses(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
