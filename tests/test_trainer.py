@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -57,6 +59,12 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     final_b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))["weight"]
     assert torch.equal(final_a, final_b)  # the EMA export too
     assert not torch.equal(final_a, straight.model.weight)  # ... which is really the EMA
+    # metrics.jsonl: each step once, the redone steps' lines replaced, equal to the straight run's
+    logs = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [row["step"] for row in logs[1]] == list(range(1, 9))
+    assert [row["loss"] for row in logs[1]] == [row["loss"] for row in logs[0]]
+    Trainer(_toy(), _run(tmp_path / "a", **common)).train()  # a fresh run in a used folder
+    assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 8
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_saves_nothing_corrupt(tmp_path):

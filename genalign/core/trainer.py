@@ -431,6 +431,13 @@ class Trainer:
             from accelerate.utils import set_seed
 
             set_seed(run.seed, device_specific=True)
+            if acc.is_main_process:  # a fresh run in a used folder starts a fresh log
+                (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        elif acc.is_main_process:  # a resumed run drops the lines of steps it will redo
+            log = self.output_dir / "metrics.jsonl"
+            if log.is_file():
+                kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+                log.write_text("".join(line + "\n" for line in kept))
         if run.tracker != "none":
             acc.init_trackers("genalign", config=_flatten(self.resolved_config))
         history: list[dict[str, float]] = []
