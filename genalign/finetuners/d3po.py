@@ -263,7 +263,7 @@ class D3PO(BackboneMethod):
         trajectory, a, b, preference = batch["trajectory"], batch["a"], batch["b"], batch["preference"]
         metrics = dict(batch["metrics"])
         if a.numel() == 0:
-            return sum(p.sum() for p in self.params.values()) * 0.0, metrics
+            return self.zero_loss(), metrics
         rows = torch.unique(torch.cat([a, b]))  # the samples that appear in a non-tie pair
         position = {int(r): i for i, r in enumerate(rows.tolist())}
         ia = torch.tensor([position[int(i)] for i in a])

@@ -67,10 +67,15 @@ def diffusion_dpo_loss(
     return -F.logsigmoid(margin).mean()
 
 
-def implicit_accuracy(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor) -> Tensor:
-    """Fraction of pairs whose margin is positive (ties count one half, as in diffusers' script)."""
-    margin = dpo_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, 1.0)
+def positive_fraction(margin: Tensor) -> Tensor:
+    """Fraction of pairs whose implicit reward margin is positive, ties counting one half (as in
+    diffusers' script): the implicit accuracy of any DPO-style margin."""
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+
+
+def implicit_accuracy(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor) -> Tensor:
+    """Fraction of pairs whose Diffusion-DPO margin is positive (ties count one half)."""
+    return positive_fraction(dpo_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, 1.0))
 
 
 def timestep_balance_weights(ref_err_w: Tensor, ref_err_l: Tensor, eps: float = 1e-8) -> Tensor:
@@ -179,7 +184,6 @@ class DiffusionDPO(BackboneMethod):
         pairs = online_pairs(self.backbone, self.reward, prompts, generator, self.config.samples_per_prompt,
                              s.num_steps, s.guidance_scale, s.eta, self.config.pairs_from == "reference",
                              self.config.min_reward_gap)
-        pairs.extras.clear()  # the decoded images are not needed for training
         self.buffer, self.buffer_uses = pairs, 1
         return pairs
 
@@ -211,9 +215,8 @@ class DiffusionDPO(BackboneMethod):
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         pairs: PairBatch = batch["pairs"]
-        if len(pairs) == 0:  # every pair was a tie: no gradient, but a well-defined step
-            zero = sum(p.sum() for p in self.params.values()) * 0.0
-            return zero, dict(pairs.metrics)
+        if len(pairs) == 0:  # every pair was a tie
+            return self.zero_loss(), dict(pairs.metrics)
         model_err, ref_err = self.errors(pairs, batch["noise"], batch["timesteps"])
         model_w, model_l = model_err.chunk(2)
         ref_w, ref_l = ref_err.chunk(2)

@@ -38,7 +38,7 @@ from genalign.core.config import check, field
 from genalign.core.sampler import Inversion, invert_trajectory
 from genalign.core.types import Backbone, Reward
 from genalign.finetuners import register
-from genalign.finetuners.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
+from genalign.finetuners.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig, concat_conditioning, positive_fraction
 from genalign.finetuners.preference_data import PairBatch
 
 
@@ -102,20 +102,26 @@ class InversionDPO(DiffusionDPO):
                                      self.config.inversion_guidance)
 
     def inversions(self, pairs: PairBatch, rows: list[int] | None) -> tuple[Inversion, Inversion]:
-        """Winner and loser inversions of a batch, from the cache for offline rows seen before."""
-        guided = self.backbone.encode_prompts(pairs.prompts, guidance=self.config.inversion_guidance != 1.0)
+        """Winner and loser inversions of a batch; offline rows seen before come from the cache and
+        the others are inverted together in one batch."""
+        guidance = self.config.inversion_guidance != 1.0
         if rows is None or self.config.cache_size == 0:
+            guided = self.backbone.encode_prompts(pairs.prompts, guidance=guidance)
             return self._invert(pairs.x0_w, guided), self._invert(pairs.x0_l, guided)
+        missing = [i for i, row in enumerate(rows) if (row, self.reference_version) not in self.cache]
+        fresh: dict[int, tuple[Inversion, Inversion]] = {}
+        if missing:
+            guided = self.backbone.encode_prompts([pairs.prompts[i] for i in missing], guidance=guidance)
+            inverted = [_to(self._invert(x0[missing], guided), "cpu") for x0 in (pairs.x0_w, pairs.x0_l)]
+            fresh = {i: (_row(inverted[0], n), _row(inverted[1], n)) for n, i in enumerate(missing)}
         per_row = []
         for i, row in enumerate(rows):
             key = (row, self.reference_version)
-            if key not in self.cache:
-                one = guided.select([i])
-                inv = (self._invert(pairs.x0_w[i : i + 1], one), self._invert(pairs.x0_l[i : i + 1], one))
-                self.cache[key] = tuple(_to(x, "cpu") for x in inv)  # type: ignore[assignment]
-                while len(self.cache) > self.config.cache_size:
-                    self.cache.popitem(last=False)
+            if i in fresh:
+                self.cache[key] = fresh[i]
             per_row.append(self.cache[key])
+        while len(self.cache) > self.config.cache_size:
+            self.cache.popitem(last=False)
         device = self.backbone.device
         return tuple(_to(_stack([r[k] for r in per_row]), device) for k in (0, 1))  # type: ignore[return-value]
 
@@ -137,7 +143,10 @@ class InversionDPO(DiffusionDPO):
 
     def deviations(self, pairs: PairBatch, inversion_w: Inversion, inversion_l: Inversion, steps: Tensor) -> Tensor:
         """(2N,) policy deviations D along the chosen inversion steps, winners first."""
-        cond = self.backbone.encode_prompts(pairs.prompts + pairs.prompts, guidance=self.config.policy_guidance != 1.0)
+        if self.config.policy_guidance == 1.0:
+            cond = concat_conditioning(pairs.cond)  # the pairs' (unguided) conditioning, winners then losers
+        else:  # the guidance branch is needed: encode with the negative prompt
+            cond = self.backbone.encode_prompts(pairs.prompts + pairs.prompts, guidance=True)
         predictions, references = [], []
         with self.backbone.training():
             for i in steps.tolist():
@@ -151,14 +160,14 @@ class InversionDPO(DiffusionDPO):
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         pairs: PairBatch = batch["pairs"]
         if len(pairs) == 0:
-            return sum(p.sum() for p in self.params.values()) * 0.0, dict(pairs.metrics)
+            return self.zero_loss(), dict(pairs.metrics)
         deviation = self.deviations(pairs, batch["inversion_w"], batch["inversion_l"], batch["steps"])
         deviation_w, deviation_l = deviation.chunk(2)
         loss = inversion_dpo_loss(deviation_w, deviation_l, self.config.beta)
         margin = -(deviation_w - deviation_l).detach()
         metrics = {
             **pairs.metrics,
-            "implicit_accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
+            "implicit_accuracy": positive_fraction(margin),
             "deviation_w": deviation_w.detach().mean(), "deviation_l": deviation_l.detach().mean(),
         }
         return loss, metrics
@@ -173,6 +182,12 @@ class InversionDPO(DiffusionDPO):
 def _to(inversion: Inversion, device: Any) -> Inversion:
     return Inversion(*(t.to(device) for t in (inversion.states, inversion.inputs, inversion.timesteps,
                                                inversion.predictions)))
+
+
+def _row(inversion: Inversion, n: int) -> Inversion:
+    """Sample ``n`` of a batched inversion, as a batch of one."""
+    return Inversion(inversion.states[:, n : n + 1], inversion.inputs[:, n : n + 1], inversion.timesteps,
+                     inversion.predictions[:, n : n + 1])
 
 
 def _stack(inversions: list[Inversion]) -> Inversion:

@@ -31,7 +31,6 @@ class PairBatch:
     x0_l: Tensor
     prompts: list[str]
     metrics: dict[str, Tensor] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.x0_w.shape[0]
@@ -72,15 +71,16 @@ def online_pairs(
     winners, losers, keep = rank_pairs(scores.to(images.device), samples_per_prompt, min_gap)
     winners, losers = winners[keep], losers[keep]
     kept = keep.nonzero().squeeze(1).tolist()
-    pair_cond = backbone.encode_prompts([prompts[i] for i in kept], guidance=False)
+    # the winners' rows of the sampling conditioning, without its guidance branch: no re-encoding
+    chosen = cond.select(winners)
+    pair_cond = Conditioning(chosen.positive, None, chosen.prompts)
     metrics = {
         "reward_mean": scores.mean(),
         "reward_w": scores[winners].mean() if kept else scores.new_tensor(0.0),
         "reward_l": scores[losers].mean() if kept else scores.new_tensor(0.0),
         "pairs_kept": scores.new_tensor(float(len(kept))),
     }
-    return PairBatch(pair_cond, trajectory.final[winners], trajectory.final[losers], [prompts[i] for i in kept], metrics,
-                     {"images_w": images[winners], "images_l": images[losers]})
+    return PairBatch(pair_cond, trajectory.final[winners], trajectory.final[losers], [prompts[i] for i in kept], metrics)
 
 
 # ------------------------------------------------------------------ offline (Pick-a-Pic v2 format)
