@@ -181,12 +181,7 @@ def test_dpo_steps_lower_the_winners_error_relative_to_the_reference(tiny_models
     assert len(batch["pairs"]) == 2
     start, _ = dpo.loss(batch)
     assert start.item() == pytest.approx(math.log(2), abs=1e-5)  # a fresh LoRA is the reference
-    optimizer = torch.optim.Adam(list(dpo.named_trainable_parameters().values()), lr=3e-3)
-    for _ in range(8):
-        loss, metrics = dpo.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    metrics = _train_on(dpo, batch, steps=8, lr=3e-3)[-1]
     with torch.no_grad():
         model_err, ref_err = dpo.errors(batch["pairs"], batch["noise"], batch["timesteps"])
     margin = (model_err[:2] - model_err[2:]) - (ref_err[:2] - ref_err[2:])
@@ -258,12 +253,7 @@ def test_inversion_dpo_makes_the_policy_reconstruct_the_winner_better_than_the_l
     before = relative()
     first, _ = dpo.loss(batch)
     assert first.item() == pytest.approx(math.log(2), abs=0.05)
-    optimizer = torch.optim.Adam(list(dpo.named_trainable_parameters().values()), lr=3e-3)
-    for _ in range(10):
-        loss, metrics = dpo.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    metrics = _train_on(dpo, batch, steps=10, lr=3e-3)[-1]
     after = relative()
     assert metrics["deviation_w"] < metrics["deviation_l"]
     assert after < before * 0.9, (before, after)
