@@ -21,6 +21,7 @@ BUILTIN_FINETUNERS: tuple[str, ...] = (
     "genalign.finetuners.diffusion_dpo",
     "genalign.finetuners.inversion_dpo",
     "genalign.finetuners.d3po",
+    "genalign.finetuners.adjoint_matching",
 )
 
 

@@ -1,0 +1,336 @@
+"""Adjoint Matching (Domingo-Enrich et al. 2024, "Adjoint Matching: Fine-tuning Flow and Diffusion
+Generative Models with Memoryless Stochastic Optimal Control"; no official code): fine-tune toward
+p_base(x) exp(lambda r(x)) by regressing the model's control onto a lean adjoint computed along
+its own memoryless-SDE samples.
+
+Conventions (the paper's): time t runs from 0 (noise) to 1 (data), X_t = t X_1 + (1 - t) X_0, the
+velocity u = dX/dt. diffusers' flow models use sigma = 1 - t and predict v = -u
+(``genalign.core.sampling.sigma_to_data_time`` / ``velocity_to_data_time``).
+
+The SDE with the base model's marginals for any diffusion coefficient sigma(t) (paper, Eq. 7, with
+eta_t grad log p_t = u - kappa_t x written through the noise estimate x_0_hat = x - t u):
+
+    dX = b(X, t) dt + sigma(t) dB,   b = u - sigma(t)^2 / 2 * (x - t u) / (1 - t)
+
+Memoryless schedule sigma(t)^2 = 2 eta_t = 2 (1 - t) / t makes X_0 and X_1 independent; then
+b = 2 u - x / t, the issue's form. It diverges at t = 0; the paper (App. G.1) evaluates it with an
+offset h (one step): sigma(t)^2 = 2 (1 - t + h) / (t + h). Euler-Maruyama steps
+X_{t+h} = X_t + h b + sqrt(h) sigma(t) noise, as the paper samples. Written this way the t = 0
+singularity is confined to sigma (no kappa_t = 1/t in the drift), and on a 1-D Gaussian the base
+model's samples keep unit variance to 1% with 10 steps.
+
+Per rollout (no gradient through the sampler, so memory is flat in the number of steps):
+1. sample X_0 .. X_1 with the current fine-tuned model (its drift b_ft);
+2. lean adjoint (Eq. 38-39): a_1 = -lambda grad r(X_1), and backwards
+   a_{t} = a_{t+h} + h a_{t+h}^T d b_base(X_t, t) / dx, which is exactly the vector-Jacobian product
+   of the base model's Euler step mean x + h b_base(x) (what :func:`lean_adjoint` computes);
+3. loss (Eq. 37/42) on a subset of the steps, everything but the fine-tuned model detached:
+   || (b_ft - b_base) / sigma + sigma a ||^2 = || (2 / sigma) (u_ft - u_base) + sigma a ||^2 for the
+   memoryless flow SDE (:func:`adjoint_matching_loss`).
+
+Diffusion (epsilon / v) backbones use the same machinery on the DDPM step (DDIM eta = 1, the
+memoryless schedule of VP diffusion): drift = (step mean - x) / h and sigma = std / sqrt(h), with h
+the step's share of the training timesteps; for DDPM this is the paper's DDIM form of the loss.
+
+Paper choices kept: the timestep subset (all late steps, a random draw of early steps, App. G.2),
+per-sample loss clipping (App. G.3; the paper's threshold 1.6 lambda^2 is on its summed norm, ours
+is on the mean over latent elements, so it is a separate setting, off by default), the offset h.
+Choices the paper leaves open: classifier-free guidance applies to fine-tuned and base model alike
+(the control is the difference of the guided drifts); the loss is a per-element mean (sum over
+steps, mean over samples) so the learning rate does not depend on the latent size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from genalign.core.config import ConfigError, check, field
+from genalign.core.sampler import initial_noise
+from genalign.core.types import Backbone, Conditioning, Reward
+from genalign.finetuners import register
+from genalign.finetuners.common import BackboneMethod
+
+# ------------------------------------------------------------------ the math (pure functions)
+
+
+def memoryless_sigma(t: Tensor | float, offset: float = 0.0) -> Tensor | float:
+    """The memoryless diffusion coefficient sqrt(2 (1 - t + offset) / (t + offset)) (paper time)."""
+    if isinstance(t, Tensor):
+        return (2 * (1 - t + offset) / (t + offset)).sqrt()
+    return math.sqrt(2 * (1 - t + offset) / (t + offset))
+
+
+def marginal_drift(u: Tensor, x: Tensor, t: float, sigma: float) -> Tensor:
+    """Drift of the SDE with diffusion ``sigma`` that keeps a flow's marginals:
+    ``u - sigma^2 / 2 * (x - t u) / (1 - t)`` (paper time, velocity u = dX/dt, t < 1)."""
+    if sigma == 0:
+        return u
+    return u - 0.5 * sigma**2 * (x - t * u) / (1 - t)
+
+
+def adjoint_matching_loss(
+    drift_ft: Tensor, drift_base: Tensor, adjoint: Tensor, sigma: float | Tensor, clip: float | None = None
+) -> Tensor:
+    """(B,) ``|| (drift_ft - drift_base) / sigma + sigma * adjoint ||^2``, mean over non-batch elements,
+    clipped per sample at ``clip`` (None: no clipping). For the memoryless flow SDE
+    (drift 2 u - x / t) this is the paper's ``|| (2 / sigma) (u_ft - u_base) + sigma a ||^2``.
+    ``drift_base`` and ``adjoint`` are treated as constants (detached)."""
+    residual = (drift_ft.float() - drift_base.detach().float()) / sigma + sigma * adjoint.detach().float()
+    loss = residual.pow(2).mean(dim=tuple(range(1, residual.ndim)))
+    return loss.clamp(max=clip) if clip is not None else loss
+
+
+def lean_adjoint(
+    states: Tensor, terminal: Tensor, step_mean: Callable[[Tensor, int], Tensor], first: int = 0
+) -> dict[int, Tensor]:
+    """The lean adjoint along a stored trajectory: ``{k: a_k}`` for ``first <= k <= K``.
+
+    states: (K+1, B, ...) the trajectory (states[0] = X_0 noise, states[K] = X_1).
+    terminal: (B, ...) a_K, e.g. ``-lambda * grad r(X_1)``.
+    step_mean(x, k): the base model's step mean x + h_k b_base(x, t_k), differentiable in x.
+    a_k = a_{k+1}^T d step_mean(x_k, k) / dx_k = a_{k+1} + h_k a_{k+1}^T db_base/dx: one vector-Jacobian
+    product per step, no graph kept between steps.
+    """
+    num_steps = states.shape[0] - 1
+    adjoints = {num_steps: terminal.detach()}
+    a = terminal.detach()
+    for k in range(num_steps - 1, first - 1, -1):
+        x = states[k].detach().requires_grad_(True)
+        with torch.enable_grad():
+            mean = step_mean(x, k)
+            (a,) = torch.autograd.grad(mean, x, grad_outputs=a.to(mean.dtype))
+        a = a.detach()
+        adjoints[k] = a
+    return adjoints
+
+
+def timestep_subset(num_steps: int, num_early: int, late_fraction: float,
+                    generator: torch.Generator | None = None) -> list[int]:
+    """Step indices the loss is taken on (paper App. G.2): every step of the last ``late_fraction``
+    of the trajectory (at least one) plus ``num_early`` steps drawn without replacement from the rest."""
+    num_late = max(1, math.ceil(late_fraction * num_steps))
+    late = list(range(num_steps - num_late, num_steps))
+    early_pool = num_steps - num_late
+    draw = torch.randperm(early_pool, generator=generator)[: min(num_early, early_pool)].tolist() if early_pool else []
+    return sorted(draw) + late
+
+
+# ------------------------------------------------------------------ the SDE a backbone is sampled with
+
+
+class FlowSDE:
+    """Euler-Maruyama steps of a flow backbone's marginal-preserving SDE on its sampling grid.
+
+    ``noise``: ``memoryless`` (sigma(t)^2 = 2 (1 - t + offset h) / (t + offset h)) or ``constant``
+    (sigma(t) = ``scale``: the paper's counter-example, biased). ``final_step``: ``sde`` keeps the
+    noise on the last step (the paper), ``ode`` makes it deterministic (its control is not trained).
+    """
+
+    def __init__(self, backbone: Backbone, num_steps: int, noise: str = "memoryless", scale: float = 1.0,
+                 offset: float = 1.0, final_step: str = "sde"):
+        schedule = backbone.schedule
+        timesteps, sigmas = schedule.sigmas(num_steps)  # type: ignore[attr-defined]
+        self.timesteps = timesteps
+        self.t = (1 - sigmas.double()).tolist()  # paper time of every grid point, 0 .. 1
+        self.h = [self.t[k + 1] - self.t[k] for k in range(num_steps)]
+        self.sigma = []
+        for k in range(num_steps):
+            if final_step == "ode" and k == num_steps - 1:
+                self.sigma.append(0.0)
+            elif noise == "memoryless":
+                self.sigma.append(float(memoryless_sigma(self.t[k], offset * self.h[k])))
+            else:
+                self.sigma.append(float(scale))
+        self.num_steps = num_steps
+
+    def drift(self, x: Tensor, model_output: Tensor, k: int) -> Tensor:
+        """b(x, t_k) from the model's velocity (diffusers' v = -u)."""
+        u = -model_output.float()
+        return marginal_drift(u, x.float(), self.t[k], self.sigma[k])
+
+    def std(self, k: int) -> float:
+        return math.sqrt(self.h[k]) * self.sigma[k]
+
+
+class DDPMSDE:
+    """The DDPM step (DDIM with eta = 1, memoryless for VP diffusion) of an epsilon / v backbone,
+    read as an Euler-Maruyama step: drift = (mean - x) / h, sigma = std / sqrt(h), h the step's
+    share of the training timesteps (paper time t = 1 - timestep / T)."""
+
+    def __init__(self, backbone: Backbone, num_steps: int):
+        schedule = backbone.schedule
+        self.schedule = schedule
+        self.timesteps = schedule.timesteps(num_steps)
+        total = float(schedule.num_train_timesteps)  # type: ignore[attr-defined]
+        previous = [float(schedule.previous_timestep(t, num_steps)) for t in self.timesteps]
+        self.h = [(float(t) - p) / total for t, p in zip(self.timesteps, previous, strict=True)]
+        self.num_steps = num_steps
+        ones = torch.ones(1, 1)
+        self.sigma = []
+        for k, t in enumerate(self.timesteps):
+            std = schedule.step(ones, torch.zeros_like(ones), t, num_steps, eta=1.0).std
+            self.sigma.append(float(std.reshape(-1)[0]) / math.sqrt(self.h[k]))
+
+    def drift(self, x: Tensor, model_output: Tensor, k: int) -> Tensor:
+        step = self.schedule.step(x.float(), model_output.float(), self.timesteps[k], self.num_steps, eta=1.0)
+        return (step.mean - x.float()) / self.h[k]
+
+    def std(self, k: int) -> float:
+        return math.sqrt(self.h[k]) * self.sigma[k]
+
+
+# ------------------------------------------------------------------ the method
+
+
+@dataclass
+class AdjointMatchingConfig:
+    reward_multiplier: float = field(
+        1.0, help="lambda: the target is p_base(x) exp(lambda r(x)); larger is greedier (scale it to the reward's range)")
+    noise_schedule: Literal["memoryless", "constant"] = field(
+        "memoryless", help="memoryless (the method) or constant (sigma = constant_noise; biased, for comparison)")
+    constant_noise: float = field(1.0, help="sigma of the constant schedule")
+    time_offset: float = field(1.0, help="memoryless sigma(t)^2 = 2 (1 - t + o h) / (t + o h), o = this (paper: 1)")
+    final_step: Literal["sde", "ode"] = field("sde", help="sde: noise on the last step too (paper); ode: none")
+    num_early_steps: int = field(10, help="steps drawn at random from the early part of the trajectory (paper: 10)")
+    late_fraction: float = field(0.25, help="fraction of the last steps always in the loss (paper: the last quarter)")
+    loss_clip: float = field(0.0, help="clip each sample's per-step loss at this value (0: off; per-element mean units)")
+
+    def __post_init__(self) -> None:
+        check(self.reward_multiplier > 0, f"reward_multiplier must be > 0, got {self.reward_multiplier}")
+        check(self.constant_noise > 0, f"constant_noise must be > 0, got {self.constant_noise}")
+        check(self.time_offset > 0, f"time_offset must be > 0 (sigma diverges at t = 0), got {self.time_offset}")
+        check(self.num_early_steps >= 0, f"num_early_steps must be >= 0, got {self.num_early_steps}")
+        check(0 < self.late_fraction <= 1, f"late_fraction must be in (0, 1], got {self.late_fraction}")
+        check(self.loss_clip >= 0, f"loss_clip must be >= 0, got {self.loss_clip}")
+
+
+@dataclass
+class AdjointBatch:
+    states: Tensor  # (S, B, ...) X_t at the trained steps
+    steps: list[int]  # their indices on the grid
+    adjoints: Tensor  # (S, B, ...) lean adjoint at those states
+    drift_base: Tensor  # (S, B, ...) base drift there
+    cond: Conditioning
+    metrics: dict[str, Tensor]
+
+
+@register("adjoint_matching")
+class AdjointMatching(BackboneMethod):
+    Config = AdjointMatchingConfig
+
+    def __init__(self, config: AdjointMatchingConfig, backbone: Backbone, reward: Reward | Callable[..., Any] | None,
+                 sample_config: Any):
+        self.config, self.backbone, self.reward, self.sample_config = config, backbone, reward, sample_config
+        self.params = backbone.named_trainable_parameters()
+        if not self.params:
+            raise ConfigError("adjoint_matching trains the backbone: set backbone.finetune to lora or full")
+        if reward is None:
+            raise ConfigError("adjoint_matching needs a differentiable reward; configure reward.name")
+        if not getattr(reward, "differentiable", True):
+            raise ConfigError(f"adjoint_matching needs the reward's gradient; {getattr(reward, 'name', reward)} is not "
+                              "differentiable (use a policy-gradient or value-based method for it)")
+        if sample_config.num_steps < 2:
+            raise ConfigError("adjoint_matching samples an SDE: sample.num_steps must be >= 2")
+        if getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
+            backbone.keep_reference()  # type: ignore[attr-defined]
+        self.sde = self._make_sde(sample_config.num_steps)
+
+    @classmethod
+    def build(cls, experiment: Any, backbone: Backbone | None, reward: Reward | None) -> AdjointMatching:
+        if backbone is None:
+            raise ConfigError("adjoint_matching needs a backbone: set backbone.family and backbone.path")
+        return cls(experiment.method, backbone, reward, experiment.sample)
+
+    def _make_sde(self, num_steps: int) -> FlowSDE | DDPMSDE:
+        c = self.config
+        if self.backbone.parameterisation == "flow":
+            return FlowSDE(self.backbone, num_steps, c.noise_schedule, c.constant_noise, c.time_offset, c.final_step)
+        if c.noise_schedule != "memoryless":
+            raise ConfigError("noise_schedule: constant is only defined for flow backbones (diffusion uses DDPM)")
+        return DDPMSDE(self.backbone, num_steps)
+
+    # ---------------------------------------------------------------- pieces
+
+    def _drift(self, x: Tensor, k: int, cond: Conditioning) -> Tensor:
+        output = self.backbone.predict(x, self.sde.timesteps[k], cond, self.sample_config.guidance_scale)
+        return self.sde.drift(x, output, k)
+
+    @torch.no_grad()
+    def rollout(self, cond: Conditioning, generator: torch.Generator, latents: Tensor | None = None) -> Tensor:
+        """Sample the SDE with the current model: states (K+1, B, ...) in fp32."""
+        x = (initial_noise(self.backbone, len(cond), generator) if latents is None else latents).float()
+        states = [x]
+        for k in range(self.sde.num_steps):
+            mean = x + self.sde.h[k] * self._drift(x, k, cond)
+            std = self.sde.std(k)
+            if std > 0:
+                mean = mean + std * torch.randn(x.shape, generator=generator).to(x.device)
+            x = mean
+            states.append(x)
+        return torch.stack(states)
+
+    def terminal_adjoint(self, final: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """(-lambda grad_x r(decode(x)), r) at the final latents."""
+        assert self.reward is not None
+        x = final.detach().requires_grad_(True)
+        with torch.enable_grad():
+            images = self.backbone.decode(x.to(self.backbone.dtype))
+            scores, _ = self.reward(images, prompts)
+            (grad,) = torch.autograd.grad(scores.float().sum(), x)
+        return -self.config.reward_multiplier * grad.float(), scores.detach().float()
+
+    # ---------------------------------------------------------------- the FineTuner contract
+
+    def collect(self, prompts: list[str], generator: torch.Generator) -> AdjointBatch:
+        guidance = self.sample_config.guidance_scale
+        cond = self.backbone.encode_prompts(prompts, guidance=guidance != 1.0)
+        states = self.rollout(cond, generator)
+        terminal, scores = self.terminal_adjoint(states[-1], prompts)
+        c = self.config
+        steps = [k for k in timestep_subset(self.sde.num_steps, c.num_early_steps, c.late_fraction, generator)
+                 if self.sde.sigma[k] > 0]
+        if not steps:
+            raise ConfigError("no stochastic step to train: raise num_early_steps or use final_step: sde")
+        base_drifts: dict[int, Tensor] = {}
+
+        def base_step_mean(x: Tensor, k: int) -> Tensor:
+            drift = self._drift(x, k, cond)
+            if k in steps:
+                base_drifts[k] = drift.detach()
+            return x.float() + self.sde.h[k] * drift
+
+        first = steps[0]
+        with self.backbone.reference():
+            adjoints = lean_adjoint(states, terminal, base_step_mean, first=first + 1)
+            with torch.no_grad():
+                base_drifts[first] = self._drift(states[first], first, cond)
+        metrics = {"reward_mean": scores.mean(), "adjoint_norm_0": adjoints[first + 1].flatten(1).norm(dim=1).mean(),
+                   "adjoint_norm_1": terminal.flatten(1).norm(dim=1).mean()}
+        # The step from X_k is matched to the adjoint of the state it lands on, X_{k+1}: the exact
+        # optimum of the discrete chain (the paper's pairing at the same t is its h -> 0 limit; with
+        # 10 steps, pairing a_k instead lands a 1-D Gaussian tilt at 1.17 instead of 1.5).
+        return AdjointBatch(states[steps], steps, torch.stack([adjoints[k + 1] for k in steps]),
+                            torch.stack([base_drifts[k] for k in steps]), cond.detach(), metrics)
+
+    def loss(self, batch: AdjointBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        clip = self.config.loss_clip or None
+        total = 0.0
+        clipped = 0.0
+        with self.backbone.training():
+            for i, k in enumerate(batch.steps):
+                drift = self._drift(batch.states[i], k, batch.cond)
+                per_sample = adjoint_matching_loss(drift, batch.drift_base[i], batch.adjoints[i], self.sde.sigma[k], clip)
+                total = total + per_sample.mean()
+                if clip is not None:
+                    clipped += float((per_sample >= clip).float().mean()) / len(batch.steps)
+        metrics = dict(batch.metrics)
+        metrics["steps_trained"] = torch.tensor(float(len(batch.steps)))
+        if clip is not None:
+            metrics["clipped_fraction"] = torch.tensor(clipped)
+        return total, metrics  # type: ignore[return-value]
