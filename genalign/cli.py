@@ -195,7 +195,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
     from genalign.core.experiment import BackboneConfig
     from genalign.pipelines import load_backbone
-    from genalign.shapes.scoring import clip_agreement, evaluate_backbone, proxy_reward
+    from genalign.shapes.scoring import clip_agreement, diversity, evaluate_backbone, proxy_reward
     from genalign.shapes.world import TASKS
 
     if args.with_base and not args.lora:
@@ -203,21 +203,31 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     backbone = load_backbone(BackboneConfig(family=args.family, path=args.backbone, finetune="none"),
                              _device(args.device))
     models = []  # (label, scores, images) in evaluation order; the same seeds for every model
+    spread = {}  # label -> diversity
     if args.with_base:
         scores, images, metas = evaluate_backbone(backbone, args.per_task, args.steps, args.guidance_scale, args.seed)
         models.append(("base", scores, images))
+        if args.diversity:
+            spread["base"] = diversity(backbone, 5, args.diversity, args.steps, args.guidance_scale, args.seed)
     if args.lora:
         backbone.load_lora(args.lora)
     scores, images, metas = evaluate_backbone(backbone, args.per_task, args.steps, args.guidance_scale, args.seed)
-    models.append(("fine-tuned" if args.lora else "model", scores, images))
+    label = "fine-tuned" if args.lora else "model"
+    models.append((label, scores, images))
+    if args.diversity:
+        spread[label] = diversity(backbone, 5, args.diversity, args.steps, args.guidance_scale, args.seed)
     result: dict = {"gold": scores, "backbone": args.backbone, "lora": args.lora, "per_task": args.per_task,
                     "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed}
     if args.clip:
         result["proxy_reward"] = proxy_reward(args.clip, images, metas)
+    if args.diversity:
+        result["diversity"] = spread[label]
     if args.with_base:
         result["base"] = {"gold": models[0][1]}
         if args.clip:
             result["base"]["proxy_reward"] = proxy_reward(args.clip, models[0][2], metas)
+        if args.diversity:
+            result["base"]["diversity"] = spread["base"]
     if args.clip:
         result["clip_agreement_on_ground_truth"] = clip_agreement(args.clip, args.per_task, args.seed)
 
@@ -230,6 +240,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
         if args.with_base:
             print(f"proxy reward (CLIP score of the same images), base: {line(result['base']['proxy_reward'])}")
         print(f"proxy reward (CLIP score of the same images), {models[-1][0]}: {line(result['proxy_reward'])}")
+    for name, values in spread.items():
+        print(f"diversity (mean pairwise RMS pixel distance, {args.diversity} seeds x 5 prompts a task), {name}: "
+              f"{line(values)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     per_row = min(8, args.per_task)  # the first images of each task, one task a row (base above fine-tuned)
@@ -428,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", help="also report the proxy reward and how often this CLIP's top-1 prompt is right")
     p.add_argument("--with-base", action="store_true", help="score the base model too (same seeds), before vs after")
+    p.add_argument("--diversity", type=_positive_int, metavar="K",
+                   help="also report sample diversity: mean pairwise pixel distance of K images a prompt")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/eval-shapes")
     p.set_defaults(func=cmd_eval_shapes)

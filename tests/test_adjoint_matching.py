@@ -262,3 +262,38 @@ def test_adjoint_matching_tilts_a_gaussian_to_the_target_only_with_the_memoryles
     assert std == pytest.approx(1.0, abs=0.08)
     biased, _ = _tilt("constant")
     assert biased < 1.3 and abs(biased - 1.5) > 2 * abs(mean - 1.5)
+
+
+def test_the_flow_sde_is_the_memoryless_flow_grpo_step_in_diffusers_convention(tiny_models):
+    """Away from t = 0 (and with no offset) the SDE's Euler-Maruyama step equals
+    ``sampling.flow_sde_step`` with noise level sqrt(2) (t = 1 - sigma, u = -v): mean and std."""
+    from genalign.core.sampling import MEMORYLESS_NOISE_LEVEL, flow_sde_step
+    from genalign.finetuners.adjoint_matching import FlowSDE
+
+    backbone = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="none"), "cpu")
+    sde = FlowSDE(backbone, 6, offset=1e-9)
+    _, sigmas = backbone.schedule.sigmas(6)
+    x, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for k in range(1, 5):
+        _, _, mean, std = flow_sde_step(x, v, sigmas[k], sigmas[k + 1], MEMORYLESS_NOISE_LEVEL)
+        torch.testing.assert_close(x + sde.h[k] * sde.drift(x, v, k), mean, rtol=1e-4, atol=1e-5)
+        assert sde.std(k) == pytest.approx(float(std.reshape(-1)[0]), rel=1e-4)
+        # and it is 2 u - x / t with u = -v
+        torch.testing.assert_close(sde.drift(x, v, k), 2 * (-v) - x / sde.t[k], rtol=1e-4, atol=1e-4)
+
+
+def test_the_clean_estimate_terminal_is_the_one_step_prediction(tiny_models):
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="lora"), "cpu")
+    am = AdjointMatching(AdjointMatchingConfig(terminal="clean_estimate"), backbone, _MeanReward(),
+                         SampleConfig(num_steps=4, guidance_scale=1.0))
+    cond = backbone.encode_prompts(["a red circle"], guidance=False)
+    states = am.rollout(cond, torch.Generator().manual_seed(0))
+    estimate = am.clean_estimate(states, cond)
+    # the estimate sits between the last-but-one state and where the ODE would land: x + (1 - t) u
+    v = backbone.predict(states[3], am.sde.timesteps[3], cond)
+    torch.testing.assert_close(estimate, states[3] - (1 - am.sde.t[3]) * v)
+    batch = am.collect(["a red circle"], torch.Generator().manual_seed(0))
+    terminal, _ = am.terminal_adjoint(estimate, ["a red circle"])
+    assert batch.steps[-1] == 3
+    torch.testing.assert_close(batch.adjoints[-1], terminal)

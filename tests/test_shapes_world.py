@@ -146,3 +146,16 @@ def test_relative_position_is_genevals_rule():
     assert relative_position((10, 10, 14, 14), (0, 0, 4, 4)) == {"right of", "below"}
     # overlapping centres within the threshold: none
     assert relative_position((0, 0, 10, 10), (0.5, 0.5, 10.5, 10.5)) == set()
+
+
+def test_pairwise_distance_is_the_mean_rms_pixel_distance_over_pairs():
+    import torch
+
+    from genalign.shapes.scoring import pairwise_distance
+
+    black, white = torch.zeros(3, 4, 4), torch.ones(3, 4, 4)
+    half = torch.full((3, 4, 4), 0.5)
+    assert pairwise_distance(torch.stack([black, black, black])) == 0.0
+    assert pairwise_distance(torch.stack([black, white])) == pytest.approx(1.0)
+    # pairs: (black, white) 1, (black, half) 0.5, (white, half) 0.5 -> mean 2/3
+    assert pairwise_distance(torch.stack([black, white, half])) == pytest.approx(2 / 3)

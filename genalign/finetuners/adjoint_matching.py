@@ -21,7 +21,8 @@ model's samples keep unit variance to 1% with 10 steps.
 
 Per rollout (no gradient through the sampler, so memory is flat in the number of steps):
 1. sample X_0 .. X_1 with the current fine-tuned model (its drift b_ft);
-2. lean adjoint (Eq. 38-39): a_1 = -lambda grad r(X_1), and backwards
+2. lean adjoint (Eq. 38-39): a_1 = -lambda grad r(X_1) (optionally at the model's one-step clean
+   estimate from the state before X_1, ``terminal: clean_estimate``), and backwards
    a_{t} = a_{t+h} + h a_{t+h}^T d b_base(X_t, t) / dx, which is exactly the vector-Jacobian product
    of the base model's Euler step mean x + h b_base(x) (what :func:`lean_adjoint` computes);
 3. loss (Eq. 37/42) on a subset of the steps, everything but the fine-tuned model detached:
@@ -33,8 +34,8 @@ memoryless schedule of VP diffusion): drift = (step mean - x) / h and sigma = st
 the step's share of the training timesteps; for DDPM this is the paper's DDIM form of the loss.
 
 Paper choices kept: the timestep subset (all late steps, a random draw of early steps, App. G.2),
-per-sample loss clipping (App. G.3; the paper's threshold 1.6 lambda^2 is on its summed norm, ours
-is on the mean over latent elements, so it is a separate setting, off by default), the offset h.
+per-sample loss clipping at c lambda^2 (App. G.3: c = 1.6 on the paper's summed norm; ours is on the
+mean over latent elements, so c is a separate setting, off by default), the offset h.
 Choices the paper leaves open: classifier-free guidance applies to fine-tuned and base model alike
 (the control is the difference of the guided drifts); the loss is a per-element mean (sum over
 steps, mean over samples) so the learning rate does not depend on the latent size.
@@ -199,7 +200,12 @@ class AdjointMatchingConfig:
     final_step: Literal["sde", "ode"] = field("sde", help="sde: noise on the last step too (paper); ode: none")
     num_early_steps: int = field(10, help="steps drawn at random from the early part of the trajectory (paper: 10)")
     late_fraction: float = field(0.25, help="fraction of the last steps always in the loss (paper: the last quarter)")
-    loss_clip: float = field(0.0, help="clip each sample's per-step loss at this value (0: off; per-element mean units)")
+    loss_clip: float = field(
+        0.0, help="clip each sample's per-step loss at loss_clip * lambda^2 (0: off); the paper clips at 1.6 lambda^2 "
+                  "on its summed norm, this is on the per-element mean")
+    terminal: Literal["final", "clean_estimate"] = field(
+        "final", help="where grad r is taken: the final sample, or the model's one-step clean estimate from the "
+                      "state before it (no residual noise of the last SDE step in the image the reward sees)")
 
     def __post_init__(self) -> None:
         check(self.reward_multiplier > 0, f"reward_multiplier must be > 0, got {self.reward_multiplier}")
@@ -275,8 +281,22 @@ class AdjointMatching(BackboneMethod):
             states.append(x)
         return torch.stack(states)
 
+    @torch.no_grad()
+    def clean_estimate(self, states: Tensor, cond: Conditioning) -> Tensor:
+        """The current model's one-step estimate of the clean latents from the last-but-one state:
+        x + (1 - t) u for flow backbones, the predicted x_0 for diffusion ones."""
+        k = self.sde.num_steps - 1
+        x = states[k]
+        output = self.backbone.predict(x, self.sde.timesteps[k], cond, self.sample_config.guidance_scale).float()
+        if isinstance(self.sde, FlowSDE):
+            return x + (1 - self.sde.t[k]) * (-output)
+        from genalign.core.sampling import split_prediction
+
+        a_t = self.backbone.schedule.alpha_prod(self.sde.timesteps[k])  # type: ignore[attr-defined]
+        return split_prediction(x, output, float(a_t), self.backbone.schedule.prediction_type)[0]
+
     def terminal_adjoint(self, final: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """(-lambda grad_x r(decode(x)), r) at the final latents."""
+        """(-lambda grad_x r(decode(x)), r) at the given latents (the final sample by default)."""
         assert self.reward is not None
         x = final.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -291,7 +311,8 @@ class AdjointMatching(BackboneMethod):
         guidance = self.sample_config.guidance_scale
         cond = self.backbone.encode_prompts(prompts, guidance=guidance != 1.0)
         states = self.rollout(cond, generator)
-        terminal, scores = self.terminal_adjoint(states[-1], prompts)
+        target = states[-1] if self.config.terminal == "final" else self.clean_estimate(states, cond)
+        terminal, scores = self.terminal_adjoint(target, prompts)
         c = self.config
         steps = [k for k in timestep_subset(self.sde.num_steps, c.num_early_steps, c.late_fraction, generator)
                  if self.sde.sigma[k] > 0]
@@ -319,7 +340,7 @@ class AdjointMatching(BackboneMethod):
                             torch.stack([base_drifts[k] for k in steps]), cond.detach(), metrics)
 
     def loss(self, batch: AdjointBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        clip = self.config.loss_clip or None
+        clip = self.config.loss_clip * self.config.reward_multiplier**2 or None
         total = 0.0
         clipped = 0.0
         with self.backbone.training():

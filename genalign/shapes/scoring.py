@@ -105,3 +105,35 @@ def proxy_reward(clip_path: str, images: Tensor, metas: list[dict[str, Any]], ba
     result = {task: float(np.mean(v)) for task, v in per_task.items()}
     result["overall"] = float(np.mean(list(result.values())))
     return result
+
+
+def pairwise_distance(images: Tensor) -> float:
+    """Mean RMS pixel distance over all pairs of ``images`` (K, 3, H, W) in [0, 1]; 0 when identical."""
+    flat = images.float().flatten(1)
+    distances = torch.cdist(flat[None], flat[None])[0] / flat.shape[1] ** 0.5
+    first, second = torch.triu_indices(len(flat), len(flat), offset=1)
+    return float(distances[first, second].mean())
+
+
+@torch.no_grad()
+def diversity(
+    backbone: Backbone,
+    prompts_per_task: int = 5,
+    images_per_prompt: int = 4,
+    num_steps: int = 25,
+    guidance_scale: float = 2.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Sample diversity per task and overall: the mean pairwise RMS pixel distance between the
+    ``images_per_prompt`` images (different seeds) of each of the first held-out prompts of a task.
+    A model that collapsed onto one image per prompt scores near 0."""
+    metas = evaluation_set("heldout", per_task=prompts_per_task, seed=seed)
+    prompts = [m["prompt"] for m in metas for _ in range(images_per_prompt)]
+    images = generate(backbone, prompts, num_steps, guidance_scale, seed + 1)
+    per_task: dict[str, list[float]] = {}
+    for i, meta in enumerate(metas):
+        group = images[i * images_per_prompt : (i + 1) * images_per_prompt]
+        per_task.setdefault(meta["tag"], []).append(pairwise_distance(group))
+    result = {task: float(np.mean(v)) for task, v in per_task.items()}
+    result["overall"] = float(np.mean(list(result.values())))
+    return result
