@@ -82,7 +82,7 @@ def test_lean_adjoint_of_a_linear_drift_matches_its_closed_form():
     for num_steps in (5, 4000):
         h = 1.0 / num_steps
         states = torch.randn(num_steps + 1, 2, 2, dtype=torch.float64)  # a linear drift ignores them
-        adjoints = lean_adjoint(states, terminal, lambda x, k: x + h * x @ A.T)
+        adjoints = lean_adjoint(states, terminal, lambda x, k, h=h: x + h * x @ A.T)
         if num_steps == 5:
             step = torch.eye(2, dtype=torch.float64) + h * A
             for k in range(6):
