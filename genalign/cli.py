@@ -22,6 +22,8 @@ BUILTIN_FINETUNERS: tuple[str, ...] = (
     "genalign.finetuners.inversion_dpo",
     "genalign.finetuners.d3po",
     "genalign.finetuners.adjoint_matching",
+    "genalign.finetuners.ac_flow",
+    "genalign.finetuners.vard",
 )
 
 

@@ -1,0 +1,285 @@
+"""AC-Flow (Fan et al. 2025, "Fine-tuning Flow Matching Generative Models with Intermediate
+Feedback"; no official code): actor-critic fine-tuning of a flow model, built on its predecessor
+ORW-CFM-W2 (Fan et al. 2025, "Online Reward-Weighted Fine-Tuning of Flow Matching with Wasserstein
+Regularization").
+
+Per collect: the current model samples ``samples_per_prompt`` images a prompt (its sampler, any
+reward: no gradient of the reward is needed); rewards are shaped into a normalised signal r~
+(running, per-batch or per-prompt standardisation). The critic V(x_t, t, prompt)
+(:class:`~genalign.finetuners.value.ValueModel`) regresses r~ from intermediate states
+x_t = (1 - sigma) x_1 + sigma n of the samples (fresh noise each update, a replay buffer of recent
+samples); for a flow model these have the law of its trajectories' states at time t, and the
+regression's optimum is E[r~ | x_t], the value of the state.
+
+Actor loss (:func:`ac_flow_actor_loss`), on the same kind of states with fresh noise:
+
+    mean_i w_i || v_theta(x_t^i, t_i) - (n_i - x_1^i) ||^2  +  alpha * mean_i || v_theta - v_ref ||^2
+
+the reward-weighted conditional flow matching of ORW-CFM on the model's own samples with critic
+weights w_i = f(clip(A_i, -c, c)), A_i = r~_i - V(x_t^i, t_i) (the sample's outcome relative to what
+its intermediate state promised), f = exp(A / beta) or the clipped linear max(0, 1 + A / beta),
+normalised to mean 1 over the batch, and the W2 regulariser (a bound on the Wasserstein-2 distance
+to the reference model) that keeps diversity. With exponential weights the critic's factor
+exp(-V(x_t) / beta) is constant given x_t, so the per-state optimum is ORW-CFM's tilt toward
+p exp(r~ / beta); the critic rescales the signal state by state (dense, intermediate feedback) and
+reduces its variance. Dual stability: advantages are clipped, and during ``critic_warmup`` optimizer
+steps only the critic learns.
+
+Choices the papers leave open, documented here: the critic has its own Adam optimiser
+(``critic_lr``) and ``critic_updates`` steps per collect, outside the trainer's optimizer (its state is
+in the checkpoint through ``state_dict``); the actor's states use the backbone's training-timestep
+law (SD3: logit-normal); the regression is on the conditional model (guidance applies to sampling
+only). Works on any backbone with a training target (epsilon / v too), named for the flow case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from genalign.core.config import ConfigError, check, field
+from genalign.core.sampler import sample
+from genalign.core.types import Backbone, Conditioning, Reward
+from genalign.finetuners import register
+from genalign.finetuners.common import BackboneMethod, per_sample_mse
+from genalign.finetuners.value import RunningStandardiser, ValueModel, prompt_features, value_loss
+
+# ------------------------------------------------------------------ the objective (pure functions)
+
+
+def advantage_weights(advantages: Tensor, kind: str = "exponential", beta: float = 1.0, clip: float = 2.0) -> Tensor:
+    """(B,) weights with batch mean 1 from advantages (B,): clipped to [-clip, clip], then
+    ``exp(A / beta)`` (exponential) or ``max(0, 1 + A / beta)`` (linear). All-zero linear weights
+    stay zero (no sample is reinforced)."""
+    a = advantages.float().clamp(-clip, clip)
+    if kind == "exponential":
+        w = torch.exp(a / beta)
+    elif kind == "linear":
+        w = (1 + a / beta).clamp(min=0)
+    else:
+        raise ValueError(f"unknown weighting {kind!r}; expected exponential or linear")
+    mean = w.mean()
+    return w / mean if mean > 0 else w
+
+
+def ac_flow_actor_loss(
+    prediction: Tensor, target: Tensor, reference: Tensor, weights: Tensor, alpha: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``mean(w * ||pred - target||^2) + alpha * mean(||pred - ref||^2)`` with per-sample mean
+    squared errors; returns (loss, weighted flow-matching term, W2 term). Weights, targets and
+    the reference prediction are constants."""
+    fm = per_sample_mse(prediction, target.detach())
+    w2 = per_sample_mse(prediction, reference.detach())
+    weighted = (weights.detach().float() * fm).mean()
+    regulariser = w2.mean()
+    return weighted + alpha * regulariser, weighted, regulariser
+
+
+# ------------------------------------------------------------------ the method
+
+
+@dataclass
+class ACFlowConfig:
+    weighting: Literal["exponential", "linear"] = field("exponential", help="exp(A / beta) or max(0, 1 + A / beta)")
+    beta: float = field(1.0, help="temperature of the weights (smaller: greedier)")
+    clip_range: float = field(2.0, help="advantages are clipped to [-c, c] (dual stability)")
+    alpha: float = field(1.0, help="W2 regulariser weight: alpha * ||v - v_ref||^2 (0: off; keeps diversity)")
+    samples_per_prompt: int = field(4, help="images sampled per prompt per collect")
+    timesteps_per_sample: int = field(2, help="noised states per sample in the actor loss (amortises sampling)")
+    shaping: Literal["running", "batch", "prompt"] = field(
+        "running", help="reward normalisation: running mean/std, per-batch, or per-prompt group standardisation")
+    critic_warmup: int = field(20, help="optimizer steps during which only the critic learns")
+    critic_lr: float = field(1e-3, help="critic Adam learning rate")
+    critic_updates: int = field(4, help="critic Adam steps per collect")
+    critic_batch: int = field(64, help="replay samples per critic step")
+    replay_size: int = field(256, help="recent samples kept for the critic (0: only the current batch)")
+    critic_width: int = field(128, help="critic MLP width")
+
+    def __post_init__(self) -> None:
+        check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        check(self.clip_range > 0, f"clip_range must be > 0, got {self.clip_range}")
+        check(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
+        check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        check(self.timesteps_per_sample >= 1, f"timesteps_per_sample must be >= 1, got {self.timesteps_per_sample}")
+        check(self.shaping != "prompt" or self.samples_per_prompt >= 2,
+              "shaping: prompt standardises each prompt's group; it needs samples_per_prompt >= 2")
+        check(self.critic_warmup >= 0 and self.critic_updates >= 1 and self.critic_batch >= 1,
+              "critic_warmup must be >= 0, critic_updates and critic_batch >= 1")
+        check(self.critic_lr > 0 and self.replay_size >= 0 and self.critic_width >= 8,
+              "critic_lr must be > 0, replay_size >= 0, critic_width >= 8")
+
+
+def shape_rewards(rewards: Tensor, prompts: list[str], mode: str, running: RunningStandardiser) -> Tensor:
+    """Normalised learning signal of raw rewards (B,): see :class:`ACFlowConfig` ``shaping``."""
+    if mode == "running":
+        running.update(rewards)
+        return running(rewards)
+    if mode == "batch":
+        return (rewards.float() - rewards.float().mean()) / (rewards.float().std(unbiased=False) + 1e-6)
+    from genalign.rewards.normalize import PerPromptStatTracker
+
+    return PerPromptStatTracker(buffer_size=0, min_count=2).update(prompts, rewards.float())
+
+
+@register("ac_flow")
+class ACFlow(BackboneMethod):
+    Config = ACFlowConfig
+
+    def __init__(self, config: ACFlowConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
+        self.config, self.backbone, self.reward, self.sample_config = config, backbone, reward, sample_config
+        self.params = backbone.named_trainable_parameters()
+        if not self.params:
+            raise ConfigError("ac_flow trains the backbone: set backbone.finetune to lora or full")
+        if reward is None:
+            raise ConfigError("ac_flow needs a reward (any, differentiable or not); configure reward.name")
+        if config.alpha > 0 and getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
+            backbone.keep_reference()  # type: ignore[attr-defined]
+        text_dim = prompt_features(backbone.encode_prompts([""], guidance=False)).shape[1]
+        channels = backbone.latent_shape()[0]
+        self.critic = ValueModel(channels, text_dim, config.critic_width).to(backbone.device)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
+        self.running = RunningStandardiser()
+        self.replay: dict[str, Tensor] = {}
+        self.optimizer_steps = 0
+
+    @classmethod
+    def build(cls, experiment: Any, backbone: Backbone | None, reward: Reward | None) -> ACFlow:
+        if backbone is None:
+            raise ConfigError("ac_flow needs a backbone: set backbone.family and backbone.path")
+        return cls(experiment.method, backbone, reward, experiment.sample)
+
+    # ---------------------------------------------------------------- critic
+
+    def _time(self, timesteps: Tensor) -> Tensor:
+        return timesteps.float().to(self.backbone.device) / self.backbone.schedule.num_train_timesteps  # type: ignore[attr-defined]
+
+    def _noised(self, x1: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, timesteps, noise) with the backbone's training-timestep law and fresh noise."""
+        timesteps = self.backbone.schedule.sample_training_timesteps(x1.shape[0], generator)
+        noise = torch.randn(x1.shape, generator=generator).to(x1.device)
+        return self.backbone.schedule.add_noise(x1, noise, timesteps), timesteps, noise
+
+    def value(self, x_t: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
+        with torch.autocast(device_type=x_t.device.type, enabled=False):
+            return self.critic(x_t.float(), self._time(timesteps), text.float())
+
+    def _remember(self, x1: Tensor, shaped: Tensor, text: Tensor) -> None:
+        new = {"x1": x1.detach().float(), "target": shaped.detach().float(), "text": text.detach().float()}
+        if not self.replay or self.config.replay_size == 0:
+            self.replay = new
+        else:
+            self.replay = {k: torch.cat([self.replay[k], v])[-self.config.replay_size :] for k, v in new.items()}
+
+    def train_critic(self, generator: torch.Generator) -> float:
+        """``critic_updates`` Adam steps on replay minibatches; the mean loss."""
+        losses = []
+        size = self.replay["x1"].shape[0]
+        with torch.enable_grad():
+            for _ in range(self.config.critic_updates):
+                index = torch.randperm(size, generator=generator)[: self.config.critic_batch]
+                x_t, timesteps, _ = self._noised(self.replay["x1"][index], generator)
+                loss = value_loss(self.value(x_t, timesteps, self.replay["text"][index]), self.replay["target"][index])
+                self.critic_optimizer.zero_grad()
+                loss.backward()
+                _average_across_processes(self.critic)
+                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
+                self.critic_optimizer.step()
+                losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
+
+    # ---------------------------------------------------------------- the FineTuner contract
+
+    @property
+    def warming_up(self) -> bool:
+        return self.optimizer_steps < self.config.critic_warmup
+
+    def after_optimizer_step(self) -> None:
+        self.optimizer_steps += 1
+
+    @torch.no_grad()
+    def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
+        c, s = self.config, self.sample_config
+        repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]
+        cond = self.backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
+        x1 = sample(self.backbone, cond, s.num_steps, s.guidance_scale, s.eta, generator=generator).final.float()
+        images = self.backbone.decode(x1.to(self.backbone.dtype)).float().clamp(0, 1)
+        rewards = self.reward(images, repeated)[0].float()  # type: ignore[misc]
+        shaped = shape_rewards(rewards, repeated, c.shaping, self.running).to(x1.device)
+        text = prompt_features(cond).to(x1.device)
+
+        # the critic's error on these new samples before it sees them: held-out prediction error
+        x_t, timesteps, _ = self._noised(x1, generator)
+        new_error = float(value_loss(self.value(x_t, timesteps, text), shaped))
+        self._remember(x1, shaped, text)
+        critic_loss = self.train_critic(generator)
+
+        metrics = {"reward_mean": rewards.mean(), "reward_std": rewards.std(unbiased=False),
+                   "critic_loss": torch.tensor(critic_loss), "critic_error_new": torch.tensor(new_error),
+                   "warmup": torch.tensor(float(self.warming_up))}
+        if self.warming_up:
+            return {"actor": None, "metrics": metrics}
+
+        k = c.timesteps_per_sample
+        x1_k, shaped_k, text_k = x1.repeat(k, 1, 1, 1), shaped.repeat(k), text.repeat(k, 1)
+        x_t, timesteps, noise = self._noised(x1_k, generator)
+        advantages = shaped_k - self.value(x_t, timesteps, text_k)
+        weights = advantage_weights(advantages, c.weighting, c.beta, c.clip_range)
+        target = self.backbone.schedule.training_target(x1_k, noise, timesteps).float()
+        cond_k = _positive_only(cond).select(list(range(len(cond))) * k)
+        reference = None
+        if c.alpha > 0:
+            with self.backbone.reference():
+                reference = self.backbone.predict(x_t.to(self.backbone.dtype), timesteps, cond_k).float()
+        metrics.update({"advantage_mean": advantages.mean(), "advantage_std": advantages.std(unbiased=False),
+                        "weight_max": weights.max()})
+        return {"actor": (x_t, timesteps, cond_k, target, reference, weights), "metrics": metrics}
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        metrics = dict(batch["metrics"])
+        if batch["actor"] is None:
+            return self.zero_loss(), metrics
+        x_t, timesteps, cond, target, reference, weights = batch["actor"]
+        with self.backbone.training():
+            prediction = self.backbone.predict(x_t.to(self.backbone.dtype), timesteps, cond).float()
+        if reference is None:
+            reference = prediction.detach()
+        loss, weighted, w2 = ac_flow_actor_loss(prediction, target, reference, weights, self.config.alpha)
+        metrics.update({"fm_weighted": weighted.detach(), "w2": w2.detach()})
+        return loss, metrics
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (copied: later training does not change it)."""
+        import copy
+
+        return copy.deepcopy({"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
+                "running": self.running.state_dict(), "replay": {k: v.cpu() for k, v in self.replay.items()},
+                "optimizer_steps": self.optimizer_steps})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.running.load_state_dict(state["running"])
+        self.replay = {k: v.to(self.backbone.device) for k, v in state["replay"].items()}
+        self.optimizer_steps = int(state["optimizer_steps"])
+
+
+def _positive_only(cond: Conditioning) -> Conditioning:
+    """The conditional branch alone (the regression is on the conditional model)."""
+    return Conditioning(cond.positive, None, cond.prompts)
+
+
+def _average_across_processes(module: torch.nn.Module) -> None:
+    """Data-parallel critic: average its gradients over processes (each collects its own shard)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= dist.get_world_size()

@@ -1,0 +1,256 @@
+"""VARD (Dai et al. 2025, "VARD: Efficient and Dense Fine-Tuning for Diffusion Models with
+Value-based RL"; no official code): a value model that predicts the final reward from intermediate
+states gives dense, differentiable supervision at every denoising step, so any reward works (JPEG
+compressibility, detector rewards, the shapes world's exact evaluator), with a KL regulariser to
+the pretrained model.
+
+Value model V_phi(x_t, t, prompt) (:class:`~genalign.finetuners.value.ValueModel`), trained by
+regression on Monte-Carlo returns: every state of the model's own stochastic trajectories is paired
+with the (shaped) reward of the trajectory's final image (:func:`value_regression_loss`), from a
+replay buffer of recent trajectories.
+
+Policy objective per trained step k (:func:`vard_policy_loss`), with x_k from a stored trajectory,
+the policy's Gaussian step N(mu_theta(x_k), s_k^2) reparameterised with the trajectory's own noise
+eps_k (so at the start it reproduces x_{k+1} exactly):
+
+    x~_{k+1} = mu_theta(x_k) + s_k eps_k
+    loss_k   = -V_phi(x~_{k+1}, t_{k+1}) + kl_weight * KL(N(mu_theta, s_k^2) || N(mu_ref, s_k^2))
+
+KL = ||mu_theta - mu_ref||^2 / (2 s_k^2) (per element mean), the closed form between the policy's
+and the reference's steps (``sampling.gaussian_kl_equal_std``); the value model is frozen in this
+loss. Gradients reach the denoiser through one step only (no backpropagation through the chain).
+
+Alternation (the paper alternates value and policy learning): each collect samples trajectories,
+scores them, takes ``value_updates`` Adam steps of the value model on the replay buffer, then the
+trainer takes one policy step; during ``value_warmup`` optimizer steps only the value model learns.
+Choices left open by the paper, made here: deterministic steps (std 0: the last DDIM-eta-1 step, the
+flow SDE's step into sigma = 0) are not trained (no KL is defined there); rewards are standardised
+(running mean/std by default) so the value model's targets are well scaled; the value model has its
+own optimiser, saved in checkpoints through ``state_dict``. Works with any backbone whose sampler is
+stochastic (``sample.eta > 0``: DDIM eta for SD, the SDE noise level for flow models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from genalign.core import sampling
+from genalign.core.config import ConfigError, check, field
+from genalign.core.sampler import sample
+from genalign.core.types import Backbone, Conditioning, Reward, Trajectory
+from genalign.finetuners import register
+from genalign.finetuners.ac_flow import _average_across_processes, shape_rewards
+from genalign.finetuners.common import BackboneMethod
+from genalign.finetuners.value import RunningStandardiser, ValueModel, prompt_features, value_loss
+
+# ------------------------------------------------------------------ the objectives (pure functions)
+
+
+def value_regression_loss(predicted: Tensor, returns: Tensor) -> Tensor:
+    """Monte-Carlo value regression: mean (V(x_t) - R)^2 over states (every state of a trajectory
+    carries its trajectory's final shaped reward R)."""
+    return value_loss(predicted, returns)
+
+
+def vard_policy_loss(values: Tensor, mean_policy: Tensor, mean_reference: Tensor, std: Tensor | float,
+                     kl_weight: float) -> tuple[Tensor, Tensor]:
+    """``mean(-V(x~_{k+1})) + kl_weight * mean(KL)`` over samples; values (B,), step means (B, ...),
+    ``std`` > 0 the step's standard deviation. Returns (loss, KL per sample (B,))."""
+    kl = sampling.gaussian_kl_equal_std(mean_policy.float(), mean_reference.detach().float(), std)
+    return -values.float().mean() + kl_weight * kl.mean(), kl
+
+
+# ------------------------------------------------------------------ the method
+
+
+@dataclass
+class VARDConfig:
+    kl_weight: float = field(0.1, help="weight of the closed-form KL to the reference step (paper: a small constant)")
+    steps_per_update: int = field(4, help="denoising steps trained per policy update (random among stochastic ones)")
+    samples_per_prompt: int = field(2, help="trajectories per prompt per collect")
+    shaping: Literal["running", "batch", "prompt", "none"] = field(
+        "running", help="reward standardisation for the value targets (none: raw rewards)")
+    value_warmup: int = field(20, help="optimizer steps during which only the value model learns")
+    value_lr: float = field(1e-3, help="value model Adam learning rate")
+    value_updates: int = field(4, help="value model Adam steps per collect")
+    value_batch: int = field(128, help="replay states per value step")
+    replay_size: int = field(2048, help="recent states kept for the value model (0: only the current batch)")
+    value_width: int = field(128, help="value model MLP width")
+
+    def __post_init__(self) -> None:
+        check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
+        check(self.steps_per_update >= 1, f"steps_per_update must be >= 1, got {self.steps_per_update}")
+        check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        check(self.shaping != "prompt" or self.samples_per_prompt >= 2,
+              "shaping: prompt standardises each prompt's group; it needs samples_per_prompt >= 2")
+        check(self.value_warmup >= 0 and self.value_updates >= 1 and self.value_batch >= 1,
+              "value_warmup must be >= 0, value_updates and value_batch >= 1")
+        check(self.value_lr > 0 and self.replay_size >= 0 and self.value_width >= 8,
+              "value_lr must be > 0, replay_size >= 0, value_width >= 8")
+
+
+@register("vard")
+class VARD(BackboneMethod):
+    Config = VARDConfig
+
+    def __init__(self, config: VARDConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
+        self.config, self.backbone, self.reward, self.sample_config = config, backbone, reward, sample_config
+        self.params = backbone.named_trainable_parameters()
+        if not self.params:
+            raise ConfigError("vard trains the backbone: set backbone.finetune to lora or full")
+        if reward is None:
+            raise ConfigError("vard needs a reward (differentiable or not); configure reward.name")
+        if sample_config.eta <= 0:
+            raise ConfigError("vard needs stochastic steps (a KL between Gaussian steps): set sample.eta > 0 "
+                              "(SD: DDIM eta 1; flow models: an SDE noise level such as 0.7)")
+        if getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
+            backbone.keep_reference()  # type: ignore[attr-defined]
+        text_dim = prompt_features(backbone.encode_prompts([""], guidance=False)).shape[1]
+        self.value_model = ValueModel(backbone.latent_shape()[0], text_dim, config.value_width).to(backbone.device)
+        self.value_optimizer = torch.optim.Adam(self.value_model.parameters(), lr=config.value_lr)
+        self.running = RunningStandardiser()
+        self.replay: dict[str, Tensor] = {}
+        self.optimizer_steps = 0
+
+    @classmethod
+    def build(cls, experiment: Any, backbone: Backbone | None, reward: Reward | None) -> VARD:
+        if backbone is None:
+            raise ConfigError("vard needs a backbone: set backbone.family and backbone.path")
+        return cls(experiment.method, backbone, reward, experiment.sample)
+
+    # ---------------------------------------------------------------- value model
+
+    def _time(self, timesteps: Tensor) -> Tensor:
+        total = self.backbone.schedule.num_train_timesteps  # type: ignore[attr-defined]
+        return (timesteps.float().clamp(min=0) / total).to(self.backbone.device)
+
+    def value(self, x: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.value_model(x.float(), self._time(timesteps), text.float())
+
+    def _states(self, trajectory: Trajectory) -> tuple[Tensor, Tensor]:
+        """Every state after the first with its timestep: (K * B, ...) and (K * B,)."""
+        num_steps, batch = trajectory.num_steps, trajectory.latents.shape[1]
+        after = torch.stack([self.backbone.schedule.previous_timestep(t, num_steps) for t in trajectory.timesteps])
+        states = trajectory.latents[1:].reshape(num_steps * batch, *trajectory.latents.shape[2:])
+        return states.float(), after.float().repeat_interleave(batch)
+
+    def _remember(self, states: Tensor, timesteps: Tensor, returns: Tensor, text: Tensor) -> None:
+        new = {"x": states.detach().float(), "t": timesteps.detach().float(), "target": returns.detach().float(),
+               "text": text.detach().float()}
+        if not self.replay or self.config.replay_size == 0:
+            self.replay = new
+        else:
+            self.replay = {k: torch.cat([self.replay[k], v])[-self.config.replay_size :] for k, v in new.items()}
+
+    def train_value(self, generator: torch.Generator) -> float:
+        losses = []
+        size = self.replay["x"].shape[0]
+        with torch.enable_grad():
+            for _ in range(self.config.value_updates):
+                i = torch.randperm(size, generator=generator)[: self.config.value_batch].to(self.replay["x"].device)
+                loss = value_regression_loss(self.value(self.replay["x"][i], self.replay["t"][i], self.replay["text"][i]),
+                                             self.replay["target"][i])
+                self.value_optimizer.zero_grad()
+                loss.backward()
+                _average_across_processes(self.value_model)
+                torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), 1.0)
+                self.value_optimizer.step()
+                losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
+
+    # ---------------------------------------------------------------- the FineTuner contract
+
+    @property
+    def warming_up(self) -> bool:
+        return self.optimizer_steps < self.config.value_warmup
+
+    def after_optimizer_step(self) -> None:
+        self.optimizer_steps += 1
+
+    @torch.no_grad()
+    def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
+        c, s = self.config, self.sample_config
+        repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]
+        cond = self.backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
+        trajectory = sample(self.backbone, cond, s.num_steps, s.guidance_scale, s.eta, generator=generator)
+        images = self.backbone.decode(trajectory.final).float().clamp(0, 1)
+        rewards = self.reward(images, repeated)[0].float()  # type: ignore[misc]
+        returns = (rewards if c.shaping == "none" else shape_rewards(rewards, repeated, c.shaping, self.running))
+        returns = returns.to(self.backbone.device)
+        text = prompt_features(cond).to(self.backbone.device)
+
+        states, timesteps = self._states(trajectory)
+        returns_k, text_k = returns.repeat(trajectory.num_steps), text.repeat(trajectory.num_steps, 1)
+        # the value model's error on these new trajectories before it trains on them (held out)
+        new_error = float(value_regression_loss(self.value(states, timesteps, text_k), returns_k))
+        self._remember(states, timesteps, returns_k, text_k)
+        value_train_loss = self.train_value(generator)
+        metrics = {"reward_mean": rewards.mean(), "value_loss": torch.tensor(value_train_loss),
+                   "value_error_new": torch.tensor(new_error), "warmup": torch.tensor(float(self.warming_up))}
+        if self.warming_up:
+            return {"policy": None, "metrics": metrics}
+        stochastic = [k for k in range(trajectory.num_steps) if bool((trajectory.stds[k] > 0).any())]
+        if not stochastic:
+            raise ConfigError("no stochastic step in the trajectory: raise sample.eta")
+        order = torch.randperm(len(stochastic), generator=generator)[: c.steps_per_update]
+        steps = sorted(stochastic[i] for i in order.tolist())
+        return {"policy": (trajectory, steps, text), "metrics": metrics}
+
+    def _step_mean(self, trajectory: Trajectory, k: int, cond: Conditioning) -> Tensor:
+        x = trajectory.latents[k]
+        output = self.backbone.predict(x, trajectory.timesteps[k], cond, trajectory.guidance_scale)
+        step = self.backbone.schedule.step(x, output, trajectory.timesteps[k], trajectory.num_steps, trajectory.eta,
+                                           prev_sample=trajectory.latents[k + 1])
+        return step.mean.float()
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        metrics = dict(batch["metrics"])
+        if batch["policy"] is None:
+            return self.zero_loss(), metrics
+        trajectory, steps, text = batch["policy"]
+        total, kls, values = 0.0, [], []
+        self.value_model.requires_grad_(False)
+        try:
+            for k in steps:
+                std = trajectory.stds[k].float()
+                noise = (trajectory.latents[k + 1].float() - trajectory.means[k].float()) / std
+                with torch.no_grad(), self.backbone.reference():
+                    mean_reference = self._step_mean(trajectory, k, trajectory.cond)
+                with self.backbone.training():
+                    mean_policy = self._step_mean(trajectory, k, trajectory.cond)
+                next_state = mean_policy + std * noise
+                after = self.backbone.schedule.previous_timestep(trajectory.timesteps[k], trajectory.num_steps)
+                value = self.value(next_state, torch.as_tensor(after).float().expand(next_state.shape[0]), text)
+                loss_k, kl = vard_policy_loss(value, mean_policy, mean_reference, std, self.config.kl_weight)
+                total = total + loss_k / len(steps)
+                kls.append(kl.detach().mean())
+                values.append(value.detach().mean())
+        finally:
+            self.value_model.requires_grad_(True)
+        metrics.update({"kl": torch.stack(kls).mean(), "value_policy": torch.stack(values).mean(),
+                        "steps_trained": torch.tensor(float(len(steps)))})
+        return total, metrics  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (copied: later training does not change it)."""
+        import copy
+
+        return copy.deepcopy({"value_model": self.value_model.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
+                "running": self.running.state_dict(), "replay": {k: v.cpu() for k, v in self.replay.items()},
+                "optimizer_steps": self.optimizer_steps})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value_model.load_state_dict(state["value_model"])
+        self.value_optimizer.load_state_dict(state["value_optimizer"])
+        self.running.load_state_dict(state["running"])
+        self.replay = {k: v.to(self.backbone.device) for k, v in state["replay"].items()}
+        self.optimizer_steps = int(state["optimizer_steps"])
+
+

@@ -1,0 +1,110 @@
+"""VARD: the pure objectives by hand, the value model's regression on Monte-Carlo returns, and the
+method on tiny SD (epsilon) and SD3 (flow) backbones with a non-differentiable reward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genalign.core.experiment import BackboneConfig, SampleConfig
+from genalign.finetuners.vard import VARD, VARDConfig, vard_policy_loss, value_regression_loss
+from genalign.pipelines import load_backbone
+
+
+def test_policy_loss_by_hand():
+    values = torch.tensor([1.0, 3.0])
+    mean_policy = torch.tensor([[1.0, 1.0], [0.0, 2.0]], requires_grad=True)
+    mean_reference = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    loss, kl = vard_policy_loss(values, mean_policy, mean_reference, 0.5, kl_weight=0.1)
+    # KL per element = d^2 / (2 * 0.25) = 2 d^2: sample 0: (2 + 0) / 2 = 1; sample 1: (0 + 8) / 2 = 4
+    torch.testing.assert_close(kl, torch.tensor([1.0, 4.0]), rtol=0, atol=1e-6)
+    # -mean(V) + 0.1 * mean(KL) = -2 + 0.25
+    assert float(loss) == pytest.approx(-1.75)
+    loss.backward()
+    # d/dmu of 0.1 * mean_B mean_elem 2 d^2 = 0.1 * 4 d / (2 * 2)
+    torch.testing.assert_close(mean_policy.grad, 0.1 * (mean_policy - mean_reference).detach())
+    with pytest.raises(ValueError, match="std > 0"):
+        vard_policy_loss(values, mean_policy, mean_reference, 0.0, 0.1)
+    assert float(value_regression_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))) == pytest.approx(2.5)
+
+
+class _Brightness:
+    """A non-differentiable reward: images' mean brightness (through numpy)."""
+
+    differentiable = False
+
+    def __call__(self, images, prompts, metadata=None):
+        scores = torch.from_numpy(images.detach().float().mean(dim=(1, 2, 3)).numpy().copy())
+        return scores, {}
+
+
+def _vard(tiny_models, family="sd", prediction="epsilon", **overrides):
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(family, prediction), finetune="lora"), "cpu")
+    config = VARDConfig(**{"value_warmup": 1, "samples_per_prompt": 2, "steps_per_update": 2, **overrides})
+    eta = 1.0 if family == "sd" else 0.7
+    return VARD(config, backbone, _Brightness(), SampleConfig(num_steps=4, guidance_scale=1.0, eta=eta))
+
+
+@pytest.mark.parametrize("family,prediction", [("sd", "epsilon"), ("sd3", "flow")])
+def test_the_policy_step_reproduces_the_trajectory_and_training_raises_the_value(tiny_models, family, prediction):
+    vard = _vard(tiny_models, family, prediction, kl_weight=0.01)
+    vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))  # warm-up: value only
+    vard.after_optimizer_step()
+    batch = vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1))
+    trajectory, steps, text = batch["policy"]
+    assert steps and all(bool((trajectory.stds[k] > 0).any()) for k in steps)
+    # at the start the reparameterised step lands exactly on the stored next state, KL 0
+    k = steps[0]
+    mean = vard._step_mean(trajectory, k, trajectory.cond)
+    torch.testing.assert_close(mean, trajectory.means[k].float(), rtol=1e-4, atol=1e-5)
+    start, metrics = vard.loss(batch)
+    assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-10)
+    value_before = float(metrics["value_policy"])
+    optimizer = torch.optim.Adam(list(vard.params.values()), lr=1e-2)
+    for param in vard.value_model.parameters():
+        param.grad = None
+    for _ in range(10):
+        loss, metrics = vard.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    _, metrics = vard.loss(batch)
+    assert float(metrics["value_policy"]) > value_before and float(metrics["kl"]) > 0
+    # the policy loss gives the value model no gradient (it is frozen there)
+    assert all(p.grad is None for p in vard.value_model.parameters())
+    assert all(p.requires_grad for p in vard.value_model.parameters())  # and trainable again afterwards
+
+
+def test_value_states_carry_their_trajectorys_return(tiny_models):
+    vard = _vard(tiny_models, replay_size=0, shaping="none")
+    vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    replay = vard.replay
+    batch, steps = 4, 4  # 2 prompts x 2 samples, 4 sampling steps
+    assert replay["x"].shape[0] == batch * steps
+    # state j of step s belongs to trajectory j: every step repeats the batch's returns in order
+    returns = replay["target"].view(steps, batch)
+    assert torch.equal(returns, returns[0].expand(steps, batch))
+    # the timesteps are those the states are at (after each step), in sampling order
+    times = replay["t"].view(steps, batch)[:, 0]
+    assert bool((times[1:] < times[:-1]).all())
+
+
+def test_the_value_error_on_new_trajectories_falls(tiny_models):
+    """The value model's error on trajectories it has not seen yet falls as it trains."""
+    vard = _vard(tiny_models, value_warmup=1000, value_updates=8, value_lr=3e-3, shaping="none")
+    errors = []
+    for step in range(12):
+        batch = vard.collect(["a red circle", "a blue square", "a green triangle"], torch.Generator().manual_seed(step))
+        errors.append(float(batch["metrics"]["value_error_new"]))
+    assert sum(errors[-3:]) / 3 < 0.5 * sum(errors[:3]) / 3
+
+
+def test_configuration_errors(tiny_models):
+    backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora"), "cpu")
+    with pytest.raises(ValueError, match="eta > 0"):
+        VARD(VARDConfig(), backbone, _Brightness(), SampleConfig(num_steps=4, eta=0.0))
+    with pytest.raises(ValueError, match="needs a reward"):
+        VARD(VARDConfig(), backbone, None, SampleConfig(num_steps=4, eta=1.0))
+    with pytest.raises(ValueError, match="kl_weight"):
+        VARDConfig(kl_weight=-1.0)
