@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from genalign.core.experiment import BackboneConfig, SampleConfig
-from genalign.finetuners.vard import VARD, VARDConfig, vard_policy_loss, value_regression_loss
+from genalign.finetuners.vard import VARD, VARDConfig, value_regression_loss, vard_policy_loss
 from genalign.pipelines import load_backbone
 
 

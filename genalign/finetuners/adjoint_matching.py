@@ -345,7 +345,7 @@ class AdjointMatching(BackboneMethod):
 
     def loss(self, batch: AdjointBatch) -> tuple[Tensor, dict[str, Tensor]]:
         clip = self.config.loss_clip * self.config.reward_multiplier**2 or None
-        total = 0.0
+        total: Tensor | float = 0.0
         clipped = 0.0
         with self.backbone.training():
             for i, k in enumerate(batch.steps):

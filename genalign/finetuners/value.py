@@ -37,14 +37,15 @@ def timestep_embedding(t: Tensor, dim: int = 64) -> Tensor:
 class ValueModel(nn.Module):
     """V(x_t, t, prompt features) -> (B,) predicted final (shaped) reward."""
 
-    def __init__(self, latent_channels: int, text_dim: int, width: int = 128, conv_width: int = 32):
+    def __init__(self, latent_channels: int, text_dim: int, width: int = 128, conv_width: int = 32,
+                 dropout: float = 0.0):
         super().__init__()
         c = conv_width
         self.cnn = nn.Sequential(
             nn.Conv2d(latent_channels, c, 3, padding=1), nn.SiLU(),
             nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Dropout(dropout),
         )
         self.text = nn.Linear(text_dim, width)
         self.mlp = nn.Sequential(

@@ -213,7 +213,8 @@ class VARD(BackboneMethod):
         if batch["policy"] is None:
             return self.zero_loss(), metrics
         trajectory, steps, text = batch["policy"]
-        total, kls, values = 0.0, [], []
+        total: Tensor | float = 0.0
+        kls, values = [], []
         self.value_model.requires_grad_(False)
         try:
             for k in steps:
