@@ -15,10 +15,10 @@ from PIL import Image
 from genalign.core.config import ConfigError
 from genalign.core.experiment import RewardConfig
 from genalign.core.loading import WeightsNotFoundError
+from genalign.core.normalize import PerPromptStatTracker
 from genalign.rewards import REWARDS, build_reward, load_reward
 from genalign.rewards.base import RewardInputError, RewardModel, clear_cache
 from genalign.rewards.combine import Ensemble, WeightedSum
-from genalign.rewards.normalize import PerPromptStatTracker
 from genalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform, clip_transform
 from tests.reward_models import (
     AESTHETIC_MLP,

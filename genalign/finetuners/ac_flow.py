@@ -45,7 +45,7 @@ from genalign.core.sampler import sample
 from genalign.core.types import Backbone, Conditioning, Reward
 from genalign.finetuners import register
 from genalign.finetuners.common import BackboneMethod, per_sample_mse
-from genalign.finetuners.value import RunningStandardiser, ValueModel, prompt_features, value_loss
+from genalign.finetuners.value import ValueLearner, prompt_features, shape_rewards, value_loss
 
 # ------------------------------------------------------------------ the objective (pure functions)
 
@@ -112,18 +112,6 @@ class ACFlowConfig:
               "critic_lr must be > 0, replay_size >= 0, critic_width >= 8")
 
 
-def shape_rewards(rewards: Tensor, prompts: list[str], mode: str, running: RunningStandardiser) -> Tensor:
-    """Normalised learning signal of raw rewards (B,): see :class:`ACFlowConfig` ``shaping``."""
-    if mode == "running":
-        running.update(rewards)
-        return running(rewards)
-    if mode == "batch":
-        return (rewards.float() - rewards.float().mean()) / (rewards.float().std(unbiased=False) + 1e-6)
-    from genalign.rewards.normalize import PerPromptStatTracker
-
-    return PerPromptStatTracker(buffer_size=0, min_count=2).update(prompts, rewards.float())
-
-
 @register("ac_flow")
 class ACFlow(BackboneMethod):
     Config = ACFlowConfig
@@ -137,12 +125,8 @@ class ACFlow(BackboneMethod):
             raise ConfigError("ac_flow needs a reward (any, differentiable or not); configure reward.name")
         if config.alpha > 0 and getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
             backbone.keep_reference()  # type: ignore[attr-defined]
-        text_dim = prompt_features(backbone.encode_prompts([""], guidance=False)).shape[1]
-        channels = backbone.latent_shape()[0]
-        self.critic = ValueModel(channels, text_dim, config.critic_width).to(backbone.device)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
-        self.running = RunningStandardiser()
-        self.replay: dict[str, Tensor] = {}
+        self.critic = ValueLearner(backbone, config.critic_width, config.critic_lr, config.replay_size,
+                                   config.critic_batch, config.critic_updates)
         self.optimizer_steps = 0
 
     @classmethod
@@ -153,42 +137,15 @@ class ACFlow(BackboneMethod):
 
     # ---------------------------------------------------------------- critic
 
-    def _time(self, timesteps: Tensor) -> Tensor:
-        return timesteps.float().to(self.backbone.device) / self.backbone.schedule.num_train_timesteps  # type: ignore[attr-defined]
-
     def _noised(self, x1: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """(x_t, timesteps, noise) with the backbone's training-timestep law and fresh noise."""
         timesteps = self.backbone.schedule.sample_training_timesteps(x1.shape[0], generator)
         noise = torch.randn(x1.shape, generator=generator).to(x1.device)
         return self.backbone.schedule.add_noise(x1, noise, timesteps), timesteps, noise
 
-    def value(self, x_t: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
-        with torch.autocast(device_type=x_t.device.type, enabled=False):
-            return self.critic(x_t.float(), self._time(timesteps), text.float())
-
-    def _remember(self, x1: Tensor, shaped: Tensor, text: Tensor) -> None:
-        new = {"x1": x1.detach().float(), "target": shaped.detach().float(), "text": text.detach().float()}
-        if not self.replay or self.config.replay_size == 0:
-            self.replay = new
-        else:
-            self.replay = {k: torch.cat([self.replay[k], v])[-self.config.replay_size :] for k, v in new.items()}
-
-    def train_critic(self, generator: torch.Generator) -> float:
-        """``critic_updates`` Adam steps on replay minibatches; the mean loss."""
-        losses = []
-        size = self.replay["x1"].shape[0]
-        with torch.enable_grad():
-            for _ in range(self.config.critic_updates):
-                index = torch.randperm(size, generator=generator)[: self.config.critic_batch]
-                x_t, timesteps, _ = self._noised(self.replay["x1"][index], generator)
-                loss = value_loss(self.value(x_t, timesteps, self.replay["text"][index]), self.replay["target"][index])
-                self.critic_optimizer.zero_grad()
-                loss.backward()
-                _average_across_processes(self.critic)
-                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
-                self.critic_optimizer.step()
-                losses.append(float(loss.detach()))
-        return sum(losses) / len(losses)
+    def _critic_inputs(self, minibatch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        x_t, timesteps, _ = self._noised(minibatch["x1"], generator)  # fresh noise at every update
+        return x_t, timesteps
 
     # ---------------------------------------------------------------- the FineTuner contract
 
@@ -207,14 +164,14 @@ class ACFlow(BackboneMethod):
         x1 = sample(self.backbone, cond, s.num_steps, s.guidance_scale, s.eta, generator=generator).final.float()
         images = self.backbone.decode(x1.to(self.backbone.dtype)).float().clamp(0, 1)
         rewards = self.reward(images, repeated)[0].float()  # type: ignore[misc]
-        shaped = shape_rewards(rewards, repeated, c.shaping, self.running).to(x1.device)
+        shaped = shape_rewards(rewards, repeated, c.shaping, self.critic.running).to(x1.device)
         text = prompt_features(cond).to(x1.device)
 
         # the critic's error on these new samples before it sees them: held-out prediction error
         x_t, timesteps, _ = self._noised(x1, generator)
-        new_error = float(value_loss(self.value(x_t, timesteps, text), shaped))
-        self._remember(x1, shaped, text)
-        critic_loss = self.train_critic(generator)
+        new_error = float(value_loss(self.critic(x_t, timesteps, text), shaped))
+        self.critic.remember({"x1": x1, "target": shaped, "text": text})
+        critic_loss = self.critic.train(self._critic_inputs, generator)
 
         metrics = {"reward_mean": rewards.mean(), "reward_std": rewards.std(unbiased=False),
                    "critic_loss": torch.tensor(critic_loss), "critic_error_new": torch.tensor(new_error),
@@ -225,7 +182,7 @@ class ACFlow(BackboneMethod):
         k = c.timesteps_per_sample
         x1_k, shaped_k, text_k = x1.repeat(k, 1, 1, 1), shaped.repeat(k), text.repeat(k, 1)
         x_t, timesteps, noise = self._noised(x1_k, generator)
-        advantages = shaped_k - self.value(x_t, timesteps, text_k)
+        advantages = shaped_k - self.critic(x_t, timesteps, text_k)
         weights = advantage_weights(advantages, c.weighting, c.beta, c.clip_range)
         target = self.backbone.schedule.training_target(x1_k, noise, timesteps).float()
         cond_k = _positive_only(cond).select(list(range(len(cond))) * k)
@@ -253,33 +210,13 @@ class ACFlow(BackboneMethod):
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """A snapshot (copied: later training does not change it)."""
-        import copy
-
-        return copy.deepcopy({"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
-                "running": self.running.state_dict(), "replay": {k: v.cpu() for k, v in self.replay.items()},
-                "optimizer_steps": self.optimizer_steps})
+        return {"critic": self.critic.state_dict(), "optimizer_steps": self.optimizer_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.critic.load_state_dict(state["critic"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.running.load_state_dict(state["running"])
-        self.replay = {k: v.to(self.backbone.device) for k, v in state["replay"].items()}
         self.optimizer_steps = int(state["optimizer_steps"])
 
 
 def _positive_only(cond: Conditioning) -> Conditioning:
     """The conditional branch alone (the regression is on the conditional model)."""
     return Conditioning(cond.positive, None, cond.prompts)
-
-
-def _average_across_processes(module: torch.nn.Module) -> None:
-    """Data-parallel critic: average its gradients over processes (each collects its own shard)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for param in module.parameters():
-        if param.grad is not None:
-            dist.all_reduce(param.grad)
-            param.grad /= dist.get_world_size()

@@ -11,10 +11,13 @@ else the mean of the token embeddings (SD 1.x/2.x).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from genalign.core.normalize import PerPromptStatTracker
 from genalign.core.types import Conditioning
 
 
@@ -93,3 +96,94 @@ class RunningStandardiser:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+def shape_rewards(rewards: Tensor, prompts: list[str], mode: str, running: RunningStandardiser) -> Tensor:
+    """Normalised learning signal of raw rewards (B,): ``running`` (running mean/std, updated with
+    these rewards first), ``batch`` (this batch's mean/std), ``prompt`` (each prompt's group in the
+    batch, GRPO-style) or ``none`` (raw)."""
+    if mode == "none":
+        return rewards.float()
+    if mode == "running":
+        running.update(rewards)
+        return running(rewards)
+    if mode == "batch":
+        return (rewards.float() - rewards.float().mean()) / (rewards.float().std(unbiased=False) + 1e-6)
+    return PerPromptStatTracker(buffer_size=0, min_count=2).update(prompts, rewards.float())
+
+
+def average_gradients_across_processes(module: nn.Module) -> None:
+    """Data-parallel value model: average its gradients over processes (each collects its own shard)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= dist.get_world_size()
+
+
+class ValueLearner:
+    """A :class:`ValueModel` for a backbone with what trains it: its own Adam optimiser (outside the
+    trainer's), running reward statistics and a replay buffer of recent examples (dicts of tensors
+    with ``target`` and ``text``). What AC-Flow's critic and VARD's value model share; the whole
+    state is saved in checkpoints through the fine-tuner's ``state_dict``."""
+
+    def __init__(self, backbone: Any, width: int, lr: float, replay_size: int, batch: int, updates: int):
+        text_dim = prompt_features(backbone.encode_prompts([""], guidance=False)).shape[1]
+        self.model = ValueModel(backbone.latent_shape()[0], text_dim, width).to(backbone.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.running = RunningStandardiser()
+        self.replay: dict[str, Tensor] = {}
+        self.replay_size, self.batch, self.updates = replay_size, batch, updates
+        self.num_train_timesteps: int = backbone.schedule.num_train_timesteps
+        self.device = backbone.device
+
+    def __call__(self, x: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
+        """V(x, t, prompt) (B,) in fp32 whatever the autocast; ``timesteps`` are model timesteps."""
+        t = (timesteps.float().clamp(min=0) / self.num_train_timesteps).to(self.device)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.model(x.float(), t, text.float())
+
+    def remember(self, examples: dict[str, Tensor]) -> None:
+        """Append examples (first dims equal); the oldest fall out beyond ``replay_size`` (0: keep only these)."""
+        new = {k: v.detach().float() for k, v in examples.items()}
+        if not self.replay or self.replay_size == 0:
+            self.replay = new
+        else:
+            self.replay = {k: torch.cat([self.replay[k], v])[-self.replay_size :] for k, v in new.items()}
+
+    def train(self, inputs: Callable[[dict[str, Tensor], torch.Generator], tuple[Tensor, Tensor]],
+              generator: torch.Generator) -> float:
+        """``updates`` Adam steps on replay minibatches; ``inputs(minibatch, generator)`` gives the
+        model's (x, timesteps) for them. Returns the mean loss."""
+        losses = []
+        size = self.replay["target"].shape[0]
+        with torch.enable_grad():
+            for _ in range(self.updates):
+                index = torch.randperm(size, generator=generator)[: self.batch].to(self.replay["target"].device)
+                minibatch = {k: v[index] for k, v in self.replay.items()}
+                x, timesteps = inputs(minibatch, generator)
+                loss = value_loss(self(x, timesteps, minibatch["text"]), minibatch["target"])
+                self.optimizer.zero_grad()
+                loss.backward()
+                average_gradients_across_processes(self.model)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.optimizer.step()
+                losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (copied: later training does not change it)."""
+        import copy
+
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "running": self.running.state_dict(),
+                              "replay": {k: v.cpu() for k, v in self.replay.items()}})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.running.load_state_dict(state["running"])
+        self.replay = {k: v.to(self.device) for k, v in state["replay"].items()}

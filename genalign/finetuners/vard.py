@@ -43,9 +43,8 @@ from genalign.core.config import ConfigError, check, field
 from genalign.core.sampler import sample
 from genalign.core.types import Backbone, Conditioning, Reward, Trajectory
 from genalign.finetuners import register
-from genalign.finetuners.ac_flow import _average_across_processes, shape_rewards
 from genalign.finetuners.common import BackboneMethod
-from genalign.finetuners.value import RunningStandardiser, ValueModel, prompt_features, value_loss
+from genalign.finetuners.value import ValueLearner, prompt_features, shape_rewards, value_loss
 
 # ------------------------------------------------------------------ the objectives (pure functions)
 
@@ -109,11 +108,8 @@ class VARD(BackboneMethod):
                               "(SD: DDIM eta 1; flow models: an SDE noise level such as 0.7)")
         if getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
             backbone.keep_reference()  # type: ignore[attr-defined]
-        text_dim = prompt_features(backbone.encode_prompts([""], guidance=False)).shape[1]
-        self.value_model = ValueModel(backbone.latent_shape()[0], text_dim, config.value_width).to(backbone.device)
-        self.value_optimizer = torch.optim.Adam(self.value_model.parameters(), lr=config.value_lr)
-        self.running = RunningStandardiser()
-        self.replay: dict[str, Tensor] = {}
+        self.value = ValueLearner(backbone, config.value_width, config.value_lr, config.replay_size,
+                                  config.value_batch, config.value_updates)
         self.optimizer_steps = 0
 
     @classmethod
@@ -124,14 +120,6 @@ class VARD(BackboneMethod):
 
     # ---------------------------------------------------------------- value model
 
-    def _time(self, timesteps: Tensor) -> Tensor:
-        total = self.backbone.schedule.num_train_timesteps  # type: ignore[attr-defined]
-        return (timesteps.float().clamp(min=0) / total).to(self.backbone.device)
-
-    def value(self, x: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.value_model(x.float(), self._time(timesteps), text.float())
-
     def _states(self, trajectory: Trajectory) -> tuple[Tensor, Tensor]:
         """Every state after the first with its timestep: (K * B, ...) and (K * B,)."""
         num_steps, batch = trajectory.num_steps, trajectory.latents.shape[1]
@@ -139,29 +127,9 @@ class VARD(BackboneMethod):
         states = trajectory.latents[1:].reshape(num_steps * batch, *trajectory.latents.shape[2:])
         return states.float(), after.float().repeat_interleave(batch)
 
-    def _remember(self, states: Tensor, timesteps: Tensor, returns: Tensor, text: Tensor) -> None:
-        new = {"x": states.detach().float(), "t": timesteps.detach().float(), "target": returns.detach().float(),
-               "text": text.detach().float()}
-        if not self.replay or self.config.replay_size == 0:
-            self.replay = new
-        else:
-            self.replay = {k: torch.cat([self.replay[k], v])[-self.config.replay_size :] for k, v in new.items()}
-
-    def train_value(self, generator: torch.Generator) -> float:
-        losses = []
-        size = self.replay["x"].shape[0]
-        with torch.enable_grad():
-            for _ in range(self.config.value_updates):
-                i = torch.randperm(size, generator=generator)[: self.config.value_batch].to(self.replay["x"].device)
-                loss = value_regression_loss(self.value(self.replay["x"][i], self.replay["t"][i], self.replay["text"][i]),
-                                             self.replay["target"][i])
-                self.value_optimizer.zero_grad()
-                loss.backward()
-                _average_across_processes(self.value_model)
-                torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), 1.0)
-                self.value_optimizer.step()
-                losses.append(float(loss.detach()))
-        return sum(losses) / len(losses)
+    @staticmethod
+    def _stored_states(minibatch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return minibatch["x"], minibatch["t"]
 
     # ---------------------------------------------------------------- the FineTuner contract
 
@@ -180,16 +148,15 @@ class VARD(BackboneMethod):
         trajectory = sample(self.backbone, cond, s.num_steps, s.guidance_scale, s.eta, generator=generator)
         images = self.backbone.decode(trajectory.final).float().clamp(0, 1)
         rewards = self.reward(images, repeated)[0].float()  # type: ignore[misc]
-        returns = (rewards if c.shaping == "none" else shape_rewards(rewards, repeated, c.shaping, self.running))
-        returns = returns.to(self.backbone.device)
+        returns = shape_rewards(rewards, repeated, c.shaping, self.value.running).to(self.backbone.device)
         text = prompt_features(cond).to(self.backbone.device)
 
         states, timesteps = self._states(trajectory)
         returns_k, text_k = returns.repeat(trajectory.num_steps), text.repeat(trajectory.num_steps, 1)
         # the value model's error on these new trajectories before it trains on them (held out)
         new_error = float(value_regression_loss(self.value(states, timesteps, text_k), returns_k))
-        self._remember(states, timesteps, returns_k, text_k)
-        value_train_loss = self.train_value(generator)
+        self.value.remember({"x": states, "t": timesteps, "target": returns_k, "text": text_k})
+        value_train_loss = self.value.train(self._stored_states, generator)
         metrics = {"reward_mean": rewards.mean(), "value_loss": torch.tensor(value_train_loss),
                    "value_error_new": torch.tensor(new_error), "warmup": torch.tensor(float(self.warming_up))}
         if self.warming_up:
@@ -215,7 +182,7 @@ class VARD(BackboneMethod):
         trajectory, steps, text = batch["policy"]
         total: Tensor | float = 0.0
         kls, values = [], []
-        self.value_model.requires_grad_(False)
+        self.value.model.requires_grad_(False)
         try:
             for k in steps:
                 std = trajectory.stds[k].float()
@@ -232,7 +199,7 @@ class VARD(BackboneMethod):
                 kls.append(kl.detach().mean())
                 values.append(value.detach().mean())
         finally:
-            self.value_model.requires_grad_(True)
+            self.value.model.requires_grad_(True)
         metrics.update({"kl": torch.stack(kls).mean(), "value_policy": torch.stack(values).mean(),
                         "steps_trained": torch.tensor(float(len(steps)))})
         return total, metrics  # type: ignore[return-value]
@@ -240,18 +207,8 @@ class VARD(BackboneMethod):
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """A snapshot (copied: later training does not change it)."""
-        import copy
-
-        return copy.deepcopy({"value_model": self.value_model.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
-                "running": self.running.state_dict(), "replay": {k: v.cpu() for k, v in self.replay.items()},
-                "optimizer_steps": self.optimizer_steps})
+        return {"value": self.value.state_dict(), "optimizer_steps": self.optimizer_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.value_model.load_state_dict(state["value_model"])
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
-        self.running.load_state_dict(state["running"])
-        self.replay = {k: v.to(self.backbone.device) for k, v in state["replay"].items()}
+        self.value.load_state_dict(state["value"])
         self.optimizer_steps = int(state["optimizer_steps"])
-
-
