@@ -45,7 +45,7 @@ from genalign.core.sampler import sample
 from genalign.core.types import Backbone, Conditioning, Reward
 from genalign.finetuners import register
 from genalign.finetuners.common import BackboneMethod, per_sample_mse
-from genalign.finetuners.value import ValueLearner, prompt_features, shape_rewards, value_loss
+from genalign.finetuners.value import ValueLearner, check_value_settings, prompt_features, shape_rewards, value_loss
 
 # ------------------------------------------------------------------ the objective (pure functions)
 
@@ -106,10 +106,8 @@ class ACFlowConfig:
         check(self.timesteps_per_sample >= 1, f"timesteps_per_sample must be >= 1, got {self.timesteps_per_sample}")
         check(self.shaping != "prompt" or self.samples_per_prompt >= 2,
               "shaping: prompt standardises each prompt's group; it needs samples_per_prompt >= 2")
-        check(self.critic_warmup >= 0 and self.critic_updates >= 1 and self.critic_batch >= 1,
-              "critic_warmup must be >= 0, critic_updates and critic_batch >= 1")
-        check(self.critic_lr > 0 and self.replay_size >= 0 and self.critic_width >= 8,
-              "critic_lr must be > 0, replay_size >= 0, critic_width >= 8")
+        check_value_settings("critic", self.critic_warmup, self.critic_updates, self.critic_batch, self.critic_lr,
+                             self.replay_size, self.critic_width)
 
 
 @register("ac_flow")

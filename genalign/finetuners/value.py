@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from genalign.core.config import check
 from genalign.core.normalize import PerPromptStatTracker
 from genalign.core.types import Conditioning
 
@@ -96,6 +97,14 @@ class RunningStandardiser:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+def check_value_settings(prefix: str, warmup: int, updates: int, batch: int, lr: float, replay_size: int,
+                         width: int) -> None:
+    """Range checks of a method's value-model settings (``prefix``: critic / value, as its keys are named)."""
+    check(warmup >= 0 and updates >= 1 and batch >= 1,
+          f"{prefix}_warmup must be >= 0, {prefix}_updates and {prefix}_batch >= 1")
+    check(lr > 0 and replay_size >= 0 and width >= 8, f"{prefix}_lr must be > 0, replay_size >= 0, {prefix}_width >= 8")
 
 
 def shape_rewards(rewards: Tensor, prompts: list[str], mode: str, running: RunningStandardiser) -> Tensor:

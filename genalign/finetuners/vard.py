@@ -44,7 +44,7 @@ from genalign.core.sampler import sample
 from genalign.core.types import Backbone, Conditioning, Reward, Trajectory
 from genalign.finetuners import register
 from genalign.finetuners.common import BackboneMethod
-from genalign.finetuners.value import ValueLearner, prompt_features, shape_rewards, value_loss
+from genalign.finetuners.value import ValueLearner, check_value_settings, prompt_features, shape_rewards, value_loss
 
 # ------------------------------------------------------------------ the objectives (pure functions)
 
@@ -86,10 +86,8 @@ class VARDConfig:
         check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         check(self.shaping != "prompt" or self.samples_per_prompt >= 2,
               "shaping: prompt standardises each prompt's group; it needs samples_per_prompt >= 2")
-        check(self.value_warmup >= 0 and self.value_updates >= 1 and self.value_batch >= 1,
-              "value_warmup must be >= 0, value_updates and value_batch >= 1")
-        check(self.value_lr > 0 and self.replay_size >= 0 and self.value_width >= 8,
-              "value_lr must be > 0, replay_size >= 0, value_width >= 8")
+        check_value_settings("value", self.value_warmup, self.value_updates, self.value_batch, self.value_lr,
+                             self.replay_size, self.value_width)
 
 
 @register("vard")
