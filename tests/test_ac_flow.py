@@ -107,8 +107,8 @@ def test_the_critic_learns_the_value_of_intermediate_states(tiny_models):
     generator = torch.Generator().manual_seed(0)
     x1 = torch.randn(2048, *ac.backbone.latent_shape(), generator=generator)
     target = x1[:, 0].mean(dim=(1, 2)) * 4  # value determined by the clean latents
-    text = torch.zeros(2048, ac.critic.model.text.in_features)
-    ac.critic.remember({"x1": x1, "target": target, "text": text})
+    text = torch.zeros(2048, ac.learner.model.text.in_features)
+    ac.learner.remember({"x1": x1, "target": target, "text": text})
     held_out = torch.randn(128, *ac.backbone.latent_shape(), generator=generator)
     held_target = held_out[:, 0].mean(dim=(1, 2)) * 4
 
@@ -117,11 +117,11 @@ def test_the_critic_learns_the_value_of_intermediate_states(tiny_models):
             t = torch.full((128,), sigma * 1000.0)
             noise = torch.randn(held_out.shape, generator=torch.Generator().manual_seed(1))
             x_t = ac.backbone.schedule.add_noise(held_out, noise, t)
-            return float(value_loss(ac.critic(x_t, t, text[:128]), held_target))
+            return float(value_loss(ac.learner(x_t, t, text[:128]), held_target))
 
     before = error(0.2)
     for _ in range(400):
-        ac.critic.train(ac._critic_inputs, generator)
+        ac.learner.train(ac._critic_inputs, generator)
     variance = float(held_target.var())
     assert error(0.2) < 0.4 * variance and error(0.2) < 0.4 * before  # floor: 0.06 variance
     assert error(0.8) > error(0.2)  # noisier states say less about the outcome
@@ -129,10 +129,10 @@ def test_the_critic_learns_the_value_of_intermediate_states(tiny_models):
 
 def test_warmup_trains_only_the_critic_then_the_actor_learns(tiny_models):
     ac = _acflow(tiny_models, critic_warmup=1, alpha=0.5)
-    critic_before = [p.detach().clone() for p in ac.critic.model.parameters()]
+    critic_before = [p.detach().clone() for p in ac.learner.model.parameters()]
     batch = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
     assert batch["actor"] is None and batch["metrics"]["warmup"] == 1.0
-    assert any(not torch.equal(a, b) for a, b in zip(critic_before, ac.critic.model.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, ac.learner.model.parameters(), strict=True))
     loss, _ = ac.loss(batch)
     loss.backward()
     assert float(loss) == 0.0 and all(float(p.grad.abs().sum()) == 0 for p in ac.params.values())
@@ -161,10 +161,10 @@ def test_the_checkpoint_state_restores_critic_replay_and_counters(tiny_models):
     other = _acflow(tiny_models)
     other.load_state_dict(state)
     x = torch.randn(2, *ac.backbone.latent_shape())
-    t, text = torch.tensor([500.0, 900.0]), torch.randn(2, ac.critic.model.text.in_features)
-    torch.testing.assert_close(other.critic(x, t, text), ac.critic(x, t, text))
-    assert torch.equal(other.critic.replay["x1"], ac.critic.replay["x1"]) and other.optimizer_steps == 1
-    assert other.critic.running.count == ac.critic.running.count
+    t, text = torch.tensor([500.0, 900.0]), torch.randn(2, ac.learner.model.text.in_features)
+    torch.testing.assert_close(other.learner(x, t, text), ac.learner(x, t, text))
+    assert torch.equal(other.learner.replay["x1"], ac.learner.replay["x1"]) and other.optimizer_steps == 1
+    assert other.learner.running.count == ac.learner.running.count
     # and both continue identically
     a = ac.collect(["a blue square"], torch.Generator().manual_seed(3))
     b = other.collect(["a blue square"], torch.Generator().manual_seed(3))

@@ -62,7 +62,7 @@ def test_the_policy_step_reproduces_the_trajectory_and_training_raises_the_value
     assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-10)
     value_before = float(metrics["value_policy"])
     optimizer = torch.optim.Adam(list(vard.params.values()), lr=1e-2)
-    for param in vard.value.model.parameters():
+    for param in vard.learner.model.parameters():
         param.grad = None
     for _ in range(10):
         loss, metrics = vard.loss(batch)
@@ -72,14 +72,14 @@ def test_the_policy_step_reproduces_the_trajectory_and_training_raises_the_value
     _, metrics = vard.loss(batch)
     assert float(metrics["value_policy"]) > value_before and float(metrics["kl"]) > 0
     # the policy loss gives the value model no gradient (it is frozen there)
-    assert all(p.grad is None for p in vard.value.model.parameters())
-    assert all(p.requires_grad for p in vard.value.model.parameters())  # and trainable again afterwards
+    assert all(p.grad is None for p in vard.learner.model.parameters())
+    assert all(p.requires_grad for p in vard.learner.model.parameters())  # and trainable again afterwards
 
 
 def test_value_states_carry_their_trajectorys_return(tiny_models):
     vard = _vard(tiny_models, replay_size=0, shaping="none")
     vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
-    replay = vard.value.replay
+    replay = vard.learner.replay
     batch, steps = 4, 4  # 2 prompts x 2 samples, 4 sampling steps
     assert replay["x"].shape[0] == batch * steps
     # state j of step s belongs to trajectory j: every step repeats the batch's returns in order

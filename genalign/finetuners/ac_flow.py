@@ -40,12 +40,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from genalign.core.config import ConfigError, check, field
-from genalign.core.sampler import sample
+from genalign.core.config import check, field
 from genalign.core.types import Backbone, Conditioning, Reward
 from genalign.finetuners import register
-from genalign.finetuners.common import BackboneMethod, per_sample_mse
-from genalign.finetuners.value import ValueLearner, check_value_settings, prompt_features, shape_rewards, value_loss
+from genalign.finetuners.common import per_sample_mse
+from genalign.finetuners.value import ValueMethod, check_value_settings, value_loss
 
 # ------------------------------------------------------------------ the objective (pure functions)
 
@@ -111,27 +110,14 @@ class ACFlowConfig:
 
 
 @register("ac_flow")
-class ACFlow(BackboneMethod):
+class ACFlow(ValueMethod):
     Config = ACFlowConfig
+    name = "ac_flow"
 
     def __init__(self, config: ACFlowConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
-        self.config, self.backbone, self.reward, self.sample_config = config, backbone, reward, sample_config
-        self.params = backbone.named_trainable_parameters()
-        if not self.params:
-            raise ConfigError("ac_flow trains the backbone: set backbone.finetune to lora or full")
-        if reward is None:
-            raise ConfigError("ac_flow needs a reward (any, differentiable or not); configure reward.name")
-        if config.alpha > 0 and getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
-            backbone.keep_reference()  # type: ignore[attr-defined]
-        self.critic = ValueLearner(backbone, config.critic_width, config.critic_lr, config.replay_size,
-                                   config.critic_batch, config.critic_updates)
-        self.optimizer_steps = 0
-
-    @classmethod
-    def build(cls, experiment: Any, backbone: Backbone | None, reward: Reward | None) -> ACFlow:
-        if backbone is None:
-            raise ConfigError("ac_flow needs a backbone: set backbone.family and backbone.path")
-        return cls(experiment.method, backbone, reward, experiment.sample)
+        self._setup(config, backbone, reward, sample_config, needs_reference=config.alpha > 0,
+                    width=config.critic_width, lr=config.critic_lr, replay_size=config.replay_size,
+                    batch=config.critic_batch, updates=config.critic_updates, warmup=config.critic_warmup)
 
     # ---------------------------------------------------------------- critic
 
@@ -147,29 +133,18 @@ class ACFlow(BackboneMethod):
 
     # ---------------------------------------------------------------- the FineTuner contract
 
-    @property
-    def warming_up(self) -> bool:
-        return self.optimizer_steps < self.config.critic_warmup
-
-    def after_optimizer_step(self) -> None:
-        self.optimizer_steps += 1
-
     @torch.no_grad()
     def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
-        c, s = self.config, self.sample_config
-        repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]
-        cond = self.backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
-        x1 = sample(self.backbone, cond, s.num_steps, s.guidance_scale, s.eta, generator=generator).final.float()
-        images = self.backbone.decode(x1.to(self.backbone.dtype)).float().clamp(0, 1)
-        rewards = self.reward(images, repeated)[0].float()  # type: ignore[misc]
-        shaped = shape_rewards(rewards, repeated, c.shaping, self.critic.running).to(x1.device)
-        text = prompt_features(cond).to(x1.device)
+        c = self.config
+        trajectory, rewards, shaped, text = self.scored_rollout(prompts, c.samples_per_prompt, c.shaping, generator)
+        x1 = trajectory.final.float()
+        cond = trajectory.cond
 
         # the critic's error on these new samples before it sees them: held-out prediction error
         x_t, timesteps, _ = self._noised(x1, generator)
-        new_error = float(value_loss(self.critic(x_t, timesteps, text), shaped))
-        self.critic.remember({"x1": x1, "target": shaped, "text": text})
-        critic_loss = self.critic.train(self._critic_inputs, generator)
+        new_error = float(value_loss(self.learner(x_t, timesteps, text), shaped))
+        self.learner.remember({"x1": x1, "target": shaped, "text": text})
+        critic_loss = self.learner.train(self._critic_inputs, generator)
 
         metrics = {"reward_mean": rewards.mean(), "reward_std": rewards.std(unbiased=False),
                    "critic_loss": torch.tensor(critic_loss), "critic_error_new": torch.tensor(new_error),
@@ -180,7 +155,7 @@ class ACFlow(BackboneMethod):
         k = c.timesteps_per_sample
         x1_k, shaped_k, text_k = x1.repeat(k, 1, 1, 1), shaped.repeat(k), text.repeat(k, 1)
         x_t, timesteps, noise = self._noised(x1_k, generator)
-        advantages = shaped_k - self.critic(x_t, timesteps, text_k)
+        advantages = shaped_k - self.learner(x_t, timesteps, text_k)
         weights = advantage_weights(advantages, c.weighting, c.beta, c.clip_range)
         target = self.backbone.schedule.training_target(x1_k, noise, timesteps).float()
         cond_k = _positive_only(cond).select(list(range(len(cond))) * k)
@@ -204,16 +179,6 @@ class ACFlow(BackboneMethod):
         loss, weighted, w2 = ac_flow_actor_loss(prediction, target, reference, weights, self.config.alpha)
         metrics.update({"fm_weighted": weighted.detach(), "w2": w2.detach()})
         return loss, metrics
-
-    # ---------------------------------------------------------------- checkpoints
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"critic": self.critic.state_dict(), "optimizer_steps": self.optimizer_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.critic.load_state_dict(state["critic"])
-        self.optimizer_steps = int(state["optimizer_steps"])
-
 
 def _positive_only(cond: Conditioning) -> Conditioning:
     """The conditional branch alone (the regression is on the conditional model)."""

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from genalign.core.config import check
+from genalign.core.config import ConfigError, check
 from genalign.core.normalize import PerPromptStatTracker
-from genalign.core.types import Conditioning
+from genalign.core.sampler import sample
+from genalign.core.types import Conditioning, Trajectory
+from genalign.finetuners.common import BackboneMethod
 
 
 def prompt_features(cond: Conditioning) -> Tensor:
@@ -196,3 +198,61 @@ class ValueLearner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.running.load_state_dict(state["running"])
         self.replay = {k: v.to(self.device) for k, v in state["replay"].items()}
+
+
+class ValueMethod(BackboneMethod):
+    """What the value-based methods (AC-Flow's critic, VARD's value model) share: the checks and
+    set-up of a method that trains the backbone next to a :class:`ValueLearner`, the warm-up count in
+    optimizer steps, scored rollouts, and the checkpoint state."""
+
+    name: ClassVar[str]
+    learner: ValueLearner
+
+    def _setup(self, config: Any, backbone: Any, reward: Any, sample_config: Any, *, needs_reference: bool,
+               width: int, lr: float, replay_size: int, batch: int, updates: int, warmup: int) -> None:
+        self.config, self.backbone, self.reward, self.sample_config = config, backbone, reward, sample_config
+        self.params = backbone.named_trainable_parameters()
+        if not self.params:
+            raise ConfigError(f"{self.name} trains the backbone: set backbone.finetune to lora or full")
+        if reward is None:
+            raise ConfigError(f"{self.name} needs a reward (differentiable or not); configure reward.name")
+        if needs_reference and getattr(backbone.config, "finetune", "lora") == "full":
+            backbone.keep_reference()
+        self.learner = ValueLearner(backbone, width, lr, replay_size, batch, updates)
+        self.warmup = warmup
+        self.optimizer_steps = 0
+
+    @classmethod
+    def build(cls, experiment: Any, backbone: Any, reward: Any) -> Any:
+        if backbone is None:
+            raise ConfigError(f"{cls.name} needs a backbone: set backbone.family and backbone.path")
+        return cls(experiment.method, backbone, reward, experiment.sample)  # type: ignore[call-arg]
+
+    @property
+    def warming_up(self) -> bool:
+        """During the first ``warmup`` optimizer steps only the value model learns."""
+        return self.optimizer_steps < self.warmup
+
+    def after_optimizer_step(self) -> None:
+        self.optimizer_steps += 1
+
+    @torch.no_grad()
+    def scored_rollout(self, prompts: list[str], samples_per_prompt: int, shaping: str,
+                       generator: torch.Generator) -> tuple[Trajectory, Tensor, Tensor, Tensor]:
+        """``samples_per_prompt`` samples a prompt (consecutive) with the experiment's sampler: the
+        trajectory, raw rewards, shaped rewards and prompt features (B, D)."""
+        s = self.sample_config
+        repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+        cond = self.backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
+        trajectory = sample(self.backbone, cond, s.num_steps, s.guidance_scale, s.eta, generator=generator)
+        images = self.backbone.decode(trajectory.final).float().clamp(0, 1)
+        rewards = self.reward(images, repeated)[0].float()
+        shaped = shape_rewards(rewards, repeated, shaping, self.learner.running).to(self.backbone.device)
+        return trajectory, rewards, shaped, prompt_features(cond).to(self.backbone.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"learner": self.learner.state_dict(), "optimizer_steps": self.optimizer_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer_steps = int(state["optimizer_steps"])

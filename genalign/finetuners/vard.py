@@ -40,11 +40,9 @@ from torch import Tensor
 
 from genalign.core import sampling
 from genalign.core.config import ConfigError, check, field
-from genalign.core.sampler import sample
 from genalign.core.types import Backbone, Conditioning, Reward, Trajectory
 from genalign.finetuners import register
-from genalign.finetuners.common import BackboneMethod
-from genalign.finetuners.value import ValueLearner, check_value_settings, prompt_features, shape_rewards, value_loss
+from genalign.finetuners.value import ValueMethod, check_value_settings, value_loss
 
 # ------------------------------------------------------------------ the objectives (pure functions)
 
@@ -91,30 +89,17 @@ class VARDConfig:
 
 
 @register("vard")
-class VARD(BackboneMethod):
+class VARD(ValueMethod):
     Config = VARDConfig
+    name = "vard"
 
     def __init__(self, config: VARDConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
-        self.config, self.backbone, self.reward, self.sample_config = config, backbone, reward, sample_config
-        self.params = backbone.named_trainable_parameters()
-        if not self.params:
-            raise ConfigError("vard trains the backbone: set backbone.finetune to lora or full")
-        if reward is None:
-            raise ConfigError("vard needs a reward (differentiable or not); configure reward.name")
         if sample_config.eta <= 0:
             raise ConfigError("vard needs stochastic steps (a KL between Gaussian steps): set sample.eta > 0 "
                               "(SD: DDIM eta 1; flow models: an SDE noise level such as 0.7)")
-        if getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
-            backbone.keep_reference()  # type: ignore[attr-defined]
-        self.value = ValueLearner(backbone, config.value_width, config.value_lr, config.replay_size,
-                                  config.value_batch, config.value_updates)
-        self.optimizer_steps = 0
-
-    @classmethod
-    def build(cls, experiment: Any, backbone: Backbone | None, reward: Reward | None) -> VARD:
-        if backbone is None:
-            raise ConfigError("vard needs a backbone: set backbone.family and backbone.path")
-        return cls(experiment.method, backbone, reward, experiment.sample)
+        self._setup(config, backbone, reward, sample_config, needs_reference=True, width=config.value_width,
+                    lr=config.value_lr, replay_size=config.replay_size, batch=config.value_batch,
+                    updates=config.value_updates, warmup=config.value_warmup)
 
     # ---------------------------------------------------------------- value model
 
@@ -131,30 +116,16 @@ class VARD(BackboneMethod):
 
     # ---------------------------------------------------------------- the FineTuner contract
 
-    @property
-    def warming_up(self) -> bool:
-        return self.optimizer_steps < self.config.value_warmup
-
-    def after_optimizer_step(self) -> None:
-        self.optimizer_steps += 1
-
     @torch.no_grad()
     def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
-        c, s = self.config, self.sample_config
-        repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]
-        cond = self.backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
-        trajectory = sample(self.backbone, cond, s.num_steps, s.guidance_scale, s.eta, generator=generator)
-        images = self.backbone.decode(trajectory.final).float().clamp(0, 1)
-        rewards = self.reward(images, repeated)[0].float()  # type: ignore[misc]
-        returns = shape_rewards(rewards, repeated, c.shaping, self.value.running).to(self.backbone.device)
-        text = prompt_features(cond).to(self.backbone.device)
-
+        c = self.config
+        trajectory, rewards, returns, text = self.scored_rollout(prompts, c.samples_per_prompt, c.shaping, generator)
         states, timesteps = self._states(trajectory)
         returns_k, text_k = returns.repeat(trajectory.num_steps), text.repeat(trajectory.num_steps, 1)
         # the value model's error on these new trajectories before it trains on them (held out)
-        new_error = float(value_regression_loss(self.value(states, timesteps, text_k), returns_k))
-        self.value.remember({"x": states, "t": timesteps, "target": returns_k, "text": text_k})
-        value_train_loss = self.value.train(self._stored_states, generator)
+        new_error = float(value_regression_loss(self.learner(states, timesteps, text_k), returns_k))
+        self.learner.remember({"x": states, "t": timesteps, "target": returns_k, "text": text_k})
+        value_train_loss = self.learner.train(self._stored_states, generator)
         metrics = {"reward_mean": rewards.mean(), "value_loss": torch.tensor(value_train_loss),
                    "value_error_new": torch.tensor(new_error), "warmup": torch.tensor(float(self.warming_up))}
         if self.warming_up:
@@ -180,7 +151,7 @@ class VARD(BackboneMethod):
         trajectory, steps, text = batch["policy"]
         total: Tensor | float = 0.0
         kls, values = [], []
-        self.value.model.requires_grad_(False)
+        self.learner.model.requires_grad_(False)
         try:
             for k in steps:
                 std = trajectory.stds[k].float()
@@ -191,22 +162,13 @@ class VARD(BackboneMethod):
                     mean_policy = self._step_mean(trajectory, k, trajectory.cond)
                 next_state = mean_policy + std * noise
                 after = self.backbone.schedule.previous_timestep(trajectory.timesteps[k], trajectory.num_steps)
-                value = self.value(next_state, torch.as_tensor(after).float().expand(next_state.shape[0]), text)
+                value = self.learner(next_state, torch.as_tensor(after).float().expand(next_state.shape[0]), text)
                 loss_k, kl = vard_policy_loss(value, mean_policy, mean_reference, std, self.config.kl_weight)
                 total = total + loss_k / len(steps)
                 kls.append(kl.detach().mean())
                 values.append(value.detach().mean())
         finally:
-            self.value.model.requires_grad_(True)
+            self.learner.model.requires_grad_(True)
         metrics.update({"kl": torch.stack(kls).mean(), "value_policy": torch.stack(values).mean(),
                         "steps_trained": torch.tensor(float(len(steps)))})
         return total, metrics  # type: ignore[return-value]
-
-    # ---------------------------------------------------------------- checkpoints
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"value": self.value.state_dict(), "optimizer_steps": self.optimizer_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.value.load_state_dict(state["value"])
-        self.optimizer_steps = int(state["optimizer_steps"])
