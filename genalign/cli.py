@@ -260,6 +260,102 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generator_from_args(args: argparse.Namespace):
+    """The image generator of ``genalign eval ... --generate``: the backbone (+ LoRA), or ReNO on it."""
+    from genalign.core.experiment import BackboneConfig, RewardConfig
+    from genalign.eval.generate import backbone_sampler
+    from genalign.pipelines import load_backbone
+
+    if not args.backbone:
+        raise ConfigError("--generate needs --backbone (a diffusers checkpoint: hub id or local folder)")
+    device = _device(args.device)
+    backbone = load_backbone(BackboneConfig(family=args.family, path=args.backbone, finetune="none", dtype=args.dtype),
+                             device)
+    if args.lora:
+        backbone.load_lora(args.lora)
+    if not args.reno_reward:
+        return backbone_sampler(backbone, args.steps, args.guidance_scale, args.eta)
+    from genalign.finetuners.reno import RenoConfig, reno
+    from genalign.rewards import build_reward
+
+    reward = build_reward([RewardConfig(name=name) for name in args.reno_reward], device)
+    config = RenoConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, iterations=args.reno_iterations,
+                        lr=args.reno_lr)
+
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        return reno(backbone, reward, prompts, config, torch.Generator().manual_seed(seeds[0])).images.float().cpu()
+
+    return generate
+
+
+def _geneval_detector(args: argparse.Namespace):
+    """(detector, colour classifier or None) for ``genalign eval geneval --score``."""
+    if args.detector == "shapes":
+        from genalign.shapes.evaluator import ShapesDetector
+
+        return ShapesDetector(), None  # the parser knows each object's colour
+    from genalign.rewards.detection import load_color_classifier, load_detector
+
+    device = _device(args.device)
+    return load_detector(args.detector, args.detector_path, device), load_color_classifier(args.clip_path, device)
+
+
+def cmd_eval_geneval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from genalign.core.geneval import GenEvalOptions
+    from genalign.eval import geneval
+    from genalign.eval.report import markdown_table, write_report
+
+    if not args.generate and not args.score:
+        raise ConfigError("give --generate OUT (with --metadata and --backbone) and/or --score DIR")
+    folder = args.score
+    if args.generate:
+        if not args.metadata:
+            raise ConfigError("--generate needs --metadata (GenEval's evaluation_metadata.jsonl, or "
+                              "`genalign shapes prompts` for the shapes world)")
+        metas = geneval.read_metadata(args.metadata)
+        if args.limit:
+            metas = metas[: args.limit]
+        geneval.generate(_generator_from_args(args), metas, args.generate, args.images_per_prompt, args.seed,
+                         args.batch_size)
+        print(f"wrote {len(metas)} prompts x {args.images_per_prompt} images in GenEval's layout to {args.generate}")
+        folder = folder or args.generate
+    if args.score is None and not args.generate:
+        return 0
+    options = GenEvalOptions(args.threshold, args.counting_threshold, args.max_objects, args.max_overlap,
+                             args.position_threshold)
+    detector, colors = _geneval_detector(args)
+    rows, records = geneval.score_folder(folder, detector, colors, options, args.batch_size)
+    out = Path(args.report or Path(folder) / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    geneval.write_results(out / "results.jsonl", rows)
+    summary = geneval.summary(rows)
+    summary["detector"] = args.detector
+    summary["options"] = dataclasses.asdict(options)
+    write_report(out, summary, records)
+    print(markdown_table(summary), end="")
+    print(f"wrote {out / 'results.jsonl'} (official format), scores.json, report.md, report.html")
+    return 0
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from genalign.eval.report import compare
+
+    print(compare(args.run_a, args.run_b), end="")
+    return 0
+
+
+def cmd_shapes_prompts(args: argparse.Namespace) -> int:
+    from genalign.eval.geneval import write_metadata
+    from genalign.shapes.world import evaluation_set
+
+    metas = evaluation_set(args.split, per_task=args.per_task, seed=args.seed)
+    write_metadata(args.out, metas)
+    print(f"wrote {len(metas)} GenEval metadata rows ({args.per_task} a task, {args.split} prompts) to {args.out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- d3po sample
 
 
@@ -432,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of sd,flow,clip (later stages alone reuse the saved sd/)")
     p.set_defaults(func=cmd_shapes_build)
 
+    p = shapes.add_parser("prompts", help="write shapes-world prompts as a GenEval metadata file")
+    p.add_argument("out", help="output .jsonl")
+    p.add_argument("--per-task", type=_positive_int, default=50)
+    p.add_argument("--split", default="heldout", choices=("train", "heldout"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_shapes_prompts)
+
     evals = sub.add_parser("eval", help="benchmark scoring").add_subparsers(dest="eval_command", required=True)
     p = evals.add_parser("shapes", help="gold score of a model on the shapes world's held-out prompts")
     p.add_argument("--backbone", default="models/shapes/sd", help="a shapes model (diffusers folder)")
@@ -448,6 +551,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/eval-shapes")
     p.set_defaults(func=cmd_eval_shapes)
+    p = evals.add_parser("geneval", help="GenEval: generate its image layout and/or score one")
+    p.add_argument("--generate", metavar="OUT", help="write <OUT>/<index:05>/{metadata.jsonl,samples/NNNNN.png}")
+    p.add_argument("--metadata", help="GenEval metadata (evaluation_metadata.jsonl) for --generate")
+    p.add_argument("--limit", type=_positive_int, help="only the first N prompts of --metadata")
+    p.add_argument("--score", metavar="DIR", help="score a GenEval image folder (ours or another tool's)")
+    p.add_argument("--report", help="folder for results.jsonl and the reports (default: <DIR>/results)")
+    p.add_argument("--backbone", help="diffusers checkpoint for --generate")
+    p.add_argument("--family", default="sd", choices=FAMILIES)
+    p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
+    p.add_argument("--reno-reward", action="append", default=[],
+                   help="generate with ReNO optimising this differentiable reward (repeatable: a sum)")
+    p.add_argument("--reno-iterations", type=int, default=50)
+    p.add_argument("--reno-lr", type=float, default=5.0)
+    p.add_argument("--images-per-prompt", type=_positive_int, default=4, help="GenEval's protocol: 4")
+    p.add_argument("--steps", type=_positive_int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=9.0, help="GenEval's SD runs: 9")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--detector", default="mask2former", choices=("mask2former", "owlv2", "shapes"),
+                   help="shapes: the shapes world's exact parser (for shapes-world folders)")
+    p.add_argument("--detector-path", help="detector weights (default: the detector's hub id)")
+    p.add_argument("--clip-path", help="CLIP ViT-L/14 for the colour classifier (default: openai/clip-vit-large-patch14)")
+    p.add_argument("--threshold", type=float, default=0.3)
+    p.add_argument("--counting-threshold", type=float, default=0.9)
+    p.add_argument("--max-objects", type=_positive_int, default=16)
+    p.add_argument("--max-overlap", type=float, default=1.0)
+    p.add_argument("--position-threshold", type=float, default=0.1)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval_geneval)
+
+    p = evals.add_parser("compare", help="two scoring runs side by side with the differences")
+    p.add_argument("run_a", help="a report folder (or its scores.json)")
+    p.add_argument("run_b")
+    p.set_defaults(func=cmd_eval_compare)
+
     p = sub.add_parser("reno", help="ReNO: optimise initial noises of a few-step generator for rewards")
     p.add_argument("--backbone", required=True, help="diffusers checkpoint: hub id or local folder")
     p.add_argument("--family", default="sd", choices=FAMILIES)

@@ -70,6 +70,7 @@ from genalign.rewards import (  # noqa: E402
     clip,
     combine,
     compressibility,
+    geneval,
     hps,
     image_reward,
     pickscore,
@@ -77,4 +78,4 @@ from genalign.rewards import (  # noqa: E402
 )
 
 __all__ = ["REWARDS", "RewardModel", "build_reward", "load_reward", "load_rewards", "register"]
-del aesthetic, clip, combine, compressibility, hps, image_reward, pickscore, vlm
+del aesthetic, clip, combine, compressibility, geneval, hps, image_reward, pickscore, vlm

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from genalign.shapes.evaluator import detect, evaluate, relative_position, score
+from genalign.core.geneval import relative_position
+from genalign.shapes.evaluator import detect, evaluate, score
 from genalign.shapes.world import (
     COLORS,
     SHAPES,

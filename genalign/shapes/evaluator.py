@@ -6,12 +6,13 @@ the dark anti-aliased rims of a shape keep its colour); each object's shape come
 half-maximum outline: the brightness at its box's corners (a square fills them, a circle does not,
 a triangle only at the bottom) and the width of its top quarter against its bottom quarter.
 
-Scoring follows GenEval's ``evaluate`` (djghosh13/geneval, evaluation/evaluate_images.py): every
-``include`` clause needs ``count`` objects of its class, the first ``count`` of them (largest
+Scoring is GenEval's, the same code the GenEval benchmark runs (:mod:`genalign.core.geneval`):
+every ``include`` clause needs ``count`` objects of its class, the first ``count`` of them (largest
 first here, most confident first there) must have the clause's colour and stand in the clause's
-relation to every object of the referenced clause (GenEval's relative_position with
-POSITION_THRESHOLD 0.1 on boxes); an ``exclude`` clause fails when ``count`` or more objects of
-its class are present. Overall = mean of the per-task accuracies.
+relation to every object of the referenced clause (relative_position with POSITION_THRESHOLD 0.1
+on boxes); an ``exclude`` clause fails when ``count`` or more objects of its class are present.
+Overall = mean of the per-task accuracies. :class:`ShapesDetector` puts the parser behind the
+shared Detector contract for the GenEval scorer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from genalign.core.detection import Detection as GenericDetection
+from genalign.core.geneval import Verdict, detector_colors, select_objects
+from genalign.core.geneval import evaluate as geneval_evaluate
 from genalign.shapes.world import COLORS, SHAPES, TASKS
 
 POSITION_THRESHOLD = 0.1  # GenEval's default
@@ -124,73 +128,44 @@ def detect(image: Any) -> list[Detection]:
     return sorted(found, key=lambda d: -d.area)
 
 
-def relative_position(box_a: Sequence[float], box_b: Sequence[float]) -> set[str]:
-    """Relations of box A to box B ('left of', 'right of', 'above', 'below'), GenEval's rule:
-    centre offset shrunk by POSITION_THRESHOLD x the summed box sizes, then the direction of the
-    remaining offset, normalised by the full offset, must exceed 0.5 on an axis."""
-    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
-    centre_a, centre_b = (a[:2] + a[2:]) / 2, (b[:2] + b[2:]) / 2
-    size_a, size_b = a[2:] - a[:2], b[2:] - b[:2]
-    offset = centre_a - centre_b
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (size_a + size_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
-    return relations
+def as_detections(found: Sequence[Detection]) -> list[GenericDetection]:
+    """The parser's objects as detections of the shared contract: label = shape, score 1 (the
+    parser is certain; largest first is kept as the order), colour known."""
+    return [GenericDetection(d.shape, 1.0, d.bbox, color=d.color) for d in found]
+
+
+class ShapesDetector:
+    """The exact parser behind the :class:`genalign.core.detection.Detector` contract, so the GenEval
+    scorer runs on shapes images with this detector in place of Mask2Former (colours come with the
+    detections: score with ``colors=detector_colors``)."""
+
+    classes: Sequence[str] | None = SHAPES
+
+    def detect(self, images: Sequence[Any], labels: Sequence[str] | None = None) -> list[list[GenericDetection]]:
+        found = [as_detections(detect(image)) for image in images]
+        if labels is not None:
+            found = [[d for d in dets if d.label in labels] for dets in found]
+        return found
+
+
+def verdict(image: Any, meta: dict[str, Any], detections: list[Detection] | None = None) -> Verdict:
+    """GenEval's verdict (:func:`genalign.core.geneval.evaluate`) on one image for its metadata row."""
+    if detections is None:
+        detections = detect(image)
+    objects = select_objects(as_detections(detections), meta["tag"])
+    return geneval_evaluate(objects, meta, detector_colors, POSITION_THRESHOLD)
 
 
 def check_clauses(image: Any, meta: dict[str, Any], detections: list[Detection] | None = None) -> tuple[list[bool], str]:
     """Whether each of the prompt's GenEval clauses (``include`` then ``exclude``) holds, and why not."""
-    if detections is None:
-        detections = detect(image)
-    by_class: dict[str, list[Detection]] = {shape: [] for shape in SHAPES}
-    for det in detections:
-        by_class[det.shape].append(det)
-    results, reasons = [], []
-    groups: list[list[Detection] | None] = []
-    for clause in meta.get("include", []):
-        name, count = clause["class"], clause["count"]
-        chosen = by_class.get(name, [])[:count]
-        matched = len(chosen) >= count
-        if not matched:
-            reasons.append(f"expected {name}>={count}, found {len(chosen)}")
-        if matched and "color" in clause:
-            hits = sum(d.color == clause["color"] for d in chosen)
-            if hits < count:
-                matched = False
-                reasons.append(f"expected {clause['color']} {name}>={count}, found {[d.color for d in chosen]}")
-        if matched and "position" in clause:
-            relation, target = clause["position"]
-            targets = groups[target]
-            if targets is None:
-                matched = False
-                reasons.append(f"no target for {name} to be {relation}")
-            elif not all(relation in relative_position(d.bbox, t.bbox) for d in chosen for t in targets):
-                matched = False
-                reasons.append(f"expected {name} {relation} target")
-        results.append(matched)
-        groups.append(chosen if matched else None)
-    for clause in meta.get("exclude", []):
-        present = len(by_class.get(clause["class"], []))
-        results.append(present < clause["count"])
-        if present >= clause["count"]:
-            reasons.append(f"expected {clause['class']}<{clause['count']}, found {present}")
-    return results, "; ".join(reasons)
+    result = verdict(image, meta, detections)
+    return list(result.clauses), result.reason.replace("\n", "; ")
 
 
 def evaluate(image: Any, meta: dict[str, Any], detections: list[Detection] | None = None) -> tuple[bool, str]:
     """(correct, reason) of one image against its prompt's GenEval metadata: every clause holds."""
-    results, reasons = check_clauses(image, meta, detections)
-    return all(results), reasons
+    result = verdict(image, meta, detections)
+    return result.correct, result.reason.replace("\n", "; ")
 
 
 def score(images: Sequence[Any], metas: Sequence[dict[str, Any]]) -> dict[str, float]:

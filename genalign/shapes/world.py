@@ -171,7 +171,7 @@ def _place(rng: np.random.Generator, radii: list[float], tries: int = 200) -> li
 def _relation_holds(a: ShapeObject, b: ShapeObject, relation: str) -> bool:
     """The relation holds for the exact boxes and for boxes 1 px larger or smaller (a detector's
     boxes of the rendered, anti-aliased shapes are within that), so ground truth is unambiguous."""
-    from genalign.shapes.evaluator import relative_position
+    from genalign.core.geneval import relative_position
 
     def grown(box: tuple[float, float, float, float], d: float) -> tuple[float, ...]:
         return (box[0] - d, box[1] - d, box[2] + d, box[3] + d)
