@@ -278,7 +278,10 @@ def _generator_from_args(args: argparse.Namespace):
     from genalign.finetuners.reno import RenoConfig, reno
     from genalign.rewards import build_reward
 
-    reward = build_reward([RewardConfig(name=name) for name in args.reno_reward], device)
+    if len(args.reno_reward_path) > len(args.reno_reward):
+        raise ConfigError("give at most one --reno-reward-path per --reno-reward")
+    paths = list(args.reno_reward_path) + [None] * (len(args.reno_reward) - len(args.reno_reward_path))
+    reward = build_reward([RewardConfig(name=name, path=path) for name, path in zip(args.reno_reward, paths)], device)
     config = RenoConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, iterations=args.reno_iterations,
                         lr=args.reno_lr)
 
@@ -320,8 +323,7 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
         geneval.generate(_generator_from_args(args), metas, args.generate, args.images_per_prompt, args.seed,
                          args.batch_size)
         print(f"wrote {len(metas)} prompts x {args.images_per_prompt} images in GenEval's layout to {args.generate}")
-        folder = folder or args.generate
-    if args.score is None and not args.generate:
+    if not folder:
         return 0
     options = GenEvalOptions(args.threshold, args.counting_threshold, args.max_objects, args.max_overlap,
                              args.position_threshold)
@@ -562,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
     p.add_argument("--reno-reward", action="append", default=[],
                    help="generate with ReNO optimising this differentiable reward (repeatable: a sum)")
+    p.add_argument("--reno-reward-path", action="append", default=[], help="weights of the matching --reno-reward")
     p.add_argument("--reno-iterations", type=int, default=50)
     p.add_argument("--reno-lr", type=float, default=5.0)
     p.add_argument("--images-per-prompt", type=_positive_int, default=4, help="GenEval's protocol: 4")

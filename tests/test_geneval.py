@@ -301,3 +301,19 @@ def test_cli_scores_a_folder_made_by_another_tool(tmp_path, capsys):
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all(json.loads(line)["correct"] for line in lines)
     assert main(["eval", "geneval"]) == 2  # nothing to do is a config error, not a traceback
+
+
+@pytest.mark.skipif(not (SHAPES_SD / "model_index.json").is_file(), reason="shapes models not built")
+def test_cli_generates_with_reno_and_scores(tmp_path, capsys):
+    """--generate with ReNO on the shapes SD (proxy CLIP reward), then --score, in one command."""
+    assert main(["shapes", "prompts", str(tmp_path / "meta.jsonl"), "--per-task", "1"]) == 0
+    args = ["eval", "geneval", "--generate", str(tmp_path / "run"), "--metadata", str(tmp_path / "meta.jsonl"),
+            "--limit", "2", "--images-per-prompt", "1", "--backbone", str(SHAPES_SD), "--steps", "2",
+            "--guidance-scale", "2", "--reno-reward", "clip", "--reno-reward-path", str(ROOT / "models/shapes/clip"),
+            "--reno-iterations", "2", "--detector", "shapes", "--score", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "wrote 2 prompts x 1 images" in out and "| **overall** |" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results" / "results.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [json.loads(line)["prompt"]
+                                            for line in (tmp_path / "meta.jsonl").read_text().splitlines()[:2]]
