@@ -232,6 +232,13 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
             result["base"]["diversity"] = spread["base"]
     if args.clip:
         result["clip_agreement_on_ground_truth"] = clip_agreement(args.clip, args.per_task, args.seed)
+    # the common report summary, so `genalign eval compare` reads shapes runs too
+    result["summary"] = {"benchmark": "shapes", "tasks": {t: v for t, v in scores.items() if t != "overall"},
+                         "overall": scores["overall"]}
+    if args.clip:
+        result["summary"]["proxy_reward"] = result["proxy_reward"]["overall"]
+    if args.diversity:
+        result["summary"]["diversity"] = result["diversity"]["overall"]
 
     def line(values: dict) -> str:
         return ", ".join(f"{task} {values[task]:.3f}" for task in (*TASKS, "overall") if task in values)

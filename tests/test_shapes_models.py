@@ -58,7 +58,12 @@ def test_eval_shapes_command_scores_every_task(toy_build, tmp_path, capsys):
     assert set(result["gold"]) == {*TASKS, "overall"}
     assert all(0.0 <= v <= 1.0 for v in result["gold"].values())
     assert set(result["clip_agreement_on_ground_truth"]) == {*TASKS, "overall"}
-    assert (tmp_path / "grid.png").is_file() and "gold score" in capsys.readouterr().out
+    summary = result["summary"]  # the common report summary: eval compare reads shapes runs
+    assert summary["overall"] == result["gold"]["overall"] and summary["proxy_reward"] == result["proxy_reward"]["overall"]
+    assert "gold score" in capsys.readouterr().out
+    assert main(["eval", "compare", str(tmp_path), str(tmp_path)]) == 0
+    assert f"| **overall** | {summary['overall']:.4f} | {summary['overall']:.4f} | +0.0000 |" in capsys.readouterr().out
+    assert (tmp_path / "grid.png").is_file()
 
 
 def test_build_is_deterministic_for_a_seed(toy_build, tmp_path):
