@@ -348,6 +348,48 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_t2i_compbench(args: argparse.Namespace) -> int:
+    from genalign.eval import t2i_compbench as cb
+    from genalign.eval.report import markdown_table, write_report
+
+    if not args.generate and not args.score:
+        raise ConfigError("give --generate OUT (with --data-dir and --backbone) and/or --score ROOT")
+    categories = args.category or list(cb.CATEGORIES)
+    for category in categories:
+        if category not in cb.CATEGORIES:
+            raise ConfigError(f"unknown T2I-CompBench category {category!r}; known: {', '.join(cb.CATEGORIES)}")
+    if args.generate:
+        if not args.data_dir:
+            raise ConfigError("--generate needs --data-dir: the folder of the official {category}_val.txt files "
+                              "(T2I-CompBench examples/dataset/)")
+        generator = _generator_from_args(args)
+        for category in categories:
+            prompts = cb.read_prompts(cb.prompt_file(args.data_dir, category, args.split))[: args.limit]
+            folder = cb.generate(generator, prompts, Path(args.generate) / category, args.images_per_prompt,
+                                 args.seed, args.batch_size)
+            print(f"{category}: {len(prompts)} prompts x {args.images_per_prompt} images in {folder}")
+    if not args.score:
+        return 0
+    detector = None
+    if set(categories) & set(cb.DETECTOR_CATEGORIES):
+        from genalign.rewards.detection import load_detector
+
+        detector = load_detector(args.detector, args.detector_path, _device(args.device))
+    models = cb.CompBenchModels(detector=detector, blip=args.blip or cb.DEFAULT_BLIP, clip=args.clip or cb.DEFAULT_CLIP,
+                                depth=args.depth or cb.DEFAULT_DEPTH, device=_device(args.device))
+    defaults = cb.CompBenchOptions()
+    options = cb.CompBenchOptions(
+        detection_threshold=defaults.detection_threshold if args.detection_threshold is None else args.detection_threshold,
+        images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
+    )
+    records, summary = cb.score_folder(args.score, categories, models, options, data_dir=args.data_dir)
+    out = Path(args.report or Path(args.score) / "results")
+    write_report(out, summary, records)
+    print(markdown_table(summary), end="")
+    print(f"wrote {out / 'scores.json'}, report.md, report.html")
+    return 0
+
+
 def cmd_eval_compare(args: argparse.Namespace) -> int:
     from genalign.eval.report import compare
 
@@ -592,6 +634,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position-threshold", type=float, default=0.1)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval_geneval)
+
+    p = evals.add_parser("t2i-compbench", help="T2I-CompBench(++): generate its image layout and/or score it")
+    p.add_argument("--generate", metavar="OUT", help="write <OUT>/<category>/{prompt}_{NNNNNN}.png")
+    p.add_argument("--data-dir", help="folder of the official {category}_val.txt prompt files (examples/dataset/)")
+    p.add_argument("--split", default="val", help="prompt file suffix: {category}_{split}.txt")
+    p.add_argument("--limit", type=_positive_int, help="only the first N prompts of each category")
+    p.add_argument("--score", metavar="ROOT", help="score <ROOT>/<category>/ folders (ours or another tool's)")
+    p.add_argument("--category", action="append", help="a category (repeatable; default: all eight)")
+    p.add_argument("--report", help="folder for scores.json and the reports (default: <ROOT>/results)")
+    p.add_argument("--backbone", help="diffusers checkpoint for --generate")
+    p.add_argument("--family", default="sd", choices=FAMILIES)
+    p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
+    p.add_argument("--reno-reward", action="append", default=[], help="generate with ReNO on this reward (repeatable)")
+    p.add_argument("--reno-reward-path", action="append", default=[], help="weights of the matching --reno-reward")
+    p.add_argument("--reno-iterations", type=int, default=50)
+    p.add_argument("--reno-lr", type=float, default=5.0)
+    p.add_argument("--images-per-prompt", type=_positive_int, default=10, help="the official protocol: 10")
+    p.add_argument("--steps", type=_positive_int, default=30, help="the official SD runs: 30")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--detector", default="mask2former", choices=("mask2former", "owlv2"),
+                   help="stands in for UniDet (spatial, complex, numeracy, 3d_spatial)")
+    p.add_argument("--detector-path", help="detector weights (default: the detector's hub id)")
+    p.add_argument("--detection-threshold", type=float, help="detector confidence kept (official: 0.5; lower for OWLv2)")
+    p.add_argument("--blip", help="BLIP VQA model (default: Salesforce/blip-vqa-base)")
+    p.add_argument("--clip", help="CLIP for non-spatial / complex (default: openai/clip-vit-base-patch32)")
+    p.add_argument("--depth", help="depth model for 3d_spatial (default: Intel/dpt-large)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval_t2i_compbench)
 
     p = evals.add_parser("compare", help="two scoring runs side by side with the differences")
     p.add_argument("run_a", help="a report folder (or its scores.json)")
