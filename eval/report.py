@@ -115,7 +115,10 @@ def compare(run_a: str | Path, run_b: str | Path) -> str:
              "| task | A | B | B - A |", "|---|---|---|---|"]
 
     def row(name: str, va: Any, vb: Any) -> str:
-        diff = f"{vb - va:+.4f}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else ""
+        if isinstance(va, int) and isinstance(vb, int):
+            diff = f"{vb - va:+d}"
+        else:
+            diff = f"{vb - va:+.4f}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else ""
         return f"| {name} | {_fmt(va) if va is not None else '-'} | {_fmt(vb) if vb is not None else '-'} | {diff} |"
 
     lines += [row(t, a.get("tasks", {}).get(t), b.get("tasks", {}).get(t)) for t in tasks]
