@@ -114,6 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     finetuners = _registered_finetuners()
     if args.help_config:
         return _help_config(finetuners)
+    if args.resume and args.resume.endswith((".yaml", ".yml")) and (not args.config or "=" in args.config):
+        # `train --resume exp.yaml key=value`: argparse gave the YAML to --resume; it is the config
+        args.overrides = [args.config, *args.overrides] if args.config else args.overrides
+        args.config, args.resume = args.resume, "latest"
     if not args.config:
         raise ConfigError("genalign train needs a config file (see configs/)")
     config = load_experiment(args.config, config_classes(), args.overrides)
@@ -141,11 +145,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         resolved_config=config.to_dict(),
         accelerator=accelerator,
     )
-    result = trainer.train(resume=args.resume_from or ("latest" if args.resume else None))
+    result = trainer.train(resume=args.resume_from or args.resume)
     accelerator.print(
         f"done: {result.steps_done} steps ({result.skipped_steps} skipped); outputs in {result.output_dir}"
     )
+    if accelerator.is_main_process and backbone is not None:
+        line = load_instructions(config.backbone.path, Path(result.output_dir) / "final")
+        if line:
+            accelerator.print(f"load it in diffusers:\n  {line}")
     return 0
+
+
+def load_instructions(base: str, final: Path) -> str | None:
+    """The one line of Python that loads a run's exported weights into a diffusers pipeline."""
+    if (final / "pytorch_lora_weights.safetensors").is_file():
+        return (f'from diffusers import DiffusionPipeline; pipe = DiffusionPipeline.from_pretrained("{base}"); '
+                f'pipe.load_lora_weights("{final}")')
+    denoiser = final / "denoiser"
+    if (denoiser / "config.json").is_file():
+        import json
+
+        cls = json.loads((denoiser / "config.json").read_text()).get("_class_name", "UNet2DConditionModel")
+        part = "unet" if "UNet" in cls else "transformer"
+        return (f'from diffusers import DiffusionPipeline, {cls}; pipe = DiffusionPipeline.from_pretrained("{base}", '
+                f'{part}={cls}.from_pretrained("{denoiser}"))')
+    return None
 
 
 def _help_config(finetuners: dict[str, type]) -> int:
@@ -446,6 +470,35 @@ def cmd_d3po_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- list
+
+
+def _summary(cls: type) -> str:
+    text = getattr(cls, "summary", "") or (cls.__doc__ or "").strip().split("\n")[0]
+    return text.rstrip(".")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import genalign.rewards as rewards_registry
+    from genalign.pipelines import BACKBONES
+
+    for module in rewards_registry.ELSEWHERE.values():
+        importlib.import_module(module)
+    sections = {
+        "methods (method.name)": _registered_finetuners(),
+        "backbones (backbone.family)": BACKBONES,
+        "rewards (reward.name)": rewards_registry.REWARDS,
+    }
+    for title, registry in sections.items():
+        if args.what and not title.startswith(args.what):
+            continue
+        print(title)
+        width = max(len(name) for name in registry)
+        for name in sorted(registry):
+            print(f"  {name:<{width}}  {_summary(registry[name])}")
+    return 0
+
+
 # --------------------------------------------------------------------------- reno
 
 
@@ -530,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genalign", description="Reward fine-tuning of text-to-image diffusion and flow models."
     )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="prompts -> image files and a grid")
@@ -555,10 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with a YAML experiment config")
     p.add_argument("config", nargs="?", help="experiment YAML (configs/...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.beta=2500 run.steps=200")
-    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint of run.output_dir")
-    p.add_argument("--resume-from", metavar="CHECKPOINT", help="resume from this checkpoint folder")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="resume from the latest checkpoint of run.output_dir, or from the checkpoint folder given")
+    p.add_argument("--resume-from", metavar="CHECKPOINT", help=argparse.SUPPRESS)  # older spelling of --resume PATH
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("list", help="the registered methods, backbones and rewards, one line each")
+    p.add_argument("what", nargs="?", choices=("methods", "backbones", "rewards"), help="only this section")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("tiny", help="build a tiny random model of a family (for tests and demos)")
     p.add_argument("family", choices=TINY_FAMILIES)
@@ -713,9 +772,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OOM_HINTS = (
+    "lower run.batch_size (and raise run.grad_accum to keep the effective batch)",
+    "backbone.finetune=lora with a smaller backbone.lora_rank",
+    "backbone.gradient_checkpointing=true",
+    "run.mixed_precision=bf16 (or fp16) and backbone.dtype=bfloat16",
+    "fewer sampling steps with gradients (e.g. a method's grad_last_k / timestep_fraction)",
+    "a smaller backbone.resolution",
+)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(err, oom)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; errors a user meets are one clear line (exit 2 for bad input, 1 for failed
+    runs), the traceback only with ``--debug``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        return int(args.func(args))
     try:
         return int(args.func(args))
     except ConfigError as err:
@@ -727,7 +806,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as err:
         print(f"genalign: {err}", file=sys.stderr)
         return 1
-    except ValueError as err:  # bad values found while loading (sizes, families, schedules)
+    except ValueError as err:  # bad values found while loading (sizes, families, schedules, images)
         print(f"genalign: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("genalign: interrupted (a training run resumes with --resume)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last resort: one line, not a traceback
+        if _is_out_of_memory(err):
+            hints = "".join(f"\n  - {hint}" for hint in OOM_HINTS)
+            print(f"genalign: out of memory: {str(err).splitlines()[0]}\nwhat usually fixes it:{hints}",
+                  file=sys.stderr)
+            return 1
+        print(f"genalign: {type(err).__name__}: {err}\n(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
 

@@ -23,6 +23,7 @@ from genalign.pipelines.base import DiffusersBackbone
 
 
 class FluxBackbone(DiffusersBackbone):
+    summary = "FLUX.1 [dev] / [schnell] (flow matching, guidance-distilled)"
     pipeline_class: ClassVar[type] = FluxPipeline
     # Attention projections of the double- and single-stream blocks (diffusers' FLUX LoRA script).
     default_lora_targets: ClassVar[tuple[str, ...]] = (

@@ -20,6 +20,7 @@ class StableDiffusionBackbone(DiffusersBackbone):
     The parameterisation (epsilon / v_prediction) comes from the checkpoint's scheduler config,
     as in diffusers (SD 2.x 768 models are v-prediction).
     """
+    summary = "Stable Diffusion 1.x / 2.x (UNet, epsilon or v-prediction)"
 
     pipeline_class: ClassVar[type] = StableDiffusionPipeline
 
@@ -48,5 +49,6 @@ class StableDiffusionBackbone(DiffusersBackbone):
 
 class StableDiffusionTurboBackbone(StableDiffusionBackbone):
     """SD-Turbo: an SD 2.1 model distilled for 1-4 steps; sample with guidance_scale 1."""
+    summary = "SD-Turbo: SD 2.1 distilled for 1-4 steps"
 
     default_timestep_spacing: ClassVar[str | None] = "trailing"

@@ -22,6 +22,7 @@ class StableDiffusion3Backbone(DiffusersBackbone):
     with T5's (zeros when the checkpoint is loaded without T5, as diffusers does); the pooled
     projection is the two CLIPs' pooled outputs side by side.
     """
+    summary = "Stable Diffusion 3 / 3.5 (MMDiT flow matching)"
 
     pipeline_class: ClassVar[type] = StableDiffusion3Pipeline
     # The joint-attention projections of both streams (image and context), as diffusers' SD3

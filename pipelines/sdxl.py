@@ -17,6 +17,7 @@ class StableDiffusionXLBackbone(DiffusersBackbone):
     """SDXL base. ``time_ids`` are (orig_h, orig_w, crop_top, crop_left, target_h, target_w) with
     original = target = ``backbone.resolution`` and no crop, as the SDXL pipeline does by default
     (set ``backbone.resolution`` to sample at another square size)."""
+    summary = "Stable Diffusion XL (UNet, two text encoders)"
 
     pipeline_class: ClassVar[type] = StableDiffusionXLPipeline
 
@@ -48,5 +49,6 @@ class StableDiffusionXLBackbone(DiffusersBackbone):
 
 class StableDiffusionXLTurboBackbone(StableDiffusionXLBackbone):
     """SDXL-Turbo: adversarially distilled SDXL for 1-4 steps at guidance_scale 1."""
+    summary = "SDXL-Turbo: SDXL distilled for 1-4 steps"
 
     default_timestep_spacing: ClassVar[str | None] = "trailing"

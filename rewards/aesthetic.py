@@ -43,6 +43,7 @@ def load_mlp(location: str) -> AestheticMLP:
 
 @register("aesthetic")
 class Aesthetic(RewardModel):
+    summary = "LAION aesthetic predictor v2 on CLIP ViT-L/14 image embeddings"
     name = "aesthetic"
     differentiable = True
 

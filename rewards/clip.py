@@ -141,6 +141,7 @@ class CLIPScore(RewardModel):
 
     Differentiable: preprocessing is tensor resize + crop + normalise (rewards/preprocess.py).
     """
+    summary = "CLIP score: logit_scale * cos(image, prompt)"
 
     name = "clip"
     differentiable = True

@@ -70,6 +70,7 @@ class Ensemble(RewardModel):
     """Aggregate K rewards of the same target: ``mean``, ``worst`` (min over members, WCO) or
     ``uncertainty`` (mean - lambda * population variance over members, UWO). Members are first
     standardised with ``member_stats`` [(mean, std)] when given, so their scales agree."""
+    summary = "mean / worst-case / uncertainty-weighted aggregate of several rewards"
 
     name = "ensemble"
 
@@ -133,6 +134,7 @@ register("ensemble")(Ensemble)
 class RenoMix(WeightedSum):
     """ReNO's default reward mix; ``options.weights`` ({hps: 5.0, ...}) overrides weights and
     ``options.paths`` ({clip: ...}) the members' weights locations."""
+    summary = "ReNO's reward mix: HPSv2, ImageReward, CLIP, PickScore"
 
     name = "reno"
 

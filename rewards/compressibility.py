@@ -29,6 +29,7 @@ def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
 
 @register("jpeg_compressibility")
 class JpegCompressibility(RewardModel):
+    summary = "minus the JPEG size of the image (DDPO's compressibility task)"
     name = "jpeg_compressibility"
     differentiable = False
     sign = -1.0
@@ -50,5 +51,6 @@ class JpegCompressibility(RewardModel):
 
 @register("jpeg_incompressibility")
 class JpegIncompressibility(JpegCompressibility):
+    summary = "the JPEG size of the image (DDPO's incompressibility task)"
     name = "jpeg_incompressibility"
     sign = 1.0

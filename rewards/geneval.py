@@ -35,6 +35,7 @@ def to_pil_images(images: Tensor) -> list[Image.Image]:
 
 @register("geneval")
 class GenEvalReward(RewardModel):
+    summary = "share of the prompt's GenEval clauses a detector finds satisfied (needs GenEval metadata)"
     name = "geneval"
     differentiable = False
 

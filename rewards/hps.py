@@ -28,6 +28,7 @@ CHECKPOINTS = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
 @register("hps")
 class HPSv2(CLIPScore):
+    summary = "HPSv2 / HPSv2.1 human preference score (open_clip ViT-H-14)"
     name = "hps"
     default_path = "xswu/HPSv2"
     use_logit_scale = False

@@ -209,6 +209,7 @@ class ImageRewardScore(RewardModel):
 
     Differentiable: preprocessing is tensor resize + crop + normalise (rewards/preprocess.py).
     """
+    summary = "ImageReward human preference score (BLIP), normalised"
 
     name = "image_reward"
     differentiable = True

@@ -14,6 +14,7 @@ from genalign.rewards.clip import CLIPScore
 
 @register("pickscore")
 class PickScore(CLIPScore):
+    summary = "PickScore v1 human preference score (CLIP-H)"
     name = "pickscore"
     default_path = "yuvalkirstain/PickScore_v1"
     default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

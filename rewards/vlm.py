@@ -378,6 +378,7 @@ class VQAScore(RewardModel):
     Higher is better; in [0, 1] (``output: prob``) or (-inf, 0] (``output: logprob``).
     Differentiable: gradients reach the pixels through the tensor preprocessing.
     """
+    summary = "P('Yes') of a VLM asked whether the image shows the prompt (VQAScore)"
 
     name = "vlm"
     differentiable = True
@@ -434,6 +435,7 @@ class VLMCompare(VQAScore):
     """P("Yes" | image, reference image, "is the first image better than the second in terms of
     {criterion} for {prompt}?"): a pairwise judgement against ``metadata[i]["reference_image"]``,
     read from one forward pass like :class:`VQAScore`. Differentiable in the first image."""
+    summary = "P('Yes') of a VLM asked whether the image beats a reference image"
 
     name = "vlm_compare"
     default_template = COMPARE_TEMPLATE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -56,10 +57,74 @@ def test_train_runs_a_registered_method_with_overrides_and_resumes(tmp_path):
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert resolved["run"]["steps"] == 3 and resolved["run"]["lr"] == 0.01
     assert resolved["method"]["name"] == "toy_regression"
-    assert main(["train", "--resume", str(path), "run.steps=5"]) == 0
+    assert main(["train", str(path), "run.steps=5", "--resume"]) == 0  # the latest checkpoint
     assert (tmp_path / "run" / "checkpoints" / "step-000005").is_dir()
-    assert main(["train", str(path), "run.steps=6", "--resume-from", str(tmp_path / "run" / "checkpoints" / "step-000005")]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]  # continued, not restarted
+    assert main(["train", str(path), "run.steps=6", "--resume", str(tmp_path / "run" / "checkpoints" / "step-000005")]) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-000006").is_dir()
+    assert main(["train", "--resume", str(path), "run.steps=7"]) == 0  # `--resume exp.yaml` reads as the config
+    assert (tmp_path / "run" / "checkpoints" / "step-000007").is_dir()
+
+
+def test_list_names_every_method_backbone_and_reward(capsys):
+    from genalign.cli import _registered_finetuners
+    from genalign.pipelines import BACKBONES
+    from genalign.rewards import ELSEWHERE, REWARDS
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    for name in (*_registered_finetuners(), *BACKBONES, *REWARDS, *ELSEWHERE):
+        assert name in lines, name
+        assert len(lines[name].split(None, 1)) == 2, f"{name} has no one-line summary"
+    assert "Diffusion-DPO" in lines["diffusion_dpo"] and "PickScore" in lines["pickscore"]
+    assert main(["list", "rewards"]) == 0
+    assert "methods" not in capsys.readouterr().out
+
+
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
+    import genalign.cli as cli
+
+    def boom(args):
+        raise RuntimeError("something broke deep inside")
+
+    monkeypatch.setattr(cli, "cmd_list", boom)
+    assert main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("genalign: RuntimeError: something broke deep inside") and "Traceback" not in err
+    assert "--debug" in err
+    with pytest.raises(RuntimeError, match="deep inside"):
+        main(["--debug", "list"])
+
+
+def test_out_of_memory_gives_the_hints_that_fix_it(monkeypatch, capsys):
+    import torch
+
+    import genalign.cli as cli
+
+    def oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "cmd_list", oom)
+    assert main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB" in err
+    assert "run.batch_size" in err and "gradient_checkpointing" in err and "Traceback" not in err
+
+
+def test_unknown_method_is_one_line(tmp_path, capsys):
+    path = _config(tmp_path)
+    assert main(["train", str(path), "method.name=ppo_magic"]) == 2
+    err = capsys.readouterr().err
+    assert "ppo_magic" in err and "diffusion_dpo" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_dataset_image_that_does_not_decode_names_its_row():
+    from genalign.finetuners.preference_data import decode_image
+
+    with pytest.raises(ValueError, match=r"row 7 column 'jpg_1' of the preference dataset does not decode"):
+        decode_image(b"not a jpeg", "row 7 column 'jpg_1' of the preference dataset")
 
 
 def test_train_config_errors_exit_2_and_name_the_key(tmp_path, capsys):
@@ -111,3 +176,27 @@ def test_sample_works_with_flow_backbones(tmp_path, tiny, family):
                  "--steps", "2", "--guidance-scale", "1", "--out", str(out), "--device", "cpu"]) == 0
     image = np.asarray(Image.open(out / "0000.png"))
     assert image.shape == (16, 16, 3) and image.std() > 0
+
+
+def test_the_printed_load_line_loads_the_exported_lora(tmp_path, tiny_models):
+    """The one line `genalign train` prints after exporting runs as printed and puts the LoRA in the pipeline."""
+    import torch
+
+    from genalign.cli import load_instructions
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+
+    base = tiny_models("sd")
+    backbone = load_backbone(BackboneConfig(family="sd", path=base, finetune="lora"))
+    with torch.no_grad():
+        for param in backbone.named_trainable_parameters().values():
+            param.fill_(0.01)  # a non-zero LoRA, so loading it changes the UNet
+    final = tmp_path / "run" / "final"
+    backbone.save_lora(final)
+    line = load_instructions(base, final)
+    assert line.startswith("from diffusers import DiffusionPipeline;") and str(final) in line
+    scope: dict = {}
+    exec(line, scope)  # noqa: S102 - the line a user copies
+    adapters = scope["pipe"].get_list_adapters()
+    assert adapters and any(adapters.values())
+    assert load_instructions(base, tmp_path / "nothing") is None

@@ -98,6 +98,19 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 1_009 + rank)
 
 
+REWARD_METRICS = ("reward_mean", "reward", "reward_w")  # what methods call their batch's reward, in preference
+
+
+def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows of a step's metrics: the loss and the batch reward when the
+    method reports one."""
+    fields = {"loss": f"{metrics['loss']:.4g}"}
+    reward = next((metrics[k] for k in REWARD_METRICS if k in metrics), None)
+    if reward is not None:
+        fields["reward"] = f"{reward:.4g}"
+    return fields
+
+
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out: dict[str, Any] = {}
@@ -452,7 +465,7 @@ class Trainer:
                     if acc.is_main_process:  # one JSON line a step: easy to plot or grep
                         with open(self.output_dir / "metrics.jsonl", "a") as log:
                             log.write(json.dumps(history[-1]) + "\n")
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                    bar.set_postfix(progress_fields(metrics))
                     if run.log_every and self.step % run.log_every == 0:
                         acc.log({**metrics, "skipped_steps": self.skipped_steps}, step=self.step)
                 if run.sample_every and self.step % run.sample_every == 0:

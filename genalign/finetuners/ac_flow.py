@@ -111,6 +111,7 @@ class ACFlowConfig:
 
 @register("ac_flow")
 class ACFlow(ValueMethod):
+    summary = "AC-Flow (Fan et al. 2025): critic-weighted flow matching with a W2 regulariser"
     Config = ACFlowConfig
     name = "ac_flow"
 

@@ -232,6 +232,7 @@ class AdjointBatch:
 
 @register("adjoint_matching")
 class AdjointMatching(BackboneMethod):
+    summary = "Adjoint Matching (Domingo-Enrich et al. 2024): reward fine-tuning by regressing the lean adjoint"
     Config = AdjointMatchingConfig
 
     def __init__(self, config: AdjointMatchingConfig, backbone: Backbone, reward: Reward | Callable[..., Any] | None,

@@ -163,6 +163,7 @@ class D3POConfig:
 
 @register("d3po")
 class D3PO(BackboneMethod):
+    summary = "D3PO (Yang et al. 2024): DPO on paired sampling trajectories, from a reward or human labels"
     Config = D3POConfig
 
     def __init__(self, config: D3POConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):

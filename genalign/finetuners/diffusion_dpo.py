@@ -130,6 +130,7 @@ def concat_conditioning(cond: Conditioning, times: int = 2) -> Conditioning:
 
 @register("diffusion_dpo")
 class DiffusionDPO(BackboneMethod):
+    summary = "Diffusion-DPO (Wallace et al. 2023): DPO on preference pairs through the denoising loss"
     Config = DiffusionDPOConfig
 
     def __init__(self, config: DiffusionDPOConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):

@@ -75,6 +75,7 @@ class InversionDPOConfig(DiffusionDPOConfig):
 
 @register("inversion_dpo")
 class InversionDPO(DiffusionDPO):
+    summary = "Inversion-DPO (Li et al. 2025): Diffusion-DPO on DDIM-inverted latents of winner and loser"
     Config = InversionDPOConfig
     config: InversionDPOConfig
 

@@ -120,17 +120,23 @@ def preference_rows(data: Any) -> list[int]:
     return [i for i, label in enumerate(labels) if label in (0, 1, 0.0, 1.0)]
 
 
-def decode_image(value: Any) -> Any:
-    """A PIL image from a datasets cell: raw bytes, {"bytes": ...} or an Image feature."""
-    from PIL import Image
+def decode_image(value: Any, where: str = "dataset image") -> Any:
+    """A PIL image from a datasets cell: raw bytes, {"bytes": ...} or an Image feature; a
+    ValueError naming ``where`` when it does not decode."""
+    from PIL import Image, UnidentifiedImageError
 
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    if isinstance(value, bytes | bytearray):
-        value = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        value = Image.open(value)
-    return value.convert("RGB")
+    try:
+        if isinstance(value, bytes | bytearray):
+            value = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            value = Image.open(value)
+        if not hasattr(value, "convert"):
+            raise TypeError(f"expected image bytes, a path or an image, got {type(value).__name__}")
+        return value.convert("RGB")
+    except (UnidentifiedImageError, OSError, TypeError) as err:
+        raise ValueError(f"{where} does not decode: {err}") from err
 
 
 def image_to_tensor(image: Any, resolution: int, generator: torch.Generator, random_crop: bool, hflip: bool) -> Tensor:
@@ -171,7 +177,8 @@ def offline_pairs(
     winners, losers, prompts = [], [], []
     for row in rows:
         record = data[int(row)]
-        first, second = decode_image(record["jpg_0"]), decode_image(record["jpg_1"])
+        first, second = (decode_image(record[key], f"row {int(row)} column {key!r} of the preference dataset")
+                         for key in ("jpg_0", "jpg_1"))
         if float(record["label_0"]) == 0.0:
             first, second = second, first
         state = generator.get_state()

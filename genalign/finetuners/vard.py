@@ -90,6 +90,7 @@ class VARDConfig:
 
 @register("vard")
 class VARD(ValueMethod):
+    summary = "VARD (Dai et al. 2025): a value model of intermediate states gives dense reward gradients"
     Config = VARDConfig
     name = "vard"
 

@@ -30,6 +30,7 @@ def _metadata_by_prompt() -> dict[str, dict[str, Any]]:
 
 @register("shapes_gold")
 class ShapesGold(RewardModel):
+    summary = "the shapes world's exact evaluator: share of GenEval clauses satisfied"
     name = "shapes_gold"
     differentiable = False
 
