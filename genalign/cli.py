@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from genalign.core.config import ConfigError
-from genalign.core.trainer import NonFiniteError
+from genalign.core.trainer import NonFiniteError, TrainingInterrupted
 
 # Backbone families (genalign.pipelines.BACKBONES; listed here so that --help stays fast).
 FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux")
@@ -806,6 +806,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as err:
         print(f"genalign: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"genalign: {err}", file=sys.stderr)
+        return 128 + err.signal_number
     except ValueError as err:  # bad values found while loading (sizes, families, schedules, images)
         print(f"genalign: error: {err}", file=sys.stderr)
         return 2

@@ -154,3 +154,60 @@ def test_bf16_autocast_gives_the_fp32_loss_within_tolerance(tmp_path, tiny_lora)
         assert all(p.dtype == torch.float32 for p in finetuner.named_trainable_parameters().values())
     assert losses["bf16"].item() == pytest.approx(losses["no"].item(), rel=0.05)
     assert losses["bf16"].item() != losses["no"].item()  # autocast really ran in bf16
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_a_checkpoint_after_the_step_and_the_run_resumes_exactly(tmp_path, signal_name):
+    """SIGTERM (a scheduler's pre-emption) or SIGINT (Ctrl-C) in the middle of step 5: the step is
+    finished, checkpointed, the run stops; resumed, it ends bit-identical to an uninterrupted run."""
+    import os
+    import signal
+
+    from genalign.core.trainer import TrainingInterrupted
+
+    number = getattr(signal, signal_name)
+
+    class Signalled(ToyRegression):
+        def loss(self, batch):
+            if self.calls == 8:  # during step 5 (micro-step 1 of 2)
+                os.kill(os.getpid(), number)
+            return super().loss(batch)
+
+    common = dict(steps=8, checkpoint_every=0, grad_accum=2)
+    straight = _toy()
+    Trainer(straight, _run(tmp_path / "a", **common)).train()
+    stopped = Signalled(ToyRegression.Config())
+    with pytest.raises(TrainingInterrupted, match=f"stopped by {signal_name} at step 5") as info:
+        Trainer(stopped, _run(tmp_path / "b", **common)).train()
+    assert info.value.signal_number == number
+    assert (tmp_path / "b" / "checkpoints" / "step-000005" / "COMPLETE").is_file()
+    assert signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler)  # handlers restored
+    resumed = _toy()
+    assert Trainer(resumed, _run(tmp_path / "b", **common)).train(resume="latest").steps_done == 8
+    assert torch.equal(resumed.model.weight, straight.model.weight)
+
+
+def test_a_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
+    import errno
+
+    import genalign.core.trainer as trainer_module
+    from genalign.core.trainer import CheckpointWriteError
+
+    real_save = trainer_module.save_file
+    calls = {"n": 0}
+
+    def save_file(tensors, path, *args, **kwargs):
+        if "step-000006" in str(path):
+            calls["n"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "save_file", save_file)
+    with pytest.raises(CheckpointWriteError, match=r"step-000006 .*No space left.*step-000003 is intact"):
+        Trainer(_toy(), _run(tmp_path, steps=8, checkpoint_every=3)).train()
+    assert calls["n"] == 1
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003"]  # no half-written folder left
+    monkeypatch.setattr(trainer_module, "save_file", real_save)
+    resumed = Trainer(_toy(), _run(tmp_path, steps=8, checkpoint_every=3))
+    assert resumed.train(resume="latest").steps_done == 8

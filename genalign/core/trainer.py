@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,18 @@ COMPLETE_MARKER = "COMPLETE"
 
 class NonFiniteError(RuntimeError):
     """The loss, a metric or the gradient norm became NaN/inf too many steps in a row."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT arrived: the run saved a checkpoint after the current step and stopped."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
 
 
 class PromptSource:
@@ -186,6 +200,7 @@ class Trainer:
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
         self.scaler_skips_in_a_row = 0
+        self.stop_signal: int | None = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -221,35 +236,13 @@ class Trainer:
             if not torch.isfinite(param).all():
                 raise NonFiniteError(f"step {self.step}: parameter {name} is not finite; refusing to checkpoint")
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            save_file({n: p.detach().float().cpu().contiguous() for n, p in self.named_params.items()},
-                      str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            if self.ema is not None:
-                torch.save(self.ema.state_dict(), tmp / "ema.pt")
-            if acc.scaler is not None:  # fp16: the loss scale is part of the state
-                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
-            finetuner_state = getattr(self.finetuner, "state_dict", None)
-            if finetuner_state is not None:  # e.g. an EMA reference model, a reward stat tracker
-                torch.save(finetuner_state(), tmp / "finetuner.pt")
-            (tmp / "state.json").write_text(json.dumps(self._counters()))
-        acc.wait_for_everyone()
-        # Per process: the data position and every RNG (with the Gaussian caches of random/numpy).
-        numpy_state = np.random.get_state()
-        rank_state = {
-            "python_random": random.getstate(),
-            "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-            "data": self.source.state_dict(),
-        }
-        (tmp / f"rank-{acc.process_index}.json").write_text(json.dumps(rank_state))
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / f"rng-{acc.process_index}.safetensors"))
+        try:
+            self._write_checkpoint(tmp)
+        except OSError as err:  # disk full, quota, permissions: keep what was there
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.checkpoints()
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"could not write checkpoint {final} ({err}); {kept}") from err
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / COMPLETE_MARKER).write_text("ok\n")
@@ -260,6 +253,53 @@ class Trainer:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
         return final
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        """Every file of a checkpoint into the temporary folder ``tmp``. A write error on any process
+        is raised on every process (none is left waiting at a barrier)."""
+        acc = self.accelerator
+        error: OSError | None = None
+        if acc.is_main_process:
+            try:
+                self._write_shared_state(tmp)
+            except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+                error = err if isinstance(err, OSError) else OSError(str(err).splitlines()[0])
+        if self._any_process(error is not None):
+            raise error or OSError("the main process could not write the checkpoint")
+        try:  # per process: the data position and every RNG (with the Gaussian caches of random/numpy)
+            numpy_state = np.random.get_state()
+            rank_state = {
+                "python_random": random.getstate(),
+                "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+                "data": self.source.state_dict(),
+            }
+            (tmp / f"rank-{acc.process_index}.json").write_text(json.dumps(rank_state))
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+            save_file(rng, str(tmp / f"rng-{acc.process_index}.safetensors"))
+        except OSError as err:
+            error = err
+        if self._any_process(error is not None):
+            raise error or OSError("another process could not write its part of the checkpoint")
+
+    def _write_shared_state(self, tmp: Path) -> None:
+        """The main process's part: weights, optimizer, scheduler, EMA, scaler, method state, counters."""
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().float().cpu().contiguous() for n, p in self.named_params.items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        if self.ema is not None:
+            torch.save(self.ema.state_dict(), tmp / "ema.pt")
+        if self.accelerator.scaler is not None:  # fp16: the loss scale is part of the state
+            torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        finetuner_state = getattr(self.finetuner, "state_dict", None)
+        if finetuner_state is not None:  # e.g. an EMA reference model, a reward stat tracker
+            torch.save(finetuner_state(), tmp / "finetuner.pt")
+        (tmp / "state.json").write_text(json.dumps(self._counters()))
 
     def load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
@@ -321,6 +361,29 @@ class Trainer:
         self.load_checkpoint(path)
         self.accelerator.print(f"resumed from {path} at step {self.step}")
         return True
+
+    # ------------------------------------------------------------------ stopping on signals
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        """SIGTERM (schedulers' pre-emption) and SIGINT (Ctrl-C) finish the current step, save a
+        checkpoint and stop; a second signal stops at once. Only in the main thread (Python's rule)."""
+        self.stop_signal: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(number: int, frame: Any) -> None:
+            self.stop_signal = number
+            signal.signal(number, signal.SIG_DFL if number == signal.SIGTERM else signal.default_int_handler)
+            self.accelerator.print(f"\n{signal.Signals(number).name}: saving a checkpoint after this step, then "
+                                   "stopping (send it again to stop at once)")
+
+        return {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
+
+    def _stop(self) -> None:
+        path = self.save_checkpoint()
+        number = self.stop_signal or signal.SIGTERM
+        raise TrainingInterrupted(f"stopped by {signal.Signals(number).name} at step {self.step}; checkpoint {path}; "
+                                  "continue with `genalign train CONFIG --resume`", number)
 
     # ------------------------------------------------------------------ the loop
 
@@ -455,6 +518,7 @@ class Trainer:
             acc.init_trackers("genalign", config=_flatten(self.resolved_config))
         history: list[dict[str, float]] = []
         bar = tqdm(total=run.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
+        previous_handlers = self._catch_stop_signals()
         try:
             while self.step < run.steps:
                 metrics = self.train_step()
@@ -472,8 +536,12 @@ class Trainer:
                     self.write_samples(f"step-{self.step:06d}")
                 if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step < run.steps:
                     self.save_checkpoint()
+                if self._any_process(self.stop_signal is not None) and self.step < run.steps:
+                    self._stop()
         finally:
             bar.close()
+            for number, handler in previous_handlers.items():
+                signal.signal(number, handler)
         self.save_checkpoint()
         self.write_samples("final")
         export = getattr(self.finetuner, "export", None)
