@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from genalign.core.experiment import RewardConfig
-from genalign.core.loading import resolve_file
+from genalign.core.loading import load_torch_file, resolve_file
 from genalign.rewards import register
 from genalign.rewards.base import DTYPES, Metadata, PreferenceMLP, RewardModel, cached, check_options, freeze
 from genalign.rewards.clip import load_encoder
@@ -35,7 +35,7 @@ def load_mlp(location: str) -> AestheticMLP:
     else:
         repo, _, filename = location.rpartition("/")
         file = resolve_file(repo, filename, hint="Set reward.options.mlp to a local sac+logos+ava1-l14-linearMSE.pth")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = load_torch_file(file)
     mlp = AestheticMLP(state["layers.0.weight"].shape[1])
     mlp.load_state_dict(state)
     return freeze(mlp)

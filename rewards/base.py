@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from genalign.core.loading import load_torch_file
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Metadata = Sequence[Mapping[str, Any]] | None
 
@@ -136,7 +138,7 @@ def load_checkpoint(file: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(file))
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = load_torch_file(file)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):

@@ -49,23 +49,30 @@ class GenEvalOptions:
             raise ValueError("GenEval options: max_objects must be >= 1 and position_threshold >= 0")
 
 
-def check_metadata(meta: Mapping[str, Any]) -> None:
+def check_metadata(meta: Any) -> None:
     """A metadata row in GenEval's format, or a ValueError naming what is wrong."""
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"a GenEval metadata row is a JSON object, got {type(meta).__name__}")
     for key in ("tag", "prompt"):
         if not isinstance(meta.get(key), str):
             raise ValueError(f"GenEval metadata needs a string {key!r}: {dict(meta)}")
-    include = meta.get("include", [])
-    for i, clause in enumerate(include):
-        if not isinstance(clause.get("class"), str) or not isinstance(clause.get("count"), int):
-            raise ValueError(f"include clause {i} needs 'class' (str) and 'count' (int): {clause}")
-        if "position" in clause:
-            relation, target = clause["position"]
-            if relation not in RELATIONS or not 0 <= target < i:
-                raise ValueError(f"include clause {i}: position must be [one of {RELATIONS}, an earlier "
-                                 f"clause index], got {clause['position']}")
-    for clause in meta.get("exclude", []):
-        if not isinstance(clause.get("class"), str) or not isinstance(clause.get("count"), int):
-            raise ValueError(f"exclude clause needs 'class' (str) and 'count' (int): {clause}")
+    for section in ("include", "exclude"):
+        clauses = meta.get(section, [])
+        if not isinstance(clauses, list):
+            raise ValueError(f"GenEval metadata {section!r} must be a list of clauses, got {clauses!r}")
+        for i, clause in enumerate(clauses):
+            if not isinstance(clause, Mapping) or not isinstance(clause.get("class"), str) \
+                    or not isinstance(clause.get("count"), int) or isinstance(clause.get("count"), bool) \
+                    or clause["count"] < 1:
+                raise ValueError(f"{section} clause {i} needs 'class' (str) and 'count' (int >= 1): {clause}")
+            if section == "include" and "color" in clause and not isinstance(clause["color"], str):
+                raise ValueError(f"include clause {i}: 'color' must be a string, got {clause['color']!r}")
+            if section == "include" and "position" in clause:
+                position = clause["position"]
+                if not (isinstance(position, (list, tuple)) and len(position) == 2 and position[0] in RELATIONS
+                        and isinstance(position[1], int) and 0 <= position[1] < i):
+                    raise ValueError(f"include clause {i}: position must be [one of {RELATIONS}, an earlier "
+                                     f"clause index], got {position}")
 
 
 def select_objects(detections: Sequence[Detection], tag: str,

@@ -56,3 +56,26 @@ def resolve_file(path: str, filename: str | None = None, *, hint: str = "") -> P
         return Path(hf_hub_download(path, filename))
     except Exception as err:  # offline, missing repo/file, network: all the same to the user
         raise _missing(f"weights file '{filename}' of", path, hint or "Download it or give a local path", err) from err
+
+
+class UnsafeFileError(ValueError):
+    """A torch file holding more than tensors and plain containers (refused unpickling)."""
+
+
+def load_torch_file(file: str | Path) -> Any:
+    """``torch.load(file, weights_only=True)`` on the CPU: tensors, numbers, strings and containers
+    only. A file that needs arbitrary unpickling (a possible code payload) is refused with one clear
+    error; nothing in it runs."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UnsafeFileError(
+            f"refused to load {file}: it holds Python objects beyond tensors, which could run code when "
+            f"unpickled ({reason[:200]}). Use a safetensors file, or re-save the state dict from a trusted "
+            "environment"
+        ) from err

@@ -33,6 +33,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from genalign.core.experiment import RunConfig, SampleConfig
+from genalign.core.loading import load_torch_file
 from genalign.core.types import FineTuner
 
 CHECKPOINT_PREFIX = "step-"
@@ -314,7 +315,7 @@ class Trainer:
                 param.copy_(weights[name].to(param.dtype))
 
         def load(name: str) -> Any:  # CPU first: a checkpoint written on cuda:0 loads on any rank/machine
-            return torch.load(path / name, map_location="cpu", weights_only=True)
+            return load_torch_file(path / name)
 
         self.optimizer.load_state_dict(load("optimizer.pt"))  # moves its state to the parameters' device
         self.lr_scheduler.load_state_dict(load("scheduler.pt"))
