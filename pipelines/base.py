@@ -7,6 +7,8 @@ pipeline class, prompt encoding and the denoiser call; everything else is here o
 from __future__ import annotations
 
 import copy
+import logging
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,25 @@ from genalign.core.schedules import DiffusionSchedule, NoiseSchedule
 from genalign.core.types import Conditioning
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _TruncationFilter(logging.Filter):
+    """diffusers warns about a truncated prompt at every encode; the backbone reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "truncated because" not in record.getMessage()
+
+
+def _silence_diffusers_truncation_warnings() -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    root = diffusers_logging.get_logger("diffusers")  # the library's root logger, with its handler
+    for target in (root, *root.handlers):
+        if not any(isinstance(f, _TruncationFilter) for f in target.filters):
+            target.addFilter(_TruncationFilter())
+
+
+_silence_diffusers_truncation_warnings()
 
 
 def absent_components(path: str) -> set[str]:
@@ -136,7 +157,42 @@ class DiffusersBackbone:
     def encode_prompts(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
+        """Checked prompts (:meth:`check_prompts`) encoded by the family's text encoder(s)."""
+        self.check_prompts(prompts)
+        return self._encode_prompts(prompts, negative_prompts, guidance)
+
+    def _encode_prompts(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, guidance: bool
+    ) -> Conditioning:
         raise NotImplementedError
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Prompts must be strings; one longer than the text encoder reads is truncated, which is
+        reported once per backbone (the first such prompt, with its token count) instead of at every
+        call as diffusers does."""
+        if isinstance(prompts, str) or any(not isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        if getattr(self, "_truncation_reported", False):
+            return
+        checked = self.__dict__.setdefault("_prompts_checked", set())
+        for prompt in prompts:
+            if prompt in checked:
+                continue
+            if len(checked) < 100_000:
+                checked.add(prompt)
+            for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+                tokenizer = getattr(self.pipe, name, None)
+                if tokenizer is None:
+                    continue
+                limit = tokenizer.model_max_length if name != "tokenizer_3" and not (
+                    name == "tokenizer_2" and type(self).__name__.startswith("Flux")) else (
+                    self.max_sequence_length or tokenizer.model_max_length)
+                length = len(tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
+                if length > limit:
+                    self._truncation_reported = True
+                    print(f"genalign: a prompt has {length} tokens, {name} reads {limit}; the rest is cut off "
+                          f"(reported once): {prompt[:80]!r}{'...' if len(prompt) > 80 else ''}", file=sys.stderr)
+                    return
 
     def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError

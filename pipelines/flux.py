@@ -75,7 +75,7 @@ class FluxBackbone(DiffusersBackbone):
         return FlowSchedule(config, mu=mu, linspace_sigmas=True)
 
     @torch.no_grad()
-    def encode_prompts(
+    def _encode_prompts(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
         prompts = list(prompts)

@@ -29,7 +29,7 @@ class StableDiffusionBackbone(DiffusersBackbone):
         return {"safety_checker": None, "requires_safety_checker": False}
 
     @torch.no_grad()
-    def encode_prompts(
+    def _encode_prompts(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
         prompts = list(prompts)

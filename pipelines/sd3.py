@@ -47,7 +47,7 @@ class StableDiffusion3Backbone(DiffusersBackbone):
         return FlowSchedule(self.pipe.scheduler.config)
 
     @torch.no_grad()
-    def encode_prompts(
+    def _encode_prompts(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
         prompts = list(prompts)

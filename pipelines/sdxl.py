@@ -22,7 +22,7 @@ class StableDiffusionXLBackbone(DiffusersBackbone):
     pipeline_class: ClassVar[type] = StableDiffusionXLPipeline
 
     @torch.no_grad()
-    def encode_prompts(
+    def _encode_prompts(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
         prompts = list(prompts)

@@ -149,6 +149,28 @@ def test_pick_a_pic_errors_are_clear(tmp_path):
         load_pick_a_pic(str(tmp_path / "bad.parquet"))
 
 
+def test_bad_preference_rows_are_named_and_rejected_or_skipped(tmp_path, capsys):
+    """Labels outside {0, 0.5, 1} and images that do not decode: an error naming the rows, or with
+    bad_rows=skip a report and the good rows only."""
+    import datasets
+
+    red, blue = _jpeg((250, 0, 0)), _jpeg((0, 0, 250))
+    rows = {"jpg_0": [red, b"not an image", red, red], "jpg_1": [blue, blue, blue, blue],
+            "label_0": [1.0, 1.0, 2.0, 0.0], "caption": ["ok", "broken image", "bad label", "ok too"]}
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "train-0.parquet"))
+    data = load_pick_a_pic(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"1 label_0 value\(s\) outside \{0, 0.5, 1\} \(row 2: 2.0\)"):
+        preference_rows(data)
+    kept = preference_rows(data, "skip")
+    assert kept == [0, 1, 3] and "skipping 1 preference row(s)" in capsys.readouterr().err
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"row 1 column 'jpg_0' of the preference dataset does not decode"):
+        offline_pairs(_PixelBackbone(), data, kept, generator)
+    pairs = offline_pairs(_PixelBackbone(), data, kept, generator, skip_bad_rows=True)
+    assert pairs.prompts == ["ok", "ok too"] and float(pairs.metrics["rows_skipped"]) == 1.0
+    assert "row 1 column 'jpg_0'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ training steps on tiny backbones
 
 

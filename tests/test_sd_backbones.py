@@ -269,3 +269,26 @@ def test_euler_configs_end_the_chain_at_alpha_one():
     config = EulerDiscreteScheduler(timestep_spacing="trailing").config
     assert config.get("set_alpha_to_one") is False or "set_alpha_to_one" not in config
     assert DiffusionSchedule(config).final_alpha_cumprod == 1.0
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_a_too_long_prompt_is_reported_once_and_non_strings_are_refused(tiny_models, family, capsys):
+    backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(family), finetune="none"))
+    long = " ".join(["a red circle left of a blue square"] * 20)
+    for _ in range(3):
+        backbone.encode_prompts([long, "a circle"], guidance=False)
+    err = capsys.readouterr().err
+    assert err.count("reported once") == 1 and "the rest is cut off" in err
+    assert "truncated because" not in err  # diffusers' per-call warning is replaced by the one report
+    with pytest.raises(TypeError, match="list of strings"):
+        backbone.encode_prompts("a circle")
+    with pytest.raises(TypeError, match="list of strings"):
+        backbone.encode_prompts([None])
+
+
+def test_empty_training_prompts_are_a_config_error():
+    from genalign.core.config import ConfigError
+    from genalign.core.experiment import RunConfig
+
+    with pytest.raises(ConfigError, match=r"run.prompts\[1\] is empty"):
+        RunConfig(prompts=["a circle", "  "]).load_prompts()

@@ -128,6 +128,9 @@ class RunConfig:
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
     def load_prompts(self) -> list[str]:
+        empty = [i for i, p in enumerate(self.prompts) if not str(p).strip()]
+        if empty:
+            raise ConfigError(f"run.prompts[{empty[0]}] is empty: give every training prompt some text")
         prompts = list(self.prompts)
         if self.prompt_file:
             path = Path(self.prompt_file)

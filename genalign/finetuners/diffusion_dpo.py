@@ -98,6 +98,9 @@ class DiffusionDPOConfig:
     dataset_split: str = field("train", help="offline pairs: dataset split")
     random_crop: bool = field(False, help="offline pairs: random instead of centre crop")
     hflip: bool = field(True, help="offline pairs: random horizontal flip (both images of a pair alike)")
+    bad_rows: Literal["error", "skip"] = field(
+        "error", help="offline pairs: a row with a label outside {0, 0.5, 1} or an image that does not decode "
+                      "stops the run (error, naming the row) or is reported and skipped (skip)")
     samples_per_prompt: int = field(2, help="online pairs: images per prompt; the best and worst make the pair")
     pairs_from: Literal["reference", "policy"] = field(
         "reference", help="online pairs: sample from the starting model (off-policy, as offline DPO) or the current one")
@@ -152,7 +155,7 @@ class DiffusionDPO(BackboneMethod):
         self.buffer_uses = 0
         if config.pairs == "offline":
             self.data = load_pick_a_pic(str(config.dataset), config.dataset_split)
-            self.rows = preference_rows(self.data)
+            self.rows = preference_rows(self.data, config.bad_rows)
             if not self.rows:
                 raise ConfigError(f"preference dataset {config.dataset!r} has no strict preferences (all ties?)")
 
@@ -177,7 +180,8 @@ class DiffusionDPO(BackboneMethod):
     def pairs(self, prompts: list[str], generator: torch.Generator) -> PairBatch:
         if self.data is not None:
             rows = [int(p.removeprefix("row:")) for p in prompts]
-            return offline_pairs(self.backbone, self.data, rows, generator, self.config.random_crop, self.config.hflip)
+            return offline_pairs(self.backbone, self.data, rows, generator, self.config.random_crop, self.config.hflip,
+                                 skip_bad_rows=self.config.bad_rows == "skip")
         if self.buffer is not None and self.buffer_uses < self.config.pairs_reuse:
             self.buffer_uses += 1
             return self.buffer

@@ -8,6 +8,7 @@ are VAE-encoded when a batch is collected.
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -114,10 +115,20 @@ def load_pick_a_pic(source: str, split: str = "train") -> Any:
     return data
 
 
-def preference_rows(data: Any) -> list[int]:
-    """Rows with a strict preference (``label_0`` 0 or 1; ties of 0.5 dropped, as in Diffusion-DPO)."""
+def preference_rows(data: Any, bad_rows: str = "error") -> list[int]:
+    """Rows with a strict preference (``label_0`` 0 or 1; ties of 0.5 dropped, as in Diffusion-DPO).
+    A label outside {0, 0.5, 1} is an error naming its rows, or (``bad_rows="skip"``) reported once
+    and skipped."""
     labels = data["label_0"]
-    return [i for i, label in enumerate(labels) if label in (0, 1, 0.0, 1.0)]
+    bad = [i for i, label in enumerate(labels) if label not in (0, 0.5, 1)]
+    if bad:
+        shown = ", ".join(f"row {i}: {labels[i]!r}" for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        if bad_rows != "skip":
+            raise ConfigError(f"preference dataset: {len(bad)} label_0 value(s) outside {{0, 0.5, 1}} ({shown}); "
+                              "fix them or set method.bad_rows=skip")
+        print(f"genalign: skipping {len(bad)} preference row(s) with label_0 outside {{0, 0.5, 1}} ({shown})",
+              file=sys.stderr)
+    return [i for i, label in enumerate(labels) if label in (0, 1)]
 
 
 def decode_image(value: Any, where: str = "dataset image") -> Any:
@@ -170,15 +181,25 @@ def offline_pairs(
     generator: torch.Generator,
     random_crop: bool = False,
     hflip: bool = True,
+    skip_bad_rows: bool = False,
 ) -> PairBatch:
     """Encode the rows' winner (first after flipping by ``label_0``) and loser images to latents.
-    Both images of a pair get the same crop offset draw and flip."""
+    Both images of a pair get the same crop offset draw and flip. An image that does not decode is
+    an error naming its row, or with ``skip_bad_rows`` reported and its row left out of the batch."""
     resolution = backbone.resolution
     winners, losers, prompts = [], [], []
+    skipped = 0
     for row in rows:
         record = data[int(row)]
-        first, second = (decode_image(record[key], f"row {int(row)} column {key!r} of the preference dataset")
-                         for key in ("jpg_0", "jpg_1"))
+        try:
+            first, second = (decode_image(record[key], f"row {int(row)} column {key!r} of the preference dataset")
+                             for key in ("jpg_0", "jpg_1"))
+        except ValueError as err:
+            if not skip_bad_rows:
+                raise ValueError(f"{err} (set method.bad_rows=skip to skip such rows)") from err
+            print(f"genalign: skipping preference {err}", file=sys.stderr)
+            skipped += 1
+            continue
         if float(record["label_0"]) == 0.0:
             first, second = second, first
         state = generator.get_state()
@@ -186,8 +207,11 @@ def offline_pairs(
         generator.set_state(state)  # the same crop and flip for the loser
         losers.append(image_to_tensor(second, resolution, generator, random_crop, hflip))
         prompts.append(str(record["caption"]))
+    if not winners:
+        raise ValueError(f"no image of the preference rows {list(rows)[:8]} decodes")
     images = torch.stack(winners + losers).to(backbone.device)
     latents = backbone.encode(images)
     cond = backbone.encode_prompts(prompts, guidance=False)
-    n = len(rows)
-    return PairBatch(cond, latents[:n], latents[n:], prompts, {"pairs_kept": torch.tensor(float(n))})
+    n = len(winners)
+    return PairBatch(cond, latents[:n], latents[n:], prompts,
+                     {"pairs_kept": torch.tensor(float(n)), "rows_skipped": torch.tensor(float(skipped))})
