@@ -22,7 +22,19 @@ run = RunConfig(output_dir=str(out / "run"), steps=1, batch_size=batch, lr=0.1, 
                 prompts=[f"p{i}" for i in range(8)], checkpoint_every=0, max_grad_norm=0.0, weight_decay=0.0)
 trainer = Trainer(toy, run)
 trainer.write_samples = lambda tag: None  # not what this test is about
+own_rewards = []
+loss_of = toy.loss
+
+
+def recording_loss(batch):
+    loss, metrics = loss_of(batch)
+    own_rewards.append(float(metrics["reward"]))  # this process's value, before the cross-rank mean
+    return loss, metrics
+
+
+toy.loss = recording_loss
 result = trainer.train()
 if trainer.accelerator.is_main_process:
     save_file({"weight": toy.model.weight.detach().contiguous()}, str(out / "weight.safetensors"))
-    (out / "metrics.json").write_text(json.dumps({**result.history[0], "world": trainer.accelerator.num_processes}))
+    (out / "metrics.json").write_text(json.dumps({**result.history[0], "world": trainer.accelerator.num_processes,
+                                                  "rank0_reward": own_rewards[0]}))

@@ -126,9 +126,8 @@ def test_method_that_is_not_a_mapping_is_a_config_error(tmp_path):
 
 
 def test_shipped_configs_all_load():
-    from pathlib import Path
 
-    for path in sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml")):
+    for path in _shipped_configs():
         data = yaml.safe_load(path.read_text())
         if data.get("method", {}).get("name") in config_classes():
             load_experiment(path, config_classes())
@@ -137,7 +136,28 @@ def test_shipped_configs_all_load():
 def _shipped_configs():
     from pathlib import Path
 
-    return sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return sorted(p for p in root.rglob("*.yaml") if "accelerate" not in p.parts)  # accelerate's own configs
+
+
+def test_accelerate_configs_load_and_sharded_engines_are_refused():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from genalign.core.trainer import check_distributed_type
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    configs = sorted(folder.glob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        cluster = ClusterConfig.from_yaml_file(str(path))
+        assert str(cluster.distributed_type).endswith("MULTI_GPU")
+        check_distributed_type(str(cluster.distributed_type))
+    for engine in ("DistributedType.FSDP", "DEEPSPEED"):
+        with pytest.raises(ConfigError, match="does not support yet"):
+            check_distributed_type(engine)
+    assert "--resume" in (folder / "slurm_multinode.sh").read_text()
 
 
 @pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: p.name)

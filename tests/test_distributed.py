@@ -33,8 +33,10 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
     start = ToyStart.weight()
     assert (w_one - start).abs().max() > 1e-3  # the step moved the weights
     torch.testing.assert_close(w_two, w_one, rtol=1e-5, atol=1e-6)
-    # the logged loss is the mean over ranks = the big-batch loss
-    assert abs(metrics_two["loss"] - metrics_one["loss"]) < 1e-5 * max(1.0, abs(metrics_one["loss"]))
+    # the logged loss and reward are means over ranks = the big-batch values (rank 0 alone would differ)
+    for key in ("loss", "reward"):
+        assert abs(metrics_two[key] - metrics_one[key]) < 1e-5 * max(1.0, abs(metrics_one[key])), key
+    assert abs(metrics_two["rank0_reward"] - metrics_one["reward"]) > 1e-4  # ... which it really does
 
 
 class ToyStart:

@@ -150,12 +150,32 @@ def make_accelerator(run: RunConfig) -> Any:
     """
     from accelerate import Accelerator
 
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=run.mixed_precision,
         log_with=None if run.tracker == "none" else run.tracker,
         project_dir=str(run.output_dir),
         cpu=not torch.cuda.is_available(),
     )
+    check_distributed_type(str(accelerator.distributed_type))
+    return accelerator
+
+
+SHARDED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_distributed_type(distributed_type: str) -> None:
+    """The trainer is data-parallel (each process holds the whole model; gradients of the trainable
+    parameters are averaged, what DDP does): an accelerate config asking for a sharded engine is
+    refused with what to use instead, rather than silently running unsharded."""
+    name = distributed_type.rsplit(".", 1)[-1]
+    if name in SHARDED_ENGINES:
+        from genalign.core.config import ConfigError
+
+        raise ConfigError(
+            f"accelerate is configured for {name}, which genalign's trainer does not support yet (it does not "
+            "wrap the backbone's modules); launch with a multi-GPU / multi-node DDP config "
+            "(configs/accelerate/) and save memory with LoRA, gradient checkpointing and bf16"
+        )
 
 
 class Trainer:
