@@ -133,3 +133,19 @@ def test_geneval_metadata_reader_gives_rows_or_an_error_naming_the_line(tmp_path
     for meta in metas:  # every accepted row can be evaluated
         verdict = evaluate({}, meta)
         assert len(verdict.clauses) == len(meta.get("include", [])) + len(meta.get("exclude", []))
+
+
+def test_a_truncated_backbone_file_is_one_clear_error(tmp_path, tiny_models, capsys):
+    import shutil
+
+    from genalign.cli import main
+
+    model = tmp_path / "sd"
+    shutil.copytree(tiny_models("sd"), model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    assert main(["sample", "--backbone", str(model), "--prompt", "a circle", "--out", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load weights from the local folder" in err and "diffusion_pytorch_model.safetensors" in err
+    assert "Traceback" not in err
