@@ -615,6 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.set_defaults(func=cmd_train)
 
+    from genalign.demo import add_arguments as demo_arguments
+    from genalign.demo import run as run_demo
+
+    p = sub.add_parser("demo", help="Gradio page: compare fine-tuned variants side by side, label D3PO pairs")
+    demo_arguments(p)
+    p.set_defaults(func=run_demo)
+
     p = sub.add_parser("list", help="the registered methods, backbones and rewards, one line each")
     p.add_argument("what", nargs="?", choices=("methods", "backbones", "rewards"), help="only this section")
     p.set_defaults(func=cmd_list)

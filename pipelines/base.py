@@ -344,10 +344,16 @@ class DiffusersBackbone:
 
         if self.config.finetune != "lora":
             raise RuntimeError("save_lora needs backbone.finetune=lora")
-        state = get_peft_model_state_dict(self.unwrapped_denoiser)
+        denoiser = self.unwrapped_denoiser
+        state = get_peft_model_state_dict(denoiser)
         if self.lora_keys_to_diffusers:
             state = convert_state_dict_to_diffusers(state)
-        self.pipeline_class.save_lora_weights(directory, **{self.lora_layers_kwarg: state}, safe_serialization=True)
+        # The LoRA config (rank, alpha, targets) goes into the file's metadata, so that
+        # load_lora_weights restores the alpha / rank scale (without it a LoRA reloads at scale 1).
+        metadata_kwarg = self.lora_layers_kwarg.replace("_layers", "_adapter_metadata")
+        metadata = next(iter(denoiser.peft_config.values())).to_dict()
+        self.pipeline_class.save_lora_weights(directory, **{self.lora_layers_kwarg: state, metadata_kwarg: metadata},
+                                              safe_serialization=True)
         return Path(directory) / "pytorch_lora_weights.safetensors"
 
     def load_lora(self, path: str | Path) -> None:

@@ -62,9 +62,10 @@ def test_turbo_trailing_steps_match_the_euler_pipeline(tiny_models, family, step
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_images(tiny_models, tmp_path, family):
-    backbone = _load(tiny_models, family, finetune="lora", lora_rank=4, lora_alpha=4.0)
+@pytest.mark.parametrize("family,alpha", [("sd", 4.0), ("sdxl", 4.0), ("sd", 16.0)])
+def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_images(tiny_models, tmp_path, family, alpha):
+    """Also with alpha != rank: the saved file carries the LoRA config, so the scale survives."""
+    backbone = _load(tiny_models, family, finetune="lora", lora_rank=4, lora_alpha=alpha)
     with torch.no_grad():  # move the LoRA away from its near-zero init so that it matters
         for p in backbone.trainable_parameters():
             p.add_(0.3 * torch.randn_like(p))
