@@ -58,6 +58,12 @@ def test_labels_files(tmp_path):
     assert read_labels(tmp_path / "l.json") == {"000000": 1.0, "000001": -1.0, "000002": 0.0}
     (tmp_path / "l.jsonl").write_text('{"id": "7", "preferred": 1}\n')
     assert read_labels(tmp_path / "l.jsonl") == {"7": -1.0}
+    # relabelled: the latest line wins; a last line torn by a crash is ignored, a torn middle one is not
+    (tmp_path / "l.jsonl").write_text('{"id": "7", "preferred": 1}\n{"id": "7", "preferred": 0}\n{"id": "8", "pre')
+    assert read_labels(tmp_path / "l.jsonl") == {"7": 1.0}
+    (tmp_path / "l.jsonl").write_text('{"id": "7", "pre\n{"id": "8", "preferred": 0}\n')
+    with pytest.raises(ConfigError, match="lines with id and preferred"):
+        read_labels(tmp_path / "l.jsonl")
     (tmp_path / "bad.json").write_text(json.dumps({"1": "left"}))
     with pytest.raises(ConfigError, match="0, 1 or 'tie'"):
         read_labels(tmp_path / "bad.json")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -96,7 +97,15 @@ def read_labels(path: str | Path) -> dict[str, float]:
     text = path.read_text()
     try:
         if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            lines = [line for line in text.splitlines() if line.strip()]
+            if lines and not text.endswith("\n"):
+                try:
+                    json.loads(lines[-1])
+                except json.JSONDecodeError:  # a write torn by a crash: that label was never recorded
+                    print(f"genalign: {path}: ignoring an incomplete last line (a label written while crashing)",
+                          file=sys.stderr)
+                    lines = lines[:-1]
+            rows = [json.loads(line) for line in lines]
             raw = {str(r["id"]): r["preferred"] for r in rows}
         else:
             raw = {str(k): v for k, v in json.loads(text).items()}
