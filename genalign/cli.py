@@ -24,6 +24,8 @@ BUILTIN_FINETUNERS: tuple[str, ...] = (
     "genalign.finetuners.adjoint_matching",
     "genalign.finetuners.ac_flow",
     "genalign.finetuners.vard",
+    "genalign.finetuners.ddpo",
+    "genalign.finetuners.flow_grpo",
 )
 
 

@@ -1,0 +1,152 @@
+"""Flow-GRPO (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL"): GRPO on a
+flow-matching model whose deterministic sampler is turned into a marginal-preserving SDE, for any
+reward (GenEval's rules, OCR, PickScore, the shapes world's exact evaluator).
+
+ODE -> SDE (the paper's conversion, Euler-Maruyama discretised; ``genalign.core.sampling.flow_sde_step``):
+in diffusers' sigma (1 = noise), with noise level a (``sample.eta``, paper 0.7) and
+s_t = a sqrt(sigma / (1 - sigma)),
+
+    x_{t+dt} = x_t + [v_theta(x_t) + s_t^2 / (2 sigma) (x_t + (1 - sigma) v_theta(x_t))] dt + s_t sqrt(-dt) eps
+
+a Gaussian step whose log-density is the policy's. A group of G images per prompt (``samples_per_prompt``,
+paper 24) is scored; advantages are group-normalised (:func:`group_advantages`: GRPO's group mean over
+the whole batch's std, as the official ``global_std``, or over the group's own). Loss per trained step
+(the paper's GRPO objective with its KL term, negated; :func:`flow_grpo_loss`):
+
+    loss = mean_i max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps)) + beta * mean_i KL_i,
+    KL_i = ||mu_theta(x_t) - mu_ref(x_t)||^2 / (2 s_t^2 |dt|)
+
+the closed-form KL between the policy's and the reference's Gaussian steps, as the paper writes it.
+The official code (yifan123/flow_grpo ``scripts/train_sd3.py``) divides by s_t^2 without |dt|, a KL
+|dt| times smaller (about 0.1 at 10 steps); ``kl_variance: sigma`` reproduces it, and with it the
+reported beta values (GenEval 0.04, PickScore 0.01).
+
+Denoising Reduction: rollouts use ``sample.num_steps`` (paper: 10) while evaluation keeps
+the model's usual count with the ODE (paper: 40; here ``eval_num_steps`` for the sample grids; pass
+``--steps`` to ``genalign eval``). The official code trains the first ``int(0.99 * 10) = 9`` steps, i.e.
+every step but the last; genalign's flow sampler already makes the step into sigma = 0 deterministic
+(no ratio there), so ``timestep_fraction: 1.0`` trains the same nine. Other defaults from its
+``config/grpo.py``: clip range 1e-4, advantages clipped to [-5, 5], two gradient updates per sampling
+round, one inner epoch, groups whose rewards are all equal left out, guidance 4.5 at rollouts and in
+training, LoRA, lr 3e-4, EMA of the weights (``run.ema``). One difference: the official training
+pass detaches the unconditional branch of classifier-free guidance; the Backbone contract guides in
+one call, so here gradients reach both branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from genalign.core.config import ConfigError, check, field
+from genalign.core.types import Backbone, Reward, Trajectory
+from genalign.finetuners import register
+from genalign.finetuners.common import sample_images
+from genalign.finetuners.policy_gradient import (
+    PolicyGradientConfig,
+    PolicyGradientMethod,
+    gaussian_step_kl,
+    ppo_clip_loss,
+)
+
+# ------------------------------------------------------------------ the objective (pure functions)
+
+
+def group_advantages(rewards: Tensor, prompts: list[str], global_std: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantage as Flow-GRPO computes it: A_i = (r_i - mean(group)) / (std + eps), the
+    group being the samples of the same prompt in this batch, ``std`` the whole batch's (``global_std``,
+    the official default) or the group's (population std, as numpy's). A group whose rewards are all
+    equal gets exactly 0 (nothing to learn from it). rewards (B,) -> (B,)."""
+    if len(prompts) != rewards.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts but {rewards.shape[0]} rewards")
+    values = rewards.detach().double().cpu()
+    advantages = torch.zeros_like(values)
+    batch_std = values.std(unbiased=False)
+    for prompt in dict.fromkeys(prompts):
+        index = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        group = values[index]
+        if bool((group == group[0]).all()):
+            continue
+        std = batch_std if global_std else group.std(unbiased=False)
+        advantages[index] = (group - group.mean()) / (std + eps)
+    return advantages.float().to(rewards.device)
+
+
+def flow_grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, mean_policy: Tensor | None = None,
+                   mean_reference: Tensor | None = None, kl_std: Tensor | float = 1.0, clip_range: float = 1e-4,
+                   adv_clip_max: float = 5.0, beta: float = 0.04) -> Tensor:
+    """Flow-GRPO's loss for one denoising step (Liu et al. 2025, the GRPO objective with its KL term,
+    negated into a loss; yifan123/flow_grpo ``scripts/train_sd3.py``):
+
+        mean_i max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps)) + beta * mean_i ||mu_theta - mu_ref||^2 / (2 kl_std^2)
+
+    with r = exp(log_prob - old_log_prob) and A clipped to [-adv_clip_max, adv_clip_max]; log-probs
+    and advantages (B,), step means (B, ...) (the KL term is averaged over their elements and left
+    out when no means are given), ``kl_std`` the step's standard deviation (the true KL) or s_t (the
+    official code's). At r = 1 and mu_theta = mu_ref: -mean(A)."""
+    loss, _ = ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max)
+    if mean_policy is None or mean_reference is None or beta == 0:
+        return loss
+    return loss + beta * gaussian_step_kl(mean_policy, mean_reference, kl_std).mean()
+
+
+# ------------------------------------------------------------------ the method
+
+
+@dataclass
+class FlowGRPOConfig(PolicyGradientConfig):
+    samples_per_prompt: int = field(24, help="group size G: images per prompt in a rollout (paper: 24)")
+    timestep_selection: Literal["random", "first"] = field(
+        "first", help="which steps when timestep_fraction < 1: the first ones (Flow-GRPO's code) or a random subset")
+    minibatches: int = field(
+        2, help="a rollout is split into this many minibatches, one per trainer micro-step; optimizer steps per "
+                "rollout = minibatches * inner_epochs / run.grad_accum (Flow-GRPO: 2 updates a round)")
+    beta: float = field(0.04, help="KL weight (paper, GenEval: 0.04; PickScore: 0.01; 0 disables the reference pass)")
+    drop_zero_advantage: bool = field(
+        True, help="leave out samples whose advantage is 0 (groups whose rewards are all equal), as Flow-GRPO's code")
+    global_std: bool = field(True, help="divide by the whole batch's reward std (official default) instead of the group's")
+    kl_variance: Literal["step", "sigma"] = field(
+        "step", help="KL denominator: step = 2 s_t^2 |dt| (the KL between the Gaussian steps, the paper's equation); "
+                     "sigma = 2 s_t^2 (the official code's, |dt| times smaller; its beta values assume it)")
+    eval_num_steps: int = field(40, help="ODE steps of the sample grids (Denoising Reduction: rollouts use sample.num_steps)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.eval_num_steps >= 1, f"eval_num_steps must be >= 1, got {self.eval_num_steps}")
+
+
+@register("flow_grpo")
+class FlowGRPO(PolicyGradientMethod):
+    summary = "Flow-GRPO (Liu et al. 2025): GRPO on a flow model's SDE rollouts, group advantages, KL to the reference"
+    Config = FlowGRPOConfig
+    name = "flow_grpo"
+    config: FlowGRPOConfig
+
+    def __init__(self, config: FlowGRPOConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
+        super().__init__(config, backbone, reward, sample_config)
+        if config.kl_variance == "sigma" and backbone.parameterisation != "flow":
+            raise ConfigError("flow_grpo: kl_variance=sigma is the flow SDE's s_t; on a diffusion backbone use step")
+        if config.samples_per_prompt < 2:
+            raise ConfigError("flow_grpo normalises within each prompt's group: set method.samples_per_prompt >= 2")
+
+    def advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        return group_advantages(rewards, prompts, self.config.global_std)
+
+    def kl_std(self, trajectory: Trajectory, step: int, step_std: Tensor) -> Tensor:
+        if self.config.kl_variance == "step":
+            return step_std
+        # s_t = step std / sqrt(|dt|), dt in sigma units (model timesteps are sigma * num_train_timesteps)
+        schedule: Any = self.backbone.schedule
+        t = trajectory.timesteps[step]
+        t_next = schedule.previous_timestep(t, trajectory.num_steps)
+        dt = (torch.as_tensor(t).float() - torch.as_tensor(t_next).float()).abs() / schedule.num_train_timesteps
+        return step_std / dt.sqrt().to(step_std.device)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
+        """Sample grids with the ODE at ``eval_num_steps`` (Denoising Reduction's evaluation)."""
+        return sample_images(self.backbone, prompts, generator, self.config.eval_num_steps,
+                             self.sample_config.guidance_scale)

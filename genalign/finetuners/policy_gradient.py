@@ -1,0 +1,362 @@
+"""What the policy-gradient fine-tuners share: DDPO (Black et al. 2023, "Training Diffusion Models
+with Reinforcement Learning") and Flow-GRPO (Liu et al. 2025, "Flow-GRPO: Training Flow Matching
+Models via Online RL").
+
+Denoising is a T-step MDP: the state is (x_t, t, prompt), the action the next latent, the policy
+the sampler's Gaussian step N(mu_theta(x_t, t), s_t^2) (DDIM with eta > 0 on diffusion models,
+the marginal-preserving SDE with a noise level on flow models), the reward r(x_0, prompt) arrives
+at the end. Both methods:
+
+1. roll out a group of images per prompt with the stochastic sampler and keep every step's
+   log-probability under the sampling policy (``old_log_prob``),
+2. turn rewards into advantages per prompt (DDPO: a per-prompt stat tracker over recent epochs;
+   Flow-GRPO: the group's mean and std), clipped to [-adv_clip_max, adv_clip_max],
+3. take a few optimizer steps on minibatches of that rollout with PPO's clipped surrogate on the
+   per-step probability ratio r = p_theta(x_{t-1} | x_t) / p_old(x_{t-1} | x_t) (a tiny clip range,
+   1e-4 in both official codes, since log-probs are averaged over the latent's elements), optionally
+   plus beta times the closed-form KL between the policy's and the reference's Gaussian steps.
+
+Cadence inside genalign's trainer (one ``collect`` + ``loss`` per micro-step): a ``collect`` that
+finds no minibatch left rolls out ``run.batch_size`` prompts x ``samples_per_prompt`` images,
+splits them (shuffled) into ``minibatches`` minibatches per inner epoch and serves one per call; the
+prompts the trainer hands to the calls served from that buffer are not used (they are a random
+draw from a reshuffled list, so skipping them biases nothing). Optimizer steps per rollout =
+``minibatches * inner_epochs / run.grad_accum``. The buffer and the stat tracker are part of the
+checkpoint (``state_dict``), so a resumed run continues exactly.
+
+Conventions checked against the official code (kvablack/ddpo-pytorch ``scripts/train.py``,
+yifan123/flow_grpo ``scripts/train_sd3.py``): classifier-free guidance at sampling and training with
+the same scale; per-step losses averaged over the trained steps (their gradient accumulation over
+timesteps); only steps with noise (std > 0) have a ratio, so deterministic steps (the last step of a
+flow schedule, a DDIM step onto alpha = 1) are never trained. One difference: a minibatch trains the
+same subset of steps for all its samples (DDPO draws a subset per sample) when
+``timestep_fraction`` < 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from genalign.core import sampling
+from genalign.core.config import ConfigError, check, field
+from genalign.core.sampler import initial_noise, sample
+from genalign.core.types import Backbone, Reward, Trajectory
+from genalign.finetuners.common import BackboneMethod
+
+# ------------------------------------------------------------------ the objective (pure functions)
+
+
+def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float = 1e-4,
+                  adv_clip_max: float = 5.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7) on one denoising step, negated into a
+    loss to minimise, with the advantages first clipped to [-adv_clip_max, adv_clip_max]:
+
+        r_i    = exp(log_prob_i - old_log_prob_i)
+        loss   = mean_i max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps))
+
+    (DDPO_IS, Black et al. 2023, Sec. 4.3 and ddpo-pytorch's ``train.py``; Flow-GRPO, Liu et al.
+    2025, the clipped term of its GRPO objective). Inputs (B,); ``old_log_prob`` is the sampling policy's (no
+    gradient). At r = 1 the loss is -mean(A) and its gradient -mean(A * d log_prob); where the
+    clipped branch is the larger (r beyond the range in the direction A favours) the sample gives
+    no gradient. Returns the loss and (B,) diagnostics: ``ratio``, ``clipped`` (|r - 1| > eps, as
+    the official codes log ``clipfrac``) and ``approx_kl`` (0.5 (log r)^2, their estimator of the
+    KL to the sampling policy).
+    """
+    advantages = advantages.float().clamp(-adv_clip_max, adv_clip_max)
+    log_ratio = log_prob.float() - old_log_prob.detach().float()
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    stats = {"ratio": ratio.detach(), "clipped": ((ratio.detach() - 1).abs() > clip_range).float(),
+             "approx_kl": 0.5 * log_ratio.detach() ** 2}
+    return loss, stats
+
+
+def gaussian_step_kl(mean_policy: Tensor, mean_reference: Tensor, std: Tensor | float) -> Tensor:
+    """KL(N(mu_theta, s^2) || N(mu_ref, s^2)) of one step = ||mu_theta - mu_ref||^2 / (2 s^2), averaged
+    over the latent's elements like the log-probs -> (B,). The reference mean carries no gradient.
+    Zero when policy and reference agree (the closed form Flow-GRPO, Liu et al. 2025, regularises with)."""
+    return sampling.gaussian_kl_equal_std(mean_policy.float(), mean_reference.detach().float(),
+                                          torch.as_tensor(std).float())
+
+
+# ------------------------------------------------------------------ settings shared by both methods
+
+
+@dataclass
+class PolicyGradientConfig:
+    """Fields both methods have; each method's Config re-declares those whose defaults differ."""
+
+    samples_per_prompt: int = field(1, help="images per prompt in a rollout (the group; GRPO: G)")
+    same_initial_noise: bool = field(
+        False, help="a prompt's images start from one shared initial noise (else each its own, as both official codes)")
+    clip_range: float = field(1e-4, help="PPO clip range eps on the per-step ratio (both papers: 1e-4)")
+    adv_clip_max: float = field(5.0, help="advantages are clipped to [-adv_clip_max, adv_clip_max] (both: 5)")
+    timestep_fraction: float = field(
+        1.0, help="fraction of the stochastic denoising steps trained per minibatch (DDPO: 1.0)")
+    timestep_selection: Literal["random", "first"] = field(
+        "random", help="which steps when timestep_fraction < 1: a random subset (DDPO) or the first ones (Flow-GRPO's code)")
+    minibatches: int = field(
+        4, help="a rollout is split into this many minibatches, one per trainer micro-step; optimizer steps per "
+                "rollout = minibatches * inner_epochs / run.grad_accum (DDPO's configs: 4 updates a round)")
+    inner_epochs: int = field(1, help="passes over each rollout (both papers: 1)")
+    beta: float = field(0.0, help="weight of the closed-form KL to the reference step (DDPO: none, 0)")
+    drop_zero_advantage: bool = field(
+        False, help="leave out samples whose advantage is 0 (groups whose rewards are all equal), as Flow-GRPO's code")
+    sample_batch_size: int = field(0, help="images per sampling call during rollouts (0: the whole rollout at once)")
+    prompt_metadata: str | None = field(
+        None, help="JSONL of metadata rows with a 'prompt' each (GenEval's format, e.g. Flow-GRPO's "
+                   "dataset/geneval/train_metadata.jsonl): its prompts are the training prompts and each image's "
+                   "row goes to the reward (the geneval reward needs it)")
+
+    def __post_init__(self) -> None:
+        check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        check(0 < self.clip_range < 1, f"clip_range must be in (0, 1), got {self.clip_range}")
+        check(self.adv_clip_max > 0, f"adv_clip_max must be > 0, got {self.adv_clip_max}")
+        check(0 < self.timestep_fraction <= 1, f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        check(self.minibatches >= 1 and self.inner_epochs >= 1,
+              f"minibatches and inner_epochs must be >= 1, got {self.minibatches}, {self.inner_epochs}")
+        check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        check(self.sample_batch_size >= 0, f"sample_batch_size must be >= 0, got {self.sample_batch_size}")
+
+
+def read_prompt_metadata(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Rows of a JSONL file keyed by their ``prompt`` (the last row wins for a repeated prompt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompt_metadata: file not found: {path}")
+    rows: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not JSON: {err}") from err
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(f"{path}:{number}: each row needs a 'prompt' string")
+        rows[row["prompt"]] = row
+    if not rows:
+        raise ConfigError(f"prompt_metadata: {path} has no rows")
+    return rows
+
+
+def trained_steps(stochastic: list[int], fraction: float, selection: str, generator: torch.Generator) -> list[int]:
+    """The steps a minibatch trains: ``ceil(fraction * len(stochastic))`` of the stochastic steps,
+    the first ones or a random subset (in sampling order)."""
+    count = max(1, math.ceil(fraction * len(stochastic) - 1e-9))
+    if count >= len(stochastic):
+        return list(stochastic)
+    if selection == "first":
+        return list(stochastic[:count])
+    chosen = torch.randperm(len(stochastic), generator=generator)[:count].sort().values
+    return [stochastic[i] for i in chosen.tolist()]
+
+
+# ------------------------------------------------------------------ the method
+
+
+class PolicyGradientMethod(BackboneMethod):
+    """Rollouts with per-step log-probs, per-prompt advantages, PPO-clip minibatch updates; a method
+    supplies ``advantages`` (its normalisation) and may override ``kl_std`` and ``step_loss``."""
+
+    name: ClassVar[str]
+    config: PolicyGradientConfig
+
+    def __init__(self, config: PolicyGradientConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
+        self.config, self.backbone, self.reward, self.sample_config = config, backbone, reward, sample_config
+        self.params = backbone.named_trainable_parameters()
+        if not self.params:
+            raise ConfigError(f"{self.name} trains the backbone: set backbone.finetune to lora or full")
+        if reward is None:
+            raise ConfigError(f"{self.name} needs a reward (any, differentiable or not); configure reward.name")
+        if sample_config.eta <= 0:
+            raise ConfigError(f"{self.name} needs stochastic rollouts with log-probs: set sample.eta > 0 "
+                              "(SD: DDIM eta 1.0; flow models: the SDE noise level, Flow-GRPO 0.7)")
+        if config.beta > 0 and getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
+            backbone.keep_reference()  # type: ignore[attr-defined]
+        self.metadata = read_prompt_metadata(config.prompt_metadata) if config.prompt_metadata else {}
+        self.rollout: dict[str, Any] = {}  # the current rollout's tensors and prompts
+        self.pending: list[dict[str, Tensor]] = []  # its minibatches still to train: rows, steps
+
+    @classmethod
+    def build(cls, experiment: Any, backbone: Backbone | None, reward: Reward | None) -> Any:
+        if backbone is None:
+            raise ConfigError(f"{cls.name} needs a backbone: set backbone.family and backbone.path")
+        return cls(experiment.method, backbone, reward, experiment.sample)  # type: ignore[call-arg]
+
+    def training_prompts(self) -> list[str] | None:
+        """The prompts of ``prompt_metadata`` (each row once) when given, else run.prompts."""
+        return list(self.metadata) if self.metadata else None
+
+    # ---------------------------------------------------------------- what a method supplies
+
+    def advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        """(B,) advantages of the rollout's rewards (B,), before clipping."""
+        raise NotImplementedError
+
+    def kl_std(self, trajectory: Trajectory, step: int, step_std: Tensor) -> Tensor:
+        """The standard deviation the KL divides by: the step's own (the true KL between the steps)."""
+        return step_std
+
+    def step_loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Tensor | None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step's loss: the PPO-clip surrogate plus beta * mean KL when ``kl`` (B,) is given."""
+        c = self.config
+        loss, stats = ppo_clip_loss(log_prob, old_log_prob, advantages, c.clip_range, c.adv_clip_max)
+        if kl is not None:
+            loss = loss + c.beta * kl.mean()
+        return loss, stats
+
+    # ---------------------------------------------------------------- rollouts
+
+    @torch.no_grad()
+    def _sample(self, prompts: list[str], generator: torch.Generator) -> tuple[Trajectory, Tensor, list[int]]:
+        """``samples_per_prompt`` stochastic trajectories per prompt (consecutive), sampled and decoded
+        in chunks of ``sample_batch_size`` images: the trajectory (means and stds are not kept: the
+        loss recomputes them), the images (B, 3, H, W) in [0, 1] and the steps that have noise."""
+        s, k = self.sample_config, self.config.samples_per_prompt
+        repeated = [p for p in prompts for _ in range(k)]
+        shared = self.config.same_initial_noise
+        noise = initial_noise(self.backbone, len(prompts) if shared else len(repeated), generator)
+        if shared:
+            noise = noise.repeat_interleave(k, dim=0)
+        cond = self.backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
+        chunk = self.config.sample_batch_size or len(repeated)
+        parts = []
+        for start in range(0, len(repeated), chunk):
+            part = slice(start, start + chunk)
+            parts.append(sample(self.backbone, cond.select(part), s.num_steps, s.guidance_scale, s.eta,
+                                latents=noise[part], generator=generator))
+        images = torch.cat([self.backbone.decode(p.final).float().clamp(0, 1) for p in parts])
+        stochastic = [i for i in range(parts[0].num_steps) if any(bool((p.stds[i] > 0).any()) for p in parts)]
+        if not stochastic:
+            raise ConfigError(f"{self.name}: no stochastic step in the rollouts; raise sample.eta")
+        empty = torch.zeros(0)
+        trajectory = Trajectory(torch.cat([p.latents for p in parts], dim=1), parts[0].timesteps,
+                                torch.cat([p.log_probs.float().cpu() for p in parts]), empty, empty, cond,
+                                s.eta, s.guidance_scale)
+        return trajectory, images, stochastic
+
+    @torch.no_grad()
+    def _new_rollout(self, prompts: list[str], generator: torch.Generator) -> None:
+        c = self.config
+        trajectory, images, stochastic = self._sample(prompts, generator)
+        repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]  # as _sample orders them
+        assert self.reward is not None
+        metadata = [self._metadata_row(p) for p in repeated] if self.metadata else None
+        rewards = self.reward(images, repeated, metadata)[0].detach().float().cpu()
+        bad = (~torch.isfinite(rewards)).nonzero()
+        if len(bad):
+            raise ValueError(f"{self.name}: the reward is not finite ({float(rewards[bad[0]])}) for {repeated[bad[0]]!r}")
+        advantages = self.advantages(repeated, rewards).float().cpu()
+        self.rollout = {"latents": trajectory.latents, "timesteps": trajectory.timesteps,
+                        "log_probs": trajectory.log_probs, "advantages": advantages, "rewards": rewards,
+                        "prompts": repeated, "cond": trajectory.cond}
+        rows = torch.arange(len(repeated))
+        if c.drop_zero_advantage:
+            rows = rows[advantages != 0]
+        self.pending = []
+        for _ in range(c.inner_epochs):
+            order = rows[torch.randperm(len(rows), generator=generator)]
+            for part in torch.tensor_split(order, c.minibatches):
+                steps = trained_steps(stochastic, c.timestep_fraction, c.timestep_selection, generator)
+                self.pending.append({"rows": part, "steps": torch.tensor(steps, dtype=torch.long)})
+        self._rollout_metrics = {
+            "reward_rollout": rewards.mean(), "reward_std": rewards.std(unbiased=False),
+            "kept": torch.tensor(len(rows) / max(len(repeated), 1)),
+        }
+
+    def _metadata_row(self, prompt: str) -> dict[str, Any]:
+        if prompt not in self.metadata:
+            raise ConfigError(f"{self.name}: prompt {prompt!r} has no row in {self.config.prompt_metadata}")
+        return self.metadata[prompt]
+
+    def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
+        fresh = not self.pending
+        if fresh:
+            self._new_rollout(prompts, generator)
+        minibatch = self.pending.pop(0)
+        rows = minibatch["rows"]
+        metrics: dict[str, Tensor] = {"new_rollout": torch.tensor(float(fresh))}
+        rewards = self.rollout["rewards"]
+        metrics["reward_mean"] = rewards[rows].mean() if len(rows) else rewards.mean()
+        if fresh:
+            metrics.update(self._rollout_metrics)
+        return {"rows": rows, "steps": minibatch["steps"].tolist(), "metrics": metrics}
+
+    # ---------------------------------------------------------------- loss
+
+    def _minibatch_trajectory(self, rows: Tensor) -> Trajectory:
+        r = self.rollout
+        device_rows = rows.to(r["latents"].device)
+        empty = torch.zeros(0)
+        return Trajectory(r["latents"][:, device_rows], r["timesteps"], r["log_probs"][rows], empty, empty,
+                          r["cond"].select(rows), self.sample_config.eta, self.sample_config.guidance_scale)
+
+    def _step(self, trajectory: Trajectory, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(log-prob (B,), mean, std) of the stored transition ``step`` under the current model."""
+        x, t = trajectory.latents[step], trajectory.timesteps[step]
+        output = self.backbone.predict(x, t, trajectory.cond, trajectory.guidance_scale)
+        result = self.backbone.schedule.step(x, output, t, trajectory.num_steps, trajectory.eta,
+                                             prev_sample=trajectory.latents[step + 1])
+        return result.log_prob.float(), result.mean.float(), result.std.float()
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        rows, steps = batch["rows"], batch["steps"]
+        metrics = dict(batch["metrics"])
+        if len(rows) == 0 or not steps:
+            return self.zero_loss(), metrics
+        trajectory = self._minibatch_trajectory(rows)
+        advantages = self.rollout["advantages"][rows].to(self.backbone.device)
+        old_log_probs = trajectory.log_probs.to(self.backbone.device)
+        total: Tensor | float = 0.0
+        logged: dict[str, list[Tensor]] = {"ratio": [], "clipfrac": [], "approx_kl": [], "kl": []}
+        for step in steps:
+            reference_mean = None
+            if self.config.beta > 0:
+                with torch.no_grad(), self.backbone.reference():
+                    reference_mean = self._step(trajectory, step)[1]
+            with self.backbone.training():
+                # recomputed in backward: the memory of one step, not of every trained step
+                log_prob, mean, std = checkpoint(self._step, trajectory, step, use_reentrant=False)
+            kl = None
+            if reference_mean is not None:
+                kl = gaussian_step_kl(mean, reference_mean, self.kl_std(trajectory, step, std))
+                logged["kl"].append(kl.detach().mean())
+            loss, stats = self.step_loss(log_prob, old_log_probs[:, step], advantages, kl)
+            total = total + loss / len(steps)
+            logged["ratio"].append(stats["ratio"].mean())
+            logged["clipfrac"].append(stats["clipped"].mean())
+            logged["approx_kl"].append(stats["approx_kl"].mean())
+        metrics.update({name: torch.stack(values).mean() for name, values in logged.items() if values})
+        metrics.update({"advantage_abs": advantages.abs().mean(), "steps_trained": torch.tensor(float(len(steps))),
+                        "samples_trained": torch.tensor(float(len(rows)))})
+        return total, metrics  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The unfinished rollout (tensors and prompts; the conditioning is re-encoded on load) and
+        the minibatches left of it."""
+        rollout = {k: (v.detach().cpu() if isinstance(v, Tensor) else list(v))
+                   for k, v in self.rollout.items() if k != "cond"}
+        return {"rollout": rollout, "pending": [{k: v.clone() for k, v in m.items()} for m in self.pending]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = [dict(m) for m in state["pending"]]
+        rollout = dict(state["rollout"])
+        if rollout:
+            s = self.sample_config
+            rollout["latents"] = rollout["latents"].to(self.backbone.device, self.backbone.dtype)
+            rollout["cond"] = self.backbone.encode_prompts(rollout["prompts"], guidance=s.guidance_scale != 1.0)
+        self.rollout = rollout

@@ -1,0 +1,340 @@
+"""DDPO and Flow-GRPO: the PPO-clip objective, the Gaussian step KL and the group advantages against
+hand-computed values and their limits; rollouts, minibatch cadence, checkpoint state and training
+steps on tiny diffusion and flow backbones with non-differentiable rewards; the shipped configs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from genalign.core.config import ConfigError
+from genalign.core.experiment import BackboneConfig, RewardConfig, SampleConfig, load_experiment
+from genalign.core.normalize import PerPromptStatTracker
+from genalign.finetuners import config_classes
+from genalign.finetuners.ddpo import DDPO, DDPOConfig, batch_advantages, ddpo_loss
+from genalign.finetuners.flow_grpo import FlowGRPO, FlowGRPOConfig, flow_grpo_loss, group_advantages
+from genalign.finetuners.policy_gradient import gaussian_step_kl, ppo_clip_loss, trained_steps
+from genalign.pipelines import load_backbone
+
+T = torch.tensor
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models' ops are too small to gain from a second thread, and on 2 shared cores two
+    threads contending with another process ran these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# ------------------------------------------------------------------ the pure functions
+
+
+def test_ppo_clip_loss_by_hand():
+    """eps = 1e-4, log r = log of the ratios below, advantages clipped to [-5, 5]:
+    0: r 1.00005, A  2 (inside the range)    -> max(-2.0001, -2.0001) = -2.0001
+    1: r 1.0003,  A  1 (above, A favours it) -> max(-1.0003, -1.0001) = -1.0001 (clipped)
+    2: r 1.0003,  A -1 (above, A opposes it) -> max( 1.0003,  1.0001) =  1.0003
+    3: r 0.9997,  A  3 (below, A opposes)    -> max(-2.9991, -2.9997) = -2.9991
+    4: r 0.9997,  A -1 (below, A favours it) -> max( 0.9997,  0.9999) =  0.9999 (clipped)
+    5: r 1,       A  7 -> 5                  -> -5
+    loss = (-2.0001 - 1.0001 + 1.0003 - 2.9991 + 0.9999 - 5) / 6 = -8.9991 / 6 = -1.49985;
+    d loss / d log_prob = -A r / 6 where the unclipped branch is the max, else 0:
+    [-0.333350, 0, 0.166717, -0.499850, 0, -0.833333]."""
+    ratios = T([1.00005, 1.0003, 1.0003, 0.9997, 0.9997, 1.0], dtype=torch.float64)
+    log_prob = ratios.log().clone().requires_grad_(True)
+    advantages = T([2.0, 1.0, -1.0, 3.0, -1.0, 7.0])
+    loss, stats = ppo_clip_loss(log_prob, torch.zeros(6, dtype=torch.float64), advantages, 1e-4, 5.0)
+    assert loss.item() == pytest.approx(-1.49985, abs=1e-5)
+    loss.backward()
+    expected = [-0.333350, 0.0, 0.166717, -0.499850, 0.0, -0.833333]
+    assert log_prob.grad.tolist() == pytest.approx(expected, abs=2e-5)
+    assert stats["clipped"].tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]  # |r - 1| > eps, as clipfrac counts
+    assert ddpo_loss(ratios.log(), torch.zeros(6), advantages).item() == pytest.approx(-1.49985, abs=1e-5)
+
+
+def test_ratio_one_gives_minus_mean_advantage_and_the_score_function():
+    """r = 1 (policy = sampling policy): loss = -mean(A) and d loss / d log_prob_i = -A_i / B,
+    DDPO_SF's score-function gradient."""
+    old = torch.randn(4)
+    log_prob = old.clone().requires_grad_(True)
+    advantages = T([0.5, -1.5, 2.0, 1.0])
+    loss, stats = ppo_clip_loss(log_prob, old, advantages)
+    assert loss.item() == pytest.approx(-0.5, abs=1e-6)
+    loss.backward()
+    assert log_prob.grad.tolist() == pytest.approx((-advantages / 4).tolist(), abs=1e-6)
+    assert stats["ratio"].tolist() == pytest.approx([1.0] * 4) and stats["approx_kl"].abs().max() == 0
+
+
+def test_gaussian_step_kl_by_hand_and_at_the_reference():
+    """means differ by 0.2 in every element, std 0.5: KL = 0.2^2 / (2 * 0.5^2) = 0.08 per sample;
+    0 where policy and reference agree; std 0.5 * sqrt(0.1) (the step std with |dt| = 0.1): 0.8."""
+    mean = torch.zeros(2, 3, 4, 4)
+    shifted = mean + T([0.2, 0.0]).view(2, 1, 1, 1)
+    assert gaussian_step_kl(shifted, mean, 0.5).tolist() == pytest.approx([0.08, 0.0], abs=1e-6)
+    assert gaussian_step_kl(shifted, mean, 0.5 * math.sqrt(0.1)).tolist() == pytest.approx([0.8, 0.0], abs=1e-5)
+
+
+def test_flow_grpo_loss_by_hand():
+    """r = 1, A = [1, -1, 2] (clip 1.5 -> [1, -1, 1.5]): PPO part -mean(A) = -0.5; KL 0.08 per sample
+    (means 0.2 apart, std 0.5), beta 0.04: + 0.0032 -> -0.4968. Without the means: -0.5. The KL's
+    gradient pulls the policy mean toward the reference: d/d mu = beta * (mu - mu_ref) / s^2 / (B * D)."""
+    log_prob = torch.zeros(3)
+    mean_policy = torch.full((3, 2), 0.2, requires_grad=True)
+    loss = flow_grpo_loss(log_prob, log_prob, T([1.0, -1.0, 2.0]), mean_policy, torch.zeros(3, 2), 0.5,
+                          adv_clip_max=1.5, beta=0.04)
+    assert loss.item() == pytest.approx(-0.4968, abs=1e-6)
+    loss.backward()
+    assert mean_policy.grad.flatten().tolist() == pytest.approx([0.04 * 0.2 / 0.25 / 6] * 6, abs=1e-7)
+    assert flow_grpo_loss(log_prob, log_prob, T([1.0, -1.0, 2.0]), adv_clip_max=1.5).item() == pytest.approx(-0.5)
+
+
+def test_group_advantages_by_hand():
+    """rewards a: [1, 0], b: [0.5, 0.5]. Group b is all equal -> exactly 0. Batch std (population) of
+    [1, 0, .5, .5] = sqrt(0.125) = 0.3535534: a -> +-0.5 / 0.3536534 = +-1.4138; with the group's own
+    std 0.5: +-0.5 / 0.5001 = +-0.99980."""
+    prompts, rewards = ["a", "a", "b", "b"], T([1.0, 0.0, 0.5, 0.5])
+    assert group_advantages(rewards, prompts, global_std=True).tolist() == pytest.approx([1.41381, -1.41381, 0, 0], abs=1e-5)
+    assert group_advantages(rewards, prompts, global_std=False).tolist() == pytest.approx([0.9998, -0.9998, 0, 0], abs=1e-5)
+    assert group_advantages(rewards, prompts)[2:].tolist() == [0.0, 0.0]  # exactly: these are dropped
+    # the group-std form is the stat tracker without history (GRPO normalisation), up to the epsilon
+    noisy = torch.rand(6)
+    names = ["x", "y", "x", "y", "x", "y"]
+    tracker = PerPromptStatTracker(buffer_size=0, min_count=1).update(names, noisy)
+    assert group_advantages(noisy, names, global_std=False, eps=1e-6).tolist() == pytest.approx(tracker.tolist(), abs=1e-4)
+
+
+def test_batch_advantages_and_trained_steps():
+    assert batch_advantages(T([1.0, 3.0])).tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    assert trained_steps([0, 1, 2, 3], 1.0, "random", g) == [0, 1, 2, 3]
+    assert trained_steps([0, 1, 2, 3, 4, 5, 6, 7, 8], 0.5, "first", g) == [0, 1, 2, 3, 4]
+    subset = trained_steps(list(range(10)), 0.3, "random", g)
+    assert len(subset) == 3 and subset == sorted(subset) and len(set(subset)) == 3
+
+
+# ------------------------------------------------------------------ the methods on tiny backbones
+
+
+class _BrightnessReward:
+    """Non-differentiable (computed from detached pixels, as a JPEG size or a parser would be)."""
+
+    differentiable = False
+
+    def __call__(self, images, prompts, metadata=None):
+        scores = images.detach().float().mean(dim=(1, 2, 3)).cpu()
+        return scores, {"brightness": scores}
+
+
+class _ConstantReward(_BrightnessReward):
+    def __call__(self, images, prompts, metadata=None):
+        scores = torch.ones(images.shape[0])
+        return scores, {"constant": scores}
+
+
+def _method(tiny_models, cls, config, family, eta, reward=None, steps=4):
+    path = tiny_models(family, "flow" if family == "sd3" else "epsilon")
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(family=family, path=path, finetune="lora", lora_rank=4), "cpu")
+    experiment = SimpleNamespace(method=config, sample=SampleConfig(num_steps=steps, guidance_scale=2.0, eta=eta))
+    return cls.build(experiment, backbone, reward if reward is not None else _BrightnessReward())
+
+
+def _train(method, batch, lr, updates):
+    optimizer = torch.optim.Adam(list(method.named_trainable_parameters().values()), lr=lr)
+    for _ in range(updates):
+        loss, _ = method.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _surrogate_gain(method, batch):
+    """mean A * (log p_theta - log p_old) over the batch's samples and trained steps (> 0: the
+    policy moved toward the steps of samples with positive advantage)."""
+    rows, steps = batch["rows"], batch["steps"]
+    trajectory = method._minibatch_trajectory(rows)
+    advantages = method.rollout["advantages"][rows]
+    with torch.no_grad():
+        log_ratio = torch.stack([method._step(trajectory, k)[0] - trajectory.log_probs[:, k] for k in steps], 1)
+    return float((advantages[:, None] * log_ratio).mean())
+
+
+def test_ddpo_on_a_diffusion_backbone(tiny_models):
+    """At the first minibatch the recomputed log-probs equal the sampler's (ratio 1) and the loss is
+    -mean(clipped A); a few updates on it raise the surrogate sum A log r; the minibatches of one
+    rollout partition its samples and a new rollout starts when they are used up."""
+    config = DDPOConfig(samples_per_prompt=2, minibatches=2, inner_epochs=2, clip_range=0.2, min_count=2)
+    ddpo = _method(tiny_models, DDPO, config, "sd", 1.0)
+    batches = [ddpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(i)) for i in range(2)]
+    assert [float(b["metrics"]["new_rollout"]) for b in batches] == [1.0, 0.0]
+    assert sorted(torch.cat([b["rows"] for b in batches]).tolist()) == [0, 1, 2, 3]
+    first = batches[0]
+    assert first["steps"] == [0, 1, 2, 3]  # every DDIM step has noise at eta 1 here
+    loss, metrics = ddpo.loss(first)
+    advantages = ddpo.rollout["advantages"][first["rows"]].clamp(-5, 5)
+    assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-4)
+    assert metrics["ratio"].item() == pytest.approx(1.0, abs=1e-5) and metrics["clipfrac"].item() == 0.0
+    assert _surrogate_gain(ddpo, first) == pytest.approx(0.0, abs=1e-5)
+    _train(ddpo, first, lr=5e-3, updates=3)
+    assert _surrogate_gain(ddpo, first) > 0
+    assert ddpo.loss(first)[0].item() < loss.item()
+    # two inner epochs of two minibatches: the rollout serves four micro-steps, then a new one starts
+    more = [ddpo.collect(["a green triangle"], torch.Generator().manual_seed(5 + i)) for i in range(3)]
+    assert [float(b["metrics"]["new_rollout"]) for b in more] == [0.0, 0.0, 1.0]
+    assert ddpo.rollout["prompts"] == ["a green triangle"] * 2
+
+
+def test_ddpo_tracks_rewards_per_prompt_across_rollouts(tiny_models):
+    """With min_count 2 and one image a prompt, the first rollout uses the batch statistics; a prompt
+    seen again is normalised by its own buffer."""
+    ddpo = _method(tiny_models, DDPO, DDPOConfig(samples_per_prompt=1, minibatches=1, min_count=2), "sd", 1.0)
+    ddpo.collect(["a", "b"], torch.Generator().manual_seed(0))
+    rewards = ddpo.rollout["rewards"]
+    expected = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+    assert ddpo.rollout["advantages"].tolist() == pytest.approx(expected.tolist(), rel=1e-4)
+    ddpo.collect(["a", "b"], torch.Generator().manual_seed(1))
+    buffer = torch.tensor(list(ddpo.tracker.buffers["a"]))
+    expected = (ddpo.rollout["rewards"][0] - buffer.mean()) / (buffer.std(unbiased=False) + 1e-6)
+    assert ddpo.rollout["advantages"][0].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_flow_grpo_on_a_flow_backbone_with_the_kl(tiny_models):
+    """SDE rollouts of a flow model: the last step (into sigma = 0) is deterministic and never
+    trained; at the start the policy is the reference (KL 0) and the loss is -mean(A); updates open
+    a KL > 0 and raise the surrogate; kl_variance=sigma divides by s_t^2 = step var / |dt| (a KL
+    |dt| times the step one)."""
+    config = FlowGRPOConfig(samples_per_prompt=3, minibatches=1, clip_range=0.2, beta=0.04)
+    grpo = _method(tiny_models, FlowGRPO, config, "sd3", 0.7)
+    batch = grpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    assert batch["steps"] == [0, 1, 2]
+    assert len(batch["rows"]) == 6
+    loss, metrics = grpo.loss(batch)
+    advantages = grpo.rollout["advantages"][batch["rows"]].clamp(-5, 5)
+    assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-4)
+    assert metrics["kl"].item() == pytest.approx(0.0, abs=1e-10)
+    _train(grpo, batch, lr=1e-2, updates=3)
+    loss, metrics = grpo.loss(batch)
+    assert metrics["kl"].item() > 0 and _surrogate_gain(grpo, batch) > 0
+    # the official code's KL: s_t = step std / sqrt(|dt|)
+    trajectory = grpo._minibatch_trajectory(batch["rows"])
+    std = grpo._step(trajectory, 1)[2]
+    sigmas = grpo.backbone.schedule.sigmas(4)[1]
+    grpo.config.kl_variance = "sigma"
+    ratio = (grpo.kl_std(trajectory, 1, std) / std).flatten()[0].item()
+    assert ratio == pytest.approx(1 / math.sqrt(float(sigmas[1] - sigmas[2])), rel=1e-4)
+
+
+def test_groups_with_equal_rewards_are_left_out(tiny_models):
+    grpo = _method(tiny_models, FlowGRPO, FlowGRPOConfig(samples_per_prompt=2), "sd3", 0.7, _ConstantReward())
+    batch = grpo.collect(["a red circle"], torch.Generator().manual_seed(0))
+    assert len(batch["rows"]) == 0 and float(batch["metrics"]["kept"]) == 0.0
+    loss, _ = grpo.loss(batch)
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_a_real_non_differentiable_reward_and_shared_noise(tiny_models):
+    """The JPEG compressibility reward (DDPO's task); ``same_initial_noise`` starts a group from one noise."""
+    from genalign.rewards import build_reward
+
+    reward = build_reward([RewardConfig(name="jpeg_compressibility")], "cpu")
+    config = DDPOConfig(samples_per_prompt=2, minibatches=1, same_initial_noise=True, timestep_fraction=0.5)
+    ddpo = _method(tiny_models, DDPO, config, "sd", 1.0, reward)
+    batch = ddpo.collect(["a cat"], torch.Generator().manual_seed(0))
+    assert torch.equal(ddpo.rollout["latents"][0, 0], ddpo.rollout["latents"][0, 1])
+    assert not torch.equal(ddpo.rollout["latents"][-1, 0], ddpo.rollout["latents"][-1, 1])
+    assert len(batch["steps"]) == 2
+    loss, _ = ddpo.loss(batch)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ddpo.named_trainable_parameters().values())
+
+
+def test_prompt_metadata_reaches_the_reward(tiny_models, tmp_path):
+    """``prompt_metadata`` (GenEval-format rows): its prompts are the training prompts, each image's row
+    is passed to the reward (what the geneval reward needs)."""
+    rows = [{"prompt": "a photo of two dogs", "tag": "counting", "include": [{"class": "dog", "count": 2}]},
+            {"prompt": "a photo of a cup", "tag": "single_object", "include": [{"class": "cup", "count": 1}]}]
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+
+    class Recording(_BrightnessReward):
+        def __call__(self, images, prompts, metadata=None):
+            seen.append([m["tag"] for m in metadata])
+            return super().__call__(images, prompts, metadata)
+
+    config = DDPOConfig(samples_per_prompt=2, minibatches=1, prompt_metadata=str(tmp_path / "meta.jsonl"))
+    ddpo = _method(tiny_models, DDPO, config, "sd", 1.0, Recording())
+    assert ddpo.training_prompts() == ["a photo of two dogs", "a photo of a cup"]
+    ddpo.collect(["a photo of a cup", "a photo of two dogs"], torch.Generator().manual_seed(0))
+    assert seen == [["single_object", "single_object", "counting", "counting"]]
+    with pytest.raises(ConfigError, match="no row"):
+        ddpo.collect(["a photo of a cat"], torch.Generator().manual_seed(1))
+
+
+def test_checkpoint_state_round_trip(tiny_models, tmp_path):
+    """The unfinished rollout and the stat tracker go into the checkpoint (loadable with
+    weights_only=True); a method restored from it serves the same next minibatch and loss."""
+    config = DDPOConfig(samples_per_prompt=2, minibatches=2, min_count=2)
+    ddpo = _method(tiny_models, DDPO, config, "sd", 1.0)
+    ddpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    torch.save(ddpo.state_dict(), tmp_path / "finetuner.pt")
+    expected = ddpo.collect(["unused"], torch.Generator().manual_seed(1))
+    restored = _method(tiny_models, DDPO, config, "sd", 1.0)
+    restored.load_state_dict(torch.load(tmp_path / "finetuner.pt", weights_only=True))
+    batch = restored.collect(["unused"], torch.Generator().manual_seed(1))
+    assert torch.equal(batch["rows"], expected["rows"]) and batch["steps"] == expected["steps"]
+    assert restored.loss(batch)[0].item() == pytest.approx(ddpo.loss(expected)[0].item(), abs=1e-6)
+    assert restored.tracker.buffers == ddpo.tracker.buffers
+
+
+def test_settings_that_cannot_work_are_refused(tiny_models):
+    with pytest.raises(ConfigError, match="sample.eta > 0"):
+        _method(tiny_models, DDPO, DDPOConfig(), "sd", 0.0)
+    with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
+        _method(tiny_models, FlowGRPO, FlowGRPOConfig(samples_per_prompt=1), "sd3", 0.7)
+    with pytest.raises(ConfigError, match="kl_variance=sigma"):
+        _method(tiny_models, FlowGRPO, FlowGRPOConfig(samples_per_prompt=2, kl_variance="sigma"), "sd", 1.0)
+    with pytest.raises(ConfigError, match="clip_range"):
+        DDPOConfig(clip_range=0.0)
+
+
+def test_training_through_the_cli_and_exact_resume_mid_rollout(tiny_models, tmp_path):
+    """`genalign train` with method.name flow_grpo: 3 optimizer steps, two of them on one rollout; a
+    run resumed from the checkpoint after step 1 (half the rollout still to train on) ends with the
+    same weights as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from genalign.cli import main
+
+    config = tmp_path / "flow_grpo.yaml"
+    config.write_text(json.dumps({
+        "backbone": {"family": "sd3", "path": tiny_models("sd3", "flow")},
+        "reward": {"name": "jpeg_compressibility"},
+        "method": {"name": "flow_grpo", "samples_per_prompt": 2, "eval_num_steps": 2, "beta": 0.01},
+        "sample": {"num_steps": 3, "guidance_scale": 2.0, "eta": 0.7},
+        "run": {"prompts": ["a red circle", "a blue square"], "steps": 3, "batch_size": 2, "tracker": "none",
+                "output_dir": str(tmp_path / "run"), "lr": 1e-3, "checkpoint_every": 1},
+    }))
+    assert main(["train", str(config)]) == 0
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["new_rollout"] for row in log] == [1.0, 0.0, 1.0]
+    step_1 = tmp_path / "run" / "checkpoints" / "step-000001"
+    assert main(["train", str(config), f"run.output_dir={tmp_path / 'resumed'}", "--resume", str(step_1)]) == 0
+    final = [load_file(str(tmp_path / d / "checkpoints" / "step-000003" / "trainable.safetensors"))
+             for d in ("run", "resumed")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.parametrize("name", ["shapes/ddpo.yaml", "shapes/flow_grpo.yaml", "sd15_ddpo.yaml", "sd3_flow_grpo.yaml"])
+def test_shipped_configs_load(name):
+    experiment = load_experiment(ROOT / "configs" / name, config_classes())
+    assert experiment.method_name in ("ddpo", "flow_grpo") and experiment.sample.eta > 0
