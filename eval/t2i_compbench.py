@@ -868,17 +868,22 @@ def score_spatial(entries: Sequence[ImageEntry], detector: Detector, parser: Par
                 first, second = (_best_by_label(found, name) for name in objects)
                 position = position_score_2d(relation, first.box, second.box, options.iou_threshold,
                                              options.distance_threshold) if first and second else 0.0
-                score = object_weighted_score(first.score if first else None, second.score if second else None,
-                                              position, options.spatial_floor)
-                reason = (f"{objects[0]}: {'missing' if first is None else f'{first.score:.2f}'}, "
-                          f"{objects[1]}: {'missing' if second is None else f'{second.score:.2f}'}, "
-                          f"{relation or 'no relation'}: {position:.2f}")
-                by_index[entry.index] = ImageScore(score, reason, {
-                    "objects": list(objects), "relation": relation, "position": position,
-                    "detections": [_found(first), _found(second)]})
+                by_index[entry.index] = _two_object_score(objects, relation, first, second, position,
+                                                          options.spatial_floor)
         if bar is not None:
             bar.update(len(group))
     return [by_index[e.index] for e in entries]
+
+
+def _two_object_score(objects: Sequence[str], relation: str | None, first: Detection | None,
+                      second: Detection | None, position: float, floor: float = 0.0) -> ImageScore:
+    """The detection-weighted score of a two-object relation (2D and 3D alike), with why."""
+    score = object_weighted_score(first.score if first else None, second.score if second else None, position, floor)
+    reason = (f"{objects[0]}: {'missing' if first is None else f'{first.score:.2f}'}, "
+              f"{objects[1]}: {'missing' if second is None else f'{second.score:.2f}'}, "
+              f"{relation or 'no relation'}: {position:.2f}")
+    return ImageScore(score, reason, {"objects": list(objects), "relation": relation, "position": position,
+                                      "detections": [_found(first), _found(second)]})
 
 
 def score_spatial_3d(entries: Sequence[ImageEntry], detector: Detector, depth_model: DptDepth, parser: Parser,
@@ -903,14 +908,7 @@ def score_spatial_3d(entries: Sequence[ImageEntry], detector: Detector, depth_mo
                 first, second = select_3d_objects(found, *names)
                 position = position_score_3d(relation, first.box, second.box, depth, options.iou_threshold_3d,
                                              options.official_depth_lookup) if first and second else 0.0
-                score = object_weighted_score(first.score if first else None, second.score if second else None,
-                                              position)
-                reason = (f"{objects[0]}: {'missing' if first is None else f'{first.score:.2f}'}, "
-                          f"{objects[1]}: {'missing' if second is None else f'{second.score:.2f}'}, "
-                          f"{relation or 'no relation'}: {position:.2f}")
-                by_index[entry.index] = ImageScore(score, reason, {
-                    "objects": list(objects), "relation": relation, "position": position,
-                    "detections": [_found(first), _found(second)]})
+                by_index[entry.index] = _two_object_score(objects, relation, first, second, position)
         if bar is not None:
             bar.update(len(group))
     return [by_index[e.index] for e in entries]
