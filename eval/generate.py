@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from genalign.core.images import to_pil_images
 from genalign.core.sampler import initial_noise, sample
 from genalign.core.types import Backbone
 
@@ -40,8 +40,7 @@ def backbone_sampler(backbone: Backbone, num_steps: int, guidance_scale: float, 
 
 def to_pil(image: Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> RGB PIL image (rounded to 8 bits)."""
-    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)
+    return to_pil_images(image[None])[0]
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:

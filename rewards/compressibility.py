@@ -8,21 +8,20 @@ from __future__ import annotations
 import io
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from genalign.core.experiment import RewardConfig
+from genalign.core.images import to_pil_images
 from genalign.rewards import register
 from genalign.rewards.base import Metadata, RewardModel, check_options
 
 
 def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
     """(B,) JPEG sizes in kB (1000 bytes) of images (B, 3, H, W) in [0, 1], rounded to uint8 first."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     sizes = []
-    for array in pixels:
+    for image in to_pil_images(images):
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        image.save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000)
     return torch.tensor(sizes, dtype=torch.float32)
 

@@ -13,24 +13,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from genalign.core.detection import ColorClassifier, Detector
 from genalign.core.experiment import RewardConfig
 from genalign.core.geneval import GenEvalOptions, check_metadata, color_function, evaluate, select_objects
+from genalign.core.images import to_pil_images
 from genalign.rewards import register
 from genalign.rewards.base import Metadata, RewardModel, check_options
 
 OPTIONS = ("detector", "detector_path", "clip_path", "score", "threshold", "counting_threshold")
-
-
-def to_pil_images(images: Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] -> RGB PIL images, rounded to 8 bits as a saved PNG would be."""
-    pixels = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(p) for p in pixels]
 
 
 @register("geneval")
