@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -106,6 +107,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 
 
+def _method_encoders(config: Any, device: Any) -> dict[str, Any]:
+    """The image-text encoder a value-based method's config names (``encoder_key``, e.g. VARD's
+    ``value_encoder``) when its value inputs are ``encoder``: loaded here, where rewards may be
+    imported, and handed to the method's ``build``."""
+    key = getattr(_registered_finetuners()[config.method_name], "encoder_key", None)
+    if key is None or getattr(config.method, key.replace("_encoder", "_inputs"), None) != "encoder":
+        return {}
+    from genalign.core.experiment import RewardConfig
+    from genalign.rewards.clip import load_encoder
+
+    path = getattr(config.method, key)
+    return {"encoder": load_encoder(RewardConfig(name="clip", path=path), device, path)}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
@@ -136,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from genalign.rewards import build_reward
 
         reward = build_reward(config.reward, accelerator.device)
-    finetuner = finetuners[config.method_name].build(config, backbone, reward)
+    finetuner = finetuners[config.method_name].build(config, backbone, reward, **_method_encoders(config, accelerator.device))
     own_data = getattr(finetuner, "training_prompts", None)
     prompts = own_data() if own_data is not None else None  # e.g. offline preference pairs
     trainer = Trainer(

@@ -32,6 +32,9 @@ def test_advantage_weights_by_hand():
     torch.testing.assert_close(advantage_weights(a, "linear", 2.0, 2.0), torch.tensor([0.0, 1.2, 1.8]))
     # a huge temperature makes every weight 1 (plain flow matching on the model's samples)
     torch.testing.assert_close(advantage_weights(a, "exponential", 1e9, 2.0), torch.ones(3))
+    # relative: the same weights minus their mean 1 (sum 0: below-average samples push away)
+    torch.testing.assert_close(advantage_weights(a, "exponential", 1.0, 2.0, relative=True), raw / raw.mean() - 1)
+    torch.testing.assert_close(advantage_weights(a, "linear", 2.0, 2.0, relative=True), torch.tensor([-1.0, 0.2, 0.8]))
     assert torch.equal(advantage_weights(torch.full((2,), -5.0), "linear", 1.0, 5.0), torch.zeros(2))
     with pytest.raises(ValueError, match="unknown weighting"):
         advantage_weights(a, "softmax")
@@ -87,7 +90,8 @@ def test_value_model_shapes_and_prompt_features():
 def _acflow(tiny_models, **overrides):
     torch.manual_seed(0)
     backbone = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="lora"), "cpu")
-    config = ACFlowConfig(**{"critic_warmup": 1, "samples_per_prompt": 2, "critic_batch": 16, **overrides})
+    config = ACFlowConfig(**{"critic_warmup": 1, "samples_per_prompt": 2, "critic_batch": 16, "critic_inputs": "latent",
+                             **overrides})
     return ACFlow(config, backbone, _Brightness(), SampleConfig(num_steps=3, guidance_scale=1.0))
 
 
@@ -103,12 +107,20 @@ def test_the_critic_learns_the_value_of_intermediate_states(tiny_models):
     """On samples whose reward is a fixed function of x_1, the critic's error on new noised states
     falls well below the variance of the targets (what predicting the mean would score), and is
     larger at noisier states (less is determined there)."""
-    ac = _acflow(tiny_models, critic_updates=1, critic_batch=64, critic_lr=1e-3, replay_size=2048)
+    ac = _acflow(tiny_models, critic_updates=1, critic_batch=64, critic_lr=1e-3, replay_size=8192)
     generator = torch.Generator().manual_seed(0)
+    schedule, features = ac.backbone.schedule, ac.learner.features
+    cond = ac.backbone.encode_prompts([""], guidance=False)
+
+    def states(x1, seed):  # noised with the backbone's training-timestep law
+        t = schedule.sample_training_timesteps(x1.shape[0], torch.Generator().manual_seed(seed))
+        noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+        return features(schedule.add_noise(x1, noise, t), t, cond.select([0] * x1.shape[0]))
+
     x1 = torch.randn(2048, *ac.backbone.latent_shape(), generator=generator)
     target = x1[:, 0].mean(dim=(1, 2)) * 4  # value determined by the clean latents
-    text = torch.zeros(2048, ac.learner.model.text.in_features)
-    ac.learner.remember({"x1": x1, "target": target, "text": text})
+    for seed in range(4):  # four noisings of each sample
+        ac.learner.remember({**states(x1, seed), "target": target})
     held_out = torch.randn(128, *ac.backbone.latent_shape(), generator=generator)
     held_target = held_out[:, 0].mean(dim=(1, 2)) * 4
 
@@ -116,12 +128,12 @@ def test_the_critic_learns_the_value_of_intermediate_states(tiny_models):
         with torch.no_grad():
             t = torch.full((128,), sigma * 1000.0)
             noise = torch.randn(held_out.shape, generator=torch.Generator().manual_seed(1))
-            x_t = ac.backbone.schedule.add_noise(held_out, noise, t)
-            return float(value_loss(ac.learner(x_t, t, text[:128]), held_target))
+            x_t = schedule.add_noise(held_out, noise, t)
+            return float(value_loss(ac.learner(x_t, t, cond.select([0] * 128)), held_target))
 
     before = error(0.2)
     for _ in range(400):
-        ac.learner.train(ac._critic_inputs, generator)
+        ac.learner.train(generator)
     variance = float(held_target.var())
     assert error(0.2) < 0.4 * variance and error(0.2) < 0.4 * before  # floor: 0.06 variance
     assert error(0.8) > error(0.2)  # noisier states say less about the outcome
@@ -161,9 +173,9 @@ def test_the_checkpoint_state_restores_critic_replay_and_counters(tiny_models):
     other = _acflow(tiny_models)
     other.load_state_dict(state)
     x = torch.randn(2, *ac.backbone.latent_shape())
-    t, text = torch.tensor([500.0, 900.0]), torch.randn(2, ac.learner.model.text.in_features)
-    torch.testing.assert_close(other.learner(x, t, text), ac.learner(x, t, text))
-    assert torch.equal(other.learner.replay["x1"], ac.learner.replay["x1"]) and other.optimizer_steps == 1
+    t, cond = torch.tensor([500.0, 900.0]), ac.backbone.encode_prompts(["a", "b"], guidance=False)
+    torch.testing.assert_close(other.learner(x, t, cond), ac.learner(x, t, cond))
+    assert torch.equal(other.learner.replay["x"], ac.learner.replay["x"]) and other.optimizer_steps == 1
     assert other.learner.running.count == ac.learner.running.count
     # and both continue identically
     a = ac.collect(["a blue square"], torch.Generator().manual_seed(3))

@@ -38,21 +38,35 @@ class _Brightness:
         return scores, {}
 
 
-def _vard(tiny_models, family="sd", prediction="epsilon", **overrides):
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from genalign.rewards.clip import TransformersCLIP
+    from tests.reward_models import save_tiny_transformers_clip
+
+    folder = save_tiny_transformers_clip(tmp_path_factory.mktemp("value_clip"))
+    return TransformersCLIP(str(folder), torch.device("cpu"), torch.float32)
+
+
+def _vard(tiny_models, family="sd", prediction="epsilon", encoder=None, guidance=1.0, **overrides):
     torch.manual_seed(0)
     backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(family, prediction), finetune="lora"), "cpu")
-    config = VARDConfig(**{"value_warmup": 1, "samples_per_prompt": 2, "steps_per_update": 2, **overrides})
+    inputs = "encoder" if encoder is not None else "latent"
+    config = VARDConfig(**{"value_warmup": 1, "samples_per_prompt": 2, "steps_per_update": 2, "value_inputs": inputs,
+                           **overrides})
     eta = 1.0 if family == "sd" else 0.7
-    return VARD(config, backbone, _Brightness(), SampleConfig(num_steps=4, guidance_scale=1.0, eta=eta))
+    return VARD(config, backbone, _Brightness(), SampleConfig(num_steps=4, guidance_scale=guidance, eta=eta),
+                encoder=encoder)
 
 
-@pytest.mark.parametrize("family,prediction", [("sd", "epsilon"), ("sd3", "flow")])
-def test_the_policy_step_reproduces_the_trajectory_and_training_raises_the_value(tiny_models, family, prediction):
-    vard = _vard(tiny_models, family, prediction, kl_weight=0.01)
+@pytest.mark.parametrize("family,prediction,inputs", [("sd", "epsilon", "latent"), ("sd3", "flow", "latent"),
+                                                      ("sd", "epsilon", "encoder"), ("sd3", "flow", "encoder")])
+def test_the_policy_step_reproduces_the_trajectory_and_training_raises_the_value(tiny_models, tiny_clip, family,
+                                                                                 prediction, inputs):
+    vard = _vard(tiny_models, family, prediction, encoder=tiny_clip if inputs == "encoder" else None, kl_weight=0.01)
     vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))  # warm-up: value only
     vard.after_optimizer_step()
     batch = vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1))
-    trajectory, steps, text = batch["policy"]
+    trajectory, steps = batch["policy"]
     assert steps and all(bool((trajectory.stds[k] > 0).any()) for k in steps)
     # at the start the reparameterised step lands exactly on the stored next state, KL 0
     k = steps[0]
@@ -108,3 +122,39 @@ def test_configuration_errors(tiny_models):
         VARD(VARDConfig(), backbone, None, SampleConfig(num_steps=4, eta=1.0))
     with pytest.raises(ValueError, match="kl_weight"):
         VARDConfig(kl_weight=-1.0)
+    with pytest.raises(ValueError, match="method.value_encoder"):
+        VARD(VARDConfig(value_inputs="encoder"), backbone, _Brightness(), SampleConfig(num_steps=4, eta=1.0))
+
+
+@pytest.mark.parametrize("family,prediction", [("sd", "epsilon"), ("sd3", "flow")])
+def test_encoder_value_inputs_are_the_encoder_on_the_references_clean_estimate(tiny_models, tiny_clip, family,
+                                                                               prediction):
+    """``encoder`` inputs by hand: CLIP of the decoded one-step clean estimate of the reference
+    (guided), the final state decoded as it is; unchanged by the LoRA; differentiable in the state."""
+    vard = _vard(tiny_models, family, prediction, encoder=tiny_clip, guidance=2.0)
+    backbone, features = vard.backbone, vard.learner.features
+    cond = backbone.encode_prompts(["a red circle", "a blue square"], guidance=True)
+    x = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(0))
+    timestep = backbone.schedule.timesteps(4)[1]
+    with torch.no_grad():
+        with backbone.reference():
+            output = backbone.predict(x, timestep, cond, 2.0)
+        if prediction == "flow":  # x_0 = x_sigma - sigma v
+            clean = x - float(timestep) / 1000 * output
+        else:  # x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)
+            a = backbone.schedule.alpha_prod(timestep)
+            clean = (x - (1 - a).sqrt() * output) / a.sqrt()
+        expected = tiny_clip.image_embeds(backbone.decode(clean))
+        got = features(x, timestep, cond)
+        torch.testing.assert_close(got["image"], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["text"], tiny_clip.text_embeds(["a red circle", "a blue square"]))
+        end = backbone.schedule.previous_timestep(backbone.schedule.timesteps(4)[-1], 4)
+        final = features(x, end, cond)
+        torch.testing.assert_close(final["image"], tiny_clip.image_embeds(backbone.decode(x)), rtol=1e-4, atol=1e-5)
+        assert float(final["t"].abs().max()) == 0.0
+        for param in vard.params.values():  # a trained LoRA does not change the features (the reference)
+            param.add_(0.5)
+        torch.testing.assert_close(features(x, timestep, cond)["image"], got["image"])
+    state = x.clone().requires_grad_(True)
+    vard.learner(state, timestep, cond).sum().backward()
+    assert state.grad is not None and float(state.grad.abs().sum()) > 0

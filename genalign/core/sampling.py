@@ -228,6 +228,11 @@ def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
     return noise - x0
 
 
+def flow_clean_estimate(x_t: Tensor, velocity: Tensor, sigma: float | Tensor) -> Tensor:
+    """The one-step estimate of x_0 from a velocity: x_sigma - sigma v (exact for v = noise - x_0)."""
+    return x_t - _as_batch_broadcast(sigma, x_t) * velocity
+
+
 def flow_add_noise(x0: Tensor, noise: Tensor, sigma: float | Tensor) -> Tensor:
     """x_sigma = (1 - sigma) x_0 + sigma noise (``sigma`` scalar or ``[B]``)."""
     s = _as_batch_broadcast(sigma, x0)

@@ -59,6 +59,9 @@ class NoiseSchedule(Protocol):
     def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
         """Forward-noise clean latents to ``timestep`` (``[B]`` or scalar)."""
 
+    def clean_estimate(self, x_t: Tensor, model_output: Tensor, timestep: Tensor) -> Tensor:
+        """The one-step (Tweedie) estimate of the clean latents from a model output at ``timestep``."""
+
     def training_target(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
         """What the model should predict at ``add_noise(x0, noise, timestep)``."""
 
@@ -160,6 +163,10 @@ class DiffusionSchedule:
     def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
         a_t = self.alpha_prod(timestep).to(x0.device, torch.float32)
         return sampling.add_noise(x0.float(), noise.float(), a_t).to(x0.dtype)
+
+    def clean_estimate(self, x_t: Tensor, model_output: Tensor, timestep: Tensor) -> Tensor:
+        a_t = self.alpha_prod(timestep).to(x_t.device, torch.float32)
+        return sampling.split_prediction(x_t.float(), model_output.float(), a_t, self.prediction_type)[0]
 
     def training_target(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
         a_t = self.alpha_prod(timestep).to(x0.device, torch.float32)
@@ -277,6 +284,9 @@ class FlowSchedule:
 
     def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
         return sampling.flow_add_noise(x0.float(), noise.float(), self._sigma(timestep, x0)).to(x0.dtype)
+
+    def clean_estimate(self, x_t: Tensor, model_output: Tensor, timestep: Tensor) -> Tensor:
+        return sampling.flow_clean_estimate(x_t.float(), model_output.float(), self._sigma(timestep, x_t))
 
     def training_target(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
         return sampling.flow_target(x0.float(), noise.float()).to(x0.dtype)

@@ -2,7 +2,9 @@
 
 A fine-tuner class has a ``Config`` dataclass (the ``method:`` section of an experiment) and a
 ``build(experiment, backbone, reward)`` classmethod (``reward``: the configured reward, a weighted
-sum when several are listed, or None); it fits ``genalign.core.types.FineTuner``.
+sum when several are listed, or None; value-based methods also take ``encoder``, the image-text
+encoder their config's ``encoder_key`` names, loaded by the CLI); it fits
+``genalign.core.types.FineTuner``.
 """
 
 from __future__ import annotations

@@ -49,10 +49,13 @@ from genalign.finetuners.value import ValueMethod, check_value_settings, value_l
 # ------------------------------------------------------------------ the objective (pure functions)
 
 
-def advantage_weights(advantages: Tensor, kind: str = "exponential", beta: float = 1.0, clip: float = 2.0) -> Tensor:
+def advantage_weights(advantages: Tensor, kind: str = "exponential", beta: float = 1.0, clip: float = 2.0,
+                      relative: bool = False) -> Tensor:
     """(B,) weights with batch mean 1 from advantages (B,): clipped to [-clip, clip], then
     ``exp(A / beta)`` (exponential) or ``max(0, 1 + A / beta)`` (linear). All-zero linear weights
-    stay zero (no sample is reinforced)."""
+    stay zero (no sample is reinforced). ``relative``: minus their mean (w - 1, summing to zero), so
+    samples below the batch's weight push the model away from them and plain flow matching on the
+    model's own samples (the part every sample shares) drops out."""
     a = advantages.float().clamp(-clip, clip)
     if kind == "exponential":
         w = torch.exp(a / beta)
@@ -61,7 +64,8 @@ def advantage_weights(advantages: Tensor, kind: str = "exponential", beta: float
     else:
         raise ValueError(f"unknown weighting {kind!r}; expected exponential or linear")
     mean = w.mean()
-    return w / mean if mean > 0 else w
+    w = w / mean if mean > 0 else w
+    return w - w.mean() if relative else w
 
 
 def ac_flow_actor_loss(
@@ -96,6 +100,13 @@ class ACFlowConfig:
     critic_batch: int = field(64, help="replay samples per critic step")
     replay_size: int = field(256, help="recent samples kept for the critic (0: only the current batch)")
     critic_width: int = field(128, help="critic MLP width")
+    critic_inputs: Literal["encoder", "latent"] = field(
+        "encoder", help="encoder: a frozen CLIP on the decoded clean estimate of the state (a prior that generalises); "
+                        "latent: a small CNN on the latent state (memorises at small data)")
+    critic_encoder: str = field("openai/clip-vit-large-patch14",
+                                help="the CLIP of critic_inputs: encoder (transformers hub id or folder; open_clip hf-hub:)")
+    relative: bool = field(False, help="train on w - 1 (weights minus their batch mean): only the advantage's "
+                                       "deviation moves the actor, not plain flow matching on the model's own samples")
 
     def __post_init__(self) -> None:
         check(self.beta > 0, f"beta must be > 0, got {self.beta}")
@@ -114,9 +125,12 @@ class ACFlow(ValueMethod):
     summary = "AC-Flow (Fan et al. 2025): critic-weighted flow matching with a W2 regulariser"
     Config = ACFlowConfig
     name = "ac_flow"
+    encoder_key = "critic_encoder"
 
-    def __init__(self, config: ACFlowConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
+    def __init__(self, config: ACFlowConfig, backbone: Backbone, reward: Reward | None, sample_config: Any,
+                 encoder: Any = None):
         self._setup(config, backbone, reward, sample_config, needs_reference=config.alpha > 0,
+                    inputs=config.critic_inputs, encoder=encoder,
                     width=config.critic_width, lr=config.critic_lr, replay_size=config.replay_size,
                     batch=config.critic_batch, updates=config.critic_updates, warmup=config.critic_warmup)
 
@@ -128,24 +142,25 @@ class ACFlow(ValueMethod):
         noise = torch.randn(x1.shape, generator=generator).to(x1.device)
         return self.backbone.schedule.add_noise(x1, noise, timesteps), timesteps, noise
 
-    def _critic_inputs(self, minibatch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        x_t, timesteps, _ = self._noised(minibatch["x1"], generator)  # fresh noise at every update
-        return x_t, timesteps
-
     # ---------------------------------------------------------------- the FineTuner contract
 
     @torch.no_grad()
     def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
         c = self.config
-        trajectory, rewards, shaped, text = self.scored_rollout(prompts, c.samples_per_prompt, c.shaping, generator)
-        x1 = trajectory.final.float()
-        cond = trajectory.cond
+        trajectory, rewards, shaped = self.scored_rollout(prompts, c.samples_per_prompt, c.shaping, generator)
+        x1, cond = trajectory.final.float(), trajectory.cond
+        k = c.timesteps_per_sample
+        x1_k, shaped_k = x1.repeat(k, 1, 1, 1), shaped.repeat(k)
+        cond_k = cond.select(list(range(len(cond))) * k)
+        x_t, timesteps, noise = self._noised(x1_k, generator)
 
-        # the critic's error on these new samples before it sees them: held-out prediction error
-        x_t, timesteps, _ = self._noised(x1, generator)
-        new_error = float(value_loss(self.learner(x_t, timesteps, text), shaped))
-        self.learner.remember({"x1": x1, "target": shaped, "text": text})
-        critic_loss = self.learner.train(self._critic_inputs, generator)
+        # the critic's values of these new states before it trains on them: its held-out error, and
+        # the baseline of the advantages (it cannot have memorised these samples)
+        features = self.learner.featurize(x_t, timesteps, cond_k)
+        values = self.learner.value(features)
+        new_error = float(value_loss(values, shaped_k))
+        self.learner.remember({**features, "target": shaped_k})
+        critic_loss = self.learner.train(generator)
 
         metrics = {"reward_mean": rewards.mean(), "reward_std": rewards.std(unbiased=False),
                    "critic_loss": torch.tensor(critic_loss), "critic_error_new": torch.tensor(new_error),
@@ -153,13 +168,10 @@ class ACFlow(ValueMethod):
         if self.warming_up:
             return {"actor": None, "metrics": metrics}
 
-        k = c.timesteps_per_sample
-        x1_k, shaped_k, text_k = x1.repeat(k, 1, 1, 1), shaped.repeat(k), text.repeat(k, 1)
-        x_t, timesteps, noise = self._noised(x1_k, generator)
-        advantages = shaped_k - self.learner(x_t, timesteps, text_k)
-        weights = advantage_weights(advantages, c.weighting, c.beta, c.clip_range)
+        advantages = shaped_k - values
+        weights = advantage_weights(advantages, c.weighting, c.beta, c.clip_range, c.relative)
         target = self.backbone.schedule.training_target(x1_k, noise, timesteps).float()
-        cond_k = _positive_only(cond).select(list(range(len(cond))) * k)
+        cond_k = _positive_only(cond_k)
         reference = None
         if c.alpha > 0:
             with self.backbone.reference():

@@ -11,7 +11,6 @@ else the mean of the token embeddings (SD 1.x/2.x).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -41,7 +40,7 @@ def timestep_embedding(t: Tensor, dim: int = 64) -> Tensor:
 
 
 class ValueModel(nn.Module):
-    """V(x_t, t, prompt features) -> (B,) predicted final (shaped) reward."""
+    """V(x_t, t, prompt features) -> (B,) predicted final (shaped) reward: the light head on latents."""
 
     def __init__(self, latent_channels: int, text_dim: int, width: int = 128, conv_width: int = 32,
                  dropout: float = 0.0):
@@ -64,6 +63,89 @@ class ValueModel(nn.Module):
         """x (B, C, h, w) latents, t (B,) in [0, 1] (1 = noise), text (B, D) -> (B,)."""
         features = torch.cat([self.cnn(x.float()), timestep_embedding(t), self.text(text.float())], dim=1)
         return self.mlp(features).squeeze(1)
+
+
+class EmbeddingValueHead(nn.Module):
+    """V from a frozen image-text encoder's embeddings: an MLP with LayerNorm over [unit image
+    embedding, unit text embedding, their elementwise product, their cosine (x 10), sinusoidal t]."""
+
+    def __init__(self, embed_dim: int, width: int = 128):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(3 * embed_dim + 1 + 64, width), nn.LayerNorm(width), nn.SiLU(),
+            nn.Linear(width, width), nn.LayerNorm(width), nn.SiLU(),
+            nn.Linear(width, 1),
+        )
+
+    def forward(self, image: Tensor, text: Tensor, t: Tensor) -> Tensor:
+        """image, text (B, D) embeddings, t (B,) in [0, 1] -> (B,)."""
+        i = image.float() / image.float().norm(dim=-1, keepdim=True)
+        p = text.float() / text.float().norm(dim=-1, keepdim=True)
+        features = torch.cat([i, p, i * p, 10 * (i * p).sum(-1, keepdim=True), timestep_embedding(t)], dim=1)
+        return self.mlp(features).squeeze(1)
+
+
+class LatentFeatures:
+    """Value inputs ``latent``: the state itself, its normalised time and the prompt features of its
+    conditioning, for :class:`ValueModel`. Cheap, but it has no prior: at the data sizes of a short
+    run it memorises trajectories (shapes SD: held-out error above a constant's)."""
+
+    def __init__(self, backbone: Any):
+        self.num_train_timesteps: int = backbone.schedule.num_train_timesteps
+        self.channels = backbone.latent_shape()[0]
+        self.text_dim = prompt_features(backbone.encode_prompts([""], guidance=False)).shape[1]
+
+    def head(self, width: int) -> nn.Module:
+        return ValueModel(self.channels, self.text_dim, width)
+
+    def __call__(self, x: Tensor, timesteps: Tensor, cond: Conditioning) -> dict[str, Tensor]:
+        t = (timesteps.float().clamp(min=0) / self.num_train_timesteps).to(x.device).expand(x.shape[0])
+        return {"x": x.float(), "t": t, "text": prompt_features(cond).to(x.device)}
+
+
+class CleanEstimateFeatures:
+    """Value inputs ``encoder``: a frozen image-text encoder (CLIP) on the decoded one-step clean
+    estimate of the frozen reference model at the state (guided as the sampler is), and on the
+    prompt, for :class:`EmbeddingValueHead`. The features are a fixed function of the state (the
+    reference and the encoder never train), so replayed features stay valid, and gradients reach
+    the state through the reference, the VAE decoder and the encoder. The prior matters: on the
+    shapes SD model with the exact evaluator as reward, its held-out error on new trajectories is
+    a third of a constant's; :class:`LatentFeatures`' is above it. The final state (t = 0) is its
+    own clean estimate."""
+
+    def __init__(self, backbone: Any, encoder: Any, guidance_scale: float):
+        self.backbone, self.encoder, self.guidance_scale = backbone, encoder, guidance_scale
+        self.num_train_timesteps: int = backbone.schedule.num_train_timesteps
+        self.embed_dim = int(encoder.text_embeds([""]).shape[1])
+        self._text: dict[str, Tensor] = {}
+
+    def head(self, width: int) -> nn.Module:
+        return EmbeddingValueHead(self.embed_dim, width)
+
+    def text_embeds(self, prompts: list[str]) -> Tensor:
+        missing = sorted({p for p in prompts if p not in self._text})
+        if missing:
+            with torch.no_grad():
+                for prompt, embed in zip(missing, self.encoder.text_embeds(missing).float()):
+                    self._text[prompt] = embed
+        return torch.stack([self._text[p] for p in prompts])
+
+    def __call__(self, x: Tensor, timesteps: Tensor, cond: Conditioning) -> dict[str, Tensor]:
+        if not cond.prompts:
+            raise ValueError("value inputs 'encoder' need the prompts of the conditioning")
+        b = self.backbone
+        timesteps = torch.as_tensor(timesteps).to(x.device).expand(x.shape[0])
+        t = (timesteps.float().clamp(min=0) / self.num_train_timesteps)
+        final = t <= 0
+        clean = x.float()
+        if not bool(final.all()):
+            with b.reference():
+                output = b.predict(x.to(b.dtype), timesteps.clamp(min=0), cond, self.guidance_scale)
+            estimate = b.schedule.clean_estimate(x, output, timesteps.clamp(min=0))
+            clean = torch.where(final.view(-1, *[1] * (x.ndim - 1)), clean, estimate.float())
+        images = b.decode(clean.to(b.dtype)).float()
+        return {"image": self.encoder.image_embeds(images).float(), "text": self.text_embeds(cond.prompts).to(x.device),
+                "t": t}
 
 
 def value_loss(predicted: Tensor, target: Tensor) -> Tensor:
@@ -136,26 +218,38 @@ def average_gradients_across_processes(module: nn.Module) -> None:
 
 
 class ValueLearner:
-    """A :class:`ValueModel` for a backbone with what trains it: its own Adam optimiser (outside the
-    trainer's), running reward statistics and a replay buffer of recent examples (dicts of tensors
-    with ``target`` and ``text``). What AC-Flow's critic and VARD's value model share; the whole
-    state is saved in checkpoints through the fine-tuner's ``state_dict``."""
+    """A value head over value inputs (:class:`LatentFeatures` or :class:`CleanEstimateFeatures`)
+    with what trains it: its own Adam optimiser (outside the trainer's), running reward statistics
+    and a replay buffer of recent examples (the inputs' features with a ``target``). What AC-Flow's
+    critic and VARD's value model share; the whole state is saved in checkpoints through the
+    fine-tuner's ``state_dict``."""
 
-    def __init__(self, backbone: Any, width: int, lr: float, replay_size: int, batch: int, updates: int):
-        text_dim = prompt_features(backbone.encode_prompts([""], guidance=False)).shape[1]
-        self.model = ValueModel(backbone.latent_shape()[0], text_dim, width).to(backbone.device)
+    def __init__(self, features: LatentFeatures | CleanEstimateFeatures, device: torch.device | str, width: int,
+                 lr: float, replay_size: int, batch: int, updates: int):
+        self.features = features
+        self.model = features.head(width).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.running = RunningStandardiser()
         self.replay: dict[str, Tensor] = {}
         self.replay_size, self.batch, self.updates = replay_size, batch, updates
-        self.num_train_timesteps: int = backbone.schedule.num_train_timesteps
-        self.device = backbone.device
+        self.device = device
 
-    def __call__(self, x: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
-        """V(x, t, prompt) (B,) in fp32 whatever the autocast; ``timesteps`` are model timesteps."""
-        t = (timesteps.float().clamp(min=0) / self.num_train_timesteps).to(self.device)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.model(x.float(), t, text.float())
+    def value(self, features: dict[str, Tensor]) -> Tensor:
+        """V (B,) of featurised states, in fp32 whatever the autocast (a ``target`` entry is ignored)."""
+        with torch.autocast(device_type=torch.device(self.device).type, enabled=False):
+            return self.model(**{k: v.float() for k, v in features.items() if k != "target"})
+
+    def __call__(self, x: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+        """V(x, t, prompt) (B,); ``timesteps`` are model timesteps (scalar or (B,)). Differentiable in ``x``."""
+        return self.value(self.features(x, torch.as_tensor(timesteps), cond))
+
+    @torch.no_grad()
+    def featurize(self, x: Tensor, timesteps: Tensor, cond: Conditioning, chunk: int = 64) -> dict[str, Tensor]:
+        """The value inputs of many states (no gradient), ``chunk`` states at a time."""
+        timesteps = torch.as_tensor(timesteps).expand(x.shape[0])
+        parts = [self.features(x[i : i + chunk], timesteps[i : i + chunk], cond.select(slice(i, i + chunk)))
+                 for i in range(0, x.shape[0], chunk)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def remember(self, examples: dict[str, Tensor]) -> None:
         """Append examples (first dims equal); the oldest fall out beyond ``replay_size`` (0: keep only these)."""
@@ -165,18 +259,15 @@ class ValueLearner:
         else:
             self.replay = {k: torch.cat([self.replay[k], v])[-self.replay_size :] for k, v in new.items()}
 
-    def train(self, inputs: Callable[[dict[str, Tensor], torch.Generator], tuple[Tensor, Tensor]],
-              generator: torch.Generator) -> float:
-        """``updates`` Adam steps on replay minibatches; ``inputs(minibatch, generator)`` gives the
-        model's (x, timesteps) for them. Returns the mean loss."""
+    def train(self, generator: torch.Generator) -> float:
+        """``updates`` Adam steps on replay minibatches of ``batch``. Returns the mean loss."""
         losses = []
         size = self.replay["target"].shape[0]
         with torch.enable_grad():
             for _ in range(self.updates):
                 index = torch.randperm(size, generator=generator)[: self.batch].to(self.replay["target"].device)
                 minibatch = {k: v[index] for k, v in self.replay.items()}
-                x, timesteps = inputs(minibatch, generator)
-                loss = value_loss(self(x, timesteps, minibatch["text"]), minibatch["target"])
+                loss = value_loss(self.value(minibatch), minibatch["target"])
                 self.optimizer.zero_grad()
                 loss.backward()
                 average_gradients_across_processes(self.model)
@@ -206,27 +297,39 @@ class ValueMethod(BackboneMethod):
     optimizer steps, scored rollouts, and the checkpoint state."""
 
     name: ClassVar[str]
+    encoder_key: ClassVar[str]  # the config key naming the image-text encoder of ``encoder`` value inputs
     learner: ValueLearner
 
     def _setup(self, config: Any, backbone: Any, reward: Any, sample_config: Any, *, needs_reference: bool,
-               width: int, lr: float, replay_size: int, batch: int, updates: int, warmup: int) -> None:
+               inputs: str, encoder: Any, width: int, lr: float, replay_size: int, batch: int, updates: int,
+               warmup: int) -> None:
         self.config, self.backbone, self.reward, self.sample_config = config, backbone, reward, sample_config
         self.params = backbone.named_trainable_parameters()
         if not self.params:
             raise ConfigError(f"{self.name} trains the backbone: set backbone.finetune to lora or full")
         if reward is None:
             raise ConfigError(f"{self.name} needs a reward (differentiable or not); configure reward.name")
-        if needs_reference and getattr(backbone.config, "finetune", "lora") == "full":
+        features: LatentFeatures | CleanEstimateFeatures
+        if inputs == "encoder":
+            if encoder is None:
+                raise ConfigError(f"{self.name}: {self.encoder_key.split('_')[0]}_inputs: encoder needs an image-text "
+                                  f"encoder: set method.{self.encoder_key} to a CLIP model (hub id or folder)")
+            features = CleanEstimateFeatures(backbone, encoder, sample_config.guidance_scale)
+        else:
+            features = LatentFeatures(backbone)
+        if (needs_reference or inputs == "encoder") and getattr(backbone.config, "finetune", "lora") == "full":
             backbone.keep_reference()
-        self.learner = ValueLearner(backbone, width, lr, replay_size, batch, updates)
+        self.learner = ValueLearner(features, backbone.device, width, lr, replay_size, batch, updates)
         self.warmup = warmup
         self.optimizer_steps = 0
 
     @classmethod
-    def build(cls, experiment: Any, backbone: Any, reward: Any) -> Any:
+    def build(cls, experiment: Any, backbone: Any, reward: Any, encoder: Any = None) -> Any:
+        """``encoder``: the image-text encoder ``method.<encoder_key>`` names, loaded by the caller
+        (fine-tuners import only core)."""
         if backbone is None:
             raise ConfigError(f"{cls.name} needs a backbone: set backbone.family and backbone.path")
-        return cls(experiment.method, backbone, reward, experiment.sample)  # type: ignore[call-arg]
+        return cls(experiment.method, backbone, reward, experiment.sample, encoder=encoder)  # type: ignore[call-arg]
 
     @property
     def warming_up(self) -> bool:
@@ -238,9 +341,9 @@ class ValueMethod(BackboneMethod):
 
     @torch.no_grad()
     def scored_rollout(self, prompts: list[str], samples_per_prompt: int, shaping: str,
-                       generator: torch.Generator) -> tuple[Trajectory, Tensor, Tensor, Tensor]:
+                       generator: torch.Generator) -> tuple[Trajectory, Tensor, Tensor]:
         """``samples_per_prompt`` samples a prompt (consecutive) with the experiment's sampler: the
-        trajectory, raw rewards, shaped rewards and prompt features (B, D)."""
+        trajectory, raw rewards and shaped rewards."""
         s = self.sample_config
         repeated = [p for p in prompts for _ in range(samples_per_prompt)]
         cond = self.backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
@@ -248,7 +351,7 @@ class ValueMethod(BackboneMethod):
         images = self.backbone.decode(trajectory.final).float().clamp(0, 1)
         rewards = self.reward(images, repeated)[0].float()
         shaped = shape_rewards(rewards, repeated, shaping, self.learner.running).to(self.backbone.device)
-        return trajectory, rewards, shaped, prompt_features(cond).to(self.backbone.device)
+        return trajectory, rewards, shaped
 
     def state_dict(self) -> dict[str, Any]:
         return {"learner": self.learner.state_dict(), "optimizer_steps": self.optimizer_steps}

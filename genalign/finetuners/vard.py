@@ -77,6 +77,11 @@ class VARDConfig:
     value_batch: int = field(128, help="replay states per value step")
     replay_size: int = field(2048, help="recent states kept for the value model (0: only the current batch)")
     value_width: int = field(128, help="value model MLP width")
+    value_inputs: Literal["encoder", "latent"] = field(
+        "encoder", help="encoder: a frozen CLIP on the decoded clean estimate of the state (a prior that generalises); "
+                        "latent: a small CNN on the latent state (memorises at small data)")
+    value_encoder: str = field("openai/clip-vit-large-patch14",
+                               help="the CLIP of value_inputs: encoder (transformers hub id or folder; open_clip hf-hub:)")
 
     def __post_init__(self) -> None:
         check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
@@ -93,12 +98,15 @@ class VARD(ValueMethod):
     summary = "VARD (Dai et al. 2025): a value model of intermediate states gives dense reward gradients"
     Config = VARDConfig
     name = "vard"
+    encoder_key = "value_encoder"
 
-    def __init__(self, config: VARDConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
+    def __init__(self, config: VARDConfig, backbone: Backbone, reward: Reward | None, sample_config: Any,
+                 encoder: Any = None):
         if sample_config.eta <= 0:
             raise ConfigError("vard needs stochastic steps (a KL between Gaussian steps): set sample.eta > 0 "
                               "(SD: DDIM eta 1; flow models: an SDE noise level such as 0.7)")
-        self._setup(config, backbone, reward, sample_config, needs_reference=True, width=config.value_width,
+        self._setup(config, backbone, reward, sample_config, needs_reference=True, inputs=config.value_inputs,
+                    encoder=encoder, width=config.value_width,
                     lr=config.value_lr, replay_size=config.replay_size, batch=config.value_batch,
                     updates=config.value_updates, warmup=config.value_warmup)
 
@@ -111,22 +119,20 @@ class VARD(ValueMethod):
         states = trajectory.latents[1:].reshape(num_steps * batch, *trajectory.latents.shape[2:])
         return states.float(), after.float().repeat_interleave(batch)
 
-    @staticmethod
-    def _stored_states(minibatch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return minibatch["x"], minibatch["t"]
-
     # ---------------------------------------------------------------- the FineTuner contract
 
     @torch.no_grad()
     def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
         c = self.config
-        trajectory, rewards, returns, text = self.scored_rollout(prompts, c.samples_per_prompt, c.shaping, generator)
+        trajectory, rewards, returns = self.scored_rollout(prompts, c.samples_per_prompt, c.shaping, generator)
         states, timesteps = self._states(trajectory)
-        returns_k, text_k = returns.repeat(trajectory.num_steps), text.repeat(trajectory.num_steps, 1)
+        batch = trajectory.latents.shape[1]
+        features = self.learner.featurize(states, timesteps, trajectory.cond.select(list(range(batch)) * trajectory.num_steps))
+        returns_k = returns.repeat(trajectory.num_steps)
         # the value model's error on these new trajectories before it trains on them (held out)
-        new_error = float(value_regression_loss(self.learner(states, timesteps, text_k), returns_k))
-        self.learner.remember({"x": states, "t": timesteps, "target": returns_k, "text": text_k})
-        value_train_loss = self.learner.train(self._stored_states, generator)
+        new_error = float(value_regression_loss(self.learner.value(features), returns_k))
+        self.learner.remember({**features, "target": returns_k})
+        value_train_loss = self.learner.train(generator)
         metrics = {"reward_mean": rewards.mean(), "value_loss": torch.tensor(value_train_loss),
                    "value_error_new": torch.tensor(new_error), "warmup": torch.tensor(float(self.warming_up))}
         if self.warming_up:
@@ -136,7 +142,7 @@ class VARD(ValueMethod):
             raise ConfigError("no stochastic step in the trajectory: raise sample.eta")
         order = torch.randperm(len(stochastic), generator=generator)[: c.steps_per_update]
         steps = sorted(stochastic[i] for i in order.tolist())
-        return {"policy": (trajectory, steps, text), "metrics": metrics}
+        return {"policy": (trajectory, steps), "metrics": metrics}
 
     def _step_mean(self, trajectory: Trajectory, k: int, cond: Conditioning) -> Tensor:
         x = trajectory.latents[k]
@@ -149,7 +155,7 @@ class VARD(ValueMethod):
         metrics = dict(batch["metrics"])
         if batch["policy"] is None:
             return self.zero_loss(), metrics
-        trajectory, steps, text = batch["policy"]
+        trajectory, steps = batch["policy"]
         total: Tensor | float = 0.0
         kls, values = [], []
         self.learner.model.requires_grad_(False)
@@ -163,7 +169,7 @@ class VARD(ValueMethod):
                     mean_policy = self._step_mean(trajectory, k, trajectory.cond)
                 next_state = mean_policy + std * noise
                 after = self.backbone.schedule.previous_timestep(trajectory.timesteps[k], trajectory.num_steps)
-                value = self.learner(next_state, torch.as_tensor(after).float().expand(next_state.shape[0]), text)
+                value = self.learner(next_state, torch.as_tensor(after).expand(next_state.shape[0]), trajectory.cond)
                 loss_k, kl = vard_policy_loss(value, mean_policy, mean_reference, std, self.config.kl_weight)
                 total = total + loss_k / len(steps)
                 kls.append(kl.detach().mean())
