@@ -148,3 +148,29 @@ def test_conditioning_select_with_a_boolean_mask_keeps_prompts_aligned():
     picked = cond.select(torch.tensor([False, False, True]))
     assert picked.prompts == ["c"] and picked.positive["e"].tolist() == [[2]]
     assert cond.select([2, 0]).prompts == ["c", "a"]
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample", "flow"])
+def test_clean_estimate_of_the_exact_target_is_the_clean_sample(kind):
+    """schedule.clean_estimate inverts add_noise given the exact training target, per-sample timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from genalign.core.schedules import DiffusionSchedule, FlowSchedule
+
+    if kind == "flow":
+        schedule = FlowSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    else:
+        schedule = DiffusionSchedule({**DDIMScheduler(prediction_type=kind).config, "_class_name": "DDIMScheduler"})
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([10, 500, 990])
+    x_t = schedule.add_noise(x0, noise, timesteps)
+    estimate = schedule.clean_estimate(x_t, schedule.training_target(x0, noise, timesteps), timesteps)
+    torch.testing.assert_close(estimate, x0, rtol=1e-4, atol=1e-4)
+    # by hand for one sample: flow x_0 = x_t - sigma v; epsilon x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)
+    if kind == "flow":
+        by_hand = x_t[1] - 0.5 * (noise[1] - x0[1])
+        torch.testing.assert_close(schedule.clean_estimate(x_t[1:2], (noise - x0)[1:2], torch.tensor([500.0]))[0], by_hand)
+    elif kind == "epsilon":
+        a = schedule.alpha_prod(torch.tensor(500))
+        torch.testing.assert_close(estimate[1], (x_t[1] - (1 - a).sqrt() * noise[1]) / a.sqrt(), rtol=1e-4, atol=1e-4)

@@ -5,13 +5,15 @@ Regularization").
 
 Per collect: the current model samples ``samples_per_prompt`` images a prompt (its sampler, any
 reward: no gradient of the reward is needed); rewards are shaped into a normalised signal r~
-(running, per-batch or per-prompt standardisation). The critic V(x_t, t, prompt)
-(:class:`~genalign.finetuners.value.ValueModel`) regresses r~ from intermediate states
-x_t = (1 - sigma) x_1 + sigma n of the samples (fresh noise each update, a replay buffer of recent
-samples); for a flow model these have the law of its trajectories' states at time t, and the
-regression's optimum is E[r~ | x_t], the value of the state.
+(running, per-batch or per-prompt standardisation). The critic V(x_t, t, prompt) regresses r~ from
+intermediate states x_t = (1 - sigma) x_1 + sigma n of the samples (``timesteps_per_sample``
+noisings a sample, a replay buffer of recent ones); for a flow model these have the law of its
+trajectories' states at time t, and the regression's optimum is E[r~ | x_t], the value of the
+state. Its inputs (``critic_inputs``, see genalign.finetuners.value): ``encoder`` (default), a
+frozen CLIP on the decoded clean estimate x_t - sigma v_ref(x_t) with an MLP head, or ``latent``, a
+small CNN with LayerNorm MLP on the latent.
 
-Actor loss (:func:`ac_flow_actor_loss`), on the same kind of states with fresh noise:
+Actor loss (:func:`ac_flow_actor_loss`), on the same states:
 
     mean_i w_i || v_theta(x_t^i, t_i) - (n_i - x_1^i) ||^2  +  alpha * mean_i || v_theta - v_ref ||^2
 
@@ -23,7 +25,16 @@ to the reference model) that keeps diversity. With exponential weights the criti
 exp(-V(x_t) / beta) is constant given x_t, so the per-state optimum is ORW-CFM's tilt toward
 p exp(r~ / beta); the critic rescales the signal state by state (dense, intermediate feedback) and
 reduces its variance. Dual stability: advantages are clipped, and during ``critic_warmup`` optimizer
-steps only the critic learns.
+steps only the critic learns. The advantages use the critic's values from before it trains on the
+batch (its held-out prediction, so it cannot have memorised these samples).
+
+``relative: true`` trains on w - 1 instead of w (the weights minus their batch mean, so they sum to
+zero): plain flow matching on the model's own samples, the part of the loss every sample shares,
+drops out and below-average samples push the model away, bounded by the W2 term. This is the form
+of the same authors' later ADRPO (A ||v - u||^2 + (beta0 - A) ||v - v_ref||^2). Measured on shapes
+(see configs/shapes/ac_flow.yaml): with w the model drifts (uniform weights alone took gold 0.273 ->
+0.227 in 300 steps; self-training on 10-step guided samples is not a fixed point); with w - 1 it
+does not.
 
 Choices the papers leave open, documented here: the critic has its own Adam optimiser
 (``critic_lr``) and ``critic_updates`` steps per collect, outside the trainer's optimizer (its state is

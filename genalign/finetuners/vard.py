@@ -4,10 +4,17 @@ states gives dense, differentiable supervision at every denoising step, so any r
 compressibility, detector rewards, the shapes world's exact evaluator), with a KL regulariser to
 the pretrained model.
 
-Value model V_phi(x_t, t, prompt) (:class:`~genalign.finetuners.value.ValueModel`), trained by
-regression on Monte-Carlo returns: every state of the model's own stochastic trajectories is paired
-with the (shaped) reward of the trajectory's final image (:func:`value_regression_loss`), from a
-replay buffer of recent trajectories.
+Value model V_phi(x_t, t, prompt), trained by regression on Monte-Carlo returns: every state of
+the model's own stochastic trajectories is paired with the (shaped) reward of the trajectory's final
+image (:func:`value_regression_loss`), from a replay buffer of recent trajectories. Its inputs
+(``value_inputs``, the issue's two options and what was measured, genalign.finetuners.value):
+``encoder`` (default) is a frozen CLIP on the decoded one-step clean estimate of the frozen
+reference at the state, with an MLP head on [image, prompt, their product, cosine, t]
+(:class:`~genalign.finetuners.value.CleanEstimateFeatures`, :class:`~genalign.finetuners.value.EmbeddingValueHead`);
+``latent`` is a small CNN on the latent itself (:class:`~genalign.finetuners.value.ValueModel`).
+On the shapes SD model with the exact evaluator as reward (512 trajectories, 10 DDIM eta-1 steps,
+held-out trajectories, standardised returns), the encoder head's error was 0.36 against 1.08 for
+the best constant and 1.2-1.3 for the latent CNN (train error 0.001: it memorises trajectories).
 
 Policy objective per trained step k (:func:`vard_policy_loss`), with x_k from a stored trajectory,
 the policy's Gaussian step N(mu_theta(x_k), s_k^2) reparameterised with the trajectory's own noise
