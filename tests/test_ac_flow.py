@@ -194,3 +194,24 @@ def test_configuration_errors(tiny_models):
     frozen = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="none"), "cpu")
     with pytest.raises(ValueError, match="finetune"):
         ACFlow(ACFlowConfig(), frozen, SimpleNamespace(), SampleConfig(num_steps=3))
+
+
+def test_trajectory_coupling_regresses_onto_each_samples_own_noise(tiny_models):
+    """coupling: trajectory -> x_t = (1 - sigma) x_1 + sigma x_T with the sample's own initial noise,
+    and the target is x_T - x_1 (the pair the sampler coupled)."""
+    ac = _acflow(tiny_models, coupling="trajectory", critic_warmup=0, timesteps_per_sample=2)
+    generator = torch.Generator().manual_seed(0)
+    recorded = {}
+    original = ac.scored_rollout
+
+    def keep(*args, **kwargs):
+        recorded["trajectory"], rewards, shaped = original(*args, **kwargs)
+        return recorded["trajectory"], rewards, shaped
+
+    ac.scored_rollout = keep
+    x_t, timesteps, cond, target, reference, weights = ac.collect(["a red circle", "a blue square"], generator)["actor"]
+    trajectory = recorded["trajectory"]
+    noise, x1 = trajectory.latents[0].float().repeat(2, 1, 1, 1), trajectory.final.float().repeat(2, 1, 1, 1)
+    torch.testing.assert_close(target, noise - x1)
+    sigma = (timesteps.float() / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - sigma) * x1 + sigma * noise, rtol=1e-4, atol=1e-5)

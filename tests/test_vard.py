@@ -158,3 +158,13 @@ def test_encoder_value_inputs_are_the_encoder_on_the_references_clean_estimate(t
     state = x.clone().requires_grad_(True)
     vard.learner(state, timestep, cond).sum().backward()
     assert state.grad is not None and float(state.grad.abs().sum()) > 0
+
+
+def test_trained_fraction_keeps_policy_updates_to_the_early_steps(tiny_models):
+    vard = _vard(tiny_models, trained_fraction=0.5, steps_per_update=4, value_warmup=0)
+    trajectory, steps = vard.collect(["a red circle"], torch.Generator().manual_seed(0))["policy"]
+    stochastic = [k for k in range(trajectory.num_steps) if bool((trajectory.stds[k] > 0).any())]
+    assert len(stochastic) == 4  # 4 DDIM eta-1 steps (the tiny model ends at alphas_cumprod[0] < 1)
+    assert steps == stochastic[:2]  # round(0.5 * 4) = 2 eligible, both drawn
+    with pytest.raises(ValueError, match="trained_fraction"):
+        VARDConfig(trained_fraction=0.0)

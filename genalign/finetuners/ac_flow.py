@@ -116,6 +116,9 @@ class ACFlowConfig:
                         "latent: a small CNN on the latent state (memorises at small data)")
     critic_encoder: str = field("openai/clip-vit-large-patch14",
                                 help="the CLIP of critic_inputs: encoder (transformers hub id or folder; open_clip hf-hub:)")
+    coupling: Literal["independent", "trajectory"] = field(
+        "independent", help="noise of the regressed states: fresh (conditional flow matching) or each sample's own "
+                            "initial noise (the pair the sampler coupled; lower-variance targets)")
     relative: bool = field(False, help="train on w - 1 (weights minus their batch mean): only the advantage's "
                                        "deviation moves the actor, not plain flow matching on the model's own samples")
 
@@ -147,10 +150,12 @@ class ACFlow(ValueMethod):
 
     # ---------------------------------------------------------------- critic
 
-    def _noised(self, x1: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """(x_t, timesteps, noise) with the backbone's training-timestep law and fresh noise."""
+    def _noised(self, x1: Tensor, generator: torch.Generator, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, timesteps, noise) with the backbone's training-timestep law; fresh noise unless given."""
         timesteps = self.backbone.schedule.sample_training_timesteps(x1.shape[0], generator)
-        noise = torch.randn(x1.shape, generator=generator).to(x1.device)
+        if noise is None:
+            noise = torch.randn(x1.shape, generator=generator)
+        noise = noise.float().to(x1.device)
         return self.backbone.schedule.add_noise(x1, noise, timesteps), timesteps, noise
 
     # ---------------------------------------------------------------- the FineTuner contract
@@ -163,7 +168,8 @@ class ACFlow(ValueMethod):
         k = c.timesteps_per_sample
         x1_k, shaped_k = x1.repeat(k, 1, 1, 1), shaped.repeat(k)
         cond_k = cond.select(list(range(len(cond))) * k)
-        x_t, timesteps, noise = self._noised(x1_k, generator)
+        coupled = trajectory.latents[0].float().repeat(k, 1, 1, 1) if c.coupling == "trajectory" else None
+        x_t, timesteps, noise = self._noised(x1_k, generator, coupled)
 
         # the critic's values of these new states before it trains on them: its held-out error, and
         # the baseline of the advantages (it cannot have memorised these samples)

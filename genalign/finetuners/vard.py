@@ -75,6 +75,9 @@ def vard_policy_loss(values: Tensor, mean_policy: Tensor, mean_reference: Tensor
 class VARDConfig:
     kl_weight: float = field(0.1, help="weight of the closed-form KL to the reference step (paper: a small constant)")
     steps_per_update: int = field(4, help="denoising steps trained per policy update (random among stochastic ones)")
+    trained_fraction: float = field(
+        1.0, help="policy updates draw from the first fraction of the stochastic steps (the value's gradient guides "
+                  "best early; measured in configs/shapes/vard.yaml)")
     samples_per_prompt: int = field(2, help="trajectories per prompt per collect")
     shaping: Literal["running", "batch", "prompt", "none"] = field(
         "running", help="reward standardisation for the value targets (none: raw rewards)")
@@ -93,6 +96,7 @@ class VARDConfig:
     def __post_init__(self) -> None:
         check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
         check(self.steps_per_update >= 1, f"steps_per_update must be >= 1, got {self.steps_per_update}")
+        check(0 < self.trained_fraction <= 1, f"trained_fraction must be in (0, 1], got {self.trained_fraction}")
         check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         check(self.shaping != "prompt" or self.samples_per_prompt >= 2,
               "shaping: prompt standardises each prompt's group; it needs samples_per_prompt >= 2")
@@ -147,6 +151,7 @@ class VARD(ValueMethod):
         stochastic = [k for k in range(trajectory.num_steps) if bool((trajectory.stds[k] > 0).any())]
         if not stochastic:
             raise ConfigError("no stochastic step in the trajectory: raise sample.eta")
+        stochastic = stochastic[: max(1, round(c.trained_fraction * len(stochastic)))]
         order = torch.randperm(len(stochastic), generator=generator)[: c.steps_per_update]
         steps = sorted(stochastic[i] for i in order.tolist())
         return {"policy": (trajectory, steps), "metrics": metrics}
