@@ -168,3 +168,19 @@ def test_trained_fraction_keeps_policy_updates_to_the_early_steps(tiny_models):
     assert steps == stochastic[:2]  # round(0.5 * 4) = 2 eligible, both drawn
     with pytest.raises(ValueError, match="trained_fraction"):
         VARDConfig(trained_fraction=0.0)
+
+
+def test_normalized_value_surrogate_by_hand():
+    """V = sum(a_i * x_i): the surrogate's gradient in x_i is a_i / rms(a_i) / numel, whatever |a_i|."""
+    from genalign.finetuners.vard import normalized_value_surrogate
+
+    a = torch.tensor([[3.0, 4.0], [0.01, 0.0]])  # rms 3.5355 and 0.00707
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    values = (a * x).sum(1)
+    surrogate = normalized_value_surrogate(values, x)
+    # value of the surrogate: mean(x * a / rms) per sample
+    rms = a.pow(2).mean(1, keepdim=True).sqrt()
+    torch.testing.assert_close(surrogate, (x * a / rms).mean(1).detach())
+    surrogate.sum().backward()
+    torch.testing.assert_close(x.grad, a / rms / 2)
+    assert float(x.grad[1].norm()) == pytest.approx(float(x.grad[0].norm()))

@@ -68,6 +68,16 @@ def vard_policy_loss(values: Tensor, mean_policy: Tensor, mean_reference: Tensor
     return -values.float().mean() + kl_weight * kl.mean(), kl
 
 
+def normalized_value_surrogate(values: Tensor, states: Tensor) -> Tensor:
+    """(B,) ``mean(x~ * g / rms(g))`` per sample, g = dV/dx~ (a constant here): its gradient in the
+    state is the value's gradient direction with the same size for every sample (1 / numel per
+    element), so a few samples with huge value gradients cannot dominate an update."""
+    (grad,) = torch.autograd.grad(values.sum(), states, retain_graph=True)
+    rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
+    direction = (grad / rms.view(-1, *[1] * (grad.ndim - 1))).detach()
+    return (states.float() * direction).flatten(1).mean(1)
+
+
 # ------------------------------------------------------------------ the method
 
 
@@ -78,6 +88,9 @@ class VARDConfig:
     trained_fraction: float = field(
         1.0, help="policy updates draw from the first fraction of the stochastic steps (the value's gradient guides "
                   "best early; measured in configs/shapes/vard.yaml)")
+    value_gradient: Literal["raw", "normalized"] = field(
+        "raw", help="raw: maximise V (the paper); normalized: follow V's gradient direction with the same step size "
+                    "for every sample (normalized_value_surrogate)")
     samples_per_prompt: int = field(2, help="trajectories per prompt per collect")
     shaping: Literal["running", "batch", "prompt", "none"] = field(
         "running", help="reward standardisation for the value targets (none: raw rewards)")
@@ -182,7 +195,10 @@ class VARD(ValueMethod):
                 next_state = mean_policy + std * noise
                 after = self.backbone.schedule.previous_timestep(trajectory.timesteps[k], trajectory.num_steps)
                 value = self.learner(next_state, torch.as_tensor(after).expand(next_state.shape[0]), trajectory.cond)
-                loss_k, kl = vard_policy_loss(value, mean_policy, mean_reference, std, self.config.kl_weight)
+                objective = value
+                if self.config.value_gradient == "normalized":
+                    objective = normalized_value_surrogate(value, next_state)
+                loss_k, kl = vard_policy_loss(objective, mean_policy, mean_reference, std, self.config.kl_weight)
                 total = total + loss_k / len(steps)
                 kls.append(kl.detach().mean())
                 values.append(value.detach().mean())
