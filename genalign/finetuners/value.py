@@ -1,11 +1,17 @@
 """A light value model V(x_t, t, prompt) -> expected final reward, shared by the value-based methods
 (AC-Flow's critic, VARD's value model), and the pieces that train it.
 
-Architecture: a small CNN over the latents (two stride-2 convolutions and an adaptive pool, so any
-latent size works) and an MLP with LayerNorm over [CNN features, sinusoidal embedding of the
-normalised timestep, projected prompt features]. Prompt features come from the backbone's opaque
-conditioning without knowing the family: its pooled embedding where it has one (SDXL, SD3, FLUX),
-else the mean of the token embeddings (SD 1.x/2.x).
+Two kinds of inputs, each with its head:
+
+- ``encoder`` (:class:`CleanEstimateFeatures` + :class:`EmbeddingValueHead`, the default): a frozen
+  image-text encoder (CLIP) on the decoded one-step clean estimate of the frozen reference at the
+  state, and an MLP with LayerNorm over [image, prompt, product, cosine, t]. It generalises from a
+  few hundred trajectories (bench/value_model.py).
+- ``latent`` (:class:`LatentFeatures` + :class:`ValueModel`): a small CNN over the latents (two
+  stride-2 convolutions and an adaptive pool, so any latent size works) and an MLP with LayerNorm
+  over [CNN features, sinusoidal embedding of the normalised timestep, projected prompt features].
+  Prompt features come from the backbone's opaque conditioning without knowing the family: its
+  pooled embedding where it has one (SDXL, SD3, FLUX), else the mean of the token embeddings.
 """
 
 from __future__ import annotations
