@@ -293,12 +293,7 @@ class AdjointMatching(BackboneMethod):
         k = self.sde.num_steps - 1
         x = states[k]
         output = self.backbone.predict(x, self.sde.timesteps[k], cond, self.sample_config.guidance_scale).float()
-        if isinstance(self.sde, FlowSDE):
-            return x + (1 - self.sde.t[k]) * (-output)
-        from genalign.core.sampling import split_prediction
-
-        a_t = self.backbone.schedule.alpha_prod(self.sde.timesteps[k])  # type: ignore[attr-defined]
-        return split_prediction(x, output, float(a_t), self.backbone.schedule.prediction_type)[0]
+        return self.backbone.schedule.clean_estimate(x, output, self.sde.timesteps[k])
 
     def terminal_adjoint(self, final: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """(-lambda grad_x r(decode(x)), r) at the given latents (the final sample by default)."""

@@ -91,6 +91,12 @@ class EmbeddingValueHead(nn.Module):
         return self.mlp(features).squeeze(1)
 
 
+def normalised_time(timesteps: Tensor, num_train_timesteps: int, like: Tensor) -> Tensor:
+    """(B,) model timesteps as t in [0, 1] (1 = noise; the end of the chain, negative, is 0)."""
+    t = torch.as_tensor(timesteps).float().clamp(min=0) / num_train_timesteps
+    return t.to(like.device).expand(like.shape[0])
+
+
 class LatentFeatures:
     """Value inputs ``latent``: the state itself, its normalised time and the prompt features of its
     conditioning, for :class:`ValueModel`. Cheap, but it has no prior: at the data sizes of a short
@@ -105,7 +111,7 @@ class LatentFeatures:
         return ValueModel(self.channels, self.text_dim, width)
 
     def __call__(self, x: Tensor, timesteps: Tensor, cond: Conditioning) -> dict[str, Tensor]:
-        t = (timesteps.float().clamp(min=0) / self.num_train_timesteps).to(x.device).expand(x.shape[0])
+        t = normalised_time(timesteps, self.num_train_timesteps, x)
         return {"x": x.float(), "t": t, "text": prompt_features(cond).to(x.device)}
 
 
@@ -141,7 +147,7 @@ class CleanEstimateFeatures:
             raise ValueError("value inputs 'encoder' need the prompts of the conditioning")
         b = self.backbone
         timesteps = torch.as_tensor(timesteps).to(x.device).expand(x.shape[0])
-        t = (timesteps.float().clamp(min=0) / self.num_train_timesteps)
+        t = normalised_time(timesteps, self.num_train_timesteps, x)
         final = t <= 0
         clean = x.float()
         if not bool(final.all()):
