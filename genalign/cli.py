@@ -146,6 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from genalign.pipelines import load_backbone
 
         backbone = load_backbone(config.backbone, accelerator.device)
+        _shard_if_asked(backbone, accelerator)
     reward = None
     if config.reward:
         from genalign.rewards import build_reward
@@ -170,7 +171,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         line = load_instructions(config.backbone.path, Path(result.output_dir) / "final")
         if line:
             accelerator.print(f"load it in diffusers:\n  {line}")
+    if torch.distributed.is_initialized():  # leave together; gloo's threads abort an exit that skips this
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
+
+
+def _shard_if_asked(backbone: Any, accelerator: Any) -> None:
+    """FSDP (an accelerate launch config with ``distributed_type: FSDP``): shard the denoiser."""
+    from genalign.core.sharding import plan_from_environment
+
+    plan = plan_from_environment()
+    if plan is None:
+        return
+    if accelerator.num_processes == 1:
+        accelerator.print("FSDP asked for with one process: nothing to shard, training unsharded")
+        return
+    units = backbone.shard(plan)
+    strategy = "FULL_SHARD" if plan.reshard_after_forward else "SHARD_GRAD_OP"
+    from genalign.core.sharding import local_part
+
+    params = list(backbone.unwrapped_denoiser.parameters())
+    held, total = sum(local_part(p).numel() for p in params), sum(p.numel() for p in params)
+    accelerator.print(f"FSDP ({strategy}): denoiser sharded over {accelerator.num_processes} processes in {units} "
+                      f"units; this process holds {held} of its {total} parameters")
 
 
 def load_instructions(base: str, final: Path) -> str | None:

@@ -335,7 +335,29 @@ class DiffusersBackbone:
     def keep_reference(self) -> None:
         """Under full fine-tuning, keep a frozen copy of the starting denoiser (LoRA needs none)."""
         if self.config.finetune == "full" and self._reference_copy is None:
+            if self.sharded:
+                raise RuntimeError("keep_reference() after shard(): shard() keeps the reference itself")
             self._reference_copy = copy.deepcopy(self.unwrapped_denoiser).requires_grad_(False).to(self.dtype)
+
+    @property
+    def sharded(self) -> bool:
+        from genalign.core.sharding import is_sharded_module
+
+        return is_sharded_module(self.unwrapped_denoiser)
+
+    def shard(self, plan: Any) -> int:
+        """Shard the denoiser across the processes (FSDP, ``genalign.core.sharding``); under full
+        fine-tuning the frozen reference copy is made first and sharded too. Call it before a
+        fine-tuner is built (sharding replaces the parameters). Returns the number of units."""
+        from genalign.core.sharding import shard_module
+
+        if plan.activation_checkpointing and not self.config.gradient_checkpointing:
+            self.unwrapped_denoiser.enable_gradient_checkpointing()
+        units = 0
+        if self.config.finetune == "full":
+            self.keep_reference()
+            units += shard_module(self._reference_copy, plan)
+        return units + shard_module(self.unwrapped_denoiser, plan)
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write the LoRA in diffusers format (``pytorch_lora_weights.safetensors``)."""
@@ -344,8 +366,17 @@ class DiffusersBackbone:
 
         if self.config.finetune != "lora":
             raise RuntimeError("save_lora needs backbone.finetune=lora")
+        from genalign.core.sharding import gather_full, main_process, reshard
+
         denoiser = self.unwrapped_denoiser
-        state = get_peft_model_state_dict(denoiser)
+        if self.sharded:  # every process gathers the LoRA's shards; the main one writes
+            reshard(denoiser)  # named_parameters() are the shards again
+            full = gather_full(dict(self.named_trainable_parameters()), keep=main_process())
+            if not main_process():
+                return Path(directory) / "pytorch_lora_weights.safetensors"
+            state = get_peft_model_state_dict(denoiser, state_dict=full)
+        else:
+            state = get_peft_model_state_dict(denoiser)
         if self.lora_keys_to_diffusers:
             state = convert_state_dict_to_diffusers(state)
         # The LoRA config (rank, alpha, targets) goes into the file's metadata, so that
@@ -355,6 +386,27 @@ class DiffusersBackbone:
         self.pipeline_class.save_lora_weights(directory, **{self.lora_layers_kwarg: state, metadata_kwarg: metadata},
                                               safe_serialization=True)
         return Path(directory) / "pytorch_lora_weights.safetensors"
+
+    def save_denoiser(self, directory: str | Path) -> Path:
+        """Write the whole denoiser (full fine-tuning) as a diffusers model folder; a sharded one is
+        gathered tensor by tensor (every process takes part, the main one writes)."""
+        from genalign.core.sharding import gather_full, main_process, reshard
+
+        directory = Path(directory)
+        denoiser = self.unwrapped_denoiser
+        if not self.sharded:
+            denoiser.save_pretrained(directory)
+            return directory
+        reshard(denoiser)
+        from huggingface_hub import save_torch_state_dict
+
+        state = {name: gather_full(t, keep=main_process()) for name, t in denoiser.state_dict().items()}
+        if main_process():
+            directory.mkdir(parents=True, exist_ok=True)
+            denoiser.save_config(directory)
+            save_torch_state_dict(state, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                                  max_shard_size="10GB")
+        return directory
 
     def load_lora(self, path: str | Path) -> None:
         """Load a diffusers-format LoRA (ours or any other) into the pipeline for sampling."""

@@ -9,7 +9,9 @@ resumed run continues exactly as the uninterrupted one would have.
 Data parallelism: each process collects its own shard of prompts and the gradients of the
 trainable parameters are averaged across processes before clipping (what DDP does, without
 wrapping the backbone's modules, so a fine-tuner's calls go through the backbone unchanged).
-Sharded engines (FSDP, DeepSpeed ZeRO) need the modules wrapped and are not handled here yet.
+Under FSDP (``genalign.core.sharding``) the denoiser was sharded in place before the fine-tuner was
+built: its gradients arrive reduce-scattered, sample grids and exports run on every process, and
+checkpoints hold full tensors gathered from the shards (they resume on any number of processes).
 
 Checkpoints are folders ``checkpoints/step-000100`` written under a temporary name and renamed
 when complete; a folder without the ``COMPLETE`` marker is never resumed from.
@@ -34,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from genalign.core.experiment import RunConfig, SampleConfig
 from genalign.core.loading import load_torch_file
+from genalign.core.sharding import any_sharded, gather_full, is_sharded, shard_like, shard_optimizer_state
 from genalign.core.types import FineTuner
 
 CHECKPOINT_PREFIX = "step-"
@@ -146,35 +149,44 @@ def make_accelerator(run: RunConfig) -> Any:
     """The accelerate ``Accelerator`` of a run (precision, tracker, project folder).
 
     Without CUDA it is told ``cpu=True``: only then does accelerate pick up the process group of
-    ``torchrun`` / ``accelerate launch --multi_gpu`` on CPU machines (gloo).
+    ``torchrun`` / ``accelerate launch --multi_gpu`` on CPU machines (gloo). An FSDP launch config is
+    genalign's to apply (``genalign.core.sharding.plan_from_environment``, the CLI shards the
+    denoiser), so accelerate itself is started as plain multi-process and wraps nothing.
     """
+    import os
+
     from accelerate import Accelerator
 
-    accelerator = Accelerator(
-        mixed_precision=run.mixed_precision,
-        log_with=None if run.tracker == "none" else run.tracker,
-        project_dir=str(run.output_dir),
-        cpu=not torch.cuda.is_available(),
-    )
+    fsdp_flag = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        accelerator = Accelerator(
+            mixed_precision=run.mixed_precision,
+            log_with=None if run.tracker == "none" else run.tracker,
+            project_dir=str(run.output_dir),
+            cpu=not torch.cuda.is_available(),
+        )
+    finally:
+        if fsdp_flag is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = fsdp_flag
     check_distributed_type(str(accelerator.distributed_type))
     return accelerator
 
 
-SHARDED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+UNSUPPORTED_ENGINES = ("DEEPSPEED", "MEGATRON_LM")
 
 
 def check_distributed_type(distributed_type: str) -> None:
-    """The trainer is data-parallel (each process holds the whole model; gradients of the trainable
-    parameters are averaged, what DDP does): an accelerate config asking for a sharded engine is
-    refused with what to use instead, rather than silently running unsharded."""
+    """DeepSpeed and Megatron wrap the model in their own engines, which the trainer does not do;
+    such a config is refused with what to use instead, rather than silently running unsharded."""
     name = distributed_type.rsplit(".", 1)[-1]
-    if name in SHARDED_ENGINES:
+    if name in UNSUPPORTED_ENGINES:
         from genalign.core.config import ConfigError
 
         raise ConfigError(
-            f"accelerate is configured for {name}, which genalign's trainer does not support yet (it does not "
-            "wrap the backbone's modules); launch with a multi-GPU / multi-node DDP config "
-            "(configs/accelerate/) and save memory with LoRA, gradient checkpointing and bf16"
+            f"accelerate is configured for {name}, which genalign's trainer does not support (it does not hand "
+            "the model to an engine). For ZeRO-2 (sharded gradients and optimizer state) launch with "
+            "configs/accelerate/fsdp_shard_grad_op.yaml, for ZeRO-3 with configs/accelerate/fsdp.yaml, or plain "
+            "data parallelism with ddp_1node.yaml / ddp_multinode.yaml"
         )
 
 
@@ -203,6 +215,7 @@ class Trainer:
         if not self.named_params:
             raise ValueError("the fine-tuner has no trainable parameters")
         self.params = list(self.named_params.values())
+        self.sharded = any_sharded(self.params)  # FSDP: the denoiser was sharded before the fine-tuner was built
         optimizer = torch.optim.AdamW(
             self.params, lr=run.lr, betas=run.adam_betas, eps=run.adam_eps, weight_decay=run.weight_decay
         )
@@ -252,13 +265,15 @@ class Trainer:
         acc = self.accelerator
         final = self.checkpoint_root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         tmp = self.checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}"
+        weights = gather_full(self.named_params)  # full tensors on every process (FSDP: gathered from shards)
         # Every process checks (the parameters are equal on all of them), so all raise together.
-        for name, param in self.named_params.items():
+        for name, param in weights.items():
             if not torch.isfinite(param).all():
                 raise NonFiniteError(f"step {self.step}: parameter {name} is not finite; refusing to checkpoint")
+        shared = self._shared_state(weights)
         acc.wait_for_everyone()
         try:
-            self._write_checkpoint(tmp)
+            self._write_checkpoint(tmp, shared)
         except OSError as err:  # disk full, quota, permissions: keep what was there
             shutil.rmtree(tmp, ignore_errors=True)
             previous = self.checkpoints()
@@ -275,14 +290,27 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def _write_checkpoint(self, tmp: Path) -> None:
+    def _shared_state(self, weights: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        """What the main process writes, as full tensors; every process takes part in gathering
+        sharded state (FSDP) and only the main one keeps it (None elsewhere)."""
+        keep = self.accelerator.is_main_process
+        finetuner_state = getattr(self.finetuner, "state_dict", None)
+        state = {
+            "weights": weights,
+            "optimizer": gather_full(self.optimizer.state_dict(), keep),
+            "ema": gather_full(self.ema.state_dict(), keep) if self.ema is not None else None,
+            "finetuner": gather_full(finetuner_state(), keep) if finetuner_state is not None else None,
+        }
+        return state if keep else None
+
+    def _write_checkpoint(self, tmp: Path, shared: dict[str, Any] | None) -> None:
         """Every file of a checkpoint into the temporary folder ``tmp``. A write error on any process
         is raised on every process (none is left waiting at a barrier)."""
         acc = self.accelerator
         error: OSError | None = None
         if acc.is_main_process:
             try:
-                self._write_shared_state(tmp)
+                self._write_shared_state(tmp, shared)
             except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
                 error = err if isinstance(err, OSError) else OSError(str(err).splitlines()[0])
         if self._any_process(error is not None):
@@ -304,22 +332,21 @@ class Trainer:
         if self._any_process(error is not None):
             raise error or OSError("another process could not write its part of the checkpoint")
 
-    def _write_shared_state(self, tmp: Path) -> None:
+    def _write_shared_state(self, tmp: Path, shared: dict[str, Any]) -> None:
         """The main process's part: weights, optimizer, scheduler, EMA, scaler, method state, counters."""
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_file({n: p.detach().float().cpu().contiguous() for n, p in self.named_params.items()},
+        save_file({n: p.detach().float().cpu().contiguous() for n, p in shared["weights"].items()},
                   str(tmp / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(shared["optimizer"], tmp / "optimizer.pt")
         torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        if self.ema is not None:
-            torch.save(self.ema.state_dict(), tmp / "ema.pt")
+        if shared["ema"] is not None:
+            torch.save(shared["ema"], tmp / "ema.pt")
         if self.accelerator.scaler is not None:  # fp16: the loss scale is part of the state
             torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        finetuner_state = getattr(self.finetuner, "state_dict", None)
-        if finetuner_state is not None:  # e.g. an EMA reference model, a reward stat tracker
-            torch.save(finetuner_state(), tmp / "finetuner.pt")
+        if shared["finetuner"] is not None:  # e.g. an EMA reference model, a reward stat tracker
+            torch.save(shared["finetuner"], tmp / "finetuner.pt")
         (tmp / "state.json").write_text(json.dumps(self._counters()))
 
     def load_checkpoint(self, path: Path) -> None:
@@ -332,16 +359,19 @@ class Trainer:
             raise KeyError(f"checkpoint {path} lacks parameters: {sorted(missing)[:5]}")
         with torch.no_grad():
             for name, param in self.named_params.items():
-                param.copy_(weights[name].to(param.dtype))
+                param.copy_(shard_like(weights[name], param))
 
         def load(name: str) -> Any:  # CPU first: a checkpoint written on cuda:0 loads on any rank/machine
             return load_torch_file(path / name)
 
         self.optimizer.load_state_dict(load("optimizer.pt"))  # moves its state to the parameters' device
+        if self.sharded:
+            shard_optimizer_state(self.optimizer)
         self.lr_scheduler.load_state_dict(load("scheduler.pt"))
         if self.ema is not None:
             self.ema.load_state_dict(load("ema.pt"))
             self.ema.to(self.params[0].device)  # next to the weights it averages
+            self.ema.shadow_params = [shard_like(s, p) for s, p in zip(self.ema.shadow_params, self.params)]
         if acc.scaler is not None and (path / "scaler.pt").is_file():
             acc.scaler.load_state_dict(load("scaler.pt"))
         if hasattr(self.finetuner, "load_state_dict"):
@@ -454,8 +484,7 @@ class Trainer:
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + _scalar(v) / self.run.grad_accum
         self._average_gradients_across_processes()
-        # With max_grad_norm = 0 an infinite bound still unscales (fp16) and measures the norm.
-        grad_norm = acc.clip_grad_norm_(self.params, self.run.max_grad_norm or float("inf"))
+        grad_norm = self._clip_gradients()
         scaled = acc.scaler is not None  # fp16: overflowing gradients are the GradScaler's to handle
         if not scaled and not torch.isfinite(torch.as_tensor(grad_norm)):
             self._nonfinite("the gradient norm")
@@ -488,26 +517,58 @@ class Trainer:
             totals = dict(zip(keys, reduced.tolist()))
         return totals
 
+    def _clip_gradients(self) -> float:
+        """Clip to ``run.max_grad_norm`` and return the norm before clipping. With max_grad_norm = 0
+        an infinite bound still unscales (fp16) and measures the norm. Sharded gradients' norm is
+        the norm of the full gradient (DTensor arithmetic reduces across the shards)."""
+        bound = self.run.max_grad_norm or float("inf")
+        if not self.sharded:
+            return self.accelerator.clip_grad_norm_(self.params, bound)
+        self.accelerator.unscale_gradients()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        groups = [[g for g in grads if is_sharded(g)], [g for g in grads if not is_sharded(g)]]
+        squares = []
+        for group in groups:
+            if group:
+                norm = torch.nn.utils.get_total_norm(group)
+                squares.append((norm.full_tensor() if is_sharded(norm) else norm).float() ** 2)
+        total = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+        scale = bound / (total + 1e-6)  # torch's clip_grad_norm_ formula
+        # In place on each shard (torch.nn.utils.clip_grads_with_norm_ was seen to leave DTensor gradients unscaled).
+        if scale < 1.0:
+            for grad in grads:
+                grad.mul_(scale)
+        return total
+
     def _average_gradients_across_processes(self) -> None:
+        """DDP's gradient averaging for the plain (unsharded) trainable parameters; sharded ones
+        arrive averaged (FSDP reduce-scatters in the backward)."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        params = [p for p in self.params if not is_sharded(p)]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         flat = acc.reduce(flat, reduction="mean")
         offset = 0
-        for param, grad in zip(self.params, grads):
+        for param, grad in zip(params, grads):
             param.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
             offset += grad.numel()
 
     def write_samples(self, tag: str) -> Path | None:
-        if not self.accelerator.is_main_process:
+        """The sample grid, written by the main process (all sample when sharded: FSDP's forward
+        gathers parameters from every process)."""
+        if not (self.accelerator.is_main_process or self.sharded):
             return None
         from torchvision.utils import save_image
 
         prompts = list(self.sample_config.prompts) or self.source.prompts[:4]
         with torch.no_grad(), self.accelerator.autocast():
             images = self.finetuner.sample(prompts, torch.Generator().manual_seed(self.run.seed))
+        if not self.accelerator.is_main_process:
+            return None
         path = self.output_dir / "samples" / f"{tag}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(images.float().clamp(0, 1), path, nrow=min(len(prompts), 8))
@@ -566,7 +627,7 @@ class Trainer:
         self.save_checkpoint()
         self.write_samples("final")
         export = getattr(self.finetuner, "export", None)
-        if export is not None and acc.is_main_process:
+        if export is not None and (acc.is_main_process or self.sharded):  # sharded: all gather, main writes
             if self.ema is not None:  # export the averaged weights, then put the trained ones back
                 self.ema.store(self.params)
                 self.ema.copy_to(self.params)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from genalign.core.sampler import sample
+from genalign.core.sharding import local_part, reshard, shard_like
 from genalign.core.types import Backbone
 
 
@@ -25,8 +26,7 @@ def export_trained(backbone: Backbone, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if backbone.config.finetune == "lora":  # type: ignore[attr-defined]
         return backbone.save_lora(directory)  # type: ignore[attr-defined]
-    backbone.unwrapped_denoiser.save_pretrained(directory / "denoiser")  # type: ignore[attr-defined]
-    return directory / "denoiser"
+    return backbone.save_denoiser(directory / "denoiser")  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ class BackboneMethod:
     def zero_loss(self) -> Tensor:
         """A loss of 0 attached to the parameters: a well-defined step without gradient (a batch
         whose pairs were all ties)."""
-        return sum(p.sum() for p in self.params.values()) * 0.0
+        return sum(local_part(p).sum() for p in self.params.values()) * 0.0
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
@@ -69,8 +69,9 @@ class ShadowParameters:
     Starts equal to the parameters (for a fresh LoRA: exactly the base model).
     """
 
-    def __init__(self, named: dict[str, nn.Parameter]):
+    def __init__(self, named: dict[str, nn.Parameter], module: nn.Module | None = None):
         self.params = named
+        self.module = module  # the parameters' module: under FSDP its gathered copies are freed around swaps
         self.shadow = {name: p.detach().clone().float() for name, p in named.items()}
 
     @torch.no_grad()
@@ -81,15 +82,21 @@ class ShadowParameters:
     @contextmanager
     def swapped(self) -> Iterator[None]:
         saved = {name: p.detach().clone() for name, p in self.params.items()}
+        self._reshard()  # a forward in the context must gather the swapped values, not reuse gathered ones
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(self.shadow[name].to(param.dtype))
         try:
             yield
         finally:
+            self._reshard()
             with torch.no_grad():
                 for name, param in self.params.items():
                     param.copy_(saved[name])
+
+    def _reshard(self) -> None:
+        if self.module is not None:
+            reshard(self.module)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {name: t.clone() for name, t in self.shadow.items()}
@@ -99,4 +106,4 @@ class ShadowParameters:
         if missing:
             raise KeyError(f"shadow parameters missing from the checkpoint: {sorted(missing)[:5]}")
         for name in self.shadow:
-            self.shadow[name] = state[name].float().to(self.shadow[name].device)
+            self.shadow[name] = shard_like(state[name].float(), self.shadow[name])  # sharded under FSDP

@@ -148,8 +148,9 @@ class DiffusionDPO(BackboneMethod):
             raise ConfigError(f"{type(self).__name__}: online pairs are ranked by a reward; configure reward.name")
         if getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
             backbone.keep_reference()  # type: ignore[attr-defined]
-        self.stable_reference = ShadowParameters(self.params) if config.reference_update_rate > 0 else None
-        self.start = ShadowParameters(self.params) if config.reference_anchor > 0 else None
+        denoiser = getattr(backbone, "unwrapped_denoiser", None)
+        self.stable_reference = ShadowParameters(self.params, denoiser) if config.reference_update_rate > 0 else None
+        self.start = ShadowParameters(self.params, denoiser) if config.reference_anchor > 0 else None
         self.data, self.rows = None, []
         self.buffer: PairBatch | None = None  # online pairs being reused (pairs_reuse > 1)
         self.buffer_uses = 0

@@ -1,0 +1,122 @@
+"""FSDP (torch's fully_shard) of the denoiser: the shipped accelerate configs, and real two-process
+runs of the CLI (gloo) whose results equal plain data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genalign.core.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = ROOT / "configs" / "accelerate"
+LORA = "final/pytorch_lora_weights.safetensors"
+
+
+def _launch_env(config: Path) -> dict[str, str]:
+    """The FSDP variables `accelerate launch --config_file config` gives its processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config), "x.py"]))
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if "FSDP" in k}
+
+
+@pytest.mark.parametrize(("name", "reshard"), [("fsdp.yaml", True), ("fsdp_shard_grad_op.yaml", False)])
+def test_shipped_fsdp_configs_give_their_sharding_plan(monkeypatch, name, reshard):
+    from genalign.core.sharding import plan_from_environment
+
+    assert plan_from_environment() is None  # no FSDP launch, no sharding
+    for key, value in _launch_env(ACCELERATE / name).items():
+        monkeypatch.setenv(key, value)
+    plan = plan_from_environment()
+    assert plan is not None
+    assert plan.reshard_after_forward is reshard and not plan.cpu_offload and plan.unit_classes == ()
+
+
+def test_fsdp_version_1_strategies_map_onto_fully_shard(monkeypatch):
+    from genalign.core.sharding import plan_from_environment
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    for strategy, reshard in (("FULL_SHARD", True), ("SHARD_GRAD_OP", False)):
+        monkeypatch.setenv("FSDP_SHARDING_STRATEGY", strategy)
+        assert plan_from_environment().reshard_after_forward is reshard
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "NO_SHARD")
+    assert plan_from_environment() is None
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
+    with pytest.raises(ConfigError, match="HYBRID_SHARD"):
+        plan_from_environment()
+
+
+CONFIG = """\
+backbone: {{family: sd, path: {root}/models/shapes/sd, finetune: lora, lora_rank: 4, lora_alpha: 4}}
+reward: {{name: clip, path: {root}/models/shapes/clip}}
+method: {{name: diffusion_dpo, beta: 2500, pairs: online, pairs_from: policy, samples_per_prompt: 2,
+         reference_update_rate: 0.5}}
+sample: {{num_steps: 3, guidance_scale: 2.0}}
+run: {{steps: 2, batch_size: 2, lr: 0.1, adam_eps: 1.0, checkpoint_every: 1, tracker: none,
+      prompts: ["a red circle", "two blue squares", "a green triangle", "a yellow star"]}}
+"""
+
+
+# adam_eps 1: updates proportional to the gradients. Adam's first steps are otherwise sign-like,
+# and a gradient entry within float noise of 0 (the LoRA's A at step 2) flips a whole lr step.
+
+
+def _train(tmp_path: Path, out: str, fsdp: str | None, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith(("FSDP_", "ACCELERATE_"))}
+    if fsdp is not None:
+        env.update(_launch_env(ACCELERATE / fsdp))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "genalign",
+         "train", str(tmp_path / "config.yaml"), f"run.output_dir={tmp_path / out}", *extra],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_fsdp_training_equals_data_parallel_and_checkpoints_move_between_them(tmp_path):
+    """Two processes, Diffusion-DPO with a moving (swapped-in) reference on the shapes model:
+    FULL_SHARD gives the weights of plain data parallelism; a data-parallel checkpoint resumes
+    under SHARD_GRAD_OP (full tensors into shards) and ends where the others did."""
+    (tmp_path / "config.yaml").write_text(CONFIG.format(root=ROOT))
+    _train(tmp_path, "ddp", None)
+    sharded = _train(tmp_path, "full_shard", "fsdp.yaml")
+    assert "FSDP (FULL_SHARD): denoiser sharded over 2 processes" in sharded.stdout
+    held, total = map(int, sharded.stdout.split("this process holds ")[1].split(" parameters")[0].split(" of its "))
+    assert abs(held - total / 2) < 0.01 * total  # each process holds half the denoiser
+
+    resumed = tmp_path / "grad_op"
+    (resumed / "checkpoints").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(tmp_path / "ddp" / "checkpoints" / "step-000001"), str(resumed / "checkpoints")],
+                   check=True)
+    grad_op = _train(tmp_path, "grad_op", "fsdp_shard_grad_op.yaml", "--resume")
+    assert "FSDP (SHARD_GRAD_OP)" in grad_op.stdout and "resumed from" in grad_op.stdout
+
+    ddp = load_file(str(tmp_path / "ddp" / LORA))
+    steps = [load_file(str(tmp_path / "ddp" / "checkpoints" / s / "trainable.safetensors"))
+             for s in ("step-000001", "step-000002")]
+    assert _max_difference(*steps) > 2e-3  # the second step, the resumed one, moved the LoRA
+    first = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["grad_norm"] > 2.0  # above run.max_grad_norm = 1: the sharded clipping is compared too
+    for run in ("full_shard", "grad_op"):
+        assert _max_difference(load_file(str(tmp_path / run / LORA)), ddp) < 2e-5, run
+    # the FSDP-written checkpoint holds full tensors equal to the data-parallel one's
+    for step in ("step-000001", "step-000002"):
+        name = f"checkpoints/{step}/trainable.safetensors"
+        assert _max_difference(load_file(str(tmp_path / "full_shard" / name)), load_file(str(tmp_path / "ddp" / name))) < 2e-5
