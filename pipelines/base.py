@@ -7,6 +7,7 @@ pipeline class, prompt encoding and the denoiser call; everything else is here o
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -49,16 +50,12 @@ def absent_components(path: str) -> set[str]:
     index = Path(path) / "model_index.json"
     if not index.is_file():
         return set()
-    import json
-
     return {k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is None}
 
 
 def checkpoint_defaults(path: str) -> dict[str, Any]:
     """Settings a local checkpoint folder records for genalign in ``genalign.json`` (e.g. the shapes
     world's SD3 model, trained with a 1-token T5 part); empty for anything else."""
-    import json
-
     file = Path(path) / "genalign.json"
     return json.loads(file.read_text()) if path and file.is_file() else {}
 
@@ -390,7 +387,7 @@ class DiffusersBackbone:
     def save_denoiser(self, directory: str | Path) -> Path:
         """Write the whole denoiser (full fine-tuning) as a diffusers model folder; a sharded one is
         gathered tensor by tensor (every process takes part, the main one writes)."""
-        from genalign.core.sharding import gather_full, main_process, reshard
+        from genalign.core.sharding import gather_full, main_process, reshard, unsharded_class
 
         directory = Path(directory)
         denoiser = self.unwrapped_denoiser
@@ -404,6 +401,10 @@ class DiffusersBackbone:
         if main_process():
             directory.mkdir(parents=True, exist_ok=True)
             denoiser.save_config(directory)
+            config_file = directory / "config.json"  # the class, not fully_shard's FSDP<class> subclass
+            config = json.loads(config_file.read_text())
+            config["_class_name"] = unsharded_class(denoiser).__name__
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_torch_state_dict(state, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
                                   max_shard_size="10GB")
         return directory

@@ -120,3 +120,33 @@ def test_fsdp_training_equals_data_parallel_and_checkpoints_move_between_them(tm
     for step in ("step-000001", "step-000002"):
         name = f"checkpoints/{step}/trainable.safetensors"
         assert _max_difference(load_file(str(tmp_path / "full_shard" / name)), load_file(str(tmp_path / "ddp" / name))) < 2e-5
+
+
+FULL_CONFIG = """\
+backbone: {{family: sd, path: {root}/models/shapes/sd, finetune: full}}
+reward: {{name: clip, path: {root}/models/shapes/clip}}
+method: {{name: d3po, beta: 0.1, clip_range: 0.1, samples_per_prompt: 2, timestep_fraction: 0.5}}
+sample: {{num_steps: 3, guidance_scale: 2.0, eta: 1.0}}
+run: {{steps: 1, batch_size: 2, lr: 0.1, adam_eps: 1.0, checkpoint_every: 0, tracker: none,
+      prompts: ["a red circle", "two blue squares", "a green triangle", "a yellow star"]}}
+"""
+
+
+def test_fsdp_full_fine_tuning_shards_the_reference_and_exports_a_loadable_denoiser(tmp_path):
+    """Full fine-tuning: the frozen reference copy is sharded as well, and the export is gathered
+    into a plain diffusers UNet folder equal to data parallelism's."""
+    from diffusers import UNet2DConditionModel
+
+    (tmp_path / "config.yaml").write_text(FULL_CONFIG.format(root=ROOT))
+    _train(tmp_path, "ddp", None)
+    sharded = _train(tmp_path, "full_shard", "fsdp.yaml")
+    units = int(sharded.stdout.split("processes in ")[1].split(" units")[0])
+    model = UNet2DConditionModel.from_pretrained(str(tmp_path / "full_shard" / "final" / "denoiser"))
+    assert type(model) is UNet2DConditionModel  # the folder names the plain class, not FSDPUNet2DConditionModel
+    blocks = sum(type(m).__name__ in model._no_split_modules for m in model.modules())
+    assert units == 2 * (blocks + 1)  # denoiser and reference copy: every block and the root each
+    trained = model.state_dict()
+    ddp = UNet2DConditionModel.from_pretrained(str(tmp_path / "ddp" / "final" / "denoiser")).state_dict()
+    start = UNet2DConditionModel.from_pretrained(str(ROOT / "models" / "shapes" / "sd"), subfolder="unet").state_dict()
+    assert _max_difference({k: v.float() for k, v in ddp.items()}, {k: v.float() for k, v in start.items()}) > 1e-3
+    assert _max_difference(trained, ddp) < 2e-5

@@ -150,6 +150,13 @@ def reshard(module: nn.Module) -> None:
             m.reshard()
 
 
+def unsharded_class(module: nn.Module) -> type:
+    """The module's own class (``fully_shard`` swaps in a subclass named ``FSDP<class>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
 def is_sharded_module(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
