@@ -338,3 +338,28 @@ def test_training_through_the_cli_and_exact_resume_mid_rollout(tiny_models, tmp_
 def test_shipped_configs_load(name):
     experiment = load_experiment(ROOT / "configs" / name, config_classes())
     assert experiment.method_name in ("ddpo", "flow_grpo") and experiment.sample.eta > 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models, beta):
+    """The trainer's path, one backward per trained step (with and without the KL term's reference
+    pass), equals loss().backward() of the summed loss."""
+    config = DDPOConfig(samples_per_prompt=2, minibatches=1, inner_epochs=1, min_count=2, beta=beta)
+    ddpo = _method(tiny_models, DDPO, config, "sd", 1.0)
+    params = list(ddpo.named_trainable_parameters().values())
+    batch = ddpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in params:  # ratios away from 1: the clipped and unclipped branches both occur
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    whole, metrics = ddpo.loss(batch)
+    whole.backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    parts = []
+    total, stepwise_metrics = ddpo.backward_loss(batch, lambda part: (parts.append(part), part.backward()))
+    assert len(parts) == len(batch["steps"]) > 1
+    assert total.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert stepwise_metrics.keys() == metrics.keys() and ("kl" in metrics) == (beta > 0)
+    for got, want in zip((p.grad for p in params), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

@@ -107,8 +107,13 @@ def shard_module(module: nn.Module, plan: ShardingPlan) -> int:
     Call it before anything holds on to the module's parameters: sharding replaces them.
     """
     import torch.distributed as dist
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    except ImportError as err:  # public since torch 2.6
+        from genalign.core.config import ConfigError
+
+        raise ConfigError(f"FSDP needs torch >= 2.6 (fully_shard); this is torch {torch.__version__}") from err
     if not dist.is_initialized():
         raise RuntimeError("FSDP needs the process group of `accelerate launch` / torchrun")
     names = set(plan.unit_classes or getattr(module, "_no_split_modules", None) or ())

@@ -438,15 +438,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _micro_step(self, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _micro_step(self, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+        """Collect and compute the loss of one micro-batch; the flag says whether the loss was
+        already backwarded (a method with ``backward_loss`` backwards it part by part)."""
         acc = self.accelerator
         generator = step_generator(self.run.seed, self.step, micro, acc.process_index)
         prompts = self.source.next(self.run.batch_size)
         with torch.no_grad(), acc.autocast():
             batch = self.finetuner.collect(prompts, generator)
+        stepwise = getattr(self.finetuner, "backward_loss", None)
         with acc.autocast():
-            loss, metrics = self.finetuner.loss(batch)
-        return loss, metrics
+            if stepwise is None:
+                loss, metrics = self.finetuner.loss(batch)
+                return loss, metrics, False
+            loss, metrics = stepwise(batch, self._backward)
+        return loss, metrics, True
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        with torch.autocast(self.accelerator.device.type, enabled=False):  # backward outside autocast
+            self.accelerator.backward(loss / self.run.grad_accum)
 
     def _nonfinite(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -474,13 +484,14 @@ class Trainer:
         acc = self.accelerator
         totals: dict[str, float] = {}
         for micro in range(self.run.grad_accum):
-            loss, metrics = self._micro_step(micro)
+            loss, metrics, backwarded = self._micro_step(micro)
             values = {"loss": loss, **metrics}
             bad = [k for k, v in values.items() if not torch.isfinite(torch.as_tensor(v)).all()]
-            if self._any_process(bool(bad)):
+            if self._any_process(bool(bad)):  # drops any gradient already accumulated this step
                 self._nonfinite(" and ".join(bad) or "a value on another process")
                 return None
-            acc.backward(loss / self.run.grad_accum)
+            if not backwarded:
+                self._backward(loss)
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + _scalar(v) / self.run.grad_accum
         self._average_gradients_across_processes()

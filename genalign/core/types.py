@@ -161,7 +161,10 @@ class FineTuner(Protocol):
         """Images (B, 3, H, W) in [0, 1] of the current model, for sample grids."""
 
     # Optional, used when present: ``training_prompts() -> list[str]`` (the method's own data,
-    # e.g. offline pair ids, instead of run.prompts), ``after_optimizer_step()``,
+    # e.g. offline pair ids, instead of run.prompts), ``backward_loss(batch, backward) -> (loss,
+    # metrics)`` (the loss as a sum of parts, each handed to ``backward`` as soon as it is computed,
+    # the value returned detached: memory of one part without recomputing it in the backward, e.g.
+    # one denoising step of a trajectory), ``after_optimizer_step()``,
     # ``state_dict() / load_state_dict(state)`` (saved in checkpoints; tensors and plain
     # containers only, loaded with weights_only=True), ``export(directory)``.
 

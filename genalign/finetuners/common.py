@@ -3,7 +3,7 @@ updated (EMA) copy of the trainable parameters that can stand in for them, sampl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,33 @@ class BackboneMethod:
 
     def export(self, directory: Path) -> None:
         export_trained(self.backbone, directory)
+
+
+class LossInParts:
+    """A loss that is a sum of parts (one per trained denoising step), from ``_loss_parts(batch,
+    metrics)``, which yields the parts and fills ``metrics`` as it goes.
+
+    The trainer calls :meth:`backward_loss`: each part is backwarded as soon as it is computed, so
+    a step costs the memory of one part and no forward is recomputed in the backward (activation
+    checkpointing per step would add one forward pass per step). :meth:`loss` holds every part's
+    graph at once (for tests and direct use)."""
+
+    def _loss_parts(self, batch: Any, metrics: dict[str, Tensor]) -> Iterator[Tensor]:
+        raise NotImplementedError
+
+    def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        metrics: dict[str, Tensor] = {}
+        parts = list(self._loss_parts(batch, metrics))
+        return sum(parts[1:], parts[0]), metrics
+
+    def backward_loss(self, batch: Any, backward: Callable[[Tensor], None]) -> tuple[Tensor, dict[str, Tensor]]:
+        metrics: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for part in self._loss_parts(batch, metrics):
+            backward(part)
+            total = part.detach() if total is None else total + part.detach()
+        assert total is not None, "_loss_parts yielded nothing"
+        return total, metrics
 
 
 class ShadowParameters:

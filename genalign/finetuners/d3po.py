@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,13 +30,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from genalign.core.config import ConfigError, check, field
 from genalign.core.sampler import initial_noise, log_probs_of, sample
 from genalign.core.types import Backbone, Reward, Trajectory
 from genalign.finetuners import register
-from genalign.finetuners.common import BackboneMethod
+from genalign.finetuners.common import BackboneMethod, LossInParts
 
 # ------------------------------------------------------------------ the objective (pure functions)
 
@@ -171,7 +171,7 @@ class D3POConfig:
 
 
 @register("d3po")
-class D3PO(BackboneMethod):
+class D3PO(LossInParts, BackboneMethod):
     summary = "D3PO (Yang et al. 2024): DPO on paired sampling trajectories, from a reward or human labels"
     Config = D3POConfig
 
@@ -269,29 +269,29 @@ class D3PO(BackboneMethod):
                          trajectory.stds, trajectory.cond.select(rows), trajectory.eta, trajectory.guidance_scale)
         return log_probs_of(self.backbone, sub, [step])[:, 0]
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss_parts(self, batch: dict[str, Any], metrics: dict[str, Tensor]) -> Iterator[Tensor]:
+        """The per-step losses, each divided by the number of trained steps (LossInParts)."""
         trajectory, a, b, preference = batch["trajectory"], batch["a"], batch["b"], batch["preference"]
-        metrics = dict(batch["metrics"])
+        metrics.update(batch["metrics"])
         if a.numel() == 0:
-            return self.zero_loss(), metrics
+            yield self.zero_loss()
+            return
         rows = torch.unique(torch.cat([a, b]))  # the samples that appear in a non-tie pair
         position = {int(r): i for i, r in enumerate(rows.tolist())}
         ia = torch.tensor([position[int(i)] for i in a])
         ib = torch.tensor([position[int(i)] for i in b])
-        total, log_ratio_preferred, log_ratio_other = 0.0, 0.0, 0.0
+        log_ratio_preferred, log_ratio_other = 0.0, 0.0
         steps = batch["steps"].tolist()
         for step in steps:
             with torch.no_grad(), self.backbone.reference():
                 ref = self._step_log_probs(trajectory, step, rows)
             with self.backbone.training():
-                # recomputed in backward: memory of one step, not of all trained steps
-                logp = checkpoint(self._step_log_probs, trajectory, step, rows, use_reentrant=False)
-            total = total + d3po_loss(logp[ia], ref[ia], logp[ib], ref[ib], preference,
-                                      self.config.beta, self.config.clip_range) / len(steps)
+                logp = self._step_log_probs(trajectory, step, rows)
             ratio = (logp - ref).detach()
             preferred_first = preference > 0
             log_ratio_preferred += torch.where(preferred_first, ratio[ia], ratio[ib]).mean() / len(steps)
             log_ratio_other += torch.where(preferred_first, ratio[ib], ratio[ia]).mean() / len(steps)
+            yield d3po_loss(logp[ia], ref[ia], logp[ib], ref[ib], preference, self.config.beta,
+                            self.config.clip_range) / len(steps)
         metrics.update({"log_ratio_preferred": log_ratio_preferred, "log_ratio_other": log_ratio_other,
                         "pairs_trained": torch.tensor(float(a.numel()))})
-        return total, metrics

@@ -37,19 +37,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from genalign.core import sampling
 from genalign.core.config import ConfigError, check, field
 from genalign.core.sampler import initial_noise, sample
 from genalign.core.types import Backbone, Reward, Trajectory
-from genalign.finetuners.common import BackboneMethod
+from genalign.finetuners.common import BackboneMethod, LossInParts
 
 # ------------------------------------------------------------------ the objective (pure functions)
 
@@ -165,7 +165,7 @@ def trained_steps(stochastic: list[int], fraction: float, selection: str, genera
 # ------------------------------------------------------------------ the method
 
 
-class PolicyGradientMethod(BackboneMethod):
+class PolicyGradientMethod(LossInParts, BackboneMethod):
     """Rollouts with per-step log-probs, per-prompt advantages, PPO-clip minibatch updates; a method
     supplies ``advantages`` (its normalisation) and may override ``kl_std`` and ``step_loss``."""
 
@@ -311,15 +311,16 @@ class PolicyGradientMethod(BackboneMethod):
                                              prev_sample=trajectory.latents[step + 1])
         return result.log_prob.float(), result.mean.float(), result.std.float()
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss_parts(self, batch: dict[str, Any], metrics: dict[str, Tensor]) -> Iterator[Tensor]:
+        """The per-step losses, each divided by the number of trained steps (LossInParts)."""
         rows, steps = batch["rows"], batch["steps"]
-        metrics = dict(batch["metrics"])
+        metrics.update(batch["metrics"])
         if len(rows) == 0 or not steps:
-            return self.zero_loss(), metrics
+            yield self.zero_loss()
+            return
         trajectory = self._minibatch_trajectory(rows)
         advantages = self.rollout["advantages"][rows].to(self.backbone.device)
         old_log_probs = trajectory.log_probs.to(self.backbone.device)
-        total: Tensor | float = 0.0
         logged: dict[str, list[Tensor]] = {"ratio": [], "clipfrac": [], "approx_kl": [], "kl": []}
         for step in steps:
             reference_mean = None
@@ -327,21 +328,19 @@ class PolicyGradientMethod(BackboneMethod):
                 with torch.no_grad(), self.backbone.reference():
                     reference_mean = self._step(trajectory, step)[1]
             with self.backbone.training():
-                # recomputed in backward: the memory of one step, not of every trained step
-                log_prob, mean, std = checkpoint(self._step, trajectory, step, use_reentrant=False)
+                log_prob, mean, std = self._step(trajectory, step)
             kl = None
             if reference_mean is not None:
                 kl = gaussian_step_kl(mean, reference_mean, self.kl_std(trajectory, step, std))
                 logged["kl"].append(kl.detach().mean())
             loss, stats = self.step_loss(log_prob, old_log_probs[:, step], advantages, kl)
-            total = total + loss / len(steps)
             logged["ratio"].append(stats["ratio"].mean())
             logged["clipfrac"].append(stats["clipped"].mean())
             logged["approx_kl"].append(stats["approx_kl"].mean())
+            yield loss / len(steps)
         metrics.update({name: torch.stack(values).mean() for name, values in logged.items() if values})
         metrics.update({"advantage_abs": advantages.abs().mean(), "steps_trained": torch.tensor(float(len(steps))),
                         "samples_trained": torch.tensor(float(len(rows)))})
-        return total, metrics  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- checkpoint state
 

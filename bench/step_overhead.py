@@ -1,0 +1,188 @@
+"""Each method's training step over its compute floor, measured side by side in one run.
+
+Step: what the trainer does with a collected micro-batch (``backward_loss`` where the method has it,
+else ``loss`` + ``backward``). Floor, on the same batch: the backbone passes no implementation of
+the step can avoid, with a plain squared-output loss in place of the objective:
+- diffusion_dpo: a reference forward and a policy forward + backward on the 2N noisy latents of the
+  N pairs (winners and losers);
+- d3po: per trained denoising step, a reference forward and a policy forward + backward of the
+  backbone (guided, as sampled) on the states of the samples in a non-tie pair;
+- ddpo, flow_grpo: per trained step, a policy forward + backward on the minibatch's states (and a
+  reference forward when beta > 0, for the KL term).
+Collection (sampling, rewards) is excluded from both. Timings alternate, medians; compare the
+ratios only (this machine is noisy). Target (issue #14): <= 1.10.
+
+    .venv/bin/python bench/step_overhead.py                       # every method on the shapes models
+    .venv/bin/python bench/step_overhead.py --methods d3po ddpo --repeats 9
+    .venv/bin/python bench/step_overhead.py --device cuda --sd stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --sd3 stabilityai/stable-diffusion-3.5-medium --reward-path openai/clip-vit-large-patch14
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from genalign.core.experiment import BackboneConfig, RewardConfig, SampleConfig
+from genalign.pipelines import load_backbone
+from genalign.rewards import load_reward
+
+PROMPTS = [f"{n} {c} {s}" for n in ("a", "two") for c in ("red", "blue", "green", "yellow")
+           for s in ("circle", "square", "triangle")]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], None], params: list[torch.nn.Parameter], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    for p in params:
+        p.grad = None
+    return elapsed
+
+
+def _passes(backbone: Any, x: torch.Tensor, t: torch.Tensor, cond: Any, guidance: float, reference: bool) -> None:
+    """The floor's unit: (reference forward,) policy forward + backward of the backbone."""
+    if reference:
+        with torch.no_grad(), backbone.reference():
+            backbone.predict(x, t, cond, guidance)
+    with backbone.training():
+        backbone.predict(x, t, cond, guidance).float().square().mean().backward()
+
+
+def _dpo(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, Any, Callable[[], None]]:
+    from genalign.finetuners.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig, concat_conditioning
+
+    method = DiffusionDPO(DiffusionDPOConfig(beta=2500, pairs_from="policy", samples_per_prompt=2), backbone, reward,
+                          SampleConfig(num_steps=args.num_steps, guidance_scale=2.0))
+    with torch.no_grad():
+        batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
+    pairs, schedule = batch["pairs"], backbone.schedule
+    noise = torch.cat([batch["noise"], batch["noise"]])
+    t = torch.cat([batch["timesteps"], batch["timesteps"]])
+    x_t = schedule.add_noise(torch.cat([pairs.x0_w, pairs.x0_l]), noise, t)
+    cond = concat_conditioning(pairs.cond)
+    return method, batch, lambda: _passes(backbone, x_t, t, cond, 1.0, reference=True)
+
+
+def _d3po(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, Any, Callable[[], None]]:
+    from genalign.finetuners.d3po import D3PO, D3POConfig
+
+    experiment = SimpleNamespace(method=D3POConfig(samples_per_prompt=2, timestep_fraction=0.5), method_name="d3po",
+                                 sample=SampleConfig(num_steps=args.num_steps, guidance_scale=2.0, eta=1.0))
+    method = D3PO.build(experiment, backbone, reward)
+    with torch.no_grad():
+        batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
+    trajectory = batch["trajectory"]
+    rows = torch.unique(torch.cat([batch["a"], batch["b"]]))
+    cond = trajectory.cond.select(rows)
+
+    def floor() -> None:
+        for step in batch["steps"].tolist():
+            x, t = trajectory.latents[step][rows], trajectory.timesteps[step]
+            _passes(backbone, x, t, cond, trajectory.guidance_scale, reference=True)
+
+    return method, batch, floor
+
+
+def _policy_gradient(cls: Any, config: Any, backbone: Any, reward: Any, args: argparse.Namespace,
+                     eta: float) -> tuple[Any, Any, Callable[[], None]]:
+    experiment = SimpleNamespace(method=config, sample=SampleConfig(num_steps=args.num_steps, guidance_scale=2.0,
+                                                                    eta=eta))
+    method = cls.build(experiment, backbone, reward)
+    with torch.no_grad():
+        batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
+    trajectory = method._minibatch_trajectory(batch["rows"])
+
+    def floor() -> None:
+        for step in batch["steps"]:
+            x, t = trajectory.latents[step], trajectory.timesteps[step]
+            _passes(backbone, x, t, trajectory.cond, trajectory.guidance_scale, reference=config.beta > 0)
+
+    return method, batch, floor
+
+
+def _ddpo(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, Any, Callable[[], None]]:
+    from genalign.finetuners.ddpo import DDPO, DDPOConfig
+
+    config = DDPOConfig(samples_per_prompt=2, minibatches=1, inner_epochs=1, min_count=2, timestep_fraction=0.5)
+    return _policy_gradient(DDPO, config, backbone, reward, args, eta=1.0)
+
+
+def _flow_grpo(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, Any, Callable[[], None]]:
+    from genalign.finetuners.flow_grpo import FlowGRPO, FlowGRPOConfig
+
+    config = FlowGRPOConfig(samples_per_prompt=2, minibatches=1, inner_epochs=1, timestep_fraction=0.5)
+    return _policy_gradient(FlowGRPO, config, backbone, reward, args, eta=0.7)
+
+
+METHODS = {"diffusion_dpo": ("sd", _dpo), "d3po": ("sd", _d3po), "ddpo": ("sd", _ddpo),
+           "flow_grpo": ("sd3", _flow_grpo)}
+
+
+def _step(method: Any, batch: Any) -> None:
+    stepwise = getattr(method, "backward_loss", None)
+    if stepwise is not None:
+        stepwise(batch, lambda part: part.backward())
+    else:
+        method.loss(batch)[0].backward()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--sd", default="models/shapes/sd")
+    parser.add_argument("--sd3", default="models/shapes/sd3")
+    parser.add_argument("--reward-path", default="models/shapes/clip")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per micro-batch")
+    parser.add_argument("--num-steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="bench/results/step_overhead.json")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    reward = load_reward(RewardConfig(name="clip", path=args.reward_path), device)
+    results = {}
+    for name in args.methods:
+        family, make = METHODS[name]
+        torch.manual_seed(0)
+        path = args.sd if family == "sd" else args.sd3
+        backbone = load_backbone(BackboneConfig(family=family, path=path, finetune="lora", lora_rank=8, lora_alpha=8),
+                                 device)
+        method, batch, floor = make(backbone, reward, args)
+        params = list(method.named_trainable_parameters().values())
+        train_step = functools.partial(_step, method, batch)
+        _timed(train_step, params, device), _timed(floor, params, device)  # warm-up
+        times = SimpleNamespace(step=[], floor=[])
+        for _ in range(args.repeats):
+            times.step.append(_timed(train_step, params, device))
+            times.floor.append(_timed(floor, params, device))
+        step, base = statistics.median(times.step), statistics.median(times.floor)
+        results[name] = {"backbone": path, "step_seconds": step, "floor_seconds": base, "ratio": step / base}
+        print(f"{name:14s} {path}: step {step * 1e3:8.1f} ms, floor {base * 1e3:8.1f} ms, ratio {step / base:.3f}",
+              flush=True)
+    print("target: ratio <= 1.10")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": args.device, "batch": args.batch, "num_steps": args.num_steps,
+                               "repeats": args.repeats, "methods": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
