@@ -40,6 +40,9 @@ def _trainer(args: argparse.Namespace, reward_fn, prompt_fn, logdir: str):
         per_prompt_stat_tracking_buffer_size=16, per_prompt_stat_tracking_min_count=args.samples_per_prompt,
         save_freq=10**6, logdir=logdir, project_kwargs={"project_dir": logdir},
     )
+    from accelerate import PartialState
+
+    PartialState()  # TRL's pipeline logs through accelerate before its trainer makes the Accelerator
     pipeline = DefaultDDPOStableDiffusionPipeline(args.model, use_lora=True)
     return DDPOTrainer(config, reward_fn, prompt_fn, pipeline)
 

@@ -1,0 +1,201 @@
+"""Peak memory of one training step per method: full fine-tuning, LoRA, and LoRA + gradient
+checkpointing, on an SD1.5-sized UNet with random weights (activations dominate).
+
+The model: SD1.5's UNet config (860M parameters, cross-attention 768) with random weights, a
+one-layer 768-wide text encoder and a two-block VAE (factor 2), so that the UNet is nearly all of
+it. Each (method, setting) runs in a fresh process: build, collect one micro-batch, then measure
+the step (the trainer's loss + backward, gradient clipping and one AdamW step, which allocates
+the optimizer state). Peak: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the resident
+set sampled every 2 ms minus its value before the step (malloc may keep freed memory: each
+setting has its own process). Prints a table of the increments in GiB and writes JSON.
+
+    .venv/bin/python bench/peak_memory.py                          # CPU: 32x32 latents, 2 prompts
+    .venv/bin/python bench/peak_memory.py --device cuda --latent 64 --prompts 4 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+SETTINGS = {"full": ("full", False), "lora": ("lora", False), "lora+gc": ("lora", True)}
+METHODS = ("diffusion_dpo", "d3po", "ddpo")
+PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow star"]
+
+
+def sd15_sized_backbone(args: argparse.Namespace, finetune: str, checkpointing: bool) -> Any:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines.sd import StableDiffusionBackbone
+    from genalign.pipelines.tiny import MAX_TOKENS, _sd_scheduler, _vae, build_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer()
+    with torch.device(args.device):  # random initialisation where the model will run (fast on a GPU)
+        unet = UNet2DConditionModel(sample_size=args.latent, cross_attention_dim=768)  # SD1.5's config otherwise
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=256,
+                                        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=MAX_TOKENS,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    pipe = StableDiffusionPipeline(vae=_vae(sample_size=2 * args.latent), text_encoder=text, tokenizer=tokenizer,
+                                   unet=unet, scheduler=_sd_scheduler("epsilon", False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.to(dtype=getattr(torch, args.dtype))
+    config = BackboneConfig(family="sd", path="", finetune=finetune, lora_rank=8, lora_alpha=8, dtype=args.dtype,
+                            gradient_checkpointing=checkpointing, attention=args.attention)
+    return StableDiffusionBackbone(pipe, config, args.device)
+
+
+class _Brightness:
+    differentiable = False
+
+    def __call__(self, images: torch.Tensor, prompts: Any, metadata: Any = None) -> tuple[torch.Tensor, dict]:
+        scores = images.float().mean(dim=(1, 2, 3))
+        return scores, {}
+
+
+def build_method(name: str, backbone: Any, args: argparse.Namespace) -> Any:
+    from genalign.core.experiment import SampleConfig
+
+    sample = SampleConfig(num_steps=args.num_steps, guidance_scale=2.0, eta=1.0)
+    if name == "diffusion_dpo":
+        from genalign.finetuners.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
+
+        return DiffusionDPO(DiffusionDPOConfig(pairs_from="policy", samples_per_prompt=2), backbone, _Brightness(),
+                            sample)
+    if name == "d3po":
+        from genalign.finetuners.d3po import D3PO, D3POConfig
+
+        experiment = SimpleNamespace(method=D3POConfig(samples_per_prompt=2, timestep_fraction=1.0),
+                                     method_name="d3po", sample=sample)
+        return D3PO.build(experiment, backbone, _Brightness())
+    from genalign.finetuners.ddpo import DDPO, DDPOConfig
+
+    experiment = SimpleNamespace(method=DDPOConfig(samples_per_prompt=2, minibatches=1, min_count=2), sample=sample)
+    return DDPO.build(experiment, backbone, _Brightness())
+
+
+class PeakResident:
+    """The resident set's peak above its starting value, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self.process, self.interval = psutil.Process(), interval
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakResident:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def increment(self) -> int:
+        return self.peak - self.start
+
+
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    finetune, checkpointing = SETTINGS[args.setting]
+    backbone = sd15_sized_backbone(args, finetune, checkpointing)
+    method = build_method(args.method, backbone, args)
+    params = list(method.named_trainable_parameters().values())
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    with torch.no_grad():
+        batch = method.collect(PROMPTS[: args.prompts], torch.Generator().manual_seed(0))
+    cuda = args.device.startswith("cuda")
+
+    def step() -> None:
+        with torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.dtype),
+                            enabled=args.dtype != "float32"):
+            stepwise = getattr(method, "backward_loss", None)
+            if stepwise is not None:
+                stepwise(batch, lambda part: part.backward())
+            else:
+                method.loss(batch)[0].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        increment = torch.cuda.max_memory_allocated() - before
+    else:
+        with PeakResident() as peak:
+            step()
+        increment = peak.increment
+    return {"peak_increment_gib": increment / 2**30, "seconds": time.perf_counter() - start,
+            "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--latent", type=int, default=32, help="latent side (images are twice as wide)")
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--num-steps", type=int, default=2, help="sampling steps of the collected rollouts")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="xformers: CUDA only")
+    parser.add_argument("--out", default="bench/results/peak_memory.json")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # the child process: one measurement, JSON on the last line
+        args.method, args.setting = args.one
+        print(json.dumps(measure(args)))
+        return
+    results: dict[str, dict[str, Any]] = {}
+    common = ["--latent", str(args.latent), "--prompts", str(args.prompts), "--num-steps", str(args.num_steps),
+              "--dtype", args.dtype, "--device", args.device, "--attention", args.attention]
+    for method in args.methods:
+        results[method] = {}
+        for setting in args.settings:
+            run = subprocess.run([sys.executable, __file__, "--one", method, setting, *common], capture_output=True,
+                                 text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"{method} / {setting} failed:\n{run.stderr[-3000:]}")
+            results[method][setting] = json.loads(run.stdout.strip().splitlines()[-1])
+            print(f"{method:14s} {setting:8s} peak +{results[method][setting]['peak_increment_gib']:.2f} GiB "
+                  f"({results[method][setting]['seconds']:.0f} s)", flush=True)
+    print(f"\nSD1.5-sized UNet, {args.latent}x{args.latent} latents, {args.prompts} prompts, {args.dtype}, "
+          f"{args.attention}, {args.device}: step peak above the loaded model, GiB (step seconds)")
+    print("| method | " + " | ".join(args.settings) + " |")
+    print("|---" * (len(args.settings) + 1) + "|")
+    for method, row in results.items():
+        print(f"| {method} | " + " | ".join(f"{row[s]['peak_increment_gib']:.2f} ({row[s]['seconds']:.1f} s)"
+                                           for s in args.settings) + " |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"latent": args.latent, "prompts": args.prompts, "dtype": args.dtype,
+                               "attention": args.attention, "device": args.device, "results": results},
+                              indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

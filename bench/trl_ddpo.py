@@ -1,0 +1,151 @@
+"""genalign's DDPO side by side with TRL's last DDPO (trl 0.23.1 ``DDPOTrainer``) on the same model.
+
+Makes TRL's own virtual environment on first use (``--venv``, default ``bench/.venv-trl``: trl
+0.23.1, diffusers < 0.36, transformers 4.57, the torch of this machine) and runs TRL there through
+``bench/trl_ddpo_driver.py``. The shapes SD folder is shared, with its tokenizer also written in the
+slow format (vocab.json + merges.txt) that transformers 4.57's CLIPTokenizer needs.
+
+    .venv/bin/python bench/trl_ddpo.py throughput          # rollouts with per-step log-probs, alternating
+    .venv/bin/python bench/trl_ddpo.py train --epochs 50   # TRL DDPO on the shapes world's exact reward
+
+throughput: seconds per rollout of ``--batch`` images (prompt encoding, sampling with per-step
+log-probs, VAE decode), genalign's sampler in this process and TRL's ``_generate_samples`` in its
+environment, alternating ``--rounds`` times, medians; prints genalign's speed over TRL's.
+train: TRL's DDPOTrainer with the settings of configs/shapes/ddpo.yaml (16 images per rollout, 4
+per prompt, 2 minibatches, 10 DDIM eta-1 steps, guidance 2, lr 1e-3, clip 1e-4, per-prompt
+stat tracking); its LoRA (TRL's fixed rank 4) lands in OUT/final for ``genalign eval shapes --lora``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = ROOT / "bench" / "trl_ddpo_driver.py"
+TRL_REQUIREMENTS = ["trl==0.23.1", "diffusers>=0.35,<0.36", "transformers>=4.57,<4.58", "peft>=0.17,<0.18",
+                    "accelerate>=1.10,<2", "torch==2.14.1", "torchvision==0.29.1", "scipy"]  # scipy: the shapes evaluator
+
+
+def ensure_venv(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import trl, diffusers; assert trl.__version__ == '0.23.1'"]
+    if python.is_file() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"making TRL's environment in {venv} (a few minutes)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_REQUIREMENTS], check=True)
+    subprocess.run(probe, check=True)
+    return python
+
+
+def trl_model_folder(source: Path, target: Path) -> Path:
+    """``source`` (a diffusers SD folder) as links, with the tokenizer's BPE also written as
+    vocab.json + merges.txt (transformers 4.57's slow CLIPTokenizer reads only those)."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "tokenizer":
+            (target / item.name).symlink_to(item.resolve())
+    tokenizer = target / "tokenizer"
+    shutil.copytree(source / "tokenizer", tokenizer)
+    model = json.loads((tokenizer / "tokenizer.json").read_text())["model"]
+    if model["type"] != "BPE":
+        raise ValueError(f"{source}: expected a BPE tokenizer, found {model['type']}")
+    (tokenizer / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (tokenizer / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return target
+
+
+def _driver(python: Path, *args: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([str(python), str(DRIVER), *args], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"TRL driver failed:\n{result.stderr[-3000:]}")
+
+
+def throughput(args: argparse.Namespace, python: Path, model: Path) -> None:
+    import torch
+
+    from genalign.core.experiment import BackboneConfig
+    from genalign.core.sampler import initial_noise, sample
+    from genalign.pipelines import load_backbone
+
+    backbone = load_backbone(BackboneConfig(family="sd", path=args.model, finetune="lora", lora_rank=4,
+                                            lora_alpha=4), "cpu")
+    prompts = [line.strip() for line in (ROOT / "configs/shapes/prompts_train.txt").read_text().splitlines()]
+    prompts = prompts[: args.batch]
+
+    @torch.no_grad()
+    def ours() -> float:
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(0)
+        cond = backbone.encode_prompts(prompts, guidance=True)
+        noise = initial_noise(backbone, len(prompts), generator)
+        trajectory = sample(backbone, cond, args.steps, args.guidance, eta=args.eta, generator=generator,
+                            latents=noise)
+        backbone.decode(trajectory.final)
+        return time.perf_counter() - start
+
+    ours()  # warm-up
+    times: dict[str, list[float]] = {"genalign": [], "trl": []}
+    out = Path(args.out).with_suffix(".trl-rollout.json")
+    for _ in range(args.rounds):
+        times["genalign"].extend(ours() for _ in range(args.repeats))
+        _driver(python, "rollout", str(model), str(out), "--batch", str(args.batch), "--steps", str(args.steps),
+                "--guidance", str(args.guidance), "--eta", str(args.eta), "--repeats", str(args.repeats))
+        times["trl"].extend(json.loads(out.read_text())["seconds"])
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    ratio = medians["trl"] / medians["genalign"]
+    print(f"rollouts of {args.batch} images, {args.steps} steps, guidance {args.guidance}, eta {args.eta}: "
+          f"genalign {medians['genalign']:.3f} s, TRL 0.23.1 {medians['trl']:.3f} s; genalign's speed / TRL's: "
+          f"{ratio:.2f}")
+    Path(args.out).write_text(json.dumps({"batch": args.batch, "steps": args.steps, "seconds": times,
+                                          "median_seconds": medians, "speed_ratio": ratio}, indent=1) + "\n")
+
+
+def train(args: argparse.Namespace, python: Path, model: Path) -> None:
+    out = Path(args.train_out)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [str(python), str(DRIVER), "train", str(model), str(out), "--epochs", str(args.epochs),
+               "--batch", "16", "--train-batch", "8", "--steps", "10", "--guidance", "2", "--eta", "1",
+               "--lr", "1e-3", "--samples-per-prompt", "4", "--seed", str(args.seed)]
+    subprocess.run(command, env=env, check=True)  # prints one JSON line per epoch
+    print(f"TRL's LoRA: {out / 'final' / 'pytorch_lora_weights.safetensors'}; score it with\n  genalign eval shapes "
+          f"--backbone {args.model} --family sd --clip models/shapes/clip --diversity 4 "
+          f"--lora {out / 'final' / 'pytorch_lora_weights.safetensors'} --out {out / 'eval'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["throughput", "train"])
+    parser.add_argument("--model", default="models/shapes/sd")
+    parser.add_argument("--venv", default=str(ROOT / "bench" / ".venv-trl"))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--eta", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/trl_ddpo_throughput.json")
+    parser.add_argument("--train-out", default="runs/shapes-trl-ddpo")
+    args = parser.parse_args()
+    python = ensure_venv(Path(args.venv))
+    model = trl_model_folder(ROOT / args.model, ROOT / "bench" / "results" / "trl-model")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    (throughput if args.mode == "throughput" else train)(args, python, model)
+
+
+if __name__ == "__main__":
+    main()
