@@ -53,8 +53,18 @@ def trl_model_folder(source: Path, target: Path) -> Path:
         shutil.rmtree(target)
     target.mkdir(parents=True)
     for item in source.iterdir():
-        if item.name != "tokenizer":
+        if item.name not in ("tokenizer", "text_encoder"):
             (target / item.name).symlink_to(item.resolve())
+    # transformers 5 saves CLIPTextModel's weights without the "text_model." prefix that 4.57 expects
+    # (4.57 would silently start from random weights).
+    from safetensors.torch import load_file, save_file
+
+    text = target / "text_encoder"
+    text.mkdir()
+    shutil.copy(source / "text_encoder" / "config.json", text / "config.json")
+    weights = load_file(str(source / "text_encoder" / "model.safetensors"))
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in weights.items()},
+              str(text / "model.safetensors"), metadata={"format": "pt"})
     tokenizer = target / "tokenizer"
     shutil.copytree(source / "tokenizer", tokenizer)
     model = json.loads((tokenizer / "tokenizer.json").read_text())["model"]
@@ -64,6 +74,15 @@ def trl_model_folder(source: Path, target: Path) -> Path:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (tokenizer / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return target
+
+
+def check_model_loads(python: Path, model: Path) -> None:
+    """Every weight of every component loads in TRL's environment (no silent random init)."""
+    probe = ("import sys; from transformers import CLIPTextModel; "
+             "_, info = CLIPTextModel.from_pretrained(sys.argv[1] + '/text_encoder', output_loading_info=True); "
+             "assert not info['missing_keys'] and not info['unexpected_keys'], info")
+    subprocess.run([str(python), "-c", probe, str(model)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                   capture_output=True)
 
 
 def _driver(python: Path, *args: str) -> None:
@@ -143,6 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     python = ensure_venv(Path(args.venv))
     model = trl_model_folder(ROOT / args.model, ROOT / "bench" / "results" / "trl-model")
+    check_model_loads(python, model)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     (throughput if args.mode == "throughput" else train)(args, python, model)
 

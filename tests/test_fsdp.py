@@ -150,3 +150,19 @@ def test_fsdp_full_fine_tuning_shards_the_reference_and_exports_a_loadable_denoi
     start = UNet2DConditionModel.from_pretrained(str(ROOT / "models" / "shapes" / "sd"), subfolder="unet").state_dict()
     assert _max_difference({k: v.float() for k, v in ddp.items()}, {k: v.float() for k, v in start.items()}) > 1e-3
     assert _max_difference(trained, ddp) < 2e-5
+
+
+def test_a_batch_with_nothing_to_train_fails_clearly_under_fsdp_instead_of_skipping_passes():
+    from types import SimpleNamespace
+
+    from genalign.finetuners.common import BackboneMethod
+
+    method = BackboneMethod()
+    method.params = {"w": torch.nn.Parameter(torch.ones(3))}
+    method.backbone = SimpleNamespace(sharded=False)
+    loss = method.zero_loss()
+    loss.backward()
+    assert loss.detach().item() == 0.0 and torch.equal(method.params["w"].grad, torch.zeros(3))
+    method.backbone = SimpleNamespace(sharded=True)
+    with pytest.raises(RuntimeError, match="cannot skip its denoiser passes"):
+        method.zero_loss()

@@ -14,6 +14,15 @@ What the two sharding strategies keep per process (N processes, P parameters):
 - ``reshard_after_forward: false`` (SHARD_GRAD_OP, ZeRO-2): the parameters stay gathered from the
   forward to the backward, the gradients and optimizer state are sharded.
 
+Every process must run the same sequence of denoiser passes in a step (each pass gathers shards
+from all of them). The methods do, except on a micro-batch with nothing to train on (D3PO or
+online Diffusion-DPO pairs that are all ties, DDPO / Flow-GRPO with every advantage dropped by
+``drop_zero_advantage``), where they skip the passes: a process that skips while another does not
+would wait at the other's next gather, so under FSDP such a batch raises a clear error instead
+(``BackboneMethod.zero_loss``; torchrun then stops the other processes). Continuous rewards and
+the default settings make such batches rare; avoid ``min_reward_gap`` and ``drop_zero_advantage``
+under FSDP.
+
 Everything written to disk (checkpoints, exported LoRA / denoiser) is gathered to full tensors
 first (:func:`gather_full`, every process takes part) so that a checkpoint written by N sharded
 processes resumes on any number of processes, sharded or not; :func:`shard_like` puts loaded

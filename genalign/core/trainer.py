@@ -294,6 +294,8 @@ class Trainer:
         """What the main process writes, as full tensors; every process takes part in gathering
         sharded state (FSDP) and only the main one keeps it (None elsewhere)."""
         keep = self.accelerator.is_main_process
+        if not (keep or self.sharded):
+            return None  # nothing to gather, nothing to write
         finetuner_state = getattr(self.finetuner, "state_dict", None)
         state = {
             "weights": weights,

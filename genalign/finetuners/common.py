@@ -49,7 +49,16 @@ class BackboneMethod:
 
     def zero_loss(self) -> Tensor:
         """A loss of 0 attached to the parameters: a well-defined step without gradient (a batch
-        whose pairs were all ties)."""
+        whose pairs were all ties). Under FSDP it is an error: this process would skip the denoiser
+        passes the others run, and their collectives would no longer match (see
+        ``genalign.core.sharding``); failing here names the cause instead of stalling the job."""
+        if getattr(self.backbone, "sharded", False):
+            raise RuntimeError(
+                f"{type(self).__name__}: this process's micro-batch has nothing to train on (all pairs tied or "
+                "every advantage dropped) and under FSDP it cannot skip its denoiser passes. Use a reward with "
+                "fewer ties, a larger run.batch_size, method.min_reward_gap 0 / drop_zero_advantage false, or "
+                "a data-parallel launch config"
+            )
         return sum(local_part(p).sum() for p in self.params.values()) * 0.0
 
     @torch.no_grad()
