@@ -116,6 +116,8 @@ class PeakResident:
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
+    from genalign.core.trainer import loss_and_backward
+
     finetune, checkpointing = SETTINGS[args.setting]
     backbone = sd15_sized_backbone(args, finetune, checkpointing)
     method = build_method(args.method, backbone, args)
@@ -128,11 +130,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     def step() -> None:
         with torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.dtype),
                             enabled=args.dtype != "float32"):
-            stepwise = getattr(method, "backward_loss", None)
-            if stepwise is not None:
-                stepwise(batch, lambda part: part.backward())
-            else:
-                method.loss(batch)[0].backward()
+            loss_and_backward(method, batch, torch.Tensor.backward)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

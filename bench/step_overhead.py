@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from genalign.core.experiment import BackboneConfig, RewardConfig, SampleConfig
+from genalign.core.trainer import loss_and_backward
 from genalign.pipelines import load_backbone
 from genalign.rewards import load_reward
 
@@ -136,11 +137,7 @@ METHODS = {"diffusion_dpo": ("sd", _dpo), "d3po": ("sd", _d3po), "ddpo": ("sd", 
 
 
 def _step(method: Any, batch: Any) -> None:
-    stepwise = getattr(method, "backward_loss", None)
-    if stepwise is not None:
-        stepwise(batch, lambda part: part.backward())
-    else:
-        method.loss(batch)[0].backward()
+    loss_and_backward(method, batch, torch.Tensor.backward)
 
 
 def main() -> None:

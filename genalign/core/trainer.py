@@ -24,7 +24,7 @@ import random
 import shutil
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,19 @@ def _scalar(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().float().mean())
     return float(value)
+
+
+def loss_and_backward(finetuner: FineTuner, batch: Any, backward: Callable[[torch.Tensor], None]
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a collected batch, handed to ``backward``: part by part (each as soon as it is
+    computed) for a method with ``backward_loss``, else whole. Returns the loss (detached when it
+    came in parts) and the metrics."""
+    stepwise = getattr(finetuner, "backward_loss", None)
+    if stepwise is not None:
+        return stepwise(batch, backward)
+    loss, metrics = finetuner.loss(batch)
+    backward(loss)
+    return loss, metrics
 
 
 def make_accelerator(run: RunConfig) -> Any:
@@ -440,21 +453,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _micro_step(self, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
-        """Collect and compute the loss of one micro-batch; the flag says whether the loss was
-        already backwarded (a method with ``backward_loss`` backwards it part by part)."""
+    def _micro_step(self, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Collect one micro-batch, compute its loss and backward it."""
         acc = self.accelerator
         generator = step_generator(self.run.seed, self.step, micro, acc.process_index)
         prompts = self.source.next(self.run.batch_size)
         with torch.no_grad(), acc.autocast():
             batch = self.finetuner.collect(prompts, generator)
-        stepwise = getattr(self.finetuner, "backward_loss", None)
         with acc.autocast():
-            if stepwise is None:
-                loss, metrics = self.finetuner.loss(batch)
-                return loss, metrics, False
-            loss, metrics = stepwise(batch, self._backward)
-        return loss, metrics, True
+            return loss_and_backward(self.finetuner, batch, self._backward)
 
     def _backward(self, loss: torch.Tensor) -> None:
         with torch.autocast(self.accelerator.device.type, enabled=False):  # backward outside autocast
@@ -486,14 +493,12 @@ class Trainer:
         acc = self.accelerator
         totals: dict[str, float] = {}
         for micro in range(self.run.grad_accum):
-            loss, metrics, backwarded = self._micro_step(micro)
+            loss, metrics = self._micro_step(micro)
             values = {"loss": loss, **metrics}
             bad = [k for k, v in values.items() if not torch.isfinite(torch.as_tensor(v)).all()]
-            if self._any_process(bool(bad)):  # drops any gradient already accumulated this step
+            if self._any_process(bool(bad)):  # drops the step's gradients, non-finite ones included
                 self._nonfinite(" and ".join(bad) or "a value on another process")
                 return None
-            if not backwarded:
-                self._backward(loss)
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + _scalar(v) / self.run.grad_accum
         self._average_gradients_across_processes()
