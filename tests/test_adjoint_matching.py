@@ -24,6 +24,7 @@ from genalign.finetuners.adjoint_matching import (
     timestep_subset,
 )
 from genalign.pipelines import load_backbone
+from tests.loss_parts import assert_backward_loss_matches_loss
 
 # ------------------------------------------------------------------ pure functions
 
@@ -297,3 +298,19 @@ def test_the_clean_estimate_terminal_is_the_one_step_prediction(tiny_models):
     terminal, _ = am.terminal_adjoint(estimate, ["a red circle"])
     assert batch.steps[-1] == 3
     torch.testing.assert_close(batch.adjoints[-1], terminal)
+
+
+def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models):
+    """The trainer's path, one backward per trained step (memory of one step), equals
+    loss().backward() of the sum, the clipped fraction included."""
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="lora",
+                                            lora_rank=4), "cpu")
+    am = AdjointMatching(AdjointMatchingConfig(reward_multiplier=2000.0, num_early_steps=3, loss_clip=1e-3),
+                         backbone, _MeanReward(), SampleConfig(num_steps=4, guidance_scale=1.0))
+    batch = am.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in am.named_trainable_parameters().values():  # a non-zero control: every term has a gradient
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    metrics = assert_backward_loss_matches_loss(am, batch, expected_parts=len(batch.steps))
+    assert "clipped_fraction" in metrics

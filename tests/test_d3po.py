@@ -15,6 +15,7 @@ from genalign.core.config import ConfigError
 from genalign.core.experiment import BackboneConfig, SampleConfig
 from genalign.finetuners.d3po import D3PO, D3POConfig, all_pairs, d3po_loss, preferences_from_scores, read_labels
 from genalign.pipelines import load_backbone
+from tests.loss_parts import assert_backward_loss_matches_loss
 
 T = torch.tensor
 
@@ -146,24 +147,11 @@ def test_labelling_loop_through_the_cli(tiny_models, tmp_path):
 
 
 def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models):
-    """The trainer's path, one backward per trained step, equals loss().backward() of the sum, with
-    a KL-free and a clipped step alike; each part reaches ``backward`` separately."""
+    """The trainer's path, one backward per trained step, equals loss().backward() of the sum."""
     d3po = _d3po(tiny_models, "sd", "epsilon", 1.0, beta=1.0, clip_range=0.5)
-    params = list(d3po.named_trainable_parameters().values())
     with torch.no_grad():
         batch = d3po.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
-        for p in params:  # away from the reference, so that the loss and its gradient are not trivial
+        for p in d3po.named_trainable_parameters().values():  # away from the reference: a non-trivial loss
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    whole, metrics = d3po.loss(batch)
-    whole.backward()
-    expected = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    parts = []
-    total, stepwise_metrics = d3po.backward_loss(batch, lambda part: (parts.append(part.detach()), part.backward()))
-    assert len(parts) == len(batch["steps"]) > 1
-    assert total.item() == pytest.approx(whole.item(), rel=1e-6) and total.item() != pytest.approx(math.log(2))
-    assert stepwise_metrics.keys() == metrics.keys()
-    assert float(stepwise_metrics["log_ratio_preferred"]) == pytest.approx(float(metrics["log_ratio_preferred"]))
-    for got, want in zip((p.grad for p in params), expected):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    metrics = assert_backward_loss_matches_loss(d3po, batch, expected_parts=len(batch["steps"]))
+    assert float(metrics["log_ratio_preferred"]) != 0.0

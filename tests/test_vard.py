@@ -9,6 +9,7 @@ import torch
 from genalign.core.experiment import BackboneConfig, SampleConfig
 from genalign.finetuners.vard import VARD, VARDConfig, value_regression_loss, vard_policy_loss
 from genalign.pipelines import load_backbone
+from tests.loss_parts import assert_backward_loss_matches_loss
 
 
 def test_policy_loss_by_hand():
@@ -184,3 +185,20 @@ def test_normalized_value_surrogate_by_hand():
     surrogate.sum().backward()
     torch.testing.assert_close(x.grad, a / rms / 2)
     assert float(x.grad[1].norm()) == pytest.approx(float(x.grad[0].norm()))
+
+
+def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models, tiny_clip):
+    """The trainer's path, one backward per trained step (each holding a decode and a CLIP pass
+    with encoder value inputs), equals loss().backward() of the sum; the value model stays out."""
+    vard = _vard(tiny_models, "sd", "epsilon", encoder=tiny_clip, kl_weight=0.01)
+    vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))  # warm-up: value only
+    vard.after_optimizer_step()
+    batch = vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in vard.params.values():  # away from the reference: the KL term has a gradient too
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    for p in vard.learner.model.parameters():  # left by the value model's own training
+        p.grad = None
+    metrics = assert_backward_loss_matches_loss(vard, batch, expected_parts=len(batch["policy"][1]))
+    assert float(metrics["kl"]) > 0
+    assert all(p.grad is None and p.requires_grad for p in vard.learner.model.parameters())

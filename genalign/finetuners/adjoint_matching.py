@@ -48,7 +48,7 @@ of 1.5). The sampler's ``eta`` is not used: the SDE is the method's (``noise_sch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,7 +59,7 @@ from genalign.core.config import ConfigError, check, field
 from genalign.core.sampler import initial_noise
 from genalign.core.types import Backbone, Conditioning, Reward
 from genalign.finetuners import register
-from genalign.finetuners.common import BackboneMethod
+from genalign.finetuners.common import BackboneMethod, LossInParts
 
 # ------------------------------------------------------------------ the math (pure functions)
 
@@ -231,7 +231,7 @@ class AdjointBatch:
 
 
 @register("adjoint_matching")
-class AdjointMatching(BackboneMethod):
+class AdjointMatching(LossInParts, BackboneMethod):
     summary = "Adjoint Matching (Domingo-Enrich et al. 2024): reward fine-tuning by regressing the lean adjoint"
     Config = AdjointMatchingConfig
 
@@ -339,19 +339,18 @@ class AdjointMatching(BackboneMethod):
         return AdjointBatch(states[steps], steps, torch.stack([adjoints[k + 1] for k in steps]),
                             torch.stack([base_drifts[k] for k in steps]), cond.detach(), metrics)
 
-    def loss(self, batch: AdjointBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss_parts(self, batch: AdjointBatch, metrics: dict[str, Tensor]) -> Iterator[Tensor]:
+        """The adjoint-matching loss of each trained step (their sum is the loss; LossInParts)."""
         clip = self.config.loss_clip * self.config.reward_multiplier**2 or None
-        total: Tensor | float = 0.0
-        clipped = 0.0
-        with self.backbone.training():
-            for i, k in enumerate(batch.steps):
-                drift = self._drift(batch.states[i], k, batch.cond)
-                per_sample = adjoint_matching_loss(drift, batch.drift_base[i], batch.adjoints[i], self.sde.sigma[k], clip)
-                total = total + per_sample.mean()
-                if clip is not None:
-                    clipped += float((per_sample >= clip).float().mean()) / len(batch.steps)
-        metrics = dict(batch.metrics)
+        metrics.update(batch.metrics)
         metrics["steps_trained"] = torch.tensor(float(len(batch.steps)))
+        clipped: Tensor | float = 0.0
+        for i, k in enumerate(batch.steps):
+            with self.backbone.training():
+                drift = self._drift(batch.states[i], k, batch.cond)
+            per_sample = adjoint_matching_loss(drift, batch.drift_base[i], batch.adjoints[i], self.sde.sigma[k], clip)
+            if clip is not None:  # a tensor: no host sync per step
+                clipped = clipped + (per_sample >= clip).float().mean().detach() / len(batch.steps)
+            yield per_sample.mean()
         if clip is not None:
-            metrics["clipped_fraction"] = torch.tensor(clipped)
-        return total, metrics  # type: ignore[return-value]
+            metrics["clipped_fraction"] = torch.as_tensor(clipped)

@@ -39,6 +39,7 @@ stochastic (``sample.eta > 0``: DDIM eta for SD, the SDE noise level for flow mo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,6 +50,7 @@ from genalign.core import sampling
 from genalign.core.config import ConfigError, check, field
 from genalign.core.types import Backbone, Conditioning, Reward, Trajectory
 from genalign.finetuners import register
+from genalign.finetuners.common import LossInParts
 from genalign.finetuners.value import ValueMethod, check_value_settings, value_loss
 
 # ------------------------------------------------------------------ the objectives (pure functions)
@@ -118,7 +120,7 @@ class VARDConfig:
 
 
 @register("vard")
-class VARD(ValueMethod):
+class VARD(LossInParts, ValueMethod):
     summary = "VARD (Dai et al. 2025): a value model of intermediate states gives dense reward gradients"
     Config = VARDConfig
     name = "vard"
@@ -176,12 +178,14 @@ class VARD(ValueMethod):
                                            prev_sample=trajectory.latents[k + 1])
         return step.mean.float()
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        metrics = dict(batch["metrics"])
+    def _loss_parts(self, batch: dict[str, Any], metrics: dict[str, Tensor]) -> Iterator[Tensor]:
+        """The per-step policy losses, each divided by the number of trained steps (LossInParts):
+        with encoder value inputs each step's graph holds a VAE decode and a CLIP pass."""
+        metrics.update(batch["metrics"])
         if batch["policy"] is None:
-            return self.zero_loss(), metrics
+            yield self.zero_loss()
+            return
         trajectory, steps = batch["policy"]
-        total: Tensor | float = 0.0
         kls, values = [], []
         self.learner.model.requires_grad_(False)
         try:
@@ -199,11 +203,10 @@ class VARD(ValueMethod):
                 if self.config.value_gradient == "normalized":
                     objective = normalized_value_surrogate(value, next_state)
                 loss_k, kl = vard_policy_loss(objective, mean_policy, mean_reference, std, self.config.kl_weight)
-                total = total + loss_k / len(steps)
                 kls.append(kl.detach().mean())
                 values.append(value.detach().mean())
+                yield loss_k / len(steps)
         finally:
             self.learner.model.requires_grad_(True)
         metrics.update({"kl": torch.stack(kls).mean(), "value_policy": torch.stack(values).mean(),
                         "steps_trained": torch.tensor(float(len(steps)))})
-        return total, metrics  # type: ignore[return-value]
