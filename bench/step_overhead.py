@@ -8,7 +8,10 @@ the step can avoid, with a plain squared-output loss in place of the objective:
 - d3po: per trained denoising step, a reference forward and a policy forward + backward of the
   backbone (guided, as sampled) on the states of the samples in a non-tie pair;
 - ddpo, flow_grpo: per trained step, a policy forward + backward on the minibatch's states (and a
-  reference forward when beta > 0, for the KL term).
+  reference forward when beta > 0, for the KL term);
+- inversion_dpo: the policy forward on the winners' and losers' inversion states at the trained
+  steps, and one backward (the reference's predictions come from the inversion, in collection);
+- adjoint_matching: per trained step, the policy's forward + backward on the stored SDE states.
 Collection (sampling, rewards) is excluded from both. Timings alternate, medians; compare the
 ratios only (this machine is noisy). Target (issue #14): <= 1.10.
 
@@ -132,8 +135,46 @@ def _flow_grpo(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[An
     return _policy_gradient(FlowGRPO, config, backbone, reward, args, eta=0.7)
 
 
-METHODS = {"diffusion_dpo": ("sd", _dpo), "d3po": ("sd", _d3po), "ddpo": ("sd", _ddpo),
-           "flow_grpo": ("sd3", _flow_grpo)}
+def _inversion_dpo(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, Any, Callable[[], None]]:
+    from genalign.finetuners.diffusion_dpo import concat_conditioning
+    from genalign.finetuners.inversion_dpo import InversionDPO, InversionDPOConfig
+
+    method = InversionDPO(InversionDPOConfig(beta=500, inversion_steps=args.num_steps, samples_per_prompt=2,
+                                             steps_per_update=args.num_steps // 2, pairs_from="policy"),
+                          backbone, reward, SampleConfig(num_steps=args.num_steps, guidance_scale=2.0))
+    with torch.no_grad():
+        batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
+    inversion_w, inversion_l = batch["inversion_w"], batch["inversion_l"]
+    cond = concat_conditioning(batch["pairs"].cond)
+
+    def floor() -> None:  # the policy on both inversions' states at the trained steps, one backward
+        with backbone.training():
+            outputs = [backbone.predict(torch.cat([inversion_w.inputs[i], inversion_l.inputs[i]]),
+                                        inversion_w.timesteps[i], cond, 1.0) for i in batch["steps"].tolist()]
+            torch.stack(outputs).float().square().mean().backward()
+
+    return method, batch, floor
+
+
+def _adjoint_matching(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, Any, Callable[[], None]]:
+    from genalign.finetuners.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+
+    method = AdjointMatching(AdjointMatchingConfig(reward_multiplier=100.0), backbone, reward,
+                             SampleConfig(num_steps=args.num_steps, guidance_scale=2.0))
+    with torch.no_grad():
+        batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
+
+    def floor() -> None:  # per trained step: the policy's drift forward and backward
+        for i, k in enumerate(batch.steps):
+            with backbone.training():
+                backbone.predict(batch.states[i], method.sde.timesteps[k], batch.cond, 2.0).float().square().mean(
+                ).backward()
+
+    return method, batch, floor
+
+
+METHODS = {"diffusion_dpo": ("sd", _dpo), "inversion_dpo": ("sd", _inversion_dpo), "d3po": ("sd", _d3po),
+           "ddpo": ("sd", _ddpo), "flow_grpo": ("sd3", _flow_grpo), "adjoint_matching": ("sd3", _adjoint_matching)}
 
 
 def _step(method: Any, batch: Any) -> None:
