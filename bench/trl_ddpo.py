@@ -137,7 +137,8 @@ def train(args: argparse.Namespace, python: Path, model: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [str(python), str(DRIVER), "train", str(model), str(out), "--epochs", str(args.epochs),
                "--batch", "16", "--train-batch", "8", "--steps", "10", "--guidance", "2", "--eta", "1",
-               "--lr", "1e-3", "--samples-per-prompt", "4", "--seed", str(args.seed)]
+               "--lr", "1e-3", "--samples-per-prompt", "4", "--seed", str(args.seed),
+               "--max-minutes", str(args.max_minutes)]
     subprocess.run(command, env=env, check=True)  # prints one JSON line per epoch
     print(f"TRL's LoRA: {out / 'final' / 'pytorch_lora_weights.safetensors'}; score it with\n  genalign eval shapes "
           f"--backbone {args.model} --family sd --clip models/shapes/clip --diversity 4 "
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=0.0, help="train: stop after this long (0: no limit)")
     parser.add_argument("--out", default="bench/results/trl_ddpo_throughput.json")
     parser.add_argument("--train-out", default="runs/shapes-trl-ddpo")
     args = parser.parse_args()

@@ -98,6 +98,8 @@ def train(args: argparse.Namespace) -> None:
     epochs, step = [], 0
     start = time.perf_counter()
     for epoch in range(args.epochs):
+        if args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
+            break
         seen = len(log)
         step = trainer.step(epoch, step)
         rewards = log[seen:]
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--prompt-file", default=str(ROOT / "configs" / "shapes" / "prompts_train.txt"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=0.0, help="train: stop after this long (0: no limit)")
     args = parser.parse_args()
     (rollout if args.mode == "rollout" else train)(args)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from genalign.core.config import ConfigError
 from genalign.core.experiment import BackboneConfig, RunConfig, SampleConfig
 from genalign.core.trainer import NonFiniteError, PromptSource, Trainer, make_accelerator
 from tests.toy import ToyDenoising, ToyRegression
@@ -211,3 +213,20 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_s
     monkeypatch.setattr(trainer_module, "save_file", real_save)
     resumed = Trainer(_toy(), _run(tmp_path, steps=8, checkpoint_every=3))
     assert resumed.train(resume="latest").steps_done == 8
+
+
+def test_max_minutes_stops_the_run_early_with_its_final_checkpoint(tmp_path, monkeypatch):
+    toy = _toy()
+    loss_of = toy.loss
+
+    def slow_loss(batch):
+        time.sleep(0.05)
+        return loss_of(batch)
+
+    monkeypatch.setattr(toy, "loss", slow_loss)
+    result = Trainer(toy, _run(tmp_path, steps=1000, checkpoint_every=0, max_minutes=0.01)).train()  # 0.6 s
+    assert 1 <= result.steps_done < 100
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"step-{result.steps_done:06d}"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == result.steps_done
+    with pytest.raises(ConfigError, match="max_minutes must be >= 0"):
+        _run(tmp_path, max_minutes=-1.0)

@@ -24,6 +24,7 @@ import random
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -619,8 +620,12 @@ class Trainer:
         history: list[dict[str, float]] = []
         bar = tqdm(total=run.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
         previous_handlers = self._catch_stop_signals()
+        deadline = time.monotonic() + 60 * run.max_minutes if run.max_minutes else None
         try:
             while self.step < run.steps:
+                if deadline is not None and self._any_process(time.monotonic() > deadline):
+                    acc.print(f"run.max_minutes={run.max_minutes} reached at step {self.step}; saving and exporting")
+                    break
                 metrics = self.train_step()
                 self.step += 1
                 bar.update(1)
