@@ -116,7 +116,7 @@ class RunConfig:
     nan_tolerance: int = field(0, help="non-finite steps in a row that are skipped before the run stops")
     max_minutes: float = field(
         0.0, help="stop after this many minutes of training in this launch, saving and exporting as at the end "
-                  "(0: no limit; the learning-rate schedule still spans run.steps)")
+                  "(0: no limit; the learning-rate schedule still spans all the configured steps)")
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
