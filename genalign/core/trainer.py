@@ -37,7 +37,14 @@ from safetensors.torch import load_file, save_file
 
 from genalign.core.experiment import RunConfig, SampleConfig
 from genalign.core.loading import load_torch_file
-from genalign.core.sharding import any_sharded, gather_full, is_sharded, shard_like, shard_optimizer_state
+from genalign.core.sharding import (
+    any_sharded,
+    gather_full,
+    is_sharded,
+    local_part,
+    shard_like,
+    shard_optimizer_state,
+)
 from genalign.core.types import FineTuner
 
 CHECKPOINT_PREFIX = "step-"
@@ -279,12 +286,13 @@ class Trainer:
         acc = self.accelerator
         final = self.checkpoint_root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         tmp = self.checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}"
-        weights = gather_full(self.named_params)  # full tensors on every process (FSDP: gathered from shards)
-        # Every process checks (the parameters are equal on all of them), so all raise together.
-        for name, param in weights.items():
-            if not torch.isfinite(param).all():
-                raise NonFiniteError(f"step {self.step}: parameter {name} is not finite; refusing to checkpoint")
-        shared = self._shared_state(weights)
+        # Every process checks its part (FSDP: its shards), so that all raise together.
+        bad = [name for name, param in self.named_params.items() if not torch.isfinite(local_part(param)).all()]
+        if self._any_process(bool(bad)):
+            where = f"parameter {bad[0]}" if bad else "a parameter on another process"
+            raise NonFiniteError(f"step {self.step}: {where} is not finite; refusing to checkpoint")
+        # Full tensors, kept by the writing process only (FSDP: gathered from the shards).
+        shared = self._shared_state(gather_full(self.named_params, keep=acc.is_main_process))
         acc.wait_for_everyone()
         try:
             self._write_checkpoint(tmp, shared)
