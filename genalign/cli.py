@@ -179,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _shard_if_asked(backbone: Any, accelerator: Any) -> None:
     """FSDP (an accelerate launch config with ``distributed_type: FSDP``): shard the denoiser."""
-    from genalign.core.sharding import plan_from_environment
+    from genalign.core.sharding import local_part, plan_from_environment
 
     plan = plan_from_environment()
     if plan is None:
@@ -189,8 +189,6 @@ def _shard_if_asked(backbone: Any, accelerator: Any) -> None:
         return
     units = backbone.shard(plan)
     strategy = "FULL_SHARD" if plan.reshard_after_forward else "SHARD_GRAD_OP"
-    from genalign.core.sharding import local_part
-
     params = list(backbone.unwrapped_denoiser.parameters())
     held, total = sum(local_part(p).numel() for p in params), sum(p.numel() for p in params)
     accelerator.print(f"FSDP ({strategy}): denoiser sharded over {accelerator.num_processes} processes in {units} "
