@@ -25,8 +25,8 @@ under FSDP.
 
 Everything written to disk (checkpoints, exported LoRA / denoiser) is gathered to full tensors
 first (:func:`gather_full`, every process takes part) so that a checkpoint written by N sharded
-processes resumes on any number of processes, sharded or not; :func:`shard_like` puts loaded
-full tensors back into the shards of the parameters they belong to.
+processes resumes on N processes sharded or not (the data positions and RNGs are per process);
+:func:`shard_like` puts loaded full tensors back into the shards of the parameters they belong to.
 """
 
 from __future__ import annotations

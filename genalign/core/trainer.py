@@ -11,7 +11,7 @@ trainable parameters are averaged across processes before clipping (what DDP doe
 wrapping the backbone's modules, so a fine-tuner's calls go through the backbone unchanged).
 Under FSDP (``genalign.core.sharding``) the denoiser was sharded in place before the fine-tuner was
 built: its gradients arrive reduce-scattered, sample grids and exports run on every process, and
-checkpoints hold full tensors gathered from the shards (they resume on any number of processes).
+checkpoints hold full tensors gathered from the shards (they resume with or without sharding).
 
 Checkpoints are folders ``checkpoints/step-000100`` written under a temporary name and renamed
 when complete; a folder without the ``COMPLETE`` marker is never resumed from.
