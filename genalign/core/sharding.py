@@ -198,8 +198,6 @@ def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if is_sharded(like):
         from torch.distributed.tensor import distribute_tensor
 
-        if is_sharded(value):
-            return value.to(like.dtype)
         local = like.to_local()
         return distribute_tensor(value.to(device=local.device, dtype=like.dtype), like.device_mesh,
                                  like.placements, src_data_rank=None)
