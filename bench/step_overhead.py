@@ -11,7 +11,13 @@ the step can avoid, with a plain squared-output loss in place of the objective:
   reference forward when beta > 0, for the KL term);
 - inversion_dpo: the policy forward on the winners' and losers' inversion states at the trained
   steps, and one backward (the reference's predictions come from the inversion, in collection);
-- adjoint_matching: per trained step, the policy's forward + backward on the stored SDE states.
+- adjoint_matching: per trained step, the policy's forward + backward on the stored SDE states;
+- vard: per trained step, a reference forward and a policy forward + backward on the trajectory's
+  states, with the value model's forward and backward (its frozen clean-estimate encoder: a
+  reference pass, the VAE decode and CLIP) on the policy's output, which the policy's gradient
+  passes through (dense supervision);
+- ac_flow: the policy forward + backward on the collected noisy states (the critic and the reference
+  run in collection).
 Collection (sampling, rewards) is excluded from both. Timings alternate, medians; compare the
 ratios only (this machine is noisy). Target (issue #14): <= 1.10.
 
@@ -173,8 +179,58 @@ def _adjoint_matching(backbone: Any, reward: Any, args: argparse.Namespace) -> t
     return method, batch, floor
 
 
+def _value_method(cls: Any, config: Any, backbone: Any, reward: Any, args: argparse.Namespace,
+                  eta: float) -> Any:
+    from genalign.rewards.clip import load_encoder
+
+    encoder = load_encoder(RewardConfig(name="clip", path=args.reward_path), backbone.device, args.reward_path)
+    experiment = SimpleNamespace(method=config, sample=SampleConfig(num_steps=args.num_steps, guidance_scale=2.0,
+                                                                    eta=eta))
+    return cls.build(experiment, backbone, reward, encoder=encoder)
+
+
+def _vard(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, Any, Callable[[], None]]:
+    from genalign.finetuners.vard import VARD, VARDConfig
+
+    method = _value_method(VARD, VARDConfig(value_warmup=0, samples_per_prompt=2, steps_per_update=args.num_steps // 2,
+                                            value_gradient="normalized"), backbone, reward, args, eta=1.0)
+    with torch.no_grad():
+        batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
+    trajectory, steps = batch["policy"]
+    schedule = backbone.schedule
+
+    def floor() -> None:  # per trained step: reference forward, policy and value forward + backward
+        for k in steps:
+            x, t = trajectory.latents[k], trajectory.timesteps[k]
+            with torch.no_grad(), backbone.reference():
+                backbone.predict(x, t, trajectory.cond, trajectory.guidance_scale)
+            with backbone.training():
+                state = x.float() + backbone.predict(x, t, trajectory.cond, trajectory.guidance_scale).float()
+                after = schedule.previous_timestep(t, trajectory.num_steps)
+                value = method.learner(state, torch.as_tensor(after).expand(state.shape[0]), trajectory.cond)
+                (-value.mean()).backward()
+
+    return method, batch, floor
+
+
+def _ac_flow(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, Any, Callable[[], None]]:
+    from genalign.finetuners.ac_flow import ACFlow, ACFlowConfig
+
+    method = _value_method(ACFlow, ACFlowConfig(critic_warmup=0, relative=True), backbone, reward, args, eta=0.0)
+    with torch.no_grad():
+        batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
+    x_t, timesteps, cond = batch["actor"][:3]
+
+    def floor() -> None:  # the policy's forward + backward on the collected states
+        with backbone.training():
+            backbone.predict(x_t, timesteps, cond).float().square().mean().backward()
+
+    return method, batch, floor
+
+
 METHODS = {"diffusion_dpo": ("sd", _dpo), "inversion_dpo": ("sd", _inversion_dpo), "d3po": ("sd", _d3po),
-           "ddpo": ("sd", _ddpo), "flow_grpo": ("sd3", _flow_grpo), "adjoint_matching": ("sd3", _adjoint_matching)}
+           "ddpo": ("sd", _ddpo), "flow_grpo": ("sd3", _flow_grpo), "adjoint_matching": ("sd3", _adjoint_matching),
+           "vard": ("sd", _vard), "ac_flow": ("sd3", _ac_flow)}
 
 
 def _step(method: Any, batch: Any) -> None:
