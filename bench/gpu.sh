@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue #14 on one CUDA device, about 5-8 minutes on an H200:
+# The GPU measurements of issue #14 on one CUDA device, about 6-9 minutes on an H200 (not yet run):
 #   peak memory and step time of Diffusion-DPO, D3PO and DDPO on an SD1.5-sized UNet with random
 #   weights (64x64 latents = 512 px through the UNet, 4 prompts), full fine-tuning vs LoRA vs
 #   LoRA + gradient checkpointing, in bf16 and fp16 (autocast; trained weights fp32), SDPA, then
-#   LoRA and LoRA + checkpointing with xformers in bf16 when xformers imports.
+#   LoRA and LoRA + checkpointing with xformers in bf16 when xformers imports; then the same three
+#   methods on an SDXL-sized UNet (2.6B parameters, 128x128 latents = 1024 px, 2 prompts, bf16,
+#   SDPA), LoRA vs LoRA + checkpointing (full fine-tuning of SDXL is not a single-GPU recipe).
 # Every configuration runs in its own process (bench/peak_memory.py); the tables are printed and
 # the JSON lands in bench/results/gpu/. Record the printed tables, with the date and the GPU, in
 # bench/README.md.
@@ -28,3 +30,5 @@ if "$PY" -c "import xformers" 2>/dev/null; then
 else
   echo "xformers does not import here: its rows are skipped (pip install genalign[xformers])"
 fi
+"$PY" bench/peak_memory.py --device cuda --model sdxl --latent 128 --prompts 2 --num-steps 4 --dtype bfloat16 \
+  --settings lora lora+gc --out "$OUT/peak_memory_sdxl_bfloat16_sdpa.json"

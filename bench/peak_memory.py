@@ -1,9 +1,10 @@
 """Peak memory of one training step per method: full fine-tuning, LoRA, and LoRA + gradient
-checkpointing, on an SD1.5-sized UNet with random weights (activations dominate).
+checkpointing, on an SD1.5- or SDXL-sized UNet with random weights (activations dominate).
 
-The model: SD1.5's UNet config (860M parameters, cross-attention 768) with random weights, a
-one-layer 768-wide text encoder and a two-block VAE (factor 2), so that the UNet is nearly all of
-it. Each (method, setting) runs in a fresh process: build, collect one micro-batch, then measure
+The model (``--model``): SD1.5's UNet config (860M parameters, cross-attention 768) behind a
+one-layer 768-wide text encoder, or SDXL's (2.6B parameters, cross-attention 2048, the text-time
+embedding) behind one-layer 768- and 1280-wide encoders, with random weights and a two-block VAE
+(factor 2), so that the UNet is nearly all of it. Each (method, setting) runs in a fresh process: build, collect one micro-batch, then measure
 the step (the trainer's loss + backward, gradient clipping and one AdamW step, which allocates
 the optimizer state). Peak: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the resident
 set sampled every 2 ms minus its value before the step (malloc may keep freed memory: each
@@ -11,6 +12,7 @@ setting has its own process). Prints a table of the increments in GiB and writes
 
     .venv/bin/python bench/peak_memory.py                          # CPU: 32x32 latents, 2 prompts
     .venv/bin/python bench/peak_memory.py --device cuda --latent 64 --prompts 4 --dtype bfloat16
+    .venv/bin/python bench/peak_memory.py --device cuda --model sdxl --latent 128 --prompts 2 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -32,28 +34,56 @@ METHODS = ("diffusion_dpo", "d3po", "ddpo")
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow star"]
 
 
-def sd15_sized_backbone(args: argparse.Namespace, finetune: str, checkpointing: bool) -> Any:
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder(tokenizer: Any, hidden: int, projection: bool = False) -> Any:
+    """A one-layer CLIP text encoder of the real model's width (with a projection: SDXL's second)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from genalign.pipelines.tiny import MAX_TOKENS
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=256, num_hidden_layers=1,
+                            num_attention_heads=hidden // 64, max_position_embeddings=MAX_TOKENS,
+                            projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def sized_backbone(args: argparse.Namespace, finetune: str, checkpointing: bool) -> Any:
+    """The SD1.5- or SDXL-sized pipeline (random weights) behind genalign's backbone class."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from genalign.core.experiment import BackboneConfig
     from genalign.pipelines.sd import StableDiffusionBackbone
-    from genalign.pipelines.tiny import MAX_TOKENS, _sd_scheduler, _vae, build_clip_tokenizer
+    from genalign.pipelines.sdxl import StableDiffusionXLBackbone
+    from genalign.pipelines.tiny import _sd_scheduler, _vae, build_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer()
+    vae, scheduler = _vae(sample_size=2 * args.latent), _sd_scheduler("epsilon", False)
     with torch.device(args.device):  # random initialisation where the model will run (fast on a GPU)
-        unet = UNet2DConditionModel(sample_size=args.latent, cross_attention_dim=768)  # SD1.5's config otherwise
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=256,
-                                        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=MAX_TOKENS,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    pipe = StableDiffusionPipeline(vae=_vae(sample_size=2 * args.latent), text_encoder=text, tokenizer=tokenizer,
-                                   unet=unet, scheduler=_sd_scheduler("epsilon", False), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        if args.model == "sd15":
+            unet = UNet2DConditionModel(sample_size=args.latent, cross_attention_dim=768)  # SD1.5's config otherwise
+        else:  # stable-diffusion-xl-base-1.0's UNet config
+            unet = UNet2DConditionModel(
+                sample_size=args.latent, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+    if args.model == "sd15":
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(tokenizer, 768), tokenizer=tokenizer,
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        backbone_class = StableDiffusionBackbone
+    else:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_text_encoder(tokenizer, 768),
+                                         text_encoder_2=_text_encoder(tokenizer, 1280, projection=True),
+                                         tokenizer=tokenizer, tokenizer_2=build_clip_tokenizer(), unet=unet,
+                                         scheduler=scheduler)
+        backbone_class = StableDiffusionXLBackbone
     pipe.to(dtype=getattr(torch, args.dtype))
-    config = BackboneConfig(family="sd", path="", finetune=finetune, lora_rank=8, lora_alpha=8, dtype=args.dtype,
-                            gradient_checkpointing=checkpointing, attention=args.attention)
-    return StableDiffusionBackbone(pipe, config, args.device)
+    config = BackboneConfig(family=args.model.replace("15", ""), path="", finetune=finetune, lora_rank=8, lora_alpha=8,
+                            dtype=args.dtype, gradient_checkpointing=checkpointing, attention=args.attention)
+    return backbone_class(pipe, config, args.device)
 
 
 class _Brightness:
@@ -119,7 +149,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     from genalign.core.trainer import loss_and_backward
 
     finetune, checkpointing = SETTINGS[args.setting]
-    backbone = sd15_sized_backbone(args, finetune, checkpointing)
+    backbone = sized_backbone(args, finetune, checkpointing)
     method = build_method(args.method, backbone, args)
     params = list(method.named_trainable_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=1e-6)
@@ -155,6 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl"], help="the UNet's size (random weights)")
     parser.add_argument("--latent", type=int, default=32, help="latent side (images are twice as wide)")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--num-steps", type=int, default=2, help="sampling steps of the collected rollouts")
@@ -169,7 +200,7 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     results: dict[str, dict[str, Any]] = {}
-    common = ["--latent", str(args.latent), "--prompts", str(args.prompts), "--num-steps", str(args.num_steps),
+    common = ["--model", args.model, "--latent", str(args.latent), "--prompts", str(args.prompts), "--num-steps", str(args.num_steps),
               "--dtype", args.dtype, "--device", args.device, "--attention", args.attention]
     for method in args.methods:
         results[method] = {}
@@ -181,7 +212,7 @@ def main() -> None:
             results[method][setting] = json.loads(run.stdout.strip().splitlines()[-1])
             print(f"{method:14s} {setting:8s} peak +{results[method][setting]['peak_increment_gib']:.2f} GiB "
                   f"({results[method][setting]['seconds']:.0f} s)", flush=True)
-    print(f"\nSD1.5-sized UNet, {args.latent}x{args.latent} latents, {args.prompts} prompts, {args.dtype}, "
+    print(f"\n{'SD1.5' if args.model == 'sd15' else 'SDXL'}-sized UNet, {args.latent}x{args.latent} latents, {args.prompts} prompts, {args.dtype}, "
           f"{args.attention}, {args.device}: step peak above the loaded model, GiB (step seconds)")
     print("| method | " + " | ".join(args.settings) + " |")
     print("|---" * (len(args.settings) + 1) + "|")
@@ -190,7 +221,7 @@ def main() -> None:
                                            for s in args.settings) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"latent": args.latent, "prompts": args.prompts, "dtype": args.dtype,
+    out.write_text(json.dumps({"model": args.model, "latent": args.latent, "prompts": args.prompts, "dtype": args.dtype,
                                "attention": args.attention, "device": args.device, "results": results},
                               indent=1) + "\n")
 

@@ -1,14 +1,17 @@
-"""Sample efficiency on the shapes world: every method trained for the same wall-clock budget, then
-scored by the exact evaluator on held-out prompts, in one table (TRL's DDPO alongside).
+"""Sample efficiency on the shapes world: every method trained for the same budget, a wall-clock
+time or a number of reward queries, then scored by the exact evaluator on held-out prompts, in one
+table (TRL's DDPO alongside).
 
-Each method runs its shipped config (``configs/shapes/<method>.yaml``) with ``run.max_minutes``,
-one after the other on an otherwise idle machine, then ``genalign eval shapes`` on its LoRA; the
-table gives the steps done in the budget, the reward queries they made (images scored by the
-training reward, from the config's batch shape) and the gold score. TRL's DDPO
-(``bench/trl_ddpo.py``, its own environment) runs with the same budget. The base models' scores
-come from the same evaluation without a LoRA.
+Each method runs its shipped config (``configs/shapes/<method>.yaml``), one after the other, then
+``genalign eval shapes`` on its LoRA; the table gives the steps done, the reward queries they made
+(images scored by the training reward, from the config's batch shape, warm-up steps included) and
+the gold score. ``--minutes``: ``run.max_minutes`` (an otherwise idle machine); ``--queries``: the
+steps that make that many queries (rounded up to whole steps; the machine's load does not matter).
+TRL's DDPO (``bench/trl_ddpo.py``, its own environment, 16 queries an epoch) runs with the same
+budget. The base models' scores come from the same evaluation without a LoRA.
 
     .venv/bin/python bench/sample_efficiency.py --minutes 5                 # every method + TRL
+    .venv/bin/python bench/sample_efficiency.py --queries 800
     .venv/bin/python bench/sample_efficiency.py --minutes 2 --methods ddpo d3po --per-task 20
 
 The rewards differ by config: the online preference methods, Adjoint Matching and AC-Flow train
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,7 +70,9 @@ def evaluate(family: str, lora: Path | None, out: Path, args: argparse.Namespace
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=5.0, help="training budget per method (wall clock)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=5.0, help="training budget per method (wall clock)")
+    budget.add_argument("--queries", type=int, default=0, help="training budget per method (reward queries)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-trl", action="store_true", help="leave TRL's DDPO out")
     parser.add_argument("--trl-venv", default=str(ROOT / "bench" / ".venv-trl"))
@@ -85,8 +91,10 @@ def main() -> None:
         config_path = ROOT / f"configs/shapes/{method}.yaml"
         config = yaml.safe_load(config_path.read_text())
         folder = out / method
-        run([sys.executable, "-m", "genalign", "train", str(config_path), f"run.output_dir={folder}",
-             f"run.max_minutes={args.minutes}", "run.checkpoint_every=0"], out / f"{method}.train.log")
+        limit = (f"run.steps={math.ceil(args.queries / queries_per_step(config))}" if args.queries
+                 else f"run.max_minutes={args.minutes}")
+        run([sys.executable, "-m", "genalign", "train", str(config_path), f"run.output_dir={folder}", limit,
+             "run.checkpoint_every=0"], out / f"{method}.train.log")
         steps = len((folder / "metrics.jsonl").read_text().splitlines())
         family = config["backbone"]["family"]
         gold = evaluate(family, folder / "final" / "pytorch_lora_weights.safetensors", folder / "eval", args)
@@ -95,20 +103,24 @@ def main() -> None:
         print(f"{method}: {steps} steps, gold {gold['overall']:.3f}", flush=True)
     if not args.no_trl:
         folder = out / "trl_ddpo"
-        run([sys.executable, "bench/trl_ddpo.py", "train", "--venv", args.trl_venv, "--epochs", "100000",
-             "--max-minutes", str(args.minutes), "--train-out", str(folder)], out / "trl_ddpo.train.log")
+        limit = (["--epochs", str(math.ceil(args.queries / 16))] if args.queries
+                 else ["--epochs", "100000", "--max-minutes", str(args.minutes)])
+        run([sys.executable, "bench/trl_ddpo.py", "train", "--venv", args.trl_venv, *limit, "--train-out", str(folder)],
+            out / "trl_ddpo.train.log")
         epochs = json.loads((folder / "epochs.json").read_text())
         gold = evaluate("sd", folder / "final" / "pytorch_lora_weights.safetensors", folder / "eval", args)
         rows["TRL 0.23.1 ddpo"] = {"gold": gold, "steps": 2 * len(epochs), "queries": epochs[-1]["queries"],
                                    "reward": "shapes_gold", "family": "sd"}
         print(f"TRL ddpo: {len(epochs)} epochs, gold {gold['overall']:.3f}", flush=True)
-    print(f"\n{args.minutes:g} minutes of training each (CPU), gold overall on {args.per_task} held-out prompts a task:")
+    budget = f"{args.queries} reward queries" if args.queries else f"{args.minutes:g} minutes"
+    print(f"\n{budget} of training each (CPU), gold overall on {args.per_task} held-out prompts a task:")
     print("| method | backbone | training reward | steps | reward queries | gold overall |")
     print("|---|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row.get('family', name.split()[-1])} | {row['reward']} | {row['steps']} | "
               f"{row['queries']:.0f} | {row['gold']['overall']:.3f} |")
-    (out / "sample_efficiency.json").write_text(json.dumps({"minutes": args.minutes, "per_task": args.per_task,
+    (out / "sample_efficiency.json").write_text(json.dumps({"minutes": None if args.queries else args.minutes,
+                                                            "queries": args.queries or None, "per_task": args.per_task,
                                                             "rows": rows}, indent=1) + "\n")
 
 
