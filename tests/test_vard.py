@@ -202,3 +202,50 @@ def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models
     metrics = assert_backward_loss_matches_loss(vard, batch, expected_parts=len(batch["policy"][1]))
     assert float(metrics["kl"]) > 0
     assert all(p.grad is None and p.requires_grad for p in vard.learner.model.parameters())
+
+
+def test_adapt_kl_weight_by_hand():
+    from genalign.finetuners.vard import adapt_kl_weight
+
+    # target 1e-3: below 1e-3 / 1.5 halves, above 1.5e-3 doubles, in between keeps
+    assert adapt_kl_weight(1.0, 5e-4, 1e-3) == 0.5
+    assert adapt_kl_weight(1.0, 2e-3, 1e-3) == 2.0
+    assert adapt_kl_weight(1.0, 1.2e-3, 1e-3) == 1.0
+    assert adapt_kl_weight(1.0, 0.7e-3, 1e-3) == 1.0
+
+
+def test_kl_target_adapts_the_weight_after_each_policy_step(tiny_models):
+    vard = _vard(tiny_models, kl_weight=1.0, kl_target=1e-3)
+    vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))  # warm-up
+    vard.after_optimizer_step()
+    assert vard.kl_weight == 1.0  # no policy loss yet: nothing to adapt to
+    batch = vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1))
+    _, metrics = vard.loss(batch)  # the policy starts at the reference: KL 0, below target
+    assert float(metrics["kl_weight"]) == 1.0
+    vard.after_optimizer_step()
+    assert vard.kl_weight == 0.5
+    # move the LoRA far from the reference: KL above target doubles the weight
+    with torch.no_grad():
+        for p in vard.params.values():
+            p.add_(0.5 * torch.randn_like(p))
+    _, metrics = vard.loss(batch)
+    assert float(metrics["kl"]) > 1.5e-3
+    vard.after_optimizer_step()
+    assert vard.kl_weight == 1.0
+    # the adapted weight is checkpointed, and fixed weights (kl_target 0) never change
+    state = vard.state_dict()
+    fresh = _vard(tiny_models, kl_weight=4.0, kl_target=1e-3)
+    fresh.load_state_dict(state)
+    assert fresh.kl_weight == 1.0 and state["kl_weight"] == 1.0
+    for _ in range(6):  # bounded: never above 16x the configured weight
+        vard._last_kl = torch.tensor(1.0)
+        vard.after_optimizer_step()
+    assert vard.kl_weight == 16.0
+    fixed = _vard(tiny_models, kl_weight=0.3)
+    fixed._last_kl = torch.tensor(1.0)
+    fixed.after_optimizer_step()
+    assert fixed.kl_weight == 0.3
+    with pytest.raises(ValueError, match="kl_target"):
+        VARDConfig(kl_target=-1.0)
+    with pytest.raises(ValueError, match="kl_weight > 0"):
+        VARDConfig(kl_weight=0.0, kl_target=1e-3)

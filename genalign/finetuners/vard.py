@@ -88,6 +88,16 @@ def normalized_value_surrogate(values: Tensor, states: Tensor) -> Tensor:
     return (states.float() * direction).flatten(1).mean(1)
 
 
+def adapt_kl_weight(weight: float, kl: float, target: float) -> float:
+    """PPO's adaptive KL penalty (Schulman et al. 2017, section 4): halve the weight when the
+    measured KL is below target / 1.5, double it when above target * 1.5, else keep it."""
+    if kl < target / 1.5:
+        return weight / 2
+    if kl > target * 1.5:
+        return weight * 2
+    return weight
+
+
 # ------------------------------------------------------------------ the method
 
 
@@ -100,6 +110,9 @@ class VARDConfig:
     trained_fraction: float = field(
         1.0, help="policy updates draw from the first fraction of the stochastic steps (the value's gradient guides "
                   "best early; measured in configs/shapes/vard.yaml)")
+    kl_target: float = field(
+        0.0, help="> 0: adapt kl_weight after every policy step to hold the mean per-step KL near this (PPO's "
+                  "adaptive penalty: x2 above 1.5 x target, / 2 below target / 1.5, within 16x of kl_weight); 0: fixed")
     value_gradient: Literal["raw", "normalized"] = field(
         "raw", help="raw: maximise V (the paper); normalized: follow V's gradient direction with the same step size "
                     "for every sample (normalized_value_surrogate)")
@@ -120,6 +133,8 @@ class VARDConfig:
 
     def __post_init__(self) -> None:
         check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
+        check(self.kl_target >= 0, f"kl_target must be >= 0, got {self.kl_target}")
+        check(self.kl_target == 0 or self.kl_weight > 0, "kl_target adapts kl_weight multiplicatively: set kl_weight > 0")
         check(self.steps_per_update >= 1, f"steps_per_update must be >= 1, got {self.steps_per_update}")
         check(0 < self.trained_fraction <= 1, f"trained_fraction must be in (0, 1], got {self.trained_fraction}")
         check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
@@ -145,6 +160,8 @@ class VARD(LossInParts, ValueMethod):
                     encoder=encoder, width=config.value_width,
                     lr=config.value_lr, replay_size=config.replay_size, batch=config.value_batch,
                     updates=config.value_updates, warmup=config.value_warmup)
+        self.kl_weight = config.kl_weight  # adapted when kl_target > 0
+        self._last_kl: Tensor | None = None  # the mean KL of the latest policy loss
 
     # ---------------------------------------------------------------- value model
 
@@ -212,11 +229,39 @@ class VARD(LossInParts, ValueMethod):
                 objective = value
                 if self.config.value_gradient == "normalized":
                     objective = normalized_value_surrogate(value, next_state)
-                loss_k, kl = vard_policy_loss(objective, mean_policy, mean_reference, std, self.config.kl_weight)
+                loss_k, kl = vard_policy_loss(objective, mean_policy, mean_reference, std, self.kl_weight)
                 kls.append(kl.detach().mean())
                 values.append(value.detach().mean())
                 yield loss_k / len(steps)
         finally:
             self.learner.model.requires_grad_(True)
-        metrics.update({"kl": torch.stack(kls).mean(), "value_policy": torch.stack(values).mean(),
-                        "steps_trained": torch.tensor(float(len(steps)))})
+        self._last_kl = torch.stack(kls).mean()
+        metrics.update({"kl": self._last_kl, "value_policy": torch.stack(values).mean(),
+                        "steps_trained": torch.tensor(float(len(steps))), "kl_weight": torch.tensor(self.kl_weight)})
+
+    def after_optimizer_step(self) -> None:
+        """With ``kl_target``: adapt the KL weight to the KL of the step just taken (averaged over
+        processes, so every process keeps the same weight)."""
+        super().after_optimizer_step()
+        if self.config.kl_target > 0 and self._last_kl is not None:
+            kl = _mean_over_processes(self._last_kl.detach().float().clone())
+            weight = adapt_kl_weight(self.kl_weight, float(kl), self.config.kl_target)
+            # within 16x of the configured weight either way: a few steps recover from any excursion
+            self.kl_weight = min(max(weight, self.config.kl_weight / 16), self.config.kl_weight * 16)
+            self._last_kl = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "kl_weight": self.kl_weight}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.kl_weight = float(state.get("kl_weight", self.config.kl_weight))
+
+
+def _mean_over_processes(value: Tensor) -> Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
