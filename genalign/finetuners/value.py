@@ -217,16 +217,22 @@ def shape_rewards(rewards: Tensor, prompts: list[str], mode: str, running: Runni
     return PerPromptStatTracker(buffer_size=0, min_count=2).update(prompts, rewards.float())
 
 
-def average_gradients_across_processes(module: nn.Module) -> None:
-    """Data-parallel value model: average its gradients over processes (each collects its own shard)."""
+def mean_over_processes(value: Tensor) -> Tensor:
+    """``value``, in place, made the mean of its copies over data-parallel processes (itself with
+    one process)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+def average_gradients_across_processes(module: nn.Module) -> None:
+    """Data-parallel value model: average its gradients over processes (each collects its own shard)."""
     for param in module.parameters():
         if param.grad is not None:
-            dist.all_reduce(param.grad)
-            param.grad /= dist.get_world_size()
+            mean_over_processes(param.grad)
 
 
 class ValueLearner:

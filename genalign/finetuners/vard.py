@@ -59,7 +59,7 @@ from genalign.core.config import ConfigError, check, field
 from genalign.core.types import Backbone, Conditioning, Reward, Trajectory
 from genalign.finetuners import register
 from genalign.finetuners.common import LossInParts
-from genalign.finetuners.value import ValueMethod, check_value_settings, value_loss
+from genalign.finetuners.value import ValueMethod, check_value_settings, mean_over_processes, value_loss
 
 # ------------------------------------------------------------------ the objectives (pure functions)
 
@@ -244,7 +244,7 @@ class VARD(LossInParts, ValueMethod):
         processes, so every process keeps the same weight)."""
         super().after_optimizer_step()
         if self.config.kl_target > 0 and self._last_kl is not None:
-            kl = _mean_over_processes(self._last_kl.detach().float().clone())
+            kl = mean_over_processes(self._last_kl.detach().float().clone())
             weight = adapt_kl_weight(self.kl_weight, float(kl), self.config.kl_target)
             # within 16x of the configured weight either way: a few steps recover from any excursion
             self.kl_weight = min(max(weight, self.config.kl_weight / 16), self.config.kl_weight * 16)
@@ -257,11 +257,3 @@ class VARD(LossInParts, ValueMethod):
         super().load_state_dict(state)
         self.kl_weight = float(state.get("kl_weight", self.config.kl_weight))
 
-
-def _mean_over_processes(value: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
