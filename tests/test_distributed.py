@@ -45,3 +45,26 @@ class ToyStart:
         from tests.toy import ToyPromptRegression
 
         return ToyPromptRegression(ToyPromptRegression.Config(dim=4)).model.weight.detach()
+
+
+def test_value_statistics_are_averaged_over_processes(tmp_path):
+    """mean_over_processes (VARD's adaptive KL weight, the value model's gradients): every process
+    ends with the mean of the processes' values."""
+    script = tmp_path / "mean.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from genalign.finetuners.value import average_gradients_across_processes, mean_over_processes\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "kl = mean_over_processes(torch.tensor([1.0 + 2.0 * rank]))\n"
+        "head = torch.nn.Linear(2, 1)\n"
+        "head.weight.grad = torch.full((1, 2), float(rank)); head.bias.grad = torch.tensor([4.0 * rank])\n"
+        "average_gradients_across_processes(head)\n"
+        "open(f'{sys.argv[1]}/{rank}.txt', 'w').write(f'{kl.item()} {head.weight.grad.tolist()} {head.bias.grad.item()}')\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # ranks 0 and 1: KL 1 and 3 -> 2; weight gradients 0 and 1 -> 0.5; bias 0 and 4 -> 2
+    assert (tmp_path / "0.txt").read_text() == (tmp_path / "1.txt").read_text() == "2.0 [[0.5, 0.5]] 2.0"
