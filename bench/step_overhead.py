@@ -193,7 +193,7 @@ def _vard(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, An
     from genalign.finetuners.vard import VARD, VARDConfig
 
     method = _value_method(VARD, VARDConfig(value_warmup=0, samples_per_prompt=2, steps_per_update=args.num_steps // 2,
-                                            value_gradient="normalized"), backbone, reward, args, eta=1.0)
+                                            kl_target=1e-3), backbone, reward, args, eta=1.0)
     with torch.no_grad():
         batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
     trajectory, steps = batch["policy"]
