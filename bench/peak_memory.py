@@ -4,9 +4,10 @@ checkpointing, on an SD1.5- or SDXL-sized UNet with random weights (activations 
 The model (``--model``): SD1.5's UNet config (860M parameters, cross-attention 768) behind a
 one-layer 768-wide text encoder, or SDXL's (2.6B parameters, cross-attention 2048, the text-time
 embedding) behind one-layer 768- and 1280-wide encoders, with random weights and a two-block VAE
-(factor 2), so that the UNet is nearly all of it. Each (method, setting) runs in a fresh process: build, collect one micro-batch, then measure
-the step (the trainer's loss + backward, gradient clipping and one AdamW step, which allocates
-the optimizer state). Peak: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the resident
+(factor 2), so that the UNet is nearly all of it. Each (method, setting) runs in a fresh process:
+build, collect one micro-batch, then measure the step (the trainer's loss + backward, gradient
+clipping and one AdamW step, which allocates the optimizer state). Peak:
+``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the resident
 set sampled every 2 ms minus its value before the step (malloc may keep freed memory: each
 setting has its own process). Prints a table of the increments in GiB and writes JSON.
 
@@ -200,8 +201,9 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     results: dict[str, dict[str, Any]] = {}
-    common = ["--model", args.model, "--latent", str(args.latent), "--prompts", str(args.prompts), "--num-steps", str(args.num_steps),
-              "--dtype", args.dtype, "--device", args.device, "--attention", args.attention]
+    common = ["--model", args.model, "--latent", str(args.latent), "--prompts", str(args.prompts),
+              "--num-steps", str(args.num_steps), "--dtype", args.dtype, "--device", args.device,
+              "--attention", args.attention]
     for method in args.methods:
         results[method] = {}
         for setting in args.settings:
@@ -212,7 +214,8 @@ def main() -> None:
             results[method][setting] = json.loads(run.stdout.strip().splitlines()[-1])
             print(f"{method:14s} {setting:8s} peak +{results[method][setting]['peak_increment_gib']:.2f} GiB "
                   f"({results[method][setting]['seconds']:.0f} s)", flush=True)
-    print(f"\n{'SD1.5' if args.model == 'sd15' else 'SDXL'}-sized UNet, {args.latent}x{args.latent} latents, {args.prompts} prompts, {args.dtype}, "
+    size = "SD1.5" if args.model == "sd15" else "SDXL"
+    print(f"\n{size}-sized UNet, {args.latent}x{args.latent} latents, {args.prompts} prompts, {args.dtype}, "
           f"{args.attention}, {args.device}: step peak above the loaded model, GiB (step seconds)")
     print("| method | " + " | ".join(args.settings) + " |")
     print("|---" * (len(args.settings) + 1) + "|")
@@ -221,8 +224,9 @@ def main() -> None:
                                            for s in args.settings) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "latent": args.latent, "prompts": args.prompts, "dtype": args.dtype,
-                               "attention": args.attention, "device": args.device, "results": results},
+    out.write_text(json.dumps({"model": args.model, "latent": args.latent, "prompts": args.prompts,
+                               "dtype": args.dtype, "attention": args.attention, "device": args.device,
+                               "results": results},
                               indent=1) + "\n")
 
 
