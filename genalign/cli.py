@@ -260,7 +260,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
     from genalign.core.experiment import BackboneConfig
     from genalign.pipelines import load_backbone
-    from genalign.shapes.scoring import clip_agreement, diversity, evaluate_backbone, proxy_reward
+    from genalign.shapes.evaluator import evaluate
+    from genalign.shapes.scoring import clip_agreement, diversity, evaluate_backbone, paired_gain, proxy_reward
     from genalign.shapes.world import TASKS
 
     if args.with_base and not args.lora:
@@ -289,6 +290,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
         result["diversity"] = spread[label]
     if args.with_base:
         result["base"] = {"gold": models[0][1]}
+        verdicts = [[evaluate(image, meta)[0] for image, meta in zip(model_images, metas)]
+                    for _, _, model_images in models]
+        result["gain"] = paired_gain(verdicts[0], verdicts[1], [meta["tag"] for meta in metas])
         if args.clip:
             result["base"]["proxy_reward"] = proxy_reward(args.clip, models[0][2], metas)
         if args.diversity:
@@ -308,6 +312,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
     for label, gold, _ in models:
         print(f"gold score (exact evaluator, held-out prompts), {label}: {line(gold)}")
+    if args.with_base:
+        print(f"gold gain over the base, paired over the same prompts and seeds: {result['gain']['gain']:+.3f} "
+              f"(standard error {result['gain']['standard_error']:.3f})")
     if args.clip:
         if args.with_base:
             print(f"proxy reward (CLIP score of the same images), base: {line(result['base']['proxy_reward'])}")

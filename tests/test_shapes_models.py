@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,24 @@ def test_shipped_sd_model_is_between_chance_and_perfect_on_heldout_prompts():
     assert 0.25 <= scores["overall"] <= 0.7, scores
 
 
+def test_paired_gain_by_hand():
+    from genalign.shapes.scoring import paired_gain
+
+    # task a: d = [0, 1, 0, 0]: mean 0.25, sample variance 0.25, / 4 images = 0.0625
+    # task b: d = [-1, 0]: mean -0.5, sample variance 0.5, / 2 images = 0.25
+    # gain = (0.25 - 0.5) / 2 = -0.125; SE = sqrt(0.0625 + 0.25) / 2
+    result = paired_gain([1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 1], ["a", "a", "a", "a", "b", "b"])
+    assert result["gain"] == pytest.approx(-0.125)
+    assert result["standard_error"] == pytest.approx(math.sqrt(0.3125) / 2)
+    assert result["per_task"] == {"a": pytest.approx(0.25), "b": pytest.approx(-0.5)}
+    # a task with one image adds its difference but no variance
+    assert paired_gain([0], [1], ["a"]) == {"gain": 1.0, "standard_error": 0.0, "per_task": {"a": 1.0}}
+    with pytest.raises(ValueError, match="one base and one tuned"):
+        paired_gain([1, 0], [1], ["a", "a"])
+    with pytest.raises(ValueError, match="at least one"):
+        paired_gain([], [], [])
+
+
 def test_eval_shapes_compares_base_and_fine_tuned_on_the_same_seeds(toy_build, tmp_path, capsys):
     out, _ = toy_build
     backbone = load_backbone(BackboneConfig(family="sd", path=str(out / "sd"), finetune="lora"))
@@ -107,8 +126,10 @@ def test_eval_shapes_compares_base_and_fine_tuned_on_the_same_seeds(toy_build, t
     result = json.loads((tmp_path / "eval" / "scores.json").read_text())
     # a fresh LoRA (B = 0) is the base model: identical images, identical scores
     assert result["base"]["gold"] == result["gold"]
+    assert result["gain"]["gain"] == 0.0 and result["gain"]["standard_error"] == 0.0
     text = capsys.readouterr().out
     assert "gold score (exact evaluator, held-out prompts), base:" in text and "fine-tuned:" in text
+    assert "gold gain over the base, paired over the same prompts and seeds: +0.000 (standard error 0.000)" in text
     from PIL import Image
 
     grid = Image.open(tmp_path / "eval" / "grid.png")

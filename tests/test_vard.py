@@ -238,11 +238,26 @@ def test_kl_target_adapts_the_weight_after_each_policy_step(tiny_models):
     fresh.load_state_dict(state)
     assert fresh.kl_weight == 1.0 and state["kl_weight"] == 1.0
     for _ in range(6):  # bounded: never above 16x the configured weight
-        vard._last_kl = torch.tensor(1.0)
+        vard._step_kls = [torch.tensor(1.0)]
         vard.after_optimizer_step()
     assert vard.kl_weight == 16.0
+    for _ in range(10):  # and never below 1/16 of it
+        vard._step_kls = [torch.tensor(0.0)]
+        vard.after_optimizer_step()
+    assert vard.kl_weight == 1 / 16
+    # gradient accumulation: the KL of the step is the mean over its micro-batches (1e-3: keep)
+    vard.kl_weight = 1.0
+    vard._step_kls = [torch.tensor(0.0), torch.tensor(2e-3)]
+    vard.after_optimizer_step()
+    assert vard.kl_weight == 1.0 and vard._step_kls == []
+    # kl_adapt tighten: the target is a ceiling; the weight rises above kl_weight, never below it
+    tight = _vard(tiny_models, kl_weight=0.5, kl_target=1e-3, kl_adapt="tighten")
+    for kl, expected in [(0.0, 0.5), (2e-3, 1.0), (2e-3, 2.0), (0.0, 1.0), (0.0, 0.5), (0.0, 0.5)]:
+        tight._step_kls = [torch.tensor(kl)]
+        tight.after_optimizer_step()
+        assert tight.kl_weight == expected
     fixed = _vard(tiny_models, kl_weight=0.3)
-    fixed._last_kl = torch.tensor(1.0)
+    fixed._step_kls = [torch.tensor(1.0)]
     fixed.after_optimizer_step()
     assert fixed.kl_weight == 0.3
     with pytest.raises(ValueError, match="kl_target"):

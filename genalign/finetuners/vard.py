@@ -113,6 +113,9 @@ class VARDConfig:
     kl_target: float = field(
         0.0, help="> 0: adapt kl_weight after every policy step to hold the mean per-step KL near this (PPO's "
                   "adaptive penalty: x2 above 1.5 x target, / 2 below target / 1.5, within 16x of kl_weight); 0: fixed")
+    kl_adapt: Literal["both", "tighten"] = field(
+        "both", help="both: the adapted weight ranges from kl_weight / 16 to 16 x kl_weight (PPO); tighten: never below "
+                     "kl_weight, so the target is a ceiling on the KL rather than a set point")
     value_gradient: Literal["raw", "normalized"] = field(
         "raw", help="raw: maximise V (the paper); normalized: follow V's gradient direction with the same step size "
                     "for every sample (normalized_value_surrogate)")
@@ -161,7 +164,7 @@ class VARD(LossInParts, ValueMethod):
                     lr=config.value_lr, replay_size=config.replay_size, batch=config.value_batch,
                     updates=config.value_updates, warmup=config.value_warmup)
         self.kl_weight = config.kl_weight  # adapted when kl_target > 0
-        self._last_kl: Tensor | None = None  # the mean KL of the latest policy loss
+        self._step_kls: list[Tensor] = []  # the mean KL of each policy loss since the last optimizer step
 
     # ---------------------------------------------------------------- value model
 
@@ -235,20 +238,22 @@ class VARD(LossInParts, ValueMethod):
                 yield loss_k / len(steps)
         finally:
             self.learner.model.requires_grad_(True)
-        self._last_kl = torch.stack(kls).mean()
-        metrics.update({"kl": self._last_kl, "value_policy": torch.stack(values).mean(),
+        kl_mean = torch.stack(kls).mean()
+        self._step_kls.append(kl_mean)
+        metrics.update({"kl": kl_mean, "value_policy": torch.stack(values).mean(),
                         "steps_trained": torch.tensor(float(len(steps))), "kl_weight": torch.tensor(self.kl_weight)})
 
     def after_optimizer_step(self) -> None:
-        """With ``kl_target``: adapt the KL weight to the KL of the step just taken (averaged over
-        processes, so every process keeps the same weight)."""
+        """With ``kl_target``: adapt the KL weight to the KL of the step just taken (the mean over
+        its micro-batches and over processes, so every process keeps the same weight)."""
         super().after_optimizer_step()
-        if self.config.kl_target > 0 and self._last_kl is not None:
-            kl = mean_over_processes(self._last_kl.detach().float().clone())
+        kls, self._step_kls = self._step_kls, []
+        if self.config.kl_target > 0 and kls:
+            kl = mean_over_processes(torch.stack(kls).detach().float().mean())
             weight = adapt_kl_weight(self.kl_weight, float(kl), self.config.kl_target)
-            # within 16x of the configured weight either way: a few steps recover from any excursion
-            self.kl_weight = min(max(weight, self.config.kl_weight / 16), self.config.kl_weight * 16)
-            self._last_kl = None
+            # within 16x of the configured weight: a few steps recover from any excursion
+            lowest = self.config.kl_weight if self.config.kl_adapt == "tighten" else self.config.kl_weight / 16
+            self.kl_weight = min(max(weight, lowest), self.config.kl_weight * 16)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "kl_weight": self.kl_weight}

@@ -3,6 +3,7 @@ how well a CLIP proxy reward agrees with it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,27 @@ def evaluate_backbone(
     metas = evaluation_set(split, per_task=per_task, seed=seed)
     images = generate(backbone, [m["prompt"] for m in metas], num_steps, guidance_scale, seed)
     return score(list(images), metas), images, metas
+
+
+def paired_gain(base: Sequence[bool], tuned: Sequence[bool], tags: Sequence[str]) -> dict[str, Any]:
+    """The gain in the overall gold score (the mean over tasks of each task's accuracy) of a model
+    over the base, paired over images generated from the same prompts and seeds, with its standard
+    error: per task the difference d_i = tuned_i - base_i of each image's correctness, gain =
+    mean over tasks of mean(d), SE = sqrt(sum over tasks of var(d) / n_task) / n_tasks (sample
+    variance, ddof 1; a task with one image adds no variance). Pairing removes the variance the two
+    models share (prompts and seeds that are easy or hard for both)."""
+    if not len(base) == len(tuned) == len(tags):
+        raise ValueError(f"paired_gain needs one base and one tuned verdict per tag, got {len(base)}, {len(tuned)}, "
+                         f"{len(tags)}")
+    if not tags:
+        raise ValueError("paired_gain needs at least one image")
+    differences: dict[str, list[float]] = {}
+    for b, t, tag in zip(base, tuned, tags):
+        differences.setdefault(tag, []).append(float(t) - float(b))
+    per_task = {tag: float(np.mean(d)) for tag, d in differences.items()}
+    variance = sum(float(np.var(d, ddof=1)) / len(d) for d in differences.values() if len(d) > 1)
+    return {"gain": float(np.mean(list(per_task.values()))),
+            "standard_error": float(np.sqrt(variance)) / len(differences), "per_task": per_task}
 
 
 @torch.no_grad()
