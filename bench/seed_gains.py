@@ -1,0 +1,73 @@
+"""Is a shapes-world method's gain real? Train its shipped config under several run seeds and
+evaluate each LoRA against the base over the same held-out prompts and seeds at several eval seeds
+(``genalign eval shapes --with-base``: the gain paired per image, with its standard error), then pool:
+each run's gains are averaged over the eval seeds, and the mean over runs is reported with the
+standard error over runs (it holds both the training noise and the eval noise).
+
+    .venv/bin/python bench/seed_gains.py configs/shapes/vard.yaml --seeds 0 1 2 3   # ~75 min on 2 cores
+    .venv/bin/python bench/seed_gains.py configs/shapes/vard.yaml --seeds 0 --steps 2 --per-task 2  # a smoke run
+
+It calls the CLI as a user would; outputs land in ``--out`` (default runs/seed-gains/<config name>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pooled(gains: dict[int, list[float]]) -> tuple[float, float]:
+    """Mean over runs of each run's mean gain, and its standard error over runs (0 with one run)."""
+    per_run = [sum(g) / len(g) for g in gains.values()]
+    mean = sum(per_run) / len(per_run)
+    if len(per_run) < 2:
+        return mean, 0.0
+    variance = sum((g - mean) ** 2 for g in per_run) / (len(per_run) - 1)
+    return mean, math.sqrt(variance / len(per_run))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="a shapes config (SD backbone)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="run.seed values")
+    p.add_argument("--eval-seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--per-task", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None, help="override run.steps (for a smoke run)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    out = Path(args.out or ROOT / "runs" / "seed-gains" / Path(args.config).stem)
+    cli = [sys.executable, "-m", "genalign"]
+    gains: dict[int, list[float]] = {}
+    for seed in args.seeds:
+        run = out / f"seed{seed}"
+        overrides = [f"run.seed={seed}", f"run.output_dir={run}"]
+        if args.steps is not None:
+            overrides.append(f"run.steps={args.steps}")
+        start = time.perf_counter()
+        subprocess.run([*cli, "train", args.config, *overrides], check=True, cwd=ROOT)
+        minutes = (time.perf_counter() - start) / 60
+        lora = run / "final" / "pytorch_lora_weights.safetensors"
+        gains[seed] = []
+        for eval_seed in args.eval_seeds:
+            where = run / f"eval-seed{eval_seed}"
+            subprocess.run([*cli, "eval", "shapes", "--backbone", "models/shapes/sd", "--lora", str(lora), "--with-base",
+                            "--per-task", str(args.per_task), "--seed", str(eval_seed), "--out", str(where)],
+                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            result = json.loads((where / "scores.json").read_text())
+            gains[seed].append(result["gain"]["gain"])
+            print(f"run.seed {seed} ({minutes:.1f} min), eval seed {eval_seed}: base {result['base']['gold']['overall']:.3f}, "
+                  f"gain {result['gain']['gain']:+.3f} (standard error {result['gain']['standard_error']:.3f})", flush=True)
+    mean, error = pooled(gains)
+    print(f"{Path(args.config).name}: paired gold gain {mean:+.3f}, standard error {error:.3f} over {len(gains)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
