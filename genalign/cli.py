@@ -260,7 +260,6 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
     from genalign.core.experiment import BackboneConfig
     from genalign.pipelines import load_backbone
-    from genalign.shapes.evaluator import evaluate
     from genalign.shapes.scoring import clip_agreement, diversity, evaluate_backbone, paired_gain, proxy_reward
     from genalign.shapes.world import TASKS
 
@@ -270,16 +269,21 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
                              _device(args.device))
     models = []  # (label, scores, images) in evaluation order; the same seeds for every model
     spread = {}  # label -> diversity
+    verdicts = []  # each model's per-image verdicts, in the same order
     if args.with_base:
-        scores, images, metas = evaluate_backbone(backbone, args.per_task, args.steps, args.guidance_scale, args.seed)
+        scores, images, metas, correct = evaluate_backbone(backbone, args.per_task, args.steps, args.guidance_scale,
+                                                           args.seed)
         models.append(("base", scores, images))
+        verdicts.append(correct)
         if args.diversity:
             spread["base"] = diversity(backbone, 5, args.diversity, args.steps, args.guidance_scale, args.seed)
     if args.lora:
         backbone.load_lora(args.lora)
-    scores, images, metas = evaluate_backbone(backbone, args.per_task, args.steps, args.guidance_scale, args.seed)
+    scores, images, metas, correct = evaluate_backbone(backbone, args.per_task, args.steps, args.guidance_scale,
+                                                       args.seed)
     label = "fine-tuned" if args.lora else "model"
     models.append((label, scores, images))
+    verdicts.append(correct)
     if args.diversity:
         spread[label] = diversity(backbone, 5, args.diversity, args.steps, args.guidance_scale, args.seed)
     result: dict = {"gold": scores, "backbone": args.backbone, "lora": args.lora, "per_task": args.per_task,
@@ -290,8 +294,6 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
         result["diversity"] = spread[label]
     if args.with_base:
         result["base"] = {"gold": models[0][1]}
-        verdicts = [[evaluate(image, meta)[0] for image, meta in zip(model_images, metas)]
-                    for _, _, model_images in models]
         result["gain"] = paired_gain(verdicts[0], verdicts[1], [meta["tag"] for meta in metas])
         if args.clip:
             result["base"]["proxy_reward"] = proxy_reward(args.clip, models[0][2], metas)

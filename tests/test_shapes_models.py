@@ -12,6 +12,7 @@ import torch
 from genalign.cli import main
 from genalign.core.experiment import BackboneConfig
 from genalign.pipelines import load_backbone
+from genalign.shapes.evaluator import score
 from genalign.shapes.world import TASKS
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "shapes"
@@ -93,8 +94,11 @@ def test_shipped_sd_model_is_between_chance_and_perfect_on_heldout_prompts():
     from genalign.shapes.scoring import evaluate_backbone
 
     backbone = load_backbone(BackboneConfig(family="sd", path=str(SHIPPED / "sd"), finetune="none"))
-    scores, images, _ = evaluate_backbone(backbone, per_task=20, num_steps=25, guidance_scale=2.0, seed=0)
+    scores, images, metas, verdicts = evaluate_backbone(backbone, per_task=20, num_steps=25, guidance_scale=2.0,
+                                                        seed=0)
     assert images.shape == (120, 3, 32, 32)
+    assert len(verdicts) == len(metas) == 120
+    assert scores == score(list(images), metas)  # the verdicts summarised as the evaluator's score
     assert scores["single_object"] >= 0.6, scores
     assert 0.25 <= scores["overall"] <= 0.7, scores
 

@@ -172,9 +172,14 @@ def score(images: Sequence[Any], metas: Sequence[dict[str, Any]]) -> dict[str, f
     """Per-task accuracy and ``overall`` (mean over the tasks present), GenEval's summary."""
     if len(images) != len(metas):
         raise ValueError(f"{len(images)} images but {len(metas)} metadata rows")
+    return accuracy([evaluate(image, meta)[0] for image, meta in zip(images, metas)], metas)
+
+
+def accuracy(verdicts: Sequence[bool], metas: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """:func:`score` from each image's verdict (correct or not) and its metadata row."""
     per_task: dict[str, list[bool]] = {}
-    for image, meta in zip(images, metas):
-        per_task.setdefault(meta["tag"], []).append(evaluate(image, meta)[0])
+    for correct, meta in zip(verdicts, metas, strict=True):
+        per_task.setdefault(meta["tag"], []).append(correct)
     result = {task: float(np.mean(v)) for task in TASKS if (v := per_task.get(task))}
     result["overall"] = float(np.mean(list(result.values()))) if result else 0.0
     return result

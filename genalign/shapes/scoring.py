@@ -12,7 +12,7 @@ from torch import Tensor
 
 from genalign.core.sampler import initial_noise, sample
 from genalign.core.types import Backbone
-from genalign.shapes.evaluator import evaluate, score
+from genalign.shapes.evaluator import accuracy, evaluate
 from genalign.shapes.world import all_prompts, evaluation_set, sample_example
 
 
@@ -48,11 +48,13 @@ def evaluate_backbone(
     guidance_scale: float = 2.0,
     seed: int = 0,
     split: str = "heldout",
-) -> tuple[dict[str, float], Tensor, list[dict[str, Any]]]:
-    """Gold scores (per task and overall) of ``backbone`` on ``per_task`` prompts of each task."""
+) -> tuple[dict[str, float], Tensor, list[dict[str, Any]], list[bool]]:
+    """Gold scores (per task and overall) of ``backbone`` on ``per_task`` prompts of each task, with
+    the images, their metadata rows and each image's verdict (for :func:`paired_gain`)."""
     metas = evaluation_set(split, per_task=per_task, seed=seed)
     images = generate(backbone, [m["prompt"] for m in metas], num_steps, guidance_scale, seed)
-    return score(list(images), metas), images, metas
+    verdicts = [evaluate(image, meta)[0] for image, meta in zip(images, metas)]
+    return accuracy(verdicts, metas), images, metas, verdicts
 
 
 def paired_gain(base: Sequence[bool], tuned: Sequence[bool], tags: Sequence[str]) -> dict[str, Any]:
