@@ -386,17 +386,15 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from genalign.core.geneval import GenEvalOptions
+    from genalign.core.reference_data import geneval_metadata
     from genalign.eval import geneval
     from genalign.eval.report import markdown_table, write_report
 
     if not args.generate and not args.score:
-        raise ConfigError("give --generate OUT (with --metadata and --backbone) and/or --score DIR")
+        raise ConfigError("give --generate OUT (with --backbone) and/or --score DIR")
     folder = args.score
     if args.generate:
-        if not args.metadata:
-            raise ConfigError("--generate needs --metadata (GenEval's evaluation_metadata.jsonl, or "
-                              "`genalign shapes prompts` for the shapes world)")
-        metas = geneval.read_metadata(args.metadata)
+        metas = geneval.read_metadata(args.metadata or geneval_metadata())
         if args.limit:
             metas = metas[: args.limit]
         geneval.generate(_generator_from_args(args), metas, args.generate, args.images_per_prompt, args.seed,
@@ -421,22 +419,21 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_t2i_compbench(args: argparse.Namespace) -> int:
+    from genalign.core.reference_data import t2i_compbench_dir
     from genalign.eval import t2i_compbench as cb
     from genalign.eval.report import markdown_table, write_report
 
     if not args.generate and not args.score:
-        raise ConfigError("give --generate OUT (with --data-dir and --backbone) and/or --score ROOT")
+        raise ConfigError("give --generate OUT (with --backbone) and/or --score ROOT")
     categories = args.category or list(cb.CATEGORIES)
     for category in categories:
         if category not in cb.CATEGORIES:
             raise ConfigError(f"unknown T2I-CompBench category {category!r}; known: {', '.join(cb.CATEGORIES)}")
+    data_dir = args.data_dir or t2i_compbench_dir()
     if args.generate:
-        if not args.data_dir:
-            raise ConfigError("--generate needs --data-dir: the folder of the official {category}_val.txt files "
-                              "(T2I-CompBench examples/dataset/)")
         generator = _generator_from_args(args)
         for category in categories:
-            prompts = cb.read_prompts(cb.prompt_file(args.data_dir, category, args.split))[: args.limit]
+            prompts = cb.read_prompts(cb.prompt_file(data_dir, category, args.split))[: args.limit]
             folder = cb.generate(generator, prompts, Path(args.generate) / category, args.images_per_prompt,
                                  args.seed, args.batch_size)
             print(f"{category}: {len(prompts)} prompts x {args.images_per_prompt} images in {folder}")
@@ -454,7 +451,7 @@ def cmd_eval_t2i_compbench(args: argparse.Namespace) -> int:
         detection_threshold=defaults.detection_threshold if args.detection_threshold is None else args.detection_threshold,
         images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
     )
-    records, summary = cb.score_folder(args.score, categories, models, options, data_dir=args.data_dir)
+    records, summary = cb.score_folder(args.score, categories, models, options, data_dir=data_dir)
     out = Path(args.report or Path(args.score) / "results")
     write_report(out, summary, records)
     print(markdown_table(summary), end="")
@@ -718,7 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_shapes)
     p = evals.add_parser("geneval", help="GenEval: generate its image layout and/or score one")
     p.add_argument("--generate", metavar="OUT", help="write <OUT>/<index:05>/{metadata.jsonl,samples/NNNNN.png}")
-    p.add_argument("--metadata", help="GenEval metadata (evaluation_metadata.jsonl) for --generate")
+    p.add_argument("--metadata", help="GenEval metadata for --generate (default: the official "
+                   "evaluation_metadata.jsonl, shipped; `genalign shapes prompts` writes one for the shapes world)")
     p.add_argument("--limit", type=_positive_int, help="only the first N prompts of --metadata")
     p.add_argument("--score", metavar="DIR", help="score a GenEval image folder (ours or another tool's)")
     p.add_argument("--report", help="folder for results.jsonl and the reports (default: <DIR>/results)")
@@ -751,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = evals.add_parser("t2i-compbench", help="T2I-CompBench(++): generate its image layout and/or score it")
     p.add_argument("--generate", metavar="OUT", help="write <OUT>/<category>/{prompt}_{NNNNNN}.png")
-    p.add_argument("--data-dir", help="folder of the official {category}_val.txt prompt files (examples/dataset/)")
+    p.add_argument("--data-dir", help="folder of {category}_{split}.txt prompt files (default: the official "
+                   "validation lists, shipped)")
     p.add_argument("--split", default="val", help="prompt file suffix: {category}_{split}.txt")
     p.add_argument("--limit", type=_positive_int, help="only the first N prompts of each category")
     p.add_argument("--score", metavar="ROOT", help="score <ROOT>/<category>/ folders (ours or another tool's)")

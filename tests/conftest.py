@@ -39,3 +39,20 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+# What a test may skip for: optional hardware or optional tools, never a file beside the checkout.
+OPTIONAL_NEEDS = ("cuda", "chromium", "playwright", "gradio", "browser")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skip whose reason names none of OPTIONAL_NEEDS fails instead: the suite needs nothing but the
+    checkout and the README's install, so any other skip hides a test that silently stopped running."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if not any(need in reason.lower() for need in OPTIONAL_NEEDS):
+            report.outcome = "failed"
+            report.longrepr = f"skipped for a reason that is not an optional device or tool: {reason}"

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 DATA = Path(__file__).parent / "data"
-AESTHETIC_MLP = Path(__file__).resolve().parents[2] / "shared" / "data" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_MLP = Path(__file__).resolve().parents[1] / "genalign" / "data" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.safetensors"
 
 
 def board_photo() -> Image.Image:

@@ -56,8 +56,6 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory) -> Path:
-    if not (SHAPES_SD / "model_index.json").is_file():
-        pytest.skip("shapes models not built")
     out = tmp_path_factory.mktemp("straight")
     process = _train(out)
     _, err = process.communicate(timeout=300)

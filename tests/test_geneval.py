@@ -27,7 +27,7 @@ from genalign.eval import geneval
 from genalign.eval.report import compare, load_summary, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
-OFFICIAL = ROOT.parent / "shared" / "data" / "geneval"
+OFFICIAL = ROOT / "genalign" / "data" / "geneval"
 SHAPES_SD = ROOT / "models" / "shapes" / "sd"
 
 
@@ -142,7 +142,6 @@ def test_summary_is_the_mean_over_tasks_and_counts_prompts_with_any_correct_imag
 # --------------------------------------------------------------------------- official files and layout
 
 
-@pytest.mark.skipif(not OFFICIAL.is_dir(), reason="../shared/data/geneval not present")
 def test_reads_the_official_metadata():
     rows = geneval.read_metadata(OFFICIAL / "evaluation_metadata.jsonl")
     counts = {task: sum(r["tag"] == task for r in rows) for task in TASKS}
@@ -213,7 +212,6 @@ def test_ground_truth_scores_one_through_the_whole_scorer(tmp_path):
     assert set(rows[0]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
 
 
-@pytest.mark.skipif(not (SHAPES_SD / "model_index.json").is_file(), reason="shapes models not built")
 def test_generate_score_report_on_the_shapes_world(tmp_path):
     """The whole GenEval path offline: the shapes SD writes GenEval's layout, the scorer (shapes
     parser as detector) scores it, and the numbers equal the shapes world's own evaluator on the
@@ -303,7 +301,6 @@ def test_cli_scores_a_folder_made_by_another_tool(tmp_path, capsys):
     assert main(["eval", "geneval"]) == 2  # nothing to do is a config error, not a traceback
 
 
-@pytest.mark.skipif(not (SHAPES_SD / "model_index.json").is_file(), reason="shapes models not built")
 def test_cli_generates_with_reno_and_scores(tmp_path, capsys):
     """--generate with ReNO on the shapes SD (proxy CLIP reward), then --score, in one command."""
     assert main(["shapes", "prompts", str(tmp_path / "meta.jsonl"), "--per-task", "1"]) == 0

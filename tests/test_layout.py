@@ -1,4 +1,4 @@
-"""The package layout of DESIGN.md: symlinked folders, banned bare imports, import direction."""
+"""The package layout of docs/architecture.md: symlinked folders, banned bare imports, import direction."""
 
 from __future__ import annotations
 

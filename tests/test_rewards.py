@@ -261,19 +261,24 @@ def test_hps_version_selects_the_checkpoint_file(open_clip_name, tmp_path):
 # ------------------------------------------------------------------ LAION aesthetic
 
 
-def test_aesthetic_mlp_loads_and_computes_what_its_layers_say():
+def test_aesthetic_mlp_loads_and_computes_what_its_layers_say(tmp_path):
     """The published MLP is five affine maps (the dropouts are identity in eval mode): the module's
     output equals the chain W7(W6(W4(W2(W0 x + b0) + b2) + b4) + b6) + b7 computed from its state dict."""
+    from safetensors.torch import load_file
+
     from genalign.rewards.aesthetic import load_mlp
 
     mlp = load_mlp(str(AESTHETIC_MLP))
-    state = torch.load(AESTHETIC_MLP, map_location="cpu", weights_only=True)
+    state = load_file(str(AESTHETIC_MLP))
     embeds = torch.nn.functional.normalize(torch.randn(4, 768, generator=torch.Generator().manual_seed(0)), dim=-1)
     x = embeds
     for i in (0, 2, 4, 6, 7):
         x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
     torch.testing.assert_close(mlp(embeds), x)
     assert not mlp.training and not any(p.requires_grad for p in mlp.parameters())
+    # the published torch format (a plain state dict) loads to the same module
+    torch.save(state, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    torch.testing.assert_close(load_mlp(str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"))(embeds), x)
 
 
 def test_aesthetic_score_is_the_mlp_of_the_normalised_clip_embedding(tmp_path):

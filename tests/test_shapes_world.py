@@ -24,7 +24,7 @@ from genalign.shapes.world import (
     training_examples,
 )
 
-GENEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
+GENEVAL = Path(__file__).resolve().parents[1] / "genalign" / "data" / "geneval" / "evaluation_metadata.jsonl"
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 

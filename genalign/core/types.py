@@ -1,4 +1,4 @@
-"""The contracts every backbone, reward and fine-tuner fits (see DESIGN.md, "Contracts")."""
+"""The contracts every backbone, reward and fine-tuner fits (see docs/architecture.md, "Contracts")."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ What it writes (diffusers / transformers folders, safetensors, weights stored in
 * ``clip/`` the proxy reward: a tiny transformers CLIPModel trained contrastively on the world;
 * ``build.json``: the configuration, step counts, losses and timings.
 
-Recipe (facts measured on these CPUs, ../shared/ENVIRONMENT.md): epsilon prediction with min-SNR
+Recipe (facts measured on 2 CPU cores, docs/contributing.md): epsilon prediction with min-SNR
 weighting (gamma 5), 10% empty captions for classifier-free guidance, AdamW lr 2e-3 with cosine
 decay, batch 64, bf16 autocast; a shallow VAE because deep latents learned about half as fast.
 """
