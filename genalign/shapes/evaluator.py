@@ -1,10 +1,12 @@
 """The exact evaluator of the `shapes` world: parse an image, score it with GenEval's rules.
 
 Parsing needs no learned model (see :func:`detect`): median-filtered pixels, foreground
-components (8-connected, scipy.ndimage.label), split by nearest palette colour by chromaticity (so
-the dark anti-aliased rims of a shape keep its colour); each object's shape comes from its
-half-maximum outline: the brightness at its box's corners (a square fills them, a circle does not,
-a triangle only at the bottom) and the width of its top quarter against its bottom quarter.
+components (8-connected, scipy.ndimage.label), split only where the outline shows touching objects
+(a narrow neck in the distance transform, :func:`split_touching`), never by colour, so a shape
+whose hue drifts stays one object; its colour is named from the hue of its core's median
+chromaticity (:func:`object_color`; OFF_PALETTE far from every palette hue or when pale); its shape comes
+from its half-maximum outline: the brightness at its box's corners (a square fills them, a circle
+does not, a triangle only at the bottom) and the width of its top quarter against its bottom quarter.
 
 Scoring is GenEval's, the same code the GenEval benchmark runs (:mod:`genalign.core.geneval`):
 every ``include`` clause needs ``count`` objects of its class, the first ``count`` of them (largest
@@ -17,6 +19,7 @@ shared Detector contract for the GenEval scorer.
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +34,16 @@ from genalign.shapes.world import COLORS, SHAPES, TASKS
 POSITION_THRESHOLD = 0.1  # GenEval's default
 FOREGROUND = 0.35  # brightest channel above this = foreground (palette maxima are >= 0.9)
 MIN_AREA = 6  # pixels; smaller components are noise
-MIN_COLOUR_SHARE = 0.2  # a colour must hold this share of a component's core to be an object
+SQUARE_MIN = 0.48  # squareness from which an object is a square whatever its outline
+ROUND_MAX = 0.42  # squareness up to which a non-triangle is a circle whatever its corners
+NECK_RATIO = 0.75  # touching objects: the neck's half width is below this share of each one's half width
+MIN_CORE = 1.5  # pixels; an object's half width (distance-transform peak) is at least this
+HUE_TOLERANCE = 30.0  # degrees; an object's hue farther than this from every palette hue has no palette colour
+MIN_SATURATION = 0.45  # paler objects (white, grey, pink) have no palette colour
+OFF_PALETTE = "off-palette"  # the colour of an object no palette colour describes (fails colour clauses)
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32) / 255.0
-_PALETTE_CHROMA = _PALETTE / _PALETTE.max(axis=1, keepdims=True)
 
 
 @dataclass(frozen=True)
@@ -60,16 +68,35 @@ def to_numpy_image(image: Any) -> np.ndarray:
     return np.clip(array.astype(np.float32), 0.0, 1.0)
 
 
+def squareness(brightness: np.ndarray) -> float:
+    """E[x^2 y^2] / E[(x^4 + y^4) / 2] of the brightness around its centroid: 1/3 for a disc (any
+    isotropic blob), 5/9 for an axis-aligned square, below 1/2 for a triangle. Area, size and
+    position do not matter, and it uses every pixel, not just the corners."""
+    weights = np.clip(brightness, 0.0, None).astype(np.float64)
+    ys, xs = np.mgrid[0 : weights.shape[0], 0 : weights.shape[1]]
+    total = max(weights.sum(), 1e-9)
+    x = xs - (weights * xs).sum() / total
+    y = ys - (weights * ys).sum() / total
+    return float((weights * x**2 * y**2).sum() / max((weights * (x**4 + y**4)).sum() / 2, 1e-9))
+
+
 def classify_shape(mask: np.ndarray, brightness: np.ndarray) -> str:
     """Circle, square or triangle from an object's half-maximum mask and its brightness (both
     cropped to the mask's bounding box; brightness divided by the object's peak).
 
-    Features, measured on 150 rendered shapes each, clean and with Gaussian blur 0.5-1 px plus
-    colour noise (2nd-98th percentiles): brightness at the box's corners is 0-0.25 for circles,
-    0.25-1 for squares, and for triangles 0-0.14 at the top but 0.33-1 at the bottom; the width
-    of the top quarter over the bottom quarter is 0.1-0.5 (at most 0.7 blurred) for triangles and
-    0.5-1.9 for the others.
+    A squareness (:func:`squareness`) of at least SQUARE_MIN is a square, one of at most
+    ROUND_MAX is a circle or triangle told apart as below. In between (a blurred square, a boxy
+    circle), the outline decides. Features, measured on 150 rendered shapes each, clean and with
+    Gaussian blur 0.5-1 px plus colour noise (2nd-98th percentiles): brightness at the box's
+    corners is 0-0.25 for circles, 0.25-1 for squares, and for triangles 0-0.14 at the top but
+    0.33-1 at the bottom; the width of the top quarter over the bottom quarter is 0.1-0.5 (at
+    most 0.7 blurred) for triangles and 0.5-1.9 for the others. Squareness on renders: circles and
+    triangles 0.29-0.35, squares 0.45-0.57 with blur up to 0.7 px; on the labelled generated
+    images (docs/evaluation.md) circles 0.34-0.49, squares 0.48-0.57, triangles 0.29-0.45.
     """
+    square_like = squareness(brightness)
+    if square_like >= SQUARE_MIN:
+        return "square"
     height = mask.shape[0]
     widths = mask.sum(axis=1).astype(np.float32)
     quarter = max(1, height // 4)
@@ -78,17 +105,121 @@ def classify_shape(mask: np.ndarray, brightness: np.ndarray) -> str:
     bottom = (brightness[-1, 0] + brightness[-1, -1]) / 2
     if asymmetry < 0.4 or (asymmetry < 0.75 and bottom >= 0.25 and top < 0.4 * bottom):
         return "triangle"
+    if square_like <= ROUND_MAX:
+        return "circle"
     return "square" if (top + bottom) / 2 >= 0.24 else "circle"
+
+
+def split_touching(region: np.ndarray) -> list[np.ndarray]:
+    """One foreground region as the objects it holds: one mask, unless its outline says it is
+    several touching objects.
+
+    The Euclidean distance transform of the region peaks at each object's centre (at its half
+    width). Regions are merged from the highest distance down (a persistence computation); when
+    two grow into each other, the one with the lower peak p dies at the level d of the neck
+    between them. It was an object of its own if the neck is narrow against it, d < NECK_RATIO * p,
+    and it is not a speck, p >= MIN_CORE. A shape whose colour drifts has one peak and stays whole.
+    The region is then cut between the surviving peaks by a watershed on the distance.
+    """
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    height, width = region.shape
+    order = sorted(zip(*np.nonzero(region)), key=lambda yx: -distance[yx])
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+    peak: dict[tuple[int, int], tuple[int, int]] = {}  # a component's root -> its peak pixel
+
+    def root(p: tuple[int, int]) -> tuple[int, int]:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    significant: list[tuple[int, int]] = []
+    for pixel in order:
+        parent[pixel] = pixel
+        peak[pixel] = pixel
+        y, x = pixel
+        roots = {root(n) for n in ((y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+                 if n in parent and n != pixel}
+        if not roots:
+            continue  # a new local maximum
+        eldest = max(roots, key=lambda r: distance[peak[r]])
+        for other in roots - {eldest}:  # the lower peaks die here, at this pixel's distance
+            top = distance[peak[other]]
+            if top >= MIN_CORE and distance[pixel] < NECK_RATIO * top:
+                significant.append(peak[other])
+            parent[other] = eldest
+        parent[pixel] = eldest
+    significant.append(peak[root(order[0])])  # the highest peak never dies
+    if len(significant) == 1:
+        return [region]
+    # watershed by flooding from the surviving peaks, highest distance first
+    import heapq
+
+    labels = np.zeros(region.shape, dtype=np.int32)
+    queue = []
+    for index, (y, x) in enumerate(significant, start=1):
+        labels[y, x] = index
+        heapq.heappush(queue, (-distance[y, x], y, x))
+    while queue:
+        _, y, x = heapq.heappop(queue)
+        for ny in range(max(0, y - 1), min(height, y + 2)):
+            for nx in range(max(0, x - 1), min(width, x + 2)):
+                if region[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = labels[y, x]
+                    heapq.heappush(queue, (-distance[ny, nx], ny, nx))
+    return [labels == index for index in range(1, len(significant) + 1)]
+
+
+def _hue(rgb: np.ndarray) -> float:
+    return colorsys.rgb_to_hsv(*(float(v) for v in rgb))[0] * 360.0
+
+
+_PALETTE_HUES = np.array([_hue(c) for c in _PALETTE])
+
+
+def _split_region(region: np.ndarray, brightness: np.ndarray) -> list[np.ndarray]:
+    """The objects of one foreground region: its half-maximum core (where blurred touching objects
+    meet, the neck is dimmer, so narrower) split by :func:`split_touching`, piece by piece, and every
+    pixel of the region given to the nearest piece."""
+    from scipy import ndimage
+
+    core = region & (brightness >= 0.5 * brightness[region].max())
+    pieces, count = ndimage.label(core, structure=np.ones((3, 3), dtype=bool))
+    seeds = [part for index in range(1, count + 1) for part in split_touching(pieces == index)]
+    if len(seeds) <= 1:
+        return [region]
+    owner = np.zeros(region.shape, dtype=np.int32)
+    for index, seed in enumerate(seeds, start=1):
+        owner[seed] = index
+    _, (rows, cols) = ndimage.distance_transform_edt(owner == 0, return_indices=True)
+    nearest = owner[rows, cols]
+    return [region & (nearest == index) for index in range(1, len(seeds) + 1)]
+
+
+def object_color(chroma: np.ndarray) -> str:
+    """The colour name of an object from the chromaticity (RGB over its brightest channel) of its
+    core pixels: the palette colour nearest in hue to the median's, or OFF_PALETTE when the median
+    is pale (saturation below MIN_SATURATION: white, grey, pink) or its hue is more than
+    HUE_TOLERANCE degrees from every palette hue (magenta, lime)."""
+    median = np.median(chroma.reshape(-1, 3), axis=0)
+    if 1.0 - median.min() / max(float(median.max()), 1e-6) < MIN_SATURATION:
+        return OFF_PALETTE
+    distances = np.abs((_hue(median) - _PALETTE_HUES + 180.0) % 360.0 - 180.0)  # around the hue circle
+    nearest = int(distances.argmin())
+    return _PALETTE_NAMES[nearest] if distances[nearest] <= HUE_TOLERANCE else OFF_PALETTE
 
 
 def detect(image: Any) -> list[Detection]:
     """Objects in an image, largest first.
 
     Objects are found on a 3x3-median-filtered copy (pixel noise gone): foreground components
-    regardless of colour, each split by palette colour within its core (pixels at least half as
-    bright as its brightest), so that touching objects of different colours stay apart and noisy
-    rims make no objects. The shape is then measured on the unfiltered image (the filter rounds
-    the corners of small squares): the half-maximum mask around the object.
+    (8-connected) regardless of colour, each split only where its outline shows touching objects
+    (:func:`split_touching`), never by colour, so a shape whose hue drifts stays one object. Its
+    colour is the median chromaticity of its core (pixels at least half as bright as its brightest),
+    named by the nearest palette colour or OFF_PALETTE. The shape is measured on the unfiltered
+    image (the filter rounds the corners of small squares): the half-maximum mask around the object.
     """
     from scipy import ndimage
 
@@ -97,7 +228,6 @@ def detect(image: Any) -> list[Detection]:
     pixels = ndimage.median_filter(raw, size=(3, 3, 1))
     brightness = pixels.max(axis=2)
     chroma = pixels / np.maximum(brightness, 1e-6)[..., None]
-    nearest = ((chroma[:, :, None, :] - _PALETTE_CHROMA[None, None]) ** 2).sum(axis=-1).argmin(axis=-1)
     structure = np.ones((3, 3), dtype=bool)
     components, _ = ndimage.label(brightness > FOREGROUND, structure=structure)
     found: list[Detection] = []
@@ -105,26 +235,24 @@ def detect(image: Any) -> list[Detection]:
         if box is None:
             continue
         region = components == index
-        core = region & (brightness >= 0.5 * brightness[region].max())
-        for k in np.unique(nearest[core]):
-            part = core & (nearest == k)
-            if part.sum() < max(MIN_AREA, MIN_COLOUR_SHARE * core.sum()):
-                continue  # a rim or a speck of another colour, not an object
-            pieces, count = ndimage.label(part, structure=structure)
-            for piece_index in range(1, count + 1):
-                piece = pieces == piece_index
-                if piece.sum() < MIN_AREA:
-                    continue
-                around = ndimage.binary_dilation(piece, structure=structure)
-                peak = float(np.percentile(raw_brightness[piece], 90))  # robust to noisy maxima
-                mask = around & (raw_brightness >= 0.5 * peak)
-                rows, cols = np.nonzero(mask)
-                y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-                relative = np.where(around, raw_brightness, 0.0)[y0:y1, x0:x1] / peak
-                found.append(Detection(
-                    classify_shape(mask[y0:y1, x0:x1], relative), _PALETTE_NAMES[k],
-                    (float(x0), float(y0), float(x1), float(y1)), int(mask.sum()),
-                ))
+        if region.sum() < MIN_AREA:
+            continue
+        parts = _split_region(region, brightness)
+        for piece in parts:
+            if piece.sum() < MIN_AREA:
+                continue
+            core = piece & (brightness >= 0.5 * brightness[piece].max())
+            others = region & ~piece
+            around = ndimage.binary_dilation(piece, structure=structure) & ~others
+            peak = float(np.percentile(raw_brightness[piece], 90))  # robust to noisy maxima
+            mask = around & (raw_brightness >= 0.5 * peak)
+            rows, cols = np.nonzero(mask)
+            y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+            relative = np.where(around, raw_brightness, 0.0)[y0:y1, x0:x1] / peak
+            found.append(Detection(
+                classify_shape(mask[y0:y1, x0:x1], relative), object_color(chroma[core]),
+                (float(x0), float(y0), float(x1), float(y1)), int(mask.sum()),
+            ))
     return sorted(found, key=lambda d: -d.area)
 
 
