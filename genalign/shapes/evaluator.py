@@ -78,10 +78,14 @@ def _centred(brightness: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def squareness(brightness: np.ndarray) -> float:
-    """E[x^2 y^2] / E[(x^4 + y^4) / 2] of the brightness about its centroid: 1/3 for a disc (any
-    isotropic blob), 5/9 for an axis-aligned square. Size and position do not matter, and every
-    pixel counts, not just the corners."""
+    """E[x^2 y^2] / E[(x^4 + y^4) / 2] of the brightness about its centroid, x and y each in units
+    of their standard deviation: 1/3 for a disc or an axis-aligned ellipse, 5/9 for an axis-aligned
+    square or rectangle (a person calls a wide rectangle a square sooner than a circle). Size and
+    position do not matter, and every pixel counts, not just the corners."""
     weights, x, y = _centred(brightness)
+    total = max(weights.sum(), 1e-9)
+    x = x / max(np.sqrt((weights * x**2).sum() / total), 1e-9)
+    y = y / max(np.sqrt((weights * y**2).sum() / total), 1e-9)
     return float((weights * x**2 * y**2).sum() / max((weights * (x**4 + y**4)).sum() / 2, 1e-9))
 
 
