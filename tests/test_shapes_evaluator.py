@@ -147,13 +147,13 @@ def test_comparison_with_a_label_counts_unclear_as_any():
 def test_the_evaluator_agrees_with_the_labelled_generated_images():
     """The labelled set (generated images of the shipped models, base and fine-tuned, labelled by a
     person; figures in docs/evaluation.md): the evaluator must not fall below what it reached when
-    the set was labelled, less about one image's worth (on 282 images: objects 0.989, verdicts
-    0.984, colours 0.972, shapes 0.957; the previous parser, which split objects by colour:
-    objects 0.883, verdicts 0.941)."""
+    the set was labelled, less about one image's worth (on 324 images: objects 0.988, verdicts
+    0.983, colours 0.972, shapes 0.960; the previous parser, which split objects by colour:
+    objects 0.873, verdicts 0.942)."""
     from genalign.shapes.labelling import evaluator_agreement
 
     table = evaluator_agreement(LABELLED)
     overall = table["all"]
-    assert overall["n"] >= 282
+    assert overall["n"] >= 324
     assert overall["objects"] >= 0.985 and overall["verdicts"] >= 0.98, table
-    assert overall["colours"] >= 0.965 and overall["shapes"] >= 0.95, table
+    assert overall["colours"] >= 0.965 and overall["shapes"] >= 0.955, table
