@@ -122,6 +122,15 @@ def test_speckle_makes_no_objects():
     assert found(image) == [("square", "orange")]
 
 
+def test_a_bright_speck_joined_to_an_object_by_a_dim_trail_is_no_object():
+    """A 3x3 speck as bright as the square, joined to it by a dim trail (one foreground region whose
+    bright core has two pieces): the speck is too small to seed an object of its own."""
+    image = render([ShapeObject("square", "blue", 10, 16, 5)])
+    image[15:18, 13:20] = np.maximum(image[15:18, 13:20], 0.42 * np.array(COLORS["blue"]) / 255.0)  # dim trail
+    image[15:18, 19:22] = np.array(COLORS["blue"]) / 255.0  # bright speck at its end
+    assert [color for _, color in found(image)] == ["blue"]  # one object (the trail may bend its shape)
+
+
 # --------------------------------------------------------------------------- labels
 
 

@@ -20,6 +20,7 @@ shared Detector contract for the GenEval scorer.
 from __future__ import annotations
 
 import colorsys
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -170,8 +171,6 @@ def split_touching(region: np.ndarray) -> list[np.ndarray]:
     if len(significant) == 1:
         return [region]
     # watershed by flooding from the surviving peaks, highest distance first
-    import heapq
-
     labels = np.zeros(region.shape, dtype=np.int32)
     queue = []
     for index, (y, x) in enumerate(significant, start=1):
@@ -187,22 +186,16 @@ def split_touching(region: np.ndarray) -> list[np.ndarray]:
     return [labels == index for index in range(1, len(significant) + 1)]
 
 
-def _hue(rgb: np.ndarray) -> float:
-    return colorsys.rgb_to_hsv(*(float(v) for v in rgb))[0] * 360.0
-
-
-_PALETTE_HUES = np.array([_hue(c) for c in _PALETTE])
-
-
 def _split_region(region: np.ndarray, brightness: np.ndarray) -> list[np.ndarray]:
     """The objects of one foreground region: its half-maximum core (where blurred touching objects
-    meet, the neck is dimmer, so narrower) split by :func:`split_touching`, piece by piece, and every
-    pixel of the region given to the nearest piece."""
+    meet, the neck is dimmer, so narrower) split by :func:`split_touching`, piece by piece (pieces
+    under MIN_AREA are specks, not seeds), and every pixel of the region given to the nearest piece."""
     from scipy import ndimage
 
     core = region & (brightness >= 0.5 * brightness[region].max())
     pieces, count = ndimage.label(core, structure=np.ones((3, 3), dtype=bool))
-    seeds = [part for index in range(1, count + 1) for part in split_touching(pieces == index)]
+    seeds = [part for index in range(1, count + 1) if (pieces == index).sum() >= MIN_AREA
+             for part in split_touching(pieces == index)]
     if len(seeds) <= 1:
         return [region]
     owner = np.zeros(region.shape, dtype=np.int32)
@@ -211,6 +204,13 @@ def _split_region(region: np.ndarray, brightness: np.ndarray) -> list[np.ndarray
     _, (rows, cols) = ndimage.distance_transform_edt(owner == 0, return_indices=True)
     nearest = owner[rows, cols]
     return [region & (nearest == index) for index in range(1, len(seeds) + 1)]
+
+
+def _hue(rgb: np.ndarray) -> float:
+    return colorsys.rgb_to_hsv(*(float(v) for v in rgb))[0] * 360.0
+
+
+_PALETTE_HUES = np.array([_hue(c) for c in _PALETTE])
 
 
 def object_color(chroma: np.ndarray) -> str:
@@ -232,8 +232,8 @@ def detect(image: Any) -> list[Detection]:
     Objects are found on a 3x3-median-filtered copy (pixel noise gone): foreground components
     (8-connected) regardless of colour, each split only where its outline shows touching objects
     (:func:`split_touching`), never by colour, so a shape whose hue drifts stays one object. Its
-    colour is the median chromaticity of its core (pixels at least half as bright as its brightest),
-    named by the nearest palette colour or OFF_PALETTE. The shape is measured on the unfiltered
+    colour comes from the median chromaticity of its core (pixels at least half as bright as its
+    brightest): the nearest palette hue or OFF_PALETTE (:func:`object_color`). The shape is measured on the unfiltered
     image (the filter rounds the corners of small squares): the half-maximum mask around the object.
     """
     from scipy import ndimage
