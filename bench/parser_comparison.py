@@ -51,23 +51,17 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from genalign.core.experiment import BackboneConfig
-    from genalign.pipelines import load_backbone
     from genalign.shapes import evaluator as current
+    from genalign.shapes.labelling import Source
     from genalign.shapes.scoring import generate
     from genalign.shapes.world import evaluation_set
 
     older = load_evaluator(args.rev)
     metas = evaluation_set("heldout", per_task=args.per_task, seed=args.seed)
     results = {}
-    for spec in args.model:
-        name, _, rest = spec.partition("=")
-        family, _, location = rest.partition(":")
-        path, _, lora = location.partition(":")
-        backbone = load_backbone(BackboneConfig(family=family, path=path, finetune="none"), torch.device("cpu"))
-        if lora:
-            backbone.load_lora(lora)
-        images = generate(backbone, [m["prompt"] for m in metas], 25, 2.0, args.seed)
+    for source in map(Source.parse, args.model):
+        name = source.name
+        images = generate(source.load(), [m["prompt"] for m in metas], 25, 2.0, args.seed)
         row = {}
         for label, module in (("older", older), ("current", current)):
             detections = [module.detect(image) for image in images]

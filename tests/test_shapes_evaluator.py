@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from genalign.shapes.evaluator import OFF_PALETTE, detect, evaluate
-from genalign.shapes.labelling import Label, compare, parse_label_line
+from genalign.shapes.labelling import Label, Source, compare, parse_label_line
 from genalign.shapes.world import COLORS, ShapeObject, render
 
 LABELLED = Path(__file__).resolve().parent.parent / "models" / "shapes" / "labelled"
@@ -142,6 +142,14 @@ def test_label_lines_parse_and_bad_ones_are_named():
                        ("1 | pink circle | no", "unknown colour"), ("1 | red | no", "colour shape")]:
         with pytest.raises(ValueError, match=match):
             parse_label_line(bad)
+
+
+def test_model_specs_parse_and_bad_ones_are_named():
+    assert Source.parse("sd-dpo=sd:models/shapes/sd:runs/dpo/lora.safetensors") == Source(
+        "sd-dpo", "sd", "models/shapes/sd", "runs/dpo/lora.safetensors")
+    assert Source.parse("sd3-base=sd3:models/shapes/sd3") == Source("sd3-base", "sd3", "models/shapes/sd3", None)
+    with pytest.raises(ValueError, match="NAME=FAMILY:PATH"):
+        Source.parse("models/shapes/sd")
 
 
 def test_comparison_with_a_label_counts_unclear_as_any():

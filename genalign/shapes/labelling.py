@@ -19,6 +19,7 @@ shapes and colours (the same multiset; an unclear label matches anything) and ve
 from __future__ import annotations
 
 import json
+import textwrap
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -157,22 +158,11 @@ def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], path: s
         x, y = (index % columns) * (size + 8) + 4, (index // columns) * (size + caption_height + 8) + 4
         pixels = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
         sheet.paste(pixels.resize((size, size), Image.NEAREST), (x, y))
-        for line, text in enumerate(_wrap(caption, size // 6)):
+        for line, text in enumerate(textwrap.wrap(caption, size // 6)[:2]):
             draw.text((x, y + size + 2 + 12 * line), text, fill=(255, 255, 255))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return Path(path)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line][:2]
 
 
 # --------------------------------------------------------------------------- building and labelling
@@ -187,17 +177,36 @@ class Source:
     path: str
     lora: str | None = None
 
+    @classmethod
+    def parse(cls, spec: str) -> Source:
+        """``NAME=FAMILY:PATH[:LORA]``, e.g. ``sd-dpo=sd:models/shapes/sd:runs/dpo/final/lora.safetensors``."""
+        name, _, rest = spec.partition("=")
+        family, _, location = rest.partition(":")
+        path, _, lora = location.partition(":")
+        if not (name and family and path):
+            raise ValueError(f"a model is NAME=FAMILY:PATH[:LORA], got {spec!r}")
+        return cls(name, family, path, lora or None)
+
+    def load(self) -> Any:
+        """The backbone on the CPU, with the LoRA loaded when there is one."""
+        import torch
+
+        from genalign.core.experiment import BackboneConfig
+        from genalign.pipelines import load_backbone
+
+        backbone = load_backbone(BackboneConfig(family=self.family, path=self.path, finetune="none"),
+                                 torch.device("cpu"))
+        if self.lora:
+            backbone.load_lora(self.lora)
+        return backbone
+
 
 def build_set(sources: Sequence[Source], out: str | Path, per_task: int, seed: int, steps: int = 25,
               guidance_scale: float = 2.0, split: str = "heldout") -> list[dict[str, Any]]:
     """Generate ``per_task`` images a task from each source (held-out prompts, ``genalign eval
     shapes`` settings) into ``out/images/NNNN.png`` and append their rows to ``out/items.jsonl``;
     ids continue after those already there."""
-    import torch
-    from PIL import Image
-
-    from genalign.core.experiment import BackboneConfig
-    from genalign.pipelines import load_backbone
+    from genalign.core.images import to_pil_images
     from genalign.shapes.scoring import generate
     from genalign.shapes.world import evaluation_set
 
@@ -206,15 +215,10 @@ def build_set(sources: Sequence[Source], out: str | Path, per_task: int, seed: i
     items = read_jsonl(out / "items.jsonl") if (out / "items.jsonl").exists() else []
     next_id = max((item["id"] for item in items), default=-1) + 1
     for source in sources:
-        backbone = load_backbone(BackboneConfig(family=source.family, path=source.path, finetune="none"),
-                                 torch.device("cpu"))
-        if source.lora:
-            backbone.load_lora(source.lora)
         metas = evaluation_set(split, per_task=per_task, seed=seed)
-        images = generate(backbone, [m["prompt"] for m in metas], steps, guidance_scale, seed)
-        for index, (image, meta) in enumerate(zip(images, metas)):
-            pixels = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(pixels).save(out / "images" / f"{next_id:04d}.png")
+        images = generate(source.load(), [m["prompt"] for m in metas], steps, guidance_scale, seed)
+        for index, (image, meta) in enumerate(zip(to_pil_images(images), metas)):
+            image.save(out / "images" / f"{next_id:04d}.png")
             items.append({"id": next_id, "source": source.name, "family": source.family, "seed": seed,
                           "index": index, "meta": meta})
             next_id += 1
@@ -229,10 +233,14 @@ def load_image(folder: str | Path, ident: int) -> np.ndarray:
     return np.asarray(Image.open(Path(folder) / "images" / f"{ident:04d}.png").convert("RGB"), np.float32) / 255.0
 
 
+def _labels_so_far(folder: Path) -> dict[int, Label]:
+    return read_labels(folder / "labels.jsonl") if (folder / "labels.jsonl").exists() else {}
+
+
 def write_sheets(folder: str | Path, out: str | Path, per_sheet: int = 30, order_seed: int = 0) -> list[Path]:
     """Contact sheets of the images of a set not yet labelled, in an order shuffled by ``order_seed``
     (so that a sheet mixes models and tasks), each captioned with its id and prompt."""
-    labelled = read_labels(Path(folder) / "labels.jsonl") if (Path(folder) / "labels.jsonl").exists() else {}
+    labelled = _labels_so_far(Path(folder))
     items = [item for item in read_jsonl(Path(folder) / "items.jsonl") if item["id"] not in labelled]
     order = np.random.default_rng(order_seed).permutation(len(items))
     sheets = []
@@ -249,7 +257,7 @@ def import_labels(folder: str | Path, lines: Sequence[str]) -> dict[int, Label]:
     id replaces an earlier one); ids must exist in the set."""
     folder = Path(folder)
     known = {item["id"] for item in read_jsonl(folder / "items.jsonl")}
-    labels = read_labels(folder / "labels.jsonl") if (folder / "labels.jsonl").exists() else {}
+    labels = _labels_so_far(folder)
     for line in lines:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -297,13 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("agreement", help="the evaluator's agreement with the labels, per task")
     args = parser.parse_args(argv)
     if args.command == "build":
-        sources = []
-        for spec in args.source:
-            name, _, rest = spec.partition("=")
-            family, _, location = rest.partition(":")
-            path, _, lora = location.partition(":")
-            sources.append(Source(name, family, path, lora or None))
-        items = build_set(sources, args.set, args.per_task, args.seed)
+        items = build_set([Source.parse(spec) for spec in args.source], args.set, args.per_task, args.seed)
         print(f"{len(items)} images in {args.set}")
     elif args.command == "sheets":
         for sheet in write_sheets(args.set, args.out):
