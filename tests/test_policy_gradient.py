@@ -224,13 +224,52 @@ def test_flow_grpo_on_a_flow_backbone_with_the_kl(tiny_models):
     _train(grpo, batch, lr=1e-2, updates=3)
     loss, metrics = grpo.loss(batch)
     assert metrics["kl"].item() > 0 and _surrogate_gain(grpo, batch) > 0
-    # the official code's KL: s_t = step std / sqrt(|dt|)
+    # the official code's KL (the default): s_t = step std / sqrt(|dt|); step: the step's own std
     trajectory = grpo._minibatch_trajectory(batch["rows"])
     std = grpo._step(trajectory, 1)[2]
     sigmas = grpo.backbone.schedule.sigmas(4)[1]
-    grpo.config.kl_variance = "sigma"
     ratio = (grpo.kl_std(trajectory, 1, std) / std).flatten()[0].item()
     assert ratio == pytest.approx(1 / math.sqrt(float(sigmas[1] - sigmas[2])), rel=1e-4)
+    grpo.config.kl_variance = "step"
+    assert torch.equal(grpo.kl_std(trajectory, 1, std), std)
+
+
+def test_the_default_kl_is_the_official_codes_on_sd3s_schedule(tiny_models):
+    """SD3's real 10-step schedule (diffusers' FlowMatchEulerDiscreteScheduler, shift 3), noise level
+    0.7: the default KL of every trained step is yifan123/flow_grpo's ``train_sd3.py`` formula,
+    mean((mu_theta - mu_ref)^2) / (2 std_dev_t^2) with ``sd3_sde_with_logprob``'s
+    std_dev_t = 0.7 sqrt(sigma / (1 - sigma)) (sigmas[1] for the 1 - sigma at sigma = 1), computed
+    here from the scheduler's sigmas; the step KL is 1/|dt| times it (4-25x on this schedule)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from genalign.core.schedules import FlowSchedule
+
+    config = FlowGRPOConfig(samples_per_prompt=2, minibatches=1, clip_range=0.2)
+    assert config.kl_variance == "sigma" and config.beta == 0.04
+    grpo = _method(tiny_models, FlowGRPO, config, "sd3", 0.7, steps=10)
+    grpo.backbone.schedule = FlowSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    batch = grpo.collect(["a red circle"], torch.Generator().manual_seed(0))
+    _train(grpo, batch, lr=1e-2, updates=2)
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference.set_timesteps(10)
+    sigmas = reference.sigmas.double()
+    trajectory = grpo._minibatch_trajectory(batch["rows"])
+    ratios = []
+    for j in batch["steps"]:
+        with torch.no_grad(), grpo.backbone.reference():
+            mean_reference = grpo._step(trajectory, j)[1]
+        with torch.no_grad():
+            _, mean, std = grpo._step(trajectory, j)
+        kl = gaussian_step_kl(mean, mean_reference, grpo.kl_std(trajectory, j, std))
+        sigma = sigmas[j]
+        std_dev_t = 0.7 * math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma)))
+        official = ((mean - mean_reference).double() ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t**2)
+        assert float(official.min()) > 0
+        assert kl.double().tolist() == pytest.approx(official.tolist(), rel=1e-3)
+        step_kl = gaussian_step_kl(mean, mean_reference, std)
+        ratios.append(float((step_kl / kl).mean()))
+        assert ratios[-1] == pytest.approx(1 / float(sigmas[j] - sigmas[j + 1]), rel=1e-3)
+    assert batch["steps"] == list(range(9)) and 3.5 < min(ratios) and max(ratios) < 26
 
 
 def test_groups_with_equal_rewards_are_left_out(tiny_models):
@@ -301,7 +340,8 @@ def test_settings_that_cannot_work_are_refused(tiny_models):
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
         _method(tiny_models, FlowGRPO, FlowGRPOConfig(samples_per_prompt=1), "sd3", 0.7)
     with pytest.raises(ConfigError, match="kl_variance=sigma"):
-        _method(tiny_models, FlowGRPO, FlowGRPOConfig(samples_per_prompt=2, kl_variance="sigma"), "sd", 1.0)
+        _method(tiny_models, FlowGRPO, FlowGRPOConfig(samples_per_prompt=2), "sd", 1.0)
+    assert _method(tiny_models, FlowGRPO, FlowGRPOConfig(samples_per_prompt=2, kl_variance="step"), "sd", 1.0)
     with pytest.raises(ConfigError, match="clip_range"):
         DDPOConfig(clip_range=0.0)
 

@@ -16,10 +16,12 @@ the whole batch's std, as the official ``global_std``, or over the group's own).
     loss = mean_i max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps)) + beta * mean_i KL_i,
     KL_i = ||mu_theta(x_t) - mu_ref(x_t)||^2 / (2 s_t^2 |dt|)
 
-the closed-form KL between the policy's and the reference's Gaussian steps, as the paper writes it.
-The official code (yifan123/flow_grpo ``scripts/train_sd3.py``) divides by s_t^2 without |dt|, a KL
-|dt| times smaller (about 0.1 at 10 steps); ``kl_variance: sigma`` reproduces it, and with it the
-reported beta values (GenEval 0.04, PickScore 0.01).
+the closed-form KL between the policy's and the reference's Gaussian steps, as the paper writes it
+(``kl_variance: step``). The official code (yifan123/flow_grpo ``scripts/train_sd3.py`` with
+``sd3_sde_with_logprob``, which returns s_t, not the step's std) divides by 2 s_t^2 without |dt|, a
+KL |dt| times smaller (|dt| is 0.04-0.25 on SD3's 10-step schedule at shift 3); the default
+``kl_variance: sigma`` reproduces it, so the reported beta values (GenEval 0.04, PickScore 0.01) act
+as they do there. ``sigma`` needs a flow backbone (s_t is the flow SDE's).
 
 Denoising Reduction: rollouts use ``sample.num_steps`` (paper: 10) while evaluation keeps
 the model's usual count with the ODE (paper: 40; here ``eval_num_steps`` for the sample grids; pass
@@ -109,8 +111,8 @@ class FlowGRPOConfig(PolicyGradientConfig):
         True, help="leave out samples whose advantage is 0 (groups whose rewards are all equal), as Flow-GRPO's code")
     global_std: bool = field(True, help="divide by the whole batch's reward std (official default) instead of the group's")
     kl_variance: Literal["step", "sigma"] = field(
-        "step", help="KL denominator: step = 2 s_t^2 |dt| (the KL between the Gaussian steps, the paper's equation); "
-                     "sigma = 2 s_t^2 (the official code's, |dt| times smaller; its beta values assume it)")
+        "sigma", help="KL denominator: sigma = 2 s_t^2 (the official code's; its beta values assume it); step = "
+                      "2 s_t^2 |dt| (the KL between the Gaussian steps as the paper writes it, 1/|dt| times larger)")
     eval_num_steps: int = field(40, help="ODE steps of the sample grids (Denoising Reduction: rollouts use sample.num_steps)")
 
     def __post_init__(self) -> None:
@@ -127,8 +129,9 @@ class FlowGRPO(PolicyGradientMethod):
 
     def __init__(self, config: FlowGRPOConfig, backbone: Backbone, reward: Reward | None, sample_config: Any):
         super().__init__(config, backbone, reward, sample_config)
-        if config.kl_variance == "sigma" and backbone.parameterisation != "flow":
-            raise ConfigError("flow_grpo: kl_variance=sigma is the flow SDE's s_t; on a diffusion backbone use step")
+        if config.kl_variance == "sigma" and config.beta > 0 and backbone.parameterisation != "flow":
+            raise ConfigError("flow_grpo: kl_variance=sigma (the default, the official code's KL) divides by the flow "
+                              "SDE's s_t; on a diffusion backbone set method.kl_variance: step")
         if config.samples_per_prompt < 2:
             raise ConfigError("flow_grpo normalises within each prompt's group: set method.samples_per_prompt >= 2")
 
