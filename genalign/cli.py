@@ -797,7 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-weight", action="append", type=float, default=[], help="weight of the matching --reward")
     p.add_argument("--steps", type=_positive_int, default=1, help="generator steps (1-4)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
-    p.add_argument("--iterations", type=int, default=50, help="optimisation iterations (paper: 50)")
+    p.add_argument("--iterations", type=int, default=50,
+                   help="reward evaluations, the first on the starting noise, each but the last followed by a "
+                        "step (paper: 50)")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     p.add_argument("--lr", type=float, default=5.0, help="paper: 5 with SGD, momentum 0.9, Nesterov")
     p.add_argument("--grad-clip", type=float, default=0.1)

@@ -47,12 +47,20 @@ def backbone(tiny_models):
 
 def test_reno_raises_the_reward_and_keeps_the_best(backbone):
     config = RenoConfig(num_steps=1, iterations=8, lr=5.0, seeds_per_prompt=2)
-    result = reno(backbone, _Brightness(), ["a", "b"], config, torch.Generator().manual_seed(0))
+    calls = []
+
+    class _Counting(_Brightness):
+        def __call__(self, images, prompts, metadata=None):
+            calls.append(len(prompts))
+            return super().__call__(images, prompts, metadata)
+
+    result = reno(backbone, _Counting(), ["a", "b"], config, torch.Generator().manual_seed(0))
     assert result.images.shape[0] == 2 and result.noise.shape[0] == 2
     assert (result.best_reward > result.initial_reward).all()
+    assert calls == [4] * 8 and result.iterations_run == 8  # exactly `iterations` evaluations, as the official loop
     history = torch.tensor(result.history)  # (evaluations, prompts * seeds)
-    assert history.shape == (9, 4)
-    best_of_prompt = history.view(9, 2, 2).amax(dim=(0, 2))
+    assert history.shape == (8, 4)
+    best_of_prompt = history.view(8, 2, 2).amax(dim=(0, 2))
     torch.testing.assert_close(result.best_reward, best_of_prompt)  # the best over iterations and seeds
     # the returned noise regenerates the returned image
     cond = backbone.encode_prompts(["a", "b"], guidance=False)
@@ -69,6 +77,42 @@ def test_batched_reno_equals_one_prompt_at_a_time(backbone):
     torch.testing.assert_close(together.noise[1:], alone.noise, atol=1e-5, rtol=1e-5)
 
 
+def test_the_regulariser_acts_inside_the_loop(backbone):
+    """A reward with no gradient (it only counts up, so the latest noise is the best): one plain SGD step
+    (no momentum, no clip, lr 0.5, lambda 0.2) is the regulariser's gradient alone,
+    n - lr * lambda * (n - (d - 1) n / ||n||^2), computed here by hand; it pulls a noise of norm
+    2 sqrt(d) toward sqrt(d - 1)."""
+    count = []
+
+    class _CountingUp(_Brightness):
+        def __call__(self, images, prompts, metadata=None):
+            count.append(1)
+            scores = images.mean(dim=(1, 2, 3)) * 0.0 + float(len(count))
+            return scores, {"up": scores}
+
+    start = torch.randn(1, *backbone.latent_shape(), generator=torch.Generator().manual_seed(0))
+    d = start[0].numel()
+    start = start / start.norm() * 2 * math.sqrt(d)
+    config = RenoConfig(num_steps=1, iterations=2, lr=0.5, momentum=0.0, grad_clip=0.0, reg_weight=0.2)
+    result = reno(backbone, _CountingUp(), ["a"], config, noise=start)
+    norm_sq = start.double().pow(2).sum()
+    expected = start.double() - 0.5 * 0.2 * (start.double() - (d - 1) * start.double() / norm_sq)
+    torch.testing.assert_close(result.noise.double(), expected, atol=1e-4, rtol=1e-5)
+    assert math.sqrt(d - 1) < result.noise.norm() < start.norm()
+
+
+def test_adam_takes_the_official_eps():
+    """Adam's first step is lr * g / (|g| + eps) (bias corrections cancel): with ReNO's eps 1e-2 a
+    clipped gradient element of 1e-3 moves by 5 * 1e-3 / 1.1e-2 = 0.4545, not by lr = 5 (eps 1e-8)."""
+    from genalign.finetuners.reno import make_optimizer
+
+    noise = torch.zeros(3, requires_grad=True)
+    optimizer = make_optimizer(noise, RenoConfig(optimizer="adam", lr=5.0))
+    noise.grad = torch.tensor([1e-3, -1e-3, 1e-1])
+    optimizer.step()
+    assert noise.detach().tolist() == pytest.approx([-5e-3 / 1.1e-2, 5e-3 / 1.1e-2, -0.5 / 0.11], rel=1e-4)
+
+
 def test_early_stopping_and_refusals(backbone):
     class _Flat(_Brightness):
         def __call__(self, images, prompts, metadata=None):
@@ -76,7 +120,7 @@ def test_early_stopping_and_refusals(backbone):
             return scores, {"flat": scores}
 
     result = reno(backbone, _Flat(), ["a"], RenoConfig(iterations=20, patience=3), torch.Generator().manual_seed(0))
-    assert result.iterations_run == 3  # no improvement after the start: stops after 3 more evaluations
+    assert result.iterations_run == 4  # no improvement after the start: stops after 3 more evaluations
 
     class _Frozen(_Brightness):
         differentiable = False
@@ -96,5 +140,5 @@ def test_reno_cli_writes_images_noise_and_history(tiny_models, tmp_path):
     summary = json.loads((out / "reno.json").read_text())
     assert len(summary["reward_best"]) == 2
     assert all(b >= i for b, i in zip(summary["reward_best"], summary["reward_initial"]))
-    assert len(summary["history"][0]) == 3  # the start + 2 iterations
+    assert len(summary["history"][0]) == 2  # 2 evaluations: the start and one step
     assert (out / "images" / "0001.png").is_file() and (out / "noise.safetensors").is_file()

@@ -8,6 +8,11 @@ distribution of ||noise|| (d degrees of freedom): ``0.5 ||n||^2 - (d - 1) log ||
 ||n|| = sqrt(d - 1), which keeps the noise where a standard Gaussian puts its mass.
 Paper defaults: SGD lr 5, momentum 0.9, Nesterov, gradient-norm clip 0.1, 50 iterations,
 lambda 0.01; the best image by reward loss (regulariser excluded), the start included, is kept.
+As the official loop (ExplainableML/ReNO ``training/trainer.py``), ``iterations`` counts reward
+evaluations, the first on the starting noise, with an optimizer step after each but the last
+(iterations - 1 steps); Adam takes the official ``eps=1e-2`` (``training/optim.py``): with the
+usual 1e-8 its first step moves every element by about lr whatever the clipped gradient, which at
+lr 5 replaces the noise.
 
 Beyond the official code (one prompt at a time): a batch of prompts x seeds is optimised at once
 (gradients are clipped per sample, so each sample follows the path it would alone), the best seed
@@ -28,6 +33,9 @@ from genalign.core.config import field as config_field
 from genalign.core.sampler import initial_noise, sample
 from genalign.core.types import Backbone, Reward
 
+ADAM_EPS = 1e-2  # the official code's Adam eps
+
+
 
 def noise_regularizer(noise: Tensor) -> Tensor:
     """(B,) ``0.5 * ||n||^2 - (d - 1) * log ||n||`` per sample (fp32), d = elements of one sample."""
@@ -40,8 +48,11 @@ def noise_regularizer(noise: Tensor) -> Tensor:
 class RenoConfig:
     num_steps: int = config_field(1, help="generator steps (one-step models: 1; the shapes models: 1-4)")
     guidance_scale: float = config_field(1.0, help="generator guidance (turbo models: 1)")
-    iterations: int = config_field(50, help="noise optimisation iterations (paper: 50)")
-    optimizer: Literal["sgd", "adam"] = config_field("sgd", help="sgd (paper: lr 5, momentum 0.9, Nesterov) or adam")
+    iterations: int = config_field(
+        50, help="reward evaluations, the first on the starting noise, each but the last followed by a step "
+                 "(paper: 50; 1 = plain sampling)")
+    optimizer: Literal["sgd", "adam"] = config_field(
+        "sgd", help="sgd (paper: lr 5, momentum 0.9, Nesterov) or adam (eps 1e-2, as the official code)")
     lr: float = config_field(5.0, help="learning rate (paper: 5 with SGD)")
     momentum: float = config_field(0.9, help="SGD momentum (paper: 0.9, Nesterov)")
     grad_clip: float = config_field(0.1, help="per-sample gradient-norm clip (paper: 0.1; 0: off)")
@@ -51,7 +62,7 @@ class RenoConfig:
 
     def __post_init__(self) -> None:
         check(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
-        check(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")
+        check(self.iterations >= 1, f"iterations (reward evaluations) must be >= 1, got {self.iterations}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.seeds_per_prompt >= 1, f"seeds_per_prompt must be >= 1, got {self.seeds_per_prompt}")
         check(self.grad_clip >= 0 and self.reg_weight >= 0 and self.patience >= 0,
@@ -66,13 +77,20 @@ class RenoResult:
     best_reward: Tensor  # (P,) reward of the returned images
     initial_reward: Tensor  # (P,) reward of the first seed's plain sample
     history: list[list[float]] = field(default_factory=list)  # per evaluation: reward of every sample
-    iterations_run: int = 0
+    iterations_run: int = 0  # reward evaluations made (fewer than ``iterations`` after an early stop)
 
 
 def _generate(backbone: Backbone, cond, noise: Tensor, config: RenoConfig) -> Tensor:
     trajectory = sample(backbone, cond, config.num_steps, config.guidance_scale,
                         latents=noise.to(backbone.dtype), grad_last_k=-1)
     return backbone.decode(trajectory.final).float().clamp(0, 1)
+
+
+def make_optimizer(noise: Tensor, config: RenoConfig) -> torch.optim.Optimizer:
+    """The optimiser of the noise: SGD (momentum, Nesterov when momentum > 0) or Adam with eps 1e-2."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD([noise], lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    return torch.optim.Adam([noise], lr=config.lr, eps=ADAM_EPS)
 
 
 def reno(
@@ -94,17 +112,14 @@ def reno(
         noise = initial_noise(backbone, len(repeated), generator)
     noise = noise.detach().float().clone().requires_grad_(True)
     cond = backbone.encode_prompts(repeated, guidance=config.guidance_scale != 1.0)
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD([noise], lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
-    else:
-        optimizer = torch.optim.Adam([noise], lr=config.lr)
+    optimizer = make_optimizer(noise, config)
     best_reward = torch.full((len(repeated),), -float("inf"))
     best_noise = noise.detach().clone()
     best_images: Tensor | None = None
     initial_images, initial_reward = None, None
     history: list[list[float]] = []
     stale = 0
-    iterations = range(config.iterations + 1)  # evaluation i follows i optimizer steps
+    iterations = range(config.iterations)  # evaluation i follows i optimizer steps
     if progress:
         from tqdm.auto import tqdm
 
@@ -127,8 +142,8 @@ def reno(
             stale = 0
         else:
             stale += 1
-        done = iteration
-        if iteration == config.iterations or (config.patience and stale >= config.patience):
+        done = iteration + 1
+        if done == config.iterations or (config.patience and stale >= config.patience):
             break
         loss = -scores + config.reg_weight * noise_regularizer(noise)
         optimizer.zero_grad()
