@@ -164,6 +164,13 @@ def test_configuration_errors_are_clear(tiny_models):
     sd = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora"), "cpu")
     with pytest.raises(ValueError, match="only defined for flow"):
         AdjointMatching(AdjointMatchingConfig(noise_schedule="constant"), sd, _MeanReward(), sample)
+    # options that would do nothing are refused, naming why
+    for option in ({"time_offset": 0.5}, {"final_step": "ode"}):
+        with pytest.raises(ValueError, match=f"{next(iter(option))} shape the flow SDE"):
+            AdjointMatching(AdjointMatchingConfig(**option), sd, _MeanReward(), sample)
+    with pytest.raises(ValueError, match="with memoryless it does nothing"):
+        AdjointMatchingConfig(constant_noise=0.5)
+    assert AdjointMatching(AdjointMatchingConfig(time_offset=0.5, final_step="ode"), backbone, _MeanReward(), sample)
 
 
 class _MeanReward:

@@ -78,6 +78,11 @@ def test_inversion_dpo_loss_by_hand():
     d_w, d_l = T([0.02], requires_grad=True), T([0.02], requires_grad=True)
     inversion_dpo_loss(d_w, d_l, 100.0).backward()
     assert d_w.grad.item() > 0 > d_l.grad.item()  # the winner's deviation is pushed down
+    # the official code's sign (inside_term = 0.5 * diff * beta_dpo): -log sigmoid(+50 * (-0.02)) = log(1 + e)
+    assert inversion_dpo_loss(T([0.01]), T([0.03]), 100.0, sign=1.0).item() == pytest.approx(1.313262, abs=1e-6)
+    d_w, d_l = T([0.02], requires_grad=True), T([0.02], requires_grad=True)
+    inversion_dpo_loss(d_w, d_l, 100.0, sign=1.0).backward()
+    assert d_w.grad.item() < 0 < d_l.grad.item()  # official: the winner's deviation is pushed up
 
 
 def test_inversion_deviation_by_hand():
@@ -243,6 +248,8 @@ def test_config_errors_are_clear(tiny_models):
         DiffusionDPO.build(_experiment(DiffusionDPOConfig()), backbone, None)
     with pytest.raises(ConfigError, match="offline needs method.dataset"):
         DiffusionDPOConfig(pairs="offline")
+    with pytest.raises(ConfigError, match="reference is frozen and it does nothing"):
+        DiffusionDPOConfig(reference_anchor=0.5)
     frozen = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="none"), "cpu")
     with pytest.raises(ConfigError, match="set backbone.finetune"):
         DiffusionDPO.build(_experiment(DiffusionDPOConfig()), frozen, _BrightnessReward())
@@ -279,6 +286,34 @@ def test_inversion_dpo_makes_the_policy_reconstruct_the_winner_better_than_the_l
     after = relative()
     assert metrics["deviation_w"] < metrics["deviation_l"]
     assert after < before * 0.9, (before, after)
+
+
+def test_the_official_inversion_dpo_objective_cannot_leave_a_fresh_lora(tiny_models):
+    """objective: official (MIGHTYEZ/Inversion-DPO train_ddim.py: +beta/2 inside the sigmoid, the policy
+    at the reference's guidance): from a zero-initialised LoRA the policy's predictions equal the
+    reference's, D_w = D_l = 0, the loss is log 2 and every gradient is exactly 0; the derived
+    objective (policy at guidance 1) has a non-zero gradient on the same batch."""
+    grads = {}
+    for objective in ("official", "derived"):
+        torch.manual_seed(0)
+        backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora", lora_rank=4), "cpu")
+        config = InversionDPOConfig(beta=50.0, inversion_steps=3, samples_per_prompt=2, objective=objective)
+        dpo = InversionDPO.build(_experiment(config), backbone, _BrightnessReward())
+        assert dpo.policy_guidance == (2.0 if objective == "official" else 1.0)
+        with torch.no_grad():
+            batch = dpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+        loss, metrics = dpo.loss(batch)
+        loss.backward()
+        params = dpo.named_trainable_parameters().values()
+        grads[objective] = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
+        if objective == "official":
+            assert float(metrics["deviation_w"]) == float(metrics["deviation_l"]) == 0.0
+            assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert grads["official"] == 0.0 and grads["derived"] > 1e-6
+    with pytest.raises(ConfigError, match="policy_guidance does nothing"):
+        InversionDPOConfig(objective="official", policy_guidance=3.0)
+    with pytest.raises(ConfigError, match="timestep_weighting does nothing"):
+        InversionDPOConfig(timestep_weighting="relative")
 
 
 def test_inversions_of_offline_pairs_are_cached(tiny_models, pick_a_pic, monkeypatch):

@@ -229,6 +229,19 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+def changed_options(config: Any, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` whose value in the dataclass ``config`` differs from the field's default
+    (to refuse options that would do nothing in the given setting)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    changed = []
+    for name in names:
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if getattr(config, name) != default:
+            changed.append(name)
+    return changed
+
+
 def check(condition: bool, message: str) -> None:
     """Range checks in ``__post_init__``; ``from_dict`` turns the error into one naming the source."""
     if not condition:

@@ -55,7 +55,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from genalign.core.config import ConfigError, check, field
+from genalign.core.config import ConfigError, changed_options, check, field
 from genalign.core.sampler import initial_noise
 from genalign.core.types import Backbone, Conditioning, Reward
 from genalign.finetuners import register
@@ -212,6 +212,8 @@ class AdjointMatchingConfig:
                       "state before it (no residual noise of the last SDE step in the image the reward sees)")
 
     def __post_init__(self) -> None:
+        if self.noise_schedule == "memoryless" and changed_options(self, ["constant_noise"]):
+            raise ConfigError("constant_noise is the sigma of noise_schedule: constant; with memoryless it does nothing")
         check(self.reward_multiplier > 0, f"reward_multiplier must be > 0, got {self.reward_multiplier}")
         check(self.constant_noise > 0, f"constant_noise must be > 0, got {self.constant_noise}")
         check(self.time_offset > 0, f"time_offset must be > 0 (sigma diverges at t = 0), got {self.time_offset}")
@@ -264,6 +266,10 @@ class AdjointMatching(LossInParts, BackboneMethod):
             return FlowSDE(self.backbone, num_steps, c.noise_schedule, c.constant_noise, c.time_offset, c.final_step)
         if c.noise_schedule != "memoryless":
             raise ConfigError("noise_schedule: constant is only defined for flow backbones (diffusion uses DDPM)")
+        unused = changed_options(c, ["time_offset", "final_step"])
+        if unused:
+            raise ConfigError(f"adjoint_matching: {', '.join(unused)} shape the flow SDE and do nothing on a diffusion "
+                              "backbone (its memoryless SDE is DDPM's); remove them")
         return DDPMSDE(self.backbone, num_steps)
 
     # ---------------------------------------------------------------- pieces

@@ -109,17 +109,23 @@ class DiffusionDPOConfig:
         1, help="online pairs: train on each sampled batch of pairs for this many micro-steps, with fresh "
                 "noise and timesteps each time (sampling dominates the cost; 1: new pairs every micro-step)")
     reference_update_rate: float = field(
-        0.0, help="stable reference: ref <- ref + rate * (policy - ref) after each step (0: frozen reference)")
+        0.0, help="stable reference (our reading of Kang et al. 2025, whose code we could not check): ref <- ref + "
+                  "rate * (policy - ref) after each step (0: frozen reference)")
     reference_anchor: float = field(
-        0.0, help="stable reference: ref <- ref - anchor * (ref - ref_0) after each update (regularisation)")
+        0.0, help="stable reference (our reading, as above): ref <- ref - anchor * (ref - ref_0) after each update; "
+                  "needs reference_update_rate > 0")
     timestep_weighting: Literal["none", "relative"] = field(
-        "none", help="relative: balance the margin's scale across timesteps by the reference's error scale")
+        "none", help="relative (our reading of Kang et al. 2025's timestep-aware training, no public code checked): "
+                     "balance the margin's scale across timesteps by the reference's error scale")
 
     def __post_init__(self) -> None:
         check(self.beta > 0, f"beta must be > 0, got {self.beta}")
         check(self.samples_per_prompt >= 2, f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
         check(0 <= self.reference_update_rate <= 1, f"reference_update_rate must be in [0, 1], got {self.reference_update_rate}")
         check(0 <= self.reference_anchor <= 1, f"reference_anchor must be in [0, 1], got {self.reference_anchor}")
+        check(self.reference_anchor == 0 or self.reference_update_rate > 0,
+              "reference_anchor pulls a moving reference back toward the start; with reference_update_rate 0 the "
+              "reference is frozen and it does nothing: set reference_update_rate > 0 or remove it")
         check(self.pairs == "online" or bool(self.dataset), "pairs: offline needs method.dataset")
         check(self.min_reward_gap >= 0, f"min_reward_gap must be >= 0, got {self.min_reward_gap}")
         check(self.pairs_reuse >= 1, f"pairs_reuse must be >= 1, got {self.pairs_reuse}")

@@ -12,14 +12,22 @@ and the loss is ``-log sigmoid(-beta/2 * (D_w - D_l))``.
 Sign: on the inversion path x_{i-1} is the reference's step mean, so the per-step log-ratio
 log p_theta / p_ref is about -c_i * ||pred_theta - pred_ref||^2: the implicit reward is -beta * D,
 and DPO's -log sigmoid(r_w - r_l) gives the sign above -- Diffusion-DPO's loss with the reference
-prediction as target (its ref terms vanish). The official code (MIGHTYEZ/Inversion-DPO,
-train_ddim.py) uses +beta/2 * (D_w - D_l), which would push the policy away from the reference on
-the winner; we follow the derivation and test that a training step makes the policy reconstruct
-the winner better relative to the loser (tests/test_dpo.py).
+prediction as target (its ref terms vanish). We test that a training step makes the policy
+reconstruct the winner better relative to the loser (tests/test_dpo.py).
 
 Targets: the reference inverts with classifier-free guidance (``inversion_guidance``, 2.0 as in
 the official code) while the policy is evaluated conditionally (``policy_guidance`` 1). Were the
 two equal, a fresh LoRA would start at D = 0, a stationary point with zero gradient.
+
+What the official code does (MIGHTYEZ/Inversion-DPO ``train_ddim.py``), and ``objective: official``
+reproduces: ``inside_term = 0.5 * diff * beta_dpo`` with diff = D_w - D_l, i.e. the opposite sign,
+``-log sigmoid(+beta/2 * (D_w - D_l))`` (it pushes the policy's deviation up on the winner and down
+on the loser), and the policy evaluated at the reference's guidance (2). Both together start at
+that stationary point: from a zero-initialised LoRA in full precision the gradient is exactly 0
+and training never moves (tested); the official script trains the full UNet with the reference
+in fp16 and the policy in fp32, whose rounding difference is what makes D non-zero there.
+``objective: derived`` (the default) is the sign of the derivation with the policy at
+``policy_guidance``; docs/methods.md has the comparison on the shapes world.
 Step weights ``alpha``: w_i = 1 / (2 * alphabar_{t_i}) (the official code's
 (1 - a) / (2 (1 - a) a)); ``uniform``: 1 (the only choice for flow backbones).
 """
@@ -42,10 +50,14 @@ from genalign.finetuners.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig, 
 from genalign.finetuners.preference_data import PairBatch
 
 
-def inversion_dpo_loss(deviation_w: Tensor, deviation_l: Tensor, beta: float) -> Tensor:
-    """Batch mean of ``-log sigmoid(-beta/2 * (D_w - D_l))`` for the policy's deviations (B,) from the
-    reference along the winner's and the loser's inversions. D_w = D_l gives log 2."""
-    return -F.logsigmoid(-0.5 * beta * (deviation_w - deviation_l)).mean()
+def inversion_dpo_loss(deviation_w: Tensor, deviation_l: Tensor, beta: float, sign: float = -1.0) -> Tensor:
+    """Batch mean of ``-log sigmoid(sign * beta/2 * (D_w - D_l))`` for the policy's deviations (B,) from
+    the reference along the winner's and the loser's inversions: sign -1 is the derivation's (the
+    winner's deviation is pushed down), +1 the official code's ``inside_term = 0.5 * diff * beta_dpo``.
+    D_w = D_l gives log 2."""
+    if sign not in (-1.0, 1.0):
+        raise ValueError(f"sign must be -1 or +1, got {sign}")
+    return -F.logsigmoid(sign * 0.5 * beta * (deviation_w - deviation_l)).mean()
 
 
 def inversion_deviation(policy: Tensor, reference: Tensor, weights: Tensor) -> Tensor:
@@ -60,7 +72,12 @@ class InversionDPOConfig(DiffusionDPOConfig):
     beta: float = field(5000.0, help="KL strength (official default 5000; its SDXL launcher uses 2000)")
     inversion_steps: int = field(40, help="DDIM / flow ODE inversion steps (official: 40; SDXL launcher: 80)")
     inversion_guidance: float = field(2.0, help="guidance of the reference during inversion (official: 2)")
-    policy_guidance: float = field(1.0, help="guidance of the policy on the inversion states (1: conditional)")
+    policy_guidance: float = field(
+        1.0, help="objective derived: guidance of the policy on the inversion states (1: conditional)")
+    objective: Literal["derived", "official"] = field(
+        "derived", help="derived: -log sigmoid(-beta/2 (D_w - D_l)), policy at policy_guidance; official: "
+                        "MIGHTYEZ/Inversion-DPO's train_ddim.py, the opposite sign and the policy at inversion_guidance "
+                        "(from a fresh LoRA in fp32 its gradient is exactly 0)")
     steps_per_update: int = field(0, help="train on this many random inversion steps per pair (0: all)")
     step_weighting: Literal["auto", "alpha", "uniform"] = field(
         "auto", help="alpha: 1/(2 alphabar_t) (official); uniform: 1; auto: alpha for diffusion, uniform for flow")
@@ -71,6 +88,10 @@ class InversionDPOConfig(DiffusionDPOConfig):
         check(self.inversion_steps >= 1, f"inversion_steps must be >= 1, got {self.inversion_steps}")
         check(self.steps_per_update >= 0, f"steps_per_update must be >= 0, got {self.steps_per_update}")
         check(self.cache_size >= 0, f"cache_size must be >= 0, got {self.cache_size}")
+        check(self.timestep_weighting == "none",
+              "timestep_weighting does nothing in inversion_dpo (its steps are weighted by step_weighting); remove it")
+        check(self.objective == "derived" or self.policy_guidance == 1.0,
+              "objective: official evaluates the policy at inversion_guidance, so policy_guidance does nothing; remove it")
 
 
 @register("inversion_dpo")
@@ -142,9 +163,15 @@ class InversionDPO(DiffusionDPO):
             steps = torch.randperm(self.config.inversion_steps, generator=generator)[: self.config.steps_per_update]
         return {"pairs": pairs, "inversion_w": inversion_w, "inversion_l": inversion_l, "steps": steps.sort().values}
 
+    @property
+    def policy_guidance(self) -> float:
+        c = self.config
+        return c.inversion_guidance if c.objective == "official" else c.policy_guidance
+
     def deviations(self, pairs: PairBatch, inversion_w: Inversion, inversion_l: Inversion, steps: Tensor) -> Tensor:
         """(2N,) policy deviations D along the chosen inversion steps, winners first."""
-        if self.config.policy_guidance == 1.0:
+        guidance = self.policy_guidance
+        if guidance == 1.0:
             cond = concat_conditioning(pairs.cond)  # the pairs' (unguided) conditioning, winners then losers
         else:  # the guidance branch is needed: encode with the negative prompt
             cond = self.backbone.encode_prompts(pairs.prompts + pairs.prompts, guidance=True)
@@ -153,7 +180,7 @@ class InversionDPO(DiffusionDPO):
             for i in steps.tolist():
                 x = torch.cat([inversion_w.inputs[i], inversion_l.inputs[i]])
                 t = inversion_w.timesteps[i]
-                predictions.append(self.backbone.predict(x, t, cond, self.config.policy_guidance))
+                predictions.append(self.backbone.predict(x, t, cond, guidance))
                 references.append(torch.cat([inversion_w.predictions[i], inversion_l.predictions[i]]))
         weights = self.step_weights(inversion_w.timesteps[steps])
         return inversion_deviation(torch.stack(predictions), torch.stack(references), weights)
@@ -164,8 +191,9 @@ class InversionDPO(DiffusionDPO):
             return self.zero_loss(), dict(pairs.metrics)
         deviation = self.deviations(pairs, batch["inversion_w"], batch["inversion_l"], batch["steps"])
         deviation_w, deviation_l = deviation.chunk(2)
-        loss = inversion_dpo_loss(deviation_w, deviation_l, self.config.beta)
-        margin = -(deviation_w - deviation_l).detach()
+        sign = 1.0 if self.config.objective == "official" else -1.0
+        loss = inversion_dpo_loss(deviation_w, deviation_l, self.config.beta, sign)
+        margin = sign * (deviation_w - deviation_l).detach()
         metrics = {
             **pairs.metrics,
             "implicit_accuracy": positive_fraction(margin),
