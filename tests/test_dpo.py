@@ -288,6 +288,42 @@ def test_inversion_dpo_makes_the_policy_reconstruct_the_winner_better_than_the_l
     assert after < before * 0.9, (before, after)
 
 
+def test_caption_dropout_and_vae_posterior_latents(tiny_models, pick_a_pic):
+    """proportion_empty_prompts (the official train.py's caption dropout): at 1 every pair trains on
+    the empty prompt's conditioning, at 0.5 some do, and the sampled pairs keep their captions;
+    vae_latents: sample draws the offline latents from the VAE posterior (the official
+    latent_dist.sample(): the same generator seed gives the same draw, another seed another, both
+    off the mean), mean gives the posterior mean."""
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora"), "cpu")
+    empty = backbone.encode_prompts([""], guidance=False).positive["prompt_embeds"][0]
+    config = DiffusionDPOConfig(pairs="offline", dataset=str(pick_a_pic), proportion_empty_prompts=1.0)
+    dpo = DiffusionDPO.build(_experiment(config), backbone, None)
+    batch = dpo.collect(["row:0", "row:1"], torch.Generator().manual_seed(0))
+    embeds = batch["pairs"].cond.positive["prompt_embeds"]
+    assert all(torch.equal(e, empty) for e in embeds) and batch["pairs"].prompts == ["a red thing", "another red thing"]
+    dpo.config.proportion_empty_prompts = 0.5
+    kept = [not torch.equal(e, empty) for seed in range(8)
+            for e in dpo.collect(["row:0", "row:1"], torch.Generator().manual_seed(seed))["pairs"].cond.positive["prompt_embeds"]]
+    assert 0 < sum(kept) < len(kept)
+    dpo.config.proportion_empty_prompts = 0.0
+    assert not any(torch.equal(e, empty) for e in dpo.collect(["row:0"], torch.Generator().manual_seed(0))["pairs"].cond.positive["prompt_embeds"])
+
+    def latents(mode, seed):
+        dpo.config.vae_latents = mode
+        return dpo.pairs(["row:0"], torch.Generator().manual_seed(seed)).x0_w
+
+    mean = latents("mean", 0)
+    torch.testing.assert_close(latents("mean", 1), mean)
+    torch.testing.assert_close(latents("sample", 3), latents("sample", 3))
+    assert not torch.allclose(latents("sample", 3), latents("sample", 4))
+    assert not torch.allclose(latents("sample", 3), mean)
+    with pytest.raises(ConfigError, match="proportion_empty_prompts"):
+        DiffusionDPOConfig(proportion_empty_prompts=1.5)
+    with pytest.raises(ConfigError, match="drops no captions"):
+        InversionDPOConfig(proportion_empty_prompts=0.2)
+
+
 def test_the_official_inversion_dpo_objective_cannot_leave_a_fresh_lora(tiny_models):
     """objective: official (MIGHTYEZ/Inversion-DPO train_ddim.py: +beta/2 inside the sigmoid, the policy
     at the reference's guidance): from a zero-initialised LoRA the policy's predictions equal the

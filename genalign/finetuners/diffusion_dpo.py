@@ -26,6 +26,7 @@ mechanisms as its abstract describes them, in a form stated below:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -97,6 +98,12 @@ class DiffusionDPOConfig:
     dataset: str | None = field(None, help="offline pairs: hub id, save_to_disk folder, or parquet file(s)")
     dataset_split: str = field("train", help="offline pairs: dataset split")
     random_crop: bool = field(False, help="offline pairs: random instead of centre crop")
+    vae_latents: Literal["sample", "mean"] = field(
+        "sample", help="offline pairs: latents drawn from the VAE posterior (the official scripts' "
+                       "latent_dist.sample()) or its mean")
+    proportion_empty_prompts: float = field(
+        0.0, help="caption dropout: each pair's caption is replaced by the empty prompt with this probability "
+                  "during training (the official train.py's default is 0.2)")
     hflip: bool = field(True, help="offline pairs: random horizontal flip (both images of a pair alike)")
     bad_rows: Literal["error", "skip"] = field(
         "error", help="offline pairs: a row with a label outside {0, 0.5, 1} or an image that does not decode "
@@ -129,6 +136,8 @@ class DiffusionDPOConfig:
         check(self.pairs == "online" or bool(self.dataset), "pairs: offline needs method.dataset")
         check(self.min_reward_gap >= 0, f"min_reward_gap must be >= 0, got {self.min_reward_gap}")
         check(self.pairs_reuse >= 1, f"pairs_reuse must be >= 1, got {self.pairs_reuse}")
+        check(0 <= self.proportion_empty_prompts <= 1,
+              f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}")
 
 
 def concat_conditioning(cond: Conditioning, times: int = 2) -> Conditioning:
@@ -188,7 +197,8 @@ class DiffusionDPO(BackboneMethod):
         if self.data is not None:
             rows = [int(p.removeprefix("row:")) for p in prompts]
             return offline_pairs(self.backbone, self.data, rows, generator, self.config.random_crop, self.config.hflip,
-                                 skip_bad_rows=self.config.bad_rows == "skip")
+                                 skip_bad_rows=self.config.bad_rows == "skip",
+                                 sample_posterior=self.config.vae_latents == "sample")
         if self.buffer is not None and self.buffer_uses < self.config.pairs_reuse:
             self.buffer_uses += 1
             return self.buffer
@@ -199,8 +209,23 @@ class DiffusionDPO(BackboneMethod):
         self.buffer, self.buffer_uses = pairs, 1
         return pairs
 
+    def drop_captions(self, pairs: PairBatch, generator: torch.Generator) -> PairBatch:
+        """Caption dropout: each pair's training conditioning becomes the empty prompt's with
+        probability ``proportion_empty_prompts`` (both images of a pair alike); a new batch, the
+        sampled pairs (which may be reused) keep their captions."""
+        p = self.config.proportion_empty_prompts
+        if p == 0 or len(pairs) == 0:
+            return pairs
+        dropped = (torch.rand(len(pairs), generator=generator) < p).tolist()
+        if not any(dropped):
+            return pairs
+        captions = ["" if drop else prompt for drop, prompt in zip(dropped, pairs.prompts)]
+        cond = self.backbone.encode_prompts(captions, guidance=False)
+        metrics = {**pairs.metrics, "captions_dropped": torch.tensor(sum(dropped) / len(dropped))}
+        return dataclasses.replace(pairs, cond=cond, metrics=metrics)
+
     def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
-        pairs = self.pairs(prompts, generator)
+        pairs = self.drop_captions(self.pairs(prompts, generator), generator)
         n = len(pairs)
         noise = torch.randn(pairs.x0_w.shape, generator=generator).to(pairs.x0_w)
         timesteps = self.backbone.schedule.sample_training_timesteps(n, generator).to(self.backbone.device)

@@ -88,6 +88,8 @@ class InversionDPOConfig(DiffusionDPOConfig):
         check(self.inversion_steps >= 1, f"inversion_steps must be >= 1, got {self.inversion_steps}")
         check(self.steps_per_update >= 0, f"steps_per_update must be >= 0, got {self.steps_per_update}")
         check(self.cache_size >= 0, f"cache_size must be >= 0, got {self.cache_size}")
+        check(self.proportion_empty_prompts == 0,
+              "proportion_empty_prompts does nothing in inversion_dpo (the official code drops no captions); remove it")
         check(self.timestep_weighting == "none",
               "timestep_weighting does nothing in inversion_dpo (its steps are weighted by step_weighting); remove it")
         check(self.objective == "derived" or self.policy_guidance == 1.0,

@@ -182,10 +182,13 @@ def offline_pairs(
     random_crop: bool = False,
     hflip: bool = True,
     skip_bad_rows: bool = False,
+    sample_posterior: bool = False,
 ) -> PairBatch:
-    """Encode the rows' winner (first after flipping by ``label_0``) and loser images to latents.
-    Both images of a pair get the same crop offset draw and flip. An image that does not decode is
-    an error naming its row, or with ``skip_bad_rows`` reported and its row left out of the batch."""
+    """Encode the rows' winner (first after flipping by ``label_0``) and loser images to latents: the
+    VAE posterior's mean, or with ``sample_posterior`` a draw from it (``generator``), as the official
+    Diffusion-DPO and Inversion-DPO scripts do (``latent_dist.sample()``). Both images of a pair get
+    the same crop offset draw and flip. An image that does not decode is an error naming its row, or
+    with ``skip_bad_rows`` reported and its row left out of the batch."""
     resolution = backbone.resolution
     winners, losers, prompts = [], [], []
     skipped = 0
@@ -210,7 +213,7 @@ def offline_pairs(
     if not winners:
         raise ValueError(f"no image of the preference rows {list(rows)[:8]} decodes")
     images = torch.stack(winners + losers).to(backbone.device)
-    latents = backbone.encode(images)
+    latents = backbone.encode(images, generator) if sample_posterior else backbone.encode(images)
     cond = backbone.encode_prompts(prompts, guidance=False)
     n = len(winners)
     return PairBatch(cond, latents[:n], latents[n:], prompts,
