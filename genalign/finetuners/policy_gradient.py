@@ -47,6 +47,7 @@ from torch import Tensor
 
 from genalign.core import sampling
 from genalign.core.config import ConfigError, check, field
+from genalign.core.distributed import gather_batch
 from genalign.core.sampler import initial_noise, sample
 from genalign.core.types import Backbone, Reward, Trajectory
 from genalign.finetuners.common import BackboneMethod, LossInParts
@@ -258,7 +259,10 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         bad = (~torch.isfinite(rewards)).nonzero()
         if len(bad):
             raise ValueError(f"{self.name}: the reward is not finite ({float(rewards[bad[0]])}) for {repeated[bad[0]]!r}")
-        advantages = self.advantages(repeated, rewards).float().cpu()
+        # advantages from the whole data-parallel batch (the official codes gather rewards and prompts
+        # first), then this process's rows
+        all_prompts, all_rewards, mine = gather_batch(repeated, rewards)
+        advantages = self.advantages(all_prompts, all_rewards)[mine].float().cpu()
         self.rollout = {"latents": trajectory.latents, "timesteps": trajectory.timesteps,
                         "log_probs": trajectory.log_probs, "advantages": advantages, "rewards": rewards,
                         "prompts": repeated, "cond": trajectory.cond}

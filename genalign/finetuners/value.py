@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from genalign.core.config import ConfigError, check
+from genalign.core.distributed import average_gradients_across_processes, gather_batch
 from genalign.core.normalize import PerPromptStatTracker
 from genalign.core.sampler import sample
 from genalign.core.types import Conditioning, Trajectory
@@ -217,24 +218,6 @@ def shape_rewards(rewards: Tensor, prompts: list[str], mode: str, running: Runni
     return PerPromptStatTracker(buffer_size=0, min_count=2).update(prompts, rewards.float())
 
 
-def mean_over_processes(value: Tensor) -> Tensor:
-    """``value``, in place, made the mean of its copies over data-parallel processes (itself with
-    one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
-
-
-def average_gradients_across_processes(module: nn.Module) -> None:
-    """Data-parallel value model: average its gradients over processes (each collects its own shard)."""
-    for param in module.parameters():
-        if param.grad is not None:
-            mean_over_processes(param.grad)
-
-
 class ValueLearner:
     """A value head over value inputs (:class:`LatentFeatures` or :class:`CleanEstimateFeatures`)
     with what trains it: its own Adam optimiser (outside the trainer's), running reward statistics
@@ -368,7 +351,9 @@ class ValueMethod(BackboneMethod):
         trajectory = sample(self.backbone, cond, s.num_steps, s.guidance_scale, s.eta, generator=generator)
         images = self.backbone.decode(trajectory.final).float().clamp(0, 1)
         rewards = self.reward(images, repeated)[0].float()
-        shaped = shape_rewards(rewards, repeated, shaping, self.learner.running).to(self.backbone.device)
+        # the statistics of the whole data-parallel batch (as one process with all of it), this process's rows
+        all_prompts, all_rewards, mine = gather_batch(repeated, rewards)
+        shaped = shape_rewards(all_rewards, all_prompts, shaping, self.learner.running)[mine].to(self.backbone.device)
         return trajectory, rewards, shaped
 
     def state_dict(self) -> dict[str, Any]:

@@ -60,10 +60,11 @@ from torch import Tensor
 
 from genalign.core import sampling
 from genalign.core.config import ConfigError, check, field
+from genalign.core.distributed import mean_over_processes
 from genalign.core.types import Backbone, Conditioning, Reward, Trajectory
 from genalign.finetuners import register
 from genalign.finetuners.common import LossInParts
-from genalign.finetuners.value import ValueMethod, check_value_settings, mean_over_processes, value_loss
+from genalign.finetuners.value import ValueMethod, check_value_settings, value_loss
 
 # ------------------------------------------------------------------ the objectives (pure functions)
 
