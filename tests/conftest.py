@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -56,3 +57,40 @@ def pytest_runtest_makereport(item, call):
         if not any(need in reason.lower() for need in OPTIONAL_NEEDS):
             report.outcome = "failed"
             report.longrepr = f"skipped for a reason that is not an optional device or tool: {reason}"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# caches and environments a test run may touch; everything else under the checkout is source
+NOT_SOURCE = {".git", ".venv", ".venv-trl", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "build"}
+
+
+def _source_tree_state() -> dict[str, int]:
+    """Every file under the checkout (git-ignored ones too, caches and environments aside) with its
+    modification time."""
+    state = {}
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in NOT_SOURCE and not d.endswith(".egg-info")]
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                state[os.path.relpath(path, ROOT)] = os.stat(path).st_mtime_ns
+            except OSError:
+                pass
+    return state
+
+
+def pytest_sessionstart(session):
+    session.config._source_tree_before = _source_tree_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test writes into the source tree: a file the session added or changed under the checkout
+    (ignored or not) fails the run, named."""
+    before = getattr(session.config, "_source_tree_before", None)
+    if before is None:
+        return
+    after = _source_tree_state()
+    written = sorted(path for path, mtime in after.items() if before.get(path) != mtime)
+    if written:
+        print("\nthe tests wrote into the source tree (write under tmp_path instead):\n  " + "\n  ".join(written[:20]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -126,11 +126,17 @@ def test_method_that_is_not_a_mapping_is_a_config_error(tmp_path):
 
 
 def test_shipped_configs_all_load():
+    """Every shipped config loads, with every method registered first (without the registration,
+    run alone, this loaded none of them)."""
+    from genalign.cli import _registered_finetuners
 
-    for path in _shipped_configs():
-        data = yaml.safe_load(path.read_text())
-        if data.get("method", {}).get("name") in config_classes():
-            load_experiment(path, config_classes())
+    _registered_finetuners()
+    classes = config_classes()
+    paths = _shipped_configs()
+    names = {yaml.safe_load(path.read_text()).get("method", {}).get("name") for path in paths}
+    assert len(paths) >= 18 and names <= set(classes), names - set(classes)
+    loaded = [load_experiment(path, classes).method_name for path in paths]
+    assert len(loaded) == len(paths) and set(loaded) == names
 
 
 def _shipped_configs():

@@ -64,13 +64,16 @@ def straight_run(tmp_path_factory) -> Path:
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(straight_run, tmp_path):
-    step = random.Random(time.time_ns()).randint(2, 10)  # anywhere, before or after a checkpoint
+    # anywhere, before or after a checkpoint; the seed is printed (shown on failure) to replay the run
+    seed = int(os.environ.get("GENALIGN_FAULT_SEED", time.time_ns() % 2**32))
+    step = random.Random(seed).randint(2, 10)
+    print(f"SIGKILL at step {step}, drawn from seed {seed}: rerun with GENALIGN_FAULT_SEED={seed}")
     out = tmp_path / "killed"
     process = _train(out)
     _wait_for_step(process, out, step)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, f"the run was not killed (step {step})"
+    assert process.returncode == -signal.SIGKILL, f"the run was not killed (step {step}, seed {seed})"
     assert not (out / "final").exists()
     resumed = _train(out, "--resume")
     _, err = resumed.communicate(timeout=300)
