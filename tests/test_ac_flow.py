@@ -165,6 +165,31 @@ def test_warmup_trains_only_the_critic_then_the_actor_learns(tiny_models):
     assert float(end) < float(start) and float(metrics["w2"]) > 0
 
 
+def test_the_advantage_is_the_shaped_reward_minus_the_critics_value(tiny_models):
+    """A_i = r~_i - V(x_t^i): with the critic held at 0 the weights rise with the reward (batch
+    shaping, exponential weights: w ordered as r); with equal rewards (r~ = 0) and a critic whose
+    value rises along the batch, the weights fall along it. Either sign flipped fails one half."""
+    class _Table:
+        differentiable = False
+
+        def __init__(self, values):
+            self.values = torch.tensor(values)
+
+        def __call__(self, images, prompts, metadata=None):
+            return self.values[: len(prompts)].clone(), {}
+
+    ac = _acflow(tiny_models, critic_warmup=0, shaping="batch", timesteps_per_sample=1, clip_range=10.0)
+    ac.reward = _Table([0.2, 0.9, 0.5, 0.1])
+    ac.learner.train = lambda generator: 0.0  # the critic is held where the test puts it
+    ac.learner.value = lambda features: torch.zeros(next(iter(features.values())).shape[0])
+    weights = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))["actor"][5]
+    assert weights.argsort().tolist() == [3, 0, 2, 1]  # the order of the rewards
+    ac.reward = _Table([0.5, 0.5, 0.5, 0.5])
+    ac.learner.value = lambda features: torch.linspace(-1, 1, next(iter(features.values())).shape[0])
+    weights = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1))["actor"][5]
+    assert (weights[1:] < weights[:-1]).all(), weights
+
+
 def test_the_checkpoint_state_restores_critic_replay_and_counters(tiny_models):
     ac = _acflow(tiny_models)
     ac.collect(["a red circle"], torch.Generator().manual_seed(0))

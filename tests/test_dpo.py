@@ -217,6 +217,32 @@ def test_dpo_steps_lower_the_winners_error_relative_to_the_reference(tiny_models
     assert set(metrics) >= {"implicit_accuracy", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "reward_w"}
 
 
+def test_winner_and_loser_share_noise_and_timestep(tiny_models):
+    """Diffusion-DPO noises both images of a pair with the same noise at the same timestep (the
+    reference's errors cancel only then): what reaches add_noise is [x_w; x_l] with [n; n] at [t; t],
+    and different pairs get different draws."""
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora"), "cpu")
+    dpo = DiffusionDPO.build(_experiment(DiffusionDPOConfig(samples_per_prompt=2)), backbone, _BrightnessReward())
+    batch = dpo.collect(["a red circle", "a blue square", "a green triangle"], torch.Generator().manual_seed(0))
+    seen = []
+    add_noise = backbone.schedule.add_noise
+
+    def recording(x0, noise, t):
+        seen.append((x0, noise, t))
+        return add_noise(x0, noise, t)
+
+    backbone.schedule.add_noise = recording
+    dpo.loss(batch)
+    x0, noise, t = seen[0]
+    n = len(batch["pairs"])
+    assert n == 3 and x0.shape[0] == noise.shape[0] == t.shape[0] == 2 * n
+    torch.testing.assert_close(x0[:n], batch["pairs"].x0_w)
+    torch.testing.assert_close(x0[n:], batch["pairs"].x0_l)
+    assert torch.equal(noise[:n], noise[n:]) and torch.equal(t[:n], t[n:])
+    assert not torch.equal(noise[0], noise[1]) and len(set(t[:n].tolist())) > 1
+
+
 def test_stable_reference_follows_the_policy_and_is_anchored(tiny_models):
     torch.manual_seed(0)
     backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora"), "cpu")
