@@ -50,6 +50,7 @@ class TransformersCLIP(nn.Module):
             int(size), (crop["height"], crop["width"]) if crop else None,
             tuple(processor.image_mean), tuple(processor.image_std),
             "bicubic" if int(processor.resample) == 3 else "bilinear",
+            floor_crop=True,  # transformers' processors floor the crop offset
         )
         self.max_length = self.model.config.text_config.max_position_embeddings
         self.dtype = dtype

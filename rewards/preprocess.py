@@ -80,7 +80,9 @@ class ImageTransform:
 
     ``resize_to``: an int resizes the shortest side (CLIP) or, with ``longest_pad``, the longest
     side and pads to a square (HPSv2); a pair resizes to exactly (H, W) (BLIP). ``crop``: the
-    center crop (H, W) or None.
+    center crop (H, W) or None, its offset rounded as torchvision / open_clip do (the references of
+    open_clip models, HPS, ImageReward) or, with ``floor_crop``, floored as transformers' image
+    processors do (transformers CLIP, PickScore).
     """
 
     resize_to: int | tuple[int, int] | None
@@ -89,6 +91,7 @@ class ImageTransform:
     std: tuple[float, ...] = CLIP_STD
     mode: str = "bicubic"
     longest_pad: bool = False
+    floor_crop: bool = False
 
     def __call__(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1], float -> normalised model input (fp32)."""
@@ -99,7 +102,7 @@ class ImageTransform:
         elif self.resize_to is not None:
             images = resize(images, tuple(self.resize_to), self.mode)
         if self.crop is not None:
-            images = center_crop(images, self.crop)
+            images = center_crop(images, self.crop, floor=self.floor_crop)
         return normalize(images, self.mean, self.std)
 
 

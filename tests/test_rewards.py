@@ -82,17 +82,52 @@ def test_clip_preprocessing_matches_the_official_pil_transform_on_a_photo(size):
     assert (ours - official).abs().max() < 0.08
 
 
-def test_hps_longest_side_pad_matches_pil():
-    """HPSv2's eval resize: longest side to 224, zero-padded square (PIL reference built by hand)."""
-    photo = board_photo()
+@pytest.mark.parametrize("box", [None, (0, 0, 360, 237), (0, 0, 237, 238)], ids=["landscape", "odd-pad", "portrait"])
+def test_hps_longest_side_pad_matches_pil(box):
+    """HPSv2's eval resize: longest side to 224, zero-padded to a centred square with HPSv2's split
+    (``ResizeMaxSize``: [pad_w // 2, pad_h // 2, rest]), the PIL reference built by hand; on the
+    non-square photo, on a crop whose padding is odd (77 rows: 38 above, 39 below) and a portrait
+    one (padding left and right). The padded rows and columns are exactly black in both."""
+    photo = board_photo() if box is None else board_photo().crop(box)
     scale = 224 / max(photo.size)
     width, height = round(photo.width * scale), round(photo.height * scale)
     canvas = Image.new("RGB", (224, 224))
-    canvas.paste(photo.resize((width, height), Image.BICUBIC), ((224 - width) // 2, (224 - height) // 2))
+    left, top = (224 - width) // 2, (224 - height) // 2
+    canvas.paste(photo.resize((width, height), Image.BICUBIC), (left, top))
     official = _normalise(to_tensor(canvas)[0])
     ours = ImageTransform(224, None, longest_pad=True)(to_tensor(photo))[0]
     assert (ours - official).abs().mean() < 0.01
     assert (ours - official).abs().max() < 0.08
+    pixels = ImageTransform(224, None, longest_pad=True, mean=(0, 0, 0), std=(1, 1, 1))(to_tensor(photo))[0]
+    inside = pixels[:, top : top + height, left : left + width]
+    assert inside.shape[1:] == (height, width) and float(inside.amax(dim=0).mean()) > 0.05
+    assert float(pixels.sum()) == pytest.approx(float(inside.sum()))  # nothing outside the pasted box
+
+
+def test_center_crop_offsets_follow_each_models_reference():
+    """An image 16 x 19 (crop offset 1.5): transformers' CLIPImageProcessor (transformers CLIP,
+    PickScore) floors it to column 1 and our transformers-CLIP transform matches the processor's
+    output; torchvision's CenterCrop (open_clip, HPS, ImageReward) rounds it to 2 and our open_clip
+    transform matches torchvision."""
+    from torchvision.transforms import functional as tvf
+    from transformers import CLIPImageProcessor
+
+    g = torch.Generator().manual_seed(0)
+    image = (torch.rand(1, 3, 16, 19, generator=g) * 255).round() / 255
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    official = torch.as_tensor(processor(images=_pil(image), return_tensors="pt").pixel_values)
+    floor_transform = ImageTransform(16, (16, 16), floor_crop=True)
+    torch.testing.assert_close(floor_transform(image), official, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ImageTransform(16, (16, 16))(image), official, atol=1e-3)
+    torch.testing.assert_close(ImageTransform(16, (16, 16))(image)[0], _normalise(tvf.center_crop(image[0], [16, 16])))
+    assert tvf.center_crop(image[0], [16, 16]).equal(image[0, :, :, 2:18])  # torchvision rounds 1.5 to 2
+
+
+def test_the_transformers_clip_reward_floors_its_crop(hf_clip):
+    from genalign.rewards.clip import TransformersCLIP
+
+    encoder = TransformersCLIP(str(hf_clip), torch.device("cpu"), torch.float32)
+    assert encoder.transform.floor_crop
 
 
 def test_transform_is_differentiable_and_batched():
