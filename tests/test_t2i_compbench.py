@@ -524,6 +524,47 @@ def test_blip_p_yes_and_the_product_over_questions(tiny_blip, tmp_path):
     assert score.value == pytest.approx(p_bench * p_bowl, rel=1e-5)
 
 
+def test_blip_p_yes_is_the_official_vqa_prob(tiny_blip):
+    """T2I-CompBench's BLIPvqa_eval/models/blip_vqa.py ``vqa_prob``, written out here on the model's
+    own modules: the question's first token replaced by [ENC], the decoder started with [DEC] (30522
+    in BLIP's vocabulary), softmax over the vocabulary of the first decoded token, P = p(yes) /
+    (p(yes) + p(no)) with the tokenizer's ids of "yes" and "no". Without the [ENC] swap the
+    probability differs (so the swap is what the comparison checks). On BLIP's own config the
+    decoder start is 30522 and [ENC], which its tokenizer files do not name, is 30523."""
+    from transformers import BlipTextConfig
+    from transformers.models.blip.modeling_blip import BlipForQuestionAnswering
+
+    blip = BlipVqa.from_pretrained(tiny_blip, device="cpu", image_size=32)  # the tiny model's own size
+    model, tokenizer = blip.model, blip.processor.tokenizer
+    image, questions = random_image(3), ["a green bench?", "the red hat?", "a dog?"]
+
+    def official(swap: bool) -> list[float]:
+        with torch.no_grad():
+            pixels = blip.processor.image_processor([image], return_tensors="pt")["pixel_values"]
+            embeds = model.vision_model(pixel_values=pixels).last_hidden_state.repeat(len(questions), 1, 1)
+            q = tokenizer(questions, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+            ids = q.input_ids.clone()
+            if swap:
+                ids[:, 0] = tokenizer.convert_tokens_to_ids("[ENC]")
+            states = model.text_encoder(input_ids=ids, attention_mask=q.attention_mask, encoder_hidden_states=embeds,
+                                        encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long)
+                                        ).last_hidden_state
+            start = torch.full((len(questions), 1), tokenizer.convert_tokens_to_ids("[DEC]"))
+            logits = model.text_decoder(input_ids=start, encoder_hidden_states=states,
+                                        encoder_attention_mask=q.attention_mask).logits[:, 0, :]
+            prob = torch.softmax(logits.double(), dim=1)
+            yes, no = prob[:, tokenizer.vocab["yes"]], prob[:, tokenizer.vocab["no"]]
+            return (yes / (yes + no)).tolist()
+
+    ours = blip.p_yes([image], [questions])[0]
+    assert ours == pytest.approx(official(swap=True), abs=1e-6)
+    assert max(abs(a - b) for a, b in zip(ours, official(swap=False))) > 1e-4
+    assert isinstance(model, BlipForQuestionAnswering)
+    real = BlipTextConfig()
+    assert real.bos_token_id == 30522 and BlipVqa._enc_token_id(tokenizer.__class__(vocab={"[PAD]": 0, "yes": 1}),
+                                                                 real) == 30523
+
+
 def test_clip_similarity_is_the_models_cosine(tiny_clip):
     """CLIPModel's logits_per_image are logit_scale * cosine: dividing out the scale gives the same
     cosines the scorer computes from the projected features."""
