@@ -212,6 +212,50 @@ def test_ground_truth_scores_one_through_the_whole_scorer(tmp_path):
     assert set(rows[0]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
 
 
+def _verdict_by_hand(objects, meta) -> bool | None:
+    """GenEval's verdict for a flat render with known objects, from its rules as written (include:
+    at least `count` objects of the class, the first `count` of them in the colour when one is
+    named; exclude: fewer than `count`), independent of genalign.core.geneval. None where the rule
+    would depend on which same-class object the detector ranks first (mixed colours)."""
+    for clause in meta.get("include", []):
+        same = [o for o in objects if o.shape == clause["class"]]
+        if len(same) < clause["count"]:
+            return False
+        if "color" in clause:
+            matches = {o.color == clause["color"] for o in same}
+            if len(matches) > 1:
+                return None
+            if not matches.pop():
+                return False
+    return all(sum(o.shape == c["class"] for o in objects) < c["count"] for c in meta.get("exclude", []))
+
+
+def test_scores_of_mismatched_scenes_match_verdicts_by_hand(tmp_path):
+    """Flat scenes drawn for one prompt, scored against others through GenEval's folder layout:
+    every verdict equals the one derived by hand from the drawn objects (position prompts aside),
+    with both verdicts well represented."""
+    from genalign.shapes.world import evaluation_set, sample_example
+
+    metas = [m for m in evaluation_set("heldout", per_task=3) if m["tag"] != "position"]
+    root, expected = tmp_path / "mixed", []
+    index = 0
+    for scene_meta in metas:
+        image, objects = sample_example(scene_meta, 11)
+        for prompt_meta in metas:
+            verdict = _verdict_by_hand(objects, prompt_meta)
+            if verdict is None:
+                continue
+            folder = root / f"{index:05d}"
+            (folder / "samples").mkdir(parents=True)
+            (folder / "metadata.jsonl").write_text(json.dumps(prompt_meta))
+            Image.fromarray((image * 255).round().astype(np.uint8)).save(folder / "samples" / "00000.png")
+            expected.append(verdict)
+            index += 1
+    rows, _ = geneval.score_folder(root, _shapes_detector(), progress=False)
+    assert [r["correct"] for r in rows] == expected
+    assert len(expected) >= 150 and 20 <= sum(expected) <= len(expected) - 20
+
+
 def test_generate_score_report_on_the_shapes_world(tmp_path):
     """The whole GenEval path offline: the shapes SD writes GenEval's layout, the scorer (shapes
     parser as detector) scores it, and the numbers equal the shapes world's own evaluator on the
