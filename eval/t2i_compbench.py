@@ -766,6 +766,8 @@ class CompBenchModels:
             out["depth_model"] = name(self.depth)
         if used & set(DETECTOR_CATEGORIES):
             out["detector"] = name(self.detector)
+            if getattr(self.detector, "scale", None):
+                out["detector_scale"] = self.detector.scale
         return out
 
 

@@ -4,8 +4,9 @@
 - :class:`Mask2FormerDetector` (``mask2former``, the default): closed vocabulary, the 80 COCO
   classes under GenEval's names, instance masks. GenEval's own detector is mmdetection's
   Mask2Former Swin-S COCO instance model; this one is the transformers port of the original
-  (detectron2) Swin-S COCO instance weights, run at transformers' 384 x 384 input, so GenEval
-  numbers can differ slightly from the official ones (see the class docstring).
+  (detectron2) Swin-S COCO instance weights, run at GenEval's test scale (shortest side 800) with
+  masks scored at the image size, so GenEval numbers can differ slightly from the official ones
+  through the weights (see the class docstring).
 - :class:`OWLv2Detector` (``owlv2``): open vocabulary, boxes only, text queries per call.
 - :class:`ClipColorClassifier`: GenEval's colour check, zero-shot CLIP ViT-L/14 on the object's
   masked crop (djghosh13/geneval ``evaluation/evaluate_images.py``, ``color_classification``).
@@ -74,11 +75,6 @@ COLOR_TEMPLATES: tuple[str, ...] = (
 )
 GENEVAL_BACKGROUND = (153, 153, 153)  # GenEval's default bgcolor "#999" behind the masked object
 
-# transformers' Mask2Former post_process_instance_segmentation resizes the mask logits to this
-# fixed (H, W) before pasting them onto target_sizes: the input must be resized to it as well
-MASK2FORMER_INPUT = (384, 384)
-
-
 def geneval_name(label: str) -> str:
     """A checkpoint's class name under GenEval's spelling; names outside COCO's 80 stay as they are."""
     key = " ".join(label.strip().lower().replace("_", " ").split())
@@ -112,77 +108,104 @@ def _rgb(image: Any) -> Image.Image:
 
 
 class Mask2FormerDetector:
-    """Mask2Former instance segmentation (Cheng et al. 2022) as a closed-vocabulary detector.
+    """Mask2Former instance segmentation (Cheng et al. 2022) as a closed-vocabulary detector, run
+    as GenEval runs it (mmdetection's Mask2Former test pipeline and ``MaskFormerFusionHead
+    .instance_postprocess``):
 
-    Per image: every instance of transformers' ``post_process_instance_segmentation`` (one per
-    query, the top ``num_queries`` (query, class) pairs as mmdetection takes its top 100) whose
-    score is above ``min_score`` (default 0.05, far below GenEval's 0.3 / 0.9, which the caller
-    applies), most confident first, with ``mask`` (H, W) bool at the original image size,
-    ``box = mask_to_box(mask)`` (x2, y2 exclusive, like mmdetection's ``mask2bbox``) and the class
-    under GenEval's name (:func:`geneval_name`).
+    - the image is resized with its aspect ratio to shortest side ``shortest_edge`` (800), the
+      longest at most ``longest_edge`` (1333), bilinear, ImageNet-normalised;
+    - mask logits are bilinearly upsampled to the padded input, the padding is cut off and they are
+      bilinearly resized to the original image, where everything below is computed;
+    - the top ``num_queries`` (query, class) pairs by softmax class probability (no-object column
+      dropped; mmdetection's ``max_per_image`` 100 is the model's 100 queries), score = class
+      probability x mean sigmoid mask probability over the pixels whose logit is > 0, binary mask =
+      logit > 0, ``box = mask_to_box(mask)`` (x2, y2 exclusive, as ``mask2bbox``), the class under
+      GenEval's name (:func:`geneval_name`); instances at or below ``min_score`` (0.05, far below
+      GenEval's 0.3 / 0.9, which the caller applies) or with an empty mask are dropped.
 
-    Score: both transformers (``Mask2FormerImageProcessor.post_process_instance_segmentation``)
-    and mmdetection (``MaskFormerFusionHead.instance_postprocess``, GenEval's) take the softmax
-    class probability times the mean sigmoid mask probability over the pixels whose mask logit is
-    > 0. They differ in where that is computed: transformers on the mask logits bilinearly resized
-    to a fixed 384 x 384, which is only right when the input was resized to exactly that (the hub
-    COCO-instance processors' size as first published); we therefore always resize the image to
-    384 x 384, whatever the saved processor says. The binary mask is then nearest-resized to the
-    image. mmdetection computes it at the original image size (logits bilinearly resized, padding
-    removed) after running the model at shortest side 800 (longest at most 1333), aspect ratio
-    kept. With that and different weights (the detectron2-trained release vs mmdetection's own
-    training), scores and masks differ slightly from GenEval's.
+    Two differences remain: the weights are the transformers port of the detectron2-trained Swin-S
+    COCO release (GenEval's are mmdetection's own training), and transformers' processor rounds
+    the resized size to a multiple of 32 where mmdetection pads to it (the same for square 512 and
+    1024 px images: 800 x 800). ``scale`` names the setting for reports.
     """
 
     default_path = "facebook/mask2former-swin-small-coco-instance"
 
-    def __init__(self, model: Any, processor: Any, min_score: float = 0.05, batch_size: int = 8):
+    def __init__(self, model: Any, processor: Any, min_score: float = 0.05, batch_size: int = 8,
+                 shortest_edge: int = 800, longest_edge: int = 1333):
         if not 0.0 <= min_score < 1.0:
             raise ValueError(f"mask2former: min_score must be in [0, 1), got {min_score}")
         if batch_size < 1:
             raise ValueError(f"mask2former: batch_size must be >= 1, got {batch_size}")
+        if not 32 <= shortest_edge <= longest_edge:
+            raise ValueError(f"mask2former: need 32 <= shortest_edge <= longest_edge, got {shortest_edge}, {longest_edge}")
         self.model = model
         self.processor = processor
         self.min_score = float(min_score)
         self.batch_size = int(batch_size)
+        self.shortest_edge, self.longest_edge = int(shortest_edge), int(longest_edge)
         id2label = model.config.id2label
         self.label_names = [geneval_name(str(id2label[i])) for i in range(len(id2label))]
         self.classes: Sequence[str] | None = list(dict.fromkeys(self.label_names))
+
+    @property
+    def scale(self) -> str:
+        """The test scale, for reports."""
+        return f"shortest side {self.shortest_edge}, longest at most {self.longest_edge}; masks scored at the image size"
 
     def detect(self, images: Sequence[Any], labels: Sequence[str] | None = None) -> list[list[Detection]]:
         """Per image its instances; with ``labels``, only those classes (names outside the
         vocabulary find nothing, as for every closed-vocabulary detector)."""
         wanted = None if labels is None else set(labels)
-        found: list[list[Detection]] = []
-        for chunk in _batches([_rgb(im) for im in images], self.batch_size):
-            found.extend(self._detect_batch(chunk, wanted))
-        return found
+        rgb = [_rgb(im) for im in images]
+        found: list[list[Detection] | None] = [None] * len(rgb)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(rgb):  # batches never mix sizes: no padding, as GenEval's one image a call
+            by_size.setdefault(im.size, []).append(i)
+        for indices in by_size.values():
+            for chunk in _batches(indices, self.batch_size):
+                for i, detections in zip(chunk, self._detect_batch([rgb[i] for i in chunk], wanted)):
+                    found[i] = detections
+        return [f if f is not None else [] for f in found]
 
     @torch.no_grad()
     def _detect_batch(self, images: Sequence[Image.Image], wanted: set[str] | None) -> list[list[Detection]]:
-        height, width = MASK2FORMER_INPUT
-        inputs = self.processor(images=list(images), size={"height": height, "width": width}, return_tensors="pt")
-        pixels = inputs["pixel_values"].to(self.model.device, self.model.dtype)  # (B, 3, 384, 384)
-        outputs = self.model(pixel_values=pixels, pixel_mask=inputs["pixel_mask"].to(self.model.device))
-        logits = SimpleNamespace(class_queries_logits=outputs.class_queries_logits.float(),  # (B, Q, K + 1)
-                                 masks_queries_logits=outputs.masks_queries_logits.float())  # (B, Q, h, w)
-        _check_finite("mask2former", self.model, logits.class_queries_logits, logits.masks_queries_logits)
-        results = self.processor.post_process_instance_segmentation(
-            logits, threshold=self.min_score, target_sizes=[(im.height, im.width) for im in images],
-            return_binary_maps=True,
-        )
+        size = {"shortest_edge": self.shortest_edge, "longest_edge": self.longest_edge}
+        inputs = self.processor(images=list(images), size=size, return_tensors="pt")
+        pixels = inputs["pixel_values"].to(self.model.device, self.model.dtype)  # (B, 3, Hpad, Wpad)
+        pixel_mask = inputs["pixel_mask"].to(self.model.device)
+        outputs = self.model(pixel_values=pixels, pixel_mask=pixel_mask)
+        class_logits = outputs.class_queries_logits.float()  # (B, Q, K + 1)
+        mask_logits = outputs.masks_queries_logits.float()  # (B, Q, Hpad / 4, Wpad / 4)
+        _check_finite("mask2former", self.model, class_logits, mask_logits)
         found = []
-        for result in results:
-            detections = []
-            masks = result["segmentation"]  # (N, H, W) binary maps, in segments_info order
-            for index, segment in enumerate(result["segments_info"]):
-                label = self.label_names[segment["label_id"]]
-                if segment["score"] <= self.min_score or (wanted is not None and label not in wanted):
-                    continue
-                mask = masks[index].bool().cpu().numpy()
-                detections.append(Detection(label, float(segment["score"]), mask_to_box(mask), mask))
-            found.append(sorted(detections, key=lambda d: -d.score))
+        for b, image in enumerate(images):
+            valid = pixel_mask[b].bool()
+            height, width = int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())  # the resized image
+            found.append(self._instances(class_logits[b], mask_logits[b], tuple(pixels.shape[-2:]), (height, width),
+                                         (image.height, image.width), wanted))
         return found
+
+    def _instances(self, class_logits: Tensor, mask_logits: Tensor, padded: tuple[int, int], resized: tuple[int, int],
+                   original: tuple[int, int], wanted: set[str] | None) -> list[Detection]:
+        probs = class_logits.softmax(-1)[:, :-1]  # (Q, K)
+        num_queries, num_classes = probs.shape
+        top, index = probs.flatten().topk(num_queries)
+        logits = torch.nn.functional.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=False)
+        logits = logits[:, index // num_classes, : resized[0], : resized[1]]
+        logits = torch.nn.functional.interpolate(logits, size=original, mode="bilinear", align_corners=False)[0]
+        binary = logits > 0  # (Q, H, W)
+        mask_prob = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+        scores = (top * mask_prob).tolist()
+        detections = []
+        for q in range(num_queries):
+            label = self.label_names[int(index[q]) % num_classes]
+            if scores[q] <= self.min_score or (wanted is not None and label not in wanted):
+                continue
+            mask = binary[q].cpu().numpy()
+            if mask.any():
+                detections.append(Detection(label, float(scores[q]), mask_to_box(mask), mask))
+        return sorted(detections, key=lambda d: -d.score)
 
 
 class OWLv2Detector:
@@ -354,7 +377,7 @@ def _pil_to_tensor(image: Image.Image) -> Tensor:
 DETECTORS: dict[str, type[Mask2FormerDetector] | type[OWLv2Detector]] = {
     "mask2former": Mask2FormerDetector, "owlv2": OWLv2Detector}
 DETECTOR_OPTIONS = {
-    "mask2former": ("min_score", "batch_size"),
+    "mask2former": ("min_score", "batch_size", "shortest_edge", "longest_edge"),
     "owlv2": ("queries", "template", "min_score", "nms_iou", "batch_size"),
 }
 

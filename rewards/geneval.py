@@ -6,7 +6,9 @@ Both are sub-scores (``geneval_clauses``, ``geneval_strict``). Not differentiabl
 Needs GenEval metadata rows (``tag``, ``include``, ``exclude``) for every image; the rules are
 GenEval's own (genalign.core.geneval), the detector Mask2Former (default) or OWLv2 and the colour
 classifier CLIP ViT-L/14, as in the benchmark. Options: ``detector`` (mask2former | owlv2),
-``detector_path``, ``clip_path``, ``score``, ``threshold``, ``counting_threshold``.
+``detector_path``, ``clip_path``, ``score``, ``threshold``, ``counting_threshold``, and for
+Mask2Former ``shortest_edge`` / ``longest_edge`` (GenEval's test scale 800 / 1333 by default; lower
+is cheaper during training and no longer the benchmark's setting).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from genalign.core.images import to_pil_images
 from genalign.rewards import register
 from genalign.rewards.base import Metadata, RewardModel, check_options
 
-OPTIONS = ("detector", "detector_path", "clip_path", "score", "threshold", "counting_threshold")
+OPTIONS = ("detector", "detector_path", "clip_path", "score", "threshold", "counting_threshold", "shortest_edge",
+           "longest_edge")
 
 
 @register("geneval")
@@ -45,8 +48,9 @@ class GenEvalReward(RewardModel):
 
         check_options(config.name, config.options, OPTIONS)
         opts: dict[str, Any] = dict(config.options)
+        scale = {k: int(opts[k]) for k in ("shortest_edge", "longest_edge") if k in opts}
         detector = load_detector(opts.get("detector", "mask2former"), opts.get("detector_path") or config.path,
-                                 device)
+                                 device, **scale)
         colors = load_color_classifier(opts.get("clip_path"), device)
         thresholds = {k: float(opts[k]) for k in ("threshold", "counting_threshold") if k in opts}
         return cls(detector, colors, opts.get("score", "clauses"), GenEvalOptions(**thresholds), device)

@@ -23,7 +23,6 @@ from genalign.rewards.detection import (
     COLOR_TEMPLATES,
     GENEVAL_BACKGROUND,
     GENEVAL_CLASSES,
-    MASK2FORMER_INPUT,
     ClipColorClassifier,
     Mask2FormerDetector,
     color_crop,
@@ -75,7 +74,7 @@ def char_clip_tokenizer(folder: Path, max_length: int):
 @pytest.fixture(scope="module")
 def mask2former_path(tmp_path_factory) -> str:
     """A tiny Swin Mask2Former with COCO's id2label whose class head prefers "mouse", saved with a
-    processor left at the class default (shortest edge 800): the detector must force 384 x 384."""
+    processor whose size is not GenEval's (the detector must set the test scale itself)."""
     from transformers import (
         Mask2FormerConfig,
         Mask2FormerForUniversalSegmentation,
@@ -97,7 +96,7 @@ def mask2former_path(tmp_path_factory) -> str:
         model.class_predictor.bias.zero_()
         model.class_predictor.bias[MOUSE] = 8.0  # confident "mouse" everywhere: scores ~ mean mask prob
     model.save_pretrained(folder)
-    Mask2FormerImageProcessor().save_pretrained(folder)
+    Mask2FormerImageProcessor(size={"shortest_edge": 384, "longest_edge": 512}).save_pretrained(folder)
     return str(folder)
 
 
@@ -162,29 +161,34 @@ def test_other_spellings_map_to_geneval_names(label, name):
 # --- Mask2Former --------------------------------------------------------------------------------
 
 def reference_instances(path: str, image: Image.Image, min_score: float) -> list[tuple[str, float, np.ndarray]]:
-    """transformers' instance post-processing by hand from the raw outputs on the 384 x 384 input:
-    top-Q (query, class) pairs by softmax probability (no-object column dropped), score = class
-    prob x mean sigmoid over the pixels whose 384 x 384 bilinear mask logit is > 0 (mmdetection's
-    formula), binary mask nearest-resized to the image; empty masks dropped."""
+    """GenEval's Mask2Former test pipeline (mmdetection: Resize scale (1333, 800) keep_ratio, then
+    ``MaskFormerFusionHead.instance_postprocess``) by hand from the model's raw outputs: the input
+    at shortest side 800; mask logits bilinear to the padded input, padding cut, bilinear to the
+    image; top-Q (query, class) pairs by softmax probability (no-object column dropped); score =
+    class prob x mean sigmoid over the pixels whose logit > 0 at the image size; empty masks dropped."""
     from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
     model = Mask2FormerForUniversalSegmentation.from_pretrained(path).eval()
     processor = AutoImageProcessor.from_pretrained(path)
-    inputs = processor(images=[image], size=dict(zip(("height", "width"), MASK2FORMER_INPUT)), return_tensors="pt")
-    assert tuple(inputs["pixel_values"].shape[-2:]) == MASK2FORMER_INPUT
+    inputs = processor(images=[image], size={"shortest_edge": 800, "longest_edge": 1333}, return_tensors="pt")
+    valid = inputs["pixel_mask"][0].bool()
+    resized = (int(valid.any(1).sum()), int(valid.any(0).sum()))
+    short, long = sorted((image.height, image.width))
+    scale = min(800 / short, 1333 / long)  # mmdetection's keep-ratio rescale; transformers rounds to /32
+    assert abs(min(resized) - scale * short) <= 32 and abs(max(resized) - scale * long) <= 32
     with torch.no_grad():
         out = model(**inputs)
     probs = out.class_queries_logits[0].softmax(-1)[:, :-1]  # (Q, K)
     num_queries, num_classes = probs.shape
     top, index = probs.flatten().topk(num_queries)
-    logits = F.interpolate(out.masks_queries_logits, size=MASK2FORMER_INPUT, mode="bilinear",
-                           align_corners=False)[0][index // num_classes]  # (Q, 384, 384)
+    logits = F.interpolate(out.masks_queries_logits, size=tuple(inputs["pixel_values"].shape[-2:]), mode="bilinear",
+                           align_corners=False)[0][index // num_classes][:, : resized[0], : resized[1]]
+    logits = F.interpolate(logits[None], size=(image.height, image.width), mode="bilinear", align_corners=False)[0]
     binary = (logits > 0).float()
     mask_prob = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     scores = top * mask_prob
-    masks = F.interpolate(binary[None], size=(image.height, image.width), mode="nearest")[0].bool()
-    rows = [(model.config.id2label[int(index[q] % num_classes)], float(scores[q]), masks[q].numpy())
-            for q in range(num_queries) if masks[q].any() and scores[q] > min_score]
+    rows = [(model.config.id2label[int(index[q] % num_classes)], float(scores[q]), binary[q].bool().numpy())
+            for q in range(num_queries) if binary[q].any() and scores[q] > min_score]
     return sorted(rows, key=lambda r: -r[1])
 
 
@@ -198,6 +202,7 @@ def mask2former_found(mask2former_path):
 def test_mask2former_matches_the_post_processing_formula(mask2former_path, mask2former_found):
     detector, images, found = mask2former_found
     assert detector.classes is not None and sorted(detector.classes) == sorted(GENEVAL_CLASSES)
+    assert "800" in detector.scale and "1333" in detector.scale
     for image, detections in zip(images, found):
         expected = reference_instances(mask2former_path, image, detector.min_score)
         assert len(detections) == len(expected) > 0
@@ -388,3 +393,22 @@ def test_color_classifier_shares_the_clip_reward_encoder(clip_path, color_classi
     assert isinstance(load_color_classifier(clip_path), ClipColorClassifier)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['bgcolor'\]"):
         load_color_classifier(clip_path, bgcolor="#999")
+
+
+def test_the_geneval_report_names_the_detector_and_its_scale(mask2former_path, clip_path, tmp_path, capsys):
+    """`genalign eval geneval --score` with Mask2Former: scores.json and report.md name the detector,
+    its weights and its test scale (shortest side 800, longest 1333)."""
+    from genalign.cli import main
+
+    meta = {"tag": "single_object", "include": [{"class": "computer mouse", "count": 1}],
+            "prompt": "a photo of a computer mouse"}
+    folder = tmp_path / "run" / "00000"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "metadata.jsonl").write_text(json.dumps(meta))
+    noise_image(WIDE, 0).save(folder / "samples" / "00000.png")
+    assert main(["eval", "geneval", "--score", str(tmp_path / "run"), "--detector", "mask2former",
+                 "--detector-path", mask2former_path, "--clip-path", clip_path, "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "run" / "results" / "scores.json").read_text())["summary"]
+    assert summary["detector"] == "mask2former" and summary["detector_weights"] == mask2former_path
+    assert summary["detector_scale"].startswith("shortest side 800, longest at most 1333")
+    assert "detector_scale: shortest side 800" in (tmp_path / "run" / "results" / "report.md").read_text()
