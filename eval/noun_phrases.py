@@ -131,7 +131,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*|\S")
 @dataclass(frozen=True)
 class Token:
     """A word or punctuation mark: its ``text``, coarse spaCy-style tag ``pos`` (one of
-    :data:`TAGS`; PROPN is folded into NOUN) and character span [start, end) in the prompt."""
+    :data:`TAGS`, plus PROPN from spaCy) and character span [start, end) in the prompt."""
 
     text: str
     pos: str
@@ -307,7 +307,8 @@ def chunk_spans(tokens: list[Token]) -> list[tuple[int, int]]:
 
 class SpacyParser:
     """spaCy with a loaded pipeline (``spacy.load("en_core_web_sm")``): the official evaluators'
-    own tags and chunks. PROPN is reported as NOUN, as the rule parser does."""
+    own tags and chunks, PROPN kept: the official evaluators take NOUN only for 2D / 3D objects and
+    PROPN only as a fall-back in complex prompts."""
 
     def __init__(self, nlp: Any, name: str = "spacy en_core_web_sm"):
         self.nlp = nlp
@@ -316,8 +317,7 @@ class SpacyParser:
     def tokens(self, text: str) -> list[Token]:
         out = []
         for token in self.nlp(text):
-            pos = "NOUN" if token.pos_ == "PROPN" else token.pos_
-            out.append(Token(token.text, pos, token.idx, token.idx + len(token.text)))
+            out.append(Token(token.text, token.pos_, token.idx, token.idx + len(token.text)))
         return out
 
     def noun_chunks(self, text: str) -> list[str]:

@@ -421,6 +421,9 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
     return 0
 
 
+OWLV2_COMPBENCH_THRESHOLD = 0.1  # transformers' OWLv2 examples; UniDet's official 0.5 is for its own scores
+
+
 def cmd_eval_t2i_compbench(args: argparse.Namespace) -> int:
     from genalign.core.reference_data import t2i_compbench_dir
     from genalign.eval import t2i_compbench as cb
@@ -449,9 +452,11 @@ def cmd_eval_t2i_compbench(args: argparse.Namespace) -> int:
         detector = load_detector(args.detector, args.detector_path, _device(args.device))
     models = cb.CompBenchModels(detector=detector, blip=args.blip or cb.DEFAULT_BLIP, clip=args.clip or cb.DEFAULT_CLIP,
                                 depth=args.depth or cb.DEFAULT_DEPTH, device=_device(args.device))
-    defaults = cb.CompBenchOptions()
+    threshold = args.detection_threshold
+    if threshold is None:
+        threshold = OWLV2_COMPBENCH_THRESHOLD if args.detector == "owlv2" else cb.CompBenchOptions().detection_threshold
     options = cb.CompBenchOptions(
-        detection_threshold=defaults.detection_threshold if args.detection_threshold is None else args.detection_threshold,
+        detection_threshold=threshold,
         images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
     )
     records, summary = cb.score_folder(args.score, categories, models, options, data_dir=data_dir)
@@ -773,13 +778,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--detector", default="mask2former", choices=("mask2former", "owlv2"),
-                   help="stands in for UniDet (spatial, complex, numeracy, 3d_spatial)")
+    p.add_argument("--detector", default="owlv2", choices=("owlv2", "mask2former"),
+                   help="stands in for UniDet (spatial, complex, numeracy, 3d_spatial); the default OWLv2 is open "
+                        "vocabulary (COCO's 80 classes name both objects of 80 of the 300 spatial prompts)")
     p.add_argument("--detector-path", help="detector weights (default: the detector's hub id)")
-    p.add_argument("--detection-threshold", type=float, help="detector confidence kept (official: 0.5; lower for OWLv2)")
+    p.add_argument("--detection-threshold", type=float,
+                   help="detector confidence kept (default: the official 0.5 for mask2former; 0.1 for owlv2, the "
+                        "threshold of transformers' OWLv2 examples, not calibrated against UniDet)")
     p.add_argument("--blip", help="BLIP VQA model (default: Salesforce/blip-vqa-base)")
     p.add_argument("--clip", help="CLIP for non-spatial / complex (default: openai/clip-vit-base-patch32)")
-    p.add_argument("--depth", help="depth model for 3d_spatial (default: Intel/dpt-large)")
+    p.add_argument("--depth", help="depth model for 3d_spatial (default: Intel/dpt-hybrid-midas, the official DPT-Hybrid)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval_t2i_compbench)
 

@@ -8,6 +8,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from genalign.core.detection import Detection
-from genalign.eval.noun_phrases import RuleParser, SpacyParser, load_parser, nouns, without_adjectives
+from genalign.eval.noun_phrases import RuleParser, SpacyParser, Token, load_parser, nouns, without_adjectives
 from genalign.eval.report import write_report
 from genalign.eval.t2i_compbench import (
     CATEGORIES,
@@ -51,6 +52,7 @@ from genalign.eval.t2i_compbench import (
     select_3d_objects,
     spatial_objects,
     three_in_one,
+    vocabulary_coverage,
     vqa_question,
 )
 
@@ -445,11 +447,81 @@ def test_spacy_parser_adapter_and_fallback(monkeypatch):
 
     parser = SpacyParser(nlp)
     assert [(t.text, t.pos, t.start, t.end) for t in parser.tokens("a red Vespa")] == \
-        [("a", "DET", 0, 1), ("red", "ADJ", 2, 5), ("Vespa", "NOUN", 6, 11)]
+        [("a", "DET", 0, 1), ("red", "ADJ", 2, 5), ("Vespa", "PROPN", 6, 11)]
     assert parser.noun_chunks("a red Vespa") == ["a red Vespa"]
     monkeypatch.setitem(sys.modules, "spacy", None)  # spaCy not importable -> the rule parser
     assert isinstance(load_parser(), RuleParser)
     assert isinstance(load_parser(prefer_spacy=False), RuleParser)
+
+
+class _Tagged:
+    """A parser whose tags are given word by word (what spaCy would say), for the official rules."""
+
+    name = "tagged"
+
+    def __init__(self, tags: dict[str, str]):
+        self.tags = tags
+
+    def tokens(self, text):
+        out, start = [], 0
+        for word in text.split():
+            start = text.index(word, start)
+            out.append(Token(word, self.tags.get(word, "NOUN" if word.islower() and len(word) > 3 else "DET"),
+                             start, start + len(word)))
+            start += len(word)
+        return out
+
+    def noun_chunks(self, text):
+        return []
+
+
+def test_proper_nouns_follow_the_official_rules():
+    """2D / 3D objects are NOUNs only (2D_spatial_eval.py: token.pos_ == 'NOUN'); in complex prompts
+    the object before the phrase may be a PROPN, and after it a PROPN followed by a non-PROPN
+    token stands in when no NOUN follows."""
+    tags = {"Vespa": "PROPN", "Rome": "PROPN", "dog": "NOUN", "car": "NOUN", "on": "ADP", "the": "DET", "left": "NOUN",
+            "of": "ADP", "a": "DET", "in": "ADP", "parked": "VERB", "today": "NOUN", "sits": "VERB", "near": "ADP",
+            "Tower": "PROPN", "Eiffel": "PROPN", ".": "PUNCT"}
+    parser = _Tagged(tags)
+    assert spatial_objects("a Vespa on the left of a dog", parser) == ("left", "dog")
+    assert complex_spatial_objects("a Vespa parked near a car", parser) == ("Vespa", "car")
+    assert complex_spatial_objects("a dog sits near Rome .", parser) == ("dog", "Rome")
+    assert complex_spatial_objects("a dog sits near Eiffel Tower .", parser) == ("dog", "Tower")
+    assert complex_spatial_objects("a dog sits near Rome", parser) is None  # a final PROPN is not taken
+
+
+def test_vocabulary_coverage_and_closed_vocabularies_searched_whole(tmp_path, tiny_dpt):
+    """COCO's 80 classes (Mask2Former's, under GenEval's names) name both objects of 80 of the 300
+    official spatial validation prompts; an open vocabulary all of them. The matching is the
+    category's: "table" is no COCO class for 2D but lies inside "dining table" for 3D. A
+    closed-vocabulary detector is called without labels, so the 3D "table" finds its "dining table";
+    the summary states the coverage per category."""
+    from genalign.rewards.detection import GENEVAL_CLASSES
+
+    coco = SimpleNamespace(classes=list(GENEVAL_CLASSES))
+    spatial = val_prompts("spatial")
+    assert vocabulary_coverage("spatial", spatial, coco, PARSER) == (80, 300)
+    assert vocabulary_coverage("spatial", spatial, SimpleNamespace(classes=None), PARSER) == (300, 300)
+    prompt = ["a dog on the left of a table"]
+    assert vocabulary_coverage("spatial", prompt, coco, PARSER) == (0, 1)
+    assert vocabulary_coverage("3d_spatial", prompt, coco, PARSER) == (1, 1)
+
+    class Closed(FakeDetector):
+        classes = ["dog", "dining table"]
+
+        def detect(self, images, labels=None):
+            self.calls.append(labels)
+            return [[Detection("dog", 0.9, (0, 0, 10, 10)), Detection("dining table", 0.9, (20, 0, 30, 10))]
+                    for _ in images]
+
+    closed = Closed({})
+    folder = save_images(tmp_path / "3d_spatial", ["a dog in front of a table"], per_prompt=1, size=(40, 40))
+    models = CompBenchModels(detector=closed, depth=tiny_dpt, device="cpu")
+    records, summary = score_folder(folder.parent, ["3d_spatial"], models,
+                                    CompBenchOptions(images_per_prompt=1), parser=PARSER, progress=False)
+    assert closed.calls == [None]
+    assert records[0]["details"]["detections"][1] is not None  # "table" found as "dining table"
+    assert summary["vocabulary_3d_spatial"] == "1 of 1 prompts' objects the detector can name"
 
 
 # --- tiny models -------------------------------------------------------------------------------------
