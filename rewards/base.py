@@ -74,7 +74,13 @@ class RewardModel:
         if scores.shape != (images.shape[0],):
             raise RuntimeError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, "
                                f"expected ({images.shape[0]},)")
-        return scores, {self.name: scores}
+        return scores, {self.label: scores}
+
+    @property
+    def label(self) -> str:
+        """The name of this reward's sub-score in logs and reports (the registry name, or more where
+        a name alone is ambiguous, e.g. ``hps_v2.1``)."""
+        return self.name
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device}, dtype={self.dtype})"

@@ -8,7 +8,8 @@ Preprocessing is HPSv2's eval transform: bicubic resize of the longest side to 2
 a centred square, OpenAI CLIP normalisation (for square generations: a plain resize).
 
 Config: ``{name: hps}`` (HPSv2.1), ``options: {version: v2}`` for HPSv2, ``path``: the hub repo or
-a local checkpoint file; ``options.model``: the open_clip architecture (default ViT-H-14).
+a local checkpoint file; ``options.model``: the open_clip architecture (default ViT-H-14). The
+sub-score, in training logs and reports, is named with the version (``hps_v2.1``, ``hps_v2``).
 """
 
 from __future__ import annotations
@@ -51,4 +52,14 @@ class HPSv2(CLIPScore):
             return encoder
 
         encoder = cached(("hps", model_name, str(file), str(device), dtype, config.gradient_checkpointing), build)
-        return cls(encoder, device, dtype)
+        reward = cls(encoder, device, dtype)
+        reward.version = version
+        return reward
+
+    version = "v2.1"
+
+    @property
+    def label(self) -> str:
+        """``hps_v2`` or ``hps_v2.1``: the two versions score on different scales, so every log and
+        report says which one it is."""
+        return f"hps_{self.version}"

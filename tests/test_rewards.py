@@ -275,7 +275,8 @@ def test_hps_score_is_the_cosine_of_the_hps_weights(open_clip_name, tmp_path):
     model = save_tiny_open_clip_checkpoint(tmp_path / "HPS_v2.1_compressed.pt", open_clip_name, seed=3)
     reward = load_reward(RewardConfig(name="hps", path=str(tmp_path), options={"model": open_clip_name}))
     images = _images()
-    scores, _ = reward(images, PROMPTS)
+    scores, subs = reward(images, PROMPTS)
+    assert list(subs) == ["hps_v2.1"]  # logs and reports name the version
     with torch.no_grad():
         image_features, text_features, _ = model(clip_transform(32)(images), open_clip.get_tokenizer(open_clip_name)(PROMPTS))
     torch.testing.assert_close(scores, (image_features * text_features).sum(-1), atol=1e-5, rtol=1e-5)
@@ -289,6 +290,9 @@ def test_hps_version_selects_the_checkpoint_file(open_clip_name, tmp_path):
     save_tiny_open_clip_checkpoint(tmp_path / "HPS_v2.1_compressed.pt", open_clip_name)
     with pytest.raises(WeightsNotFoundError, match="HPS_v2_compressed.pt"):
         load_reward(RewardConfig(name="hps", path=str(tmp_path), options={"model": open_clip_name, "version": "v2"}))
+    save_tiny_open_clip_checkpoint(tmp_path / "HPS_v2_compressed.pt", open_clip_name)
+    v2 = load_reward(RewardConfig(name="hps", path=str(tmp_path), options={"model": open_clip_name, "version": "v2"}))
+    assert v2.label == "hps_v2" and list(v2(_images(), PROMPTS)[1]) == ["hps_v2"]
     with pytest.raises(ValueError, match="options.version"):
         load_reward(RewardConfig(name="hps", path=str(tmp_path), options={"version": "v3"}))
 
