@@ -7,7 +7,13 @@ Config: ``{name: vlm, path: Qwen/Qwen2-VL-7B-Instruct}`` (a hub id or folder of 
 Qwen2.5-VL or LLaVA checkpoint; required). Options of both forms:
 
 - ``template``: the question, with a ``{prompt}`` field (and ``{criterion}`` for ``vlm_compare``).
-  Default: VQAScore's ``Does this figure show "{prompt}"? Please answer yes or no.``
+  Default: the family's published VQAScore question (t2v_metrics): ``Does this image show
+  "{prompt}"?`` for Qwen2-VL / Qwen2.5-VL, ``Does this figure show "{prompt}"? Please answer yes or
+  no.`` for LLaVA.
+- ``scoring``: ``first_token`` (default: P of the answer's token right after the question, one
+  forward pass) or ``sequence``: the answer followed by the end-of-sequence token scored whole,
+  exp(mean log p) over its tokens, LLaVA-1.5's published VQAScore (``"Yes</s>"``; the answer may
+  then be several tokens, one string).
 - ``answer``: the answer whose probability is the score, a string or a list of strings whose
   probabilities are summed; each must be one token (default ``Yes``, as in VQAScore).
 - ``output``: ``prob`` (P(answer), default) or ``logprob`` (log P(answer)).
@@ -20,7 +26,8 @@ reference image given per sample as ``metadata[i]["reference_image"]``, a (3, H,
 (the Qwen2-VL family).
 
 The score is read from ONE forward pass over the chat-formatted question with the generation prompt
-appended: the softmax at the last prompt position, i.e. the first answer token (not ``generate``).
+appended: the softmax at the last prompt position, i.e. the first answer token (not ``generate``),
+or with ``scoring: sequence`` over the question followed by the answer.
 The text side goes through the checkpoint's processor (chat template, image placeholders expanded
 to the image's token count); the images never do: the image processor (PIL / torchvision, no
 gradients) is reproduced on tensors below, so gradients reach the pixels. The parity with the
@@ -51,7 +58,8 @@ from genalign.rewards.base import (
 )
 from genalign.rewards.preprocess import center_crop, normalize, resize, shortest_side_size
 
-# VQAScore's question and answer (t2v_metrics, default_question_template / default_answer_template)
+# VQAScore's question and answer (t2v_metrics, default_question_template / default_answer_template):
+# CLIP-FlanT5 and LLaVA-1.5 ask this; its Qwen2-VL wrapper (qwen2vl_model.py) asks FAMILY_TEMPLATES'
 VQASCORE_TEMPLATE = 'Does this figure show "{prompt}"? Please answer yes or no.'
 COMPARE_TEMPLATE = (
     "Here are two images. Compared with the second image, is the first image better in terms of "
@@ -66,6 +74,9 @@ MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
 }
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # Qwen2VLImageProcessor, several images per prompt
+# each family's published VQAScore question (t2v_metrics: qwen2vl_model.py, llava_model.py)
+FAMILY_TEMPLATES = {"qwen2_vl": 'Does this image show "{prompt}"?', "qwen2_5_vl": 'Does this image show "{prompt}"?',
+                    "llava": 'Does this figure show "{prompt}"? Please answer yes or no.'}
 _RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL resampling codes the processors store
 
 
@@ -320,9 +331,11 @@ class VisionLanguageModel:
         return expanded
 
     def answer_logprobs(self, questions: Sequence[str], images: Sequence[Sequence[Tensor]], pixels: Pixels,
-                        answer_ids: Sequence[int]) -> Tensor:
+                        answer_ids: Sequence[int], sequence: str | None = None) -> Tensor:
         """log P(answer) (B,), fp32: questions[b] asked about images[b] (each (3, H, W) in [0, 1]);
-        the answer's probability is the sum over ``answer_ids`` at the first answer position."""
+        the answer's probability is the sum over ``answer_ids`` at the first answer position, or with
+        ``sequence`` (an answer string) the mean log-probability of its tokens and the end-of-sequence
+        token after the generation prompt and a space (t2v_metrics' LLaVA form, ``"Yes</s>"``)."""
         per_question = {len(group) for group in images}
         if len(per_question) != 1:
             raise ValueError("every question needs the same number of images")
@@ -332,6 +345,8 @@ class VisionLanguageModel:
         # as the processor's apply_chat_template: no second BOS when the template writes one
         bos = self.tokenizer.bos_token
         add_special = not (bos is not None and texts[0].startswith(bos))
+        if sequence is not None:
+            return self._sequence_logprobs(texts, sequence, add_special, vision_inputs, tokens_per_image)
         tokens = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add_special).to(self.device)
         input_ids, mask = tokens["input_ids"], tokens["attention_mask"]  # (B, L)
         is_image = input_ids == self.image_token_id
@@ -346,6 +361,32 @@ class VisionLanguageModel:
         logits = self.model.get_output_embeddings()(hidden[torch.arange(len(last), device=last.device), last])
         logprobs = logits.float().log_softmax(-1)  # (B, V)
         return logprobs[:, list(answer_ids)].logsumexp(-1)
+
+    def _sequence_logprobs(self, texts: list[str], answer: str, add_special: bool, vision_inputs: dict[str, Tensor],
+                           tokens_per_image: list[int]) -> Tensor:
+        eos = self.tokenizer.eos_token
+        if eos is None:
+            raise ConfigError("scoring: sequence needs a tokenizer with an end-of-sequence token")
+        full = [f"{text} {answer}{eos}" for text in texts]
+        prefix_lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
+        tokens = self.tokenizer(full, padding=True, return_tensors="pt", add_special_tokens=add_special).to(self.device)
+        input_ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        is_image = input_ids == self.image_token_id
+        if int(is_image.sum()) != sum(tokens_per_image):
+            raise ValueError(f"{int(is_image.sum())} image tokens in the text, {sum(tokens_per_image)} image features")
+        extra = {"mm_token_type_ids": is_image.long()} if "image_grid_thw" in vision_inputs else {}
+        hidden = self.model.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **vision_inputs,
+                                  **extra).last_hidden_state  # (B, L, D)
+        head = self.model.get_output_embeddings()
+        scores = []
+        for b, prefix in enumerate(prefix_lengths):
+            real = mask[b].nonzero().flatten()  # the row's token positions, whichever side it is padded
+            answer_positions = real[prefix:]
+            if len(answer_positions) == 0:
+                raise ValueError(f"the answer {answer!r} added no token after the question")
+            logprobs = head(hidden[b, answer_positions - 1]).float().log_softmax(-1)  # predicted from the previous
+            scores.append(logprobs.gather(1, input_ids[b, answer_positions][:, None]).mean())
+        return torch.stack(scores)
 
 
 def load_vlm(config: RewardConfig, device: torch.device) -> VisionLanguageModel:
@@ -382,16 +423,17 @@ class VQAScore(RewardModel):
 
     name = "vlm"
     differentiable = True
-    default_template = VQASCORE_TEMPLATE
-    known_options: tuple[str, ...] = ("template", "answer", "output", "min_pixels", "max_pixels")
+    default_template: str | None = None  # None: the family's published question (FAMILY_TEMPLATES)
+    known_options: tuple[str, ...] = ("template", "answer", "output", "scoring", "min_pixels", "max_pixels")
     template_fields: tuple[str, ...] = ("prompt",)
     families: tuple[str, ...] = tuple(MODEL_CLASSES)
 
     def __init__(self, vlm: VisionLanguageModel, pixels: Pixels, template: str, answer_ids: Sequence[int],
-                 output: str = "prob", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 output: str = "prob", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 sequence: str | None = None):
         super().__init__(device, dtype)
         self.vlm, self.pixels, self.template = vlm, pixels, template
-        self.answer_ids, self.output = list(answer_ids), output
+        self.answer_ids, self.output, self.sequence = list(answer_ids), output, sequence
 
     @classmethod
     def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> VQAScore:
@@ -403,20 +445,27 @@ class VQAScore(RewardModel):
         output = options.get("output", "prob")
         if output not in ("prob", "logprob"):
             raise ConfigError(f"reward {config.name}: options.output must be prob or logprob, got {output!r}")
-        template = _check_template(str(options.get("template", cls.default_template)), cls.template_fields,
-                                   config.name)
-        if "criterion" in cls.template_fields:  # fixed per reward: fill it in now, keep {prompt}
-            criterion = str(options.get("criterion", DEFAULT_CRITERION)).replace("{", "{{").replace("}", "}}")
-            template = template.format(prompt="{prompt}", criterion=criterion)
+        scoring = options.get("scoring", "first_token")
+        if scoring not in ("first_token", "sequence"):
+            raise ConfigError(f"reward {config.name}: options.scoring must be first_token or sequence, got {scoring!r}")
         answers = options.get("answer", "Yes")
+        if scoring == "sequence" and not isinstance(answers, str):
+            raise ConfigError(f"reward {config.name}: scoring: sequence scores one answer string, got {answers!r}")
         answers = [answers] if isinstance(answers, str) else list(answers)
         device = torch.device(device)
         vlm = load_vlm(config, device)
         if vlm.family not in cls.families:
             raise ConfigError(f"reward {config.name} needs a {' / '.join(cls.families)} checkpoint; "
                               f"'{config.path}' is {vlm.family!r}")
+        default = cls.default_template or FAMILY_TEMPLATES[vlm.family]
+        template = _check_template(str(options.get("template", default)), cls.template_fields, config.name)
+        if "criterion" in cls.template_fields:  # fixed per reward: fill it in now, keep {prompt}
+            criterion = str(options.get("criterion", DEFAULT_CRITERION)).replace("{", "{{").replace("}", "}}")
+            template = template.format(prompt="{prompt}", criterion=criterion)
         pixels = vlm.pixels(options.get("min_pixels"), options.get("max_pixels"))
-        return cls(vlm, pixels, template, vlm.token_ids(answers), output, device, DTYPES[config.dtype])
+        answer_ids = vlm.token_ids(answers) if scoring == "first_token" else []
+        return cls(vlm, pixels, template, answer_ids, output, device, DTYPES[config.dtype],
+                   answers[0] if scoring == "sequence" else None)
 
     def questions(self, prompts: list[str]) -> list[str]:
         return [self.template.format(prompt=prompt) for prompt in prompts]
@@ -426,7 +475,7 @@ class VQAScore(RewardModel):
 
     def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
         logprobs = self.vlm.answer_logprobs(self.questions(prompts), self.images(images, metadata), self.pixels,
-                                            self.answer_ids)
+                                            self.answer_ids, self.sequence)
         return logprobs if self.output == "logprob" else logprobs.exp()
 
 
@@ -438,7 +487,7 @@ class VLMCompare(VQAScore):
     summary = "P('Yes') of a VLM asked whether the image beats a reference image"
 
     name = "vlm_compare"
-    default_template = COMPARE_TEMPLATE
+    default_template: str | None = COMPARE_TEMPLATE
     known_options = (*VQAScore.known_options, "criterion")
     template_fields = ("prompt", "criterion")
     families = QWEN_FAMILIES  # two images per question: LLaVA-1.5 was trained on one

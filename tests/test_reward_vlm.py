@@ -177,11 +177,14 @@ def test_score_is_p_yes_of_the_official_processor_and_forward(checkpoints, famil
     size = NATIVE_LLAVA if family == "llava" else NATIVE_QWEN
     images = random_images(2, size, seed=1)
     prompts = PROMPTS[:2]
-    expected = official_logprobs(folder, [f'Does this figure show "{p}"? Please answer yes or no.' for p in prompts],
-                                 [[image] for image in images])
+    # each family's published VQAScore question (t2v_metrics qwen2vl_model.py / llava_model.py)
+    question = ('Does this figure show "{}"? Please answer yes or no.' if family == "llava"
+                else 'Does this image show "{}"?')
+    expected = official_logprobs(folder, [question.format(p) for p in prompts], [[image] for image in images])
 
     reward = load_reward(RewardConfig(name="vlm", path=folder, options={"output": "logprob"}))
     assert isinstance(reward, VQAScore) and reward.vlm.family == family
+    assert reward.template.replace("{prompt}", "{}") == question
     with torch.no_grad():
         logprobs, subscores = reward(images, prompts)
         probs, _ = load_reward(RewardConfig(name="vlm", path=folder))(images, prompts)
@@ -193,6 +196,49 @@ def test_score_is_p_yes_of_the_official_processor_and_forward(checkpoints, famil
     with torch.no_grad():
         swapped, _ = reward(images.flip(0), prompts)
     assert (swapped - logprobs).abs().max() > 1e-3
+
+
+def test_sequence_scoring_is_llavas_published_vqascore(checkpoints):
+    """scoring: sequence (t2v_metrics llava_model.py): the question, then " Yes</s>" after the
+    generation prompt; the score is exp(-mean cross-entropy) over the answer's tokens, computed
+    here with the processor and the model's full forward on PIL images, one at a time."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = checkpoints("llava")
+    images = random_images(2, NATIVE_LLAVA, seed=6)
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    expected = []
+    for image, prompt in zip(images, PROMPTS[:2]):
+        question = f'Does this figure show "{prompt}"? Please answer yes or no.'
+        chat = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                            {"type": "text", "text": question}]}],
+                                             add_generation_prompt=True, tokenize=False)
+        prefix = processor(text=chat, images=to_pil(image), return_tensors="pt")
+        inputs = processor(text=chat + " Yes</s>", images=to_pil(image), return_tensors="pt")
+        n = inputs["input_ids"].shape[1] - prefix["input_ids"].shape[1]
+        assert n >= 2  # the answer and the end of sequence
+        with torch.no_grad():
+            logits = model(**inputs).logits[0]
+        targets = inputs["input_ids"][0, -n:]
+        expected.append(torch.nn.functional.cross_entropy(logits[-n - 1 : -1], targets).neg().exp())
+    reward = load_reward(RewardConfig(name="vlm", path=folder, options={"scoring": "sequence"}))
+    with torch.no_grad():
+        scores, _ = reward(images, PROMPTS[:2])
+        first_token, _ = load_reward(RewardConfig(name="vlm", path=folder))(images, PROMPTS[:2])
+    torch.testing.assert_close(scores, torch.stack(expected), atol=1e-5, rtol=1e-4)
+    assert (scores - first_token).abs().max() > 1e-4
+    reward.vlm.tokenizer.padding_side = "left"  # the answer's positions are found whichever side pads
+    with torch.no_grad():
+        left, _ = reward(images, ["a cat", PROMPTS[1]])
+        alone, _ = reward(images[:1], ["a cat"])
+    reward.vlm.tokenizer.padding_side = "right"
+    torch.testing.assert_close(left[1], scores[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(left[0], alone[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="one answer string"):
+        load_reward(RewardConfig(name="vlm", path=folder, options={"scoring": "sequence", "answer": ["Yes", "No"]}))
+    with pytest.raises(ConfigError, match="scoring"):
+        load_reward(RewardConfig(name="vlm", path=folder, options={"scoring": "all"}))
 
 
 def test_answer_option_sums_single_token_answers(checkpoints):
@@ -304,7 +350,8 @@ def test_score_on_a_resized_photo_given_the_processors_pixels_is_the_official_sc
     photo, image = board_photo()
     question = 'Does this figure show "a cat"? Please answer yes or no.'
     expected = official_logprobs(folder, [question], [[image]])
-    reward = load_reward(RewardConfig(name="vlm", path=folder, options={"output": "logprob"}))
+    reward = load_reward(RewardConfig(name="vlm", path=folder, options={"output": "logprob", "template": question.replace(
+        '"a cat"', '"{prompt}"')}))
     official = reward.vlm.processor.image_processor(images=[photo], return_tensors="pt")
 
     def official_pixels(images):
