@@ -194,9 +194,11 @@ def test_the_checkpoint_state_restores_critic_replay_and_counters(tiny_models):
     ac = _acflow(tiny_models)
     ac.collect(["a red circle"], torch.Generator().manual_seed(0))
     ac.after_optimizer_step()
-    state = ac.state_dict()
+    state, own = ac.state_dict(), ac.process_state_dict()
+    assert "replay" not in state["learner"] and set(own) == {"replay"}  # each process its own samples
     other = _acflow(tiny_models)
     other.load_state_dict(state)
+    other.load_process_state_dict(own)
     x = torch.randn(2, *ac.backbone.latent_shape())
     t, cond = torch.tensor([500.0, 900.0]), ac.backbone.encode_prompts(["a", "b"], guidance=False)
     torch.testing.assert_close(other.learner(x, t, cond), ac.learner(x, t, cond))

@@ -100,3 +100,21 @@ def test_batch_statistics_of_two_processes_are_those_of_one_with_the_whole_batch
     for name, values in whole["value_weights"].items():
         assert ranks[0]["value_weights"][name] == ranks[1]["value_weights"][name], name
         assert ranks[0]["value_weights"][name] == pytest.approx(values, abs=1e-5), name
+
+
+def test_each_process_resumes_its_own_fine_tuner_state(tmp_path):
+    """A method's per-process state (its rollout, its replay buffer: ``process_state_dict``) goes into
+    the checkpoint once per process and each process resumes its own: two processes trained 2 steps
+    and resumed for a third hold, each, exactly its own prompts, as one uninterrupted 3-step run
+    does; the shared state is the main process's as before."""
+    script = Path(__file__).with_name("distributed_resume.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    for args in ([str(tmp_path / "cut"), "2"], [str(tmp_path / "cut"), "3", "--resume"], [str(tmp_path / "whole"), "3"]):
+        run = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    checkpoint = tmp_path / "cut" / "run" / "checkpoints" / "step-000002"
+    assert {p.name for p in checkpoint.glob("finetuner-rank-*.pt")} == {"finetuner-rank-0.pt", "finetuner-rank-1.pt"}
+    held = {r: json.loads((tmp_path / "cut" / f"held-{r}.json").read_text()) for r in (0, 1)}
+    whole = {r: json.loads((tmp_path / "whole" / f"held-{r}.json").read_text()) for r in (0, 1)}
+    assert held == whole and held[0] != held[1] and len(held[0]) == 6  # 3 steps x 2 prompts, its own

@@ -430,12 +430,15 @@ def test_online_pairs_are_reused_and_survive_a_resume(tiny_models):
     dpo = DiffusionDPO.build(_experiment(config), backbone, _BrightnessReward())
     first = dpo.collect(["a red circle"], torch.Generator().manual_seed(0))
     state = dpo.state_dict()  # a checkpoint after the first use of these pairs
+    own = dpo.process_state_dict()
+    assert "buffer" not in state and "buffer" in own  # the pairs are this process's own
     second = dpo.collect(["a blue square"], torch.Generator().manual_seed(1))
     assert second["pairs"] is first["pairs"] and not torch.equal(second["noise"], first["noise"])
     third = dpo.collect(["a blue square"], torch.Generator().manual_seed(2))
     assert third["pairs"] is not first["pairs"] and third["pairs"].prompts == ["a blue square"]
     resumed = DiffusionDPO.build(_experiment(config), backbone, _BrightnessReward())
     resumed.load_state_dict(state)
+    resumed.load_process_state_dict(own)
     again = resumed.collect(["a blue square"], torch.Generator().manual_seed(1))
     assert again["pairs"].prompts == ["a red circle"]  # the buffered pairs' second use
     torch.testing.assert_close(again["pairs"].x0_w, first["pairs"].x0_w)

@@ -319,15 +319,19 @@ def test_prompt_metadata_reaches_the_reward(tiny_models, tmp_path):
 
 
 def test_checkpoint_state_round_trip(tiny_models, tmp_path):
-    """The unfinished rollout and the stat tracker go into the checkpoint (loadable with
-    weights_only=True); a method restored from it serves the same next minibatch and loss."""
+    """The stat tracker (shared by all processes) and this process's unfinished rollout go into the
+    checkpoint, in two files (loadable with weights_only=True); a method restored from them serves
+    the same next minibatch and loss."""
     config = DDPOConfig(samples_per_prompt=2, minibatches=2, min_count=2)
     ddpo = _method(tiny_models, DDPO, config, "sd", 1.0)
     ddpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
     torch.save(ddpo.state_dict(), tmp_path / "finetuner.pt")
+    torch.save(ddpo.process_state_dict(), tmp_path / "finetuner-rank-0.pt")
+    assert "rollout" not in ddpo.state_dict() and "tracker" not in ddpo.process_state_dict()
     expected = ddpo.collect(["unused"], torch.Generator().manual_seed(1))
     restored = _method(tiny_models, DDPO, config, "sd", 1.0)
     restored.load_state_dict(torch.load(tmp_path / "finetuner.pt", weights_only=True))
+    restored.load_process_state_dict(torch.load(tmp_path / "finetuner-rank-0.pt", weights_only=True))
     batch = restored.collect(["unused"], torch.Generator().manual_seed(1))
     assert torch.equal(batch["rows"], expected["rows"]) and batch["steps"] == expected["steps"]
     assert restored.loss(batch)[0].item() == pytest.approx(ddpo.loss(expected)[0].item(), abs=1e-6)

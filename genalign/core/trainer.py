@@ -347,6 +347,9 @@ class Trainer:
                 "data": self.source.state_dict(),
             }
             (tmp / f"rank-{acc.process_index}.json").write_text(json.dumps(rank_state))
+            process_state = getattr(self.finetuner, "process_state_dict", None)
+            if process_state is not None:  # this process's own samples: a rollout, a replay buffer
+                torch.save(process_state(), tmp / f"finetuner-rank-{acc.process_index}.pt")
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
@@ -402,6 +405,11 @@ class Trainer:
             if not (path / "finetuner.pt").is_file():
                 raise FileNotFoundError(f"{path} has no finetuner.pt: it was written by another method")
             self.finetuner.load_state_dict(load("finetuner.pt"))
+        if hasattr(self.finetuner, "load_process_state_dict"):
+            own = f"finetuner-rank-{acc.process_index}.pt"
+            if not (path / own).is_file():
+                raise FileNotFoundError(f"{path} has no {own}: it was written by fewer processes or another method")
+            self.finetuner.load_process_state_dict(load(own))
         state = json.loads((path / "state.json").read_text())
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]

@@ -278,16 +278,25 @@ class DiffusionDPO(BackboneMethod):
                 value.lerp_(self.start.shadow[name], self.config.reference_anchor)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"stable_reference": self.stable_reference.state_dict() if self.stable_reference else {}}
-        if self.buffer is not None and self.config.pairs_reuse > 1:  # a resumed run reuses the same pairs
+        """What every process shares: the stable reference."""
+        return {"stable_reference": self.stable_reference.state_dict() if self.stable_reference else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.stable_reference is not None:
+            self.stable_reference.load_state_dict(state["stable_reference"])
+        if "buffer" in state:  # a checkpoint from before the per-process split
+            self.load_process_state_dict(state)
+
+    def process_state_dict(self) -> dict[str, Any]:
+        """This process's online pairs being reused (a resumed run reuses the same pairs)."""
+        state: dict[str, Any] = {}
+        if self.buffer is not None and self.config.pairs_reuse > 1:
             b = self.buffer
             state["buffer"] = {"x0_w": b.x0_w.cpu(), "x0_l": b.x0_l.cpu(), "prompts": list(b.prompts),
                                "metrics": {k: v.cpu() for k, v in b.metrics.items()}, "uses": self.buffer_uses}
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.stable_reference is not None:
-            self.stable_reference.load_state_dict(state["stable_reference"])
+    def load_process_state_dict(self, state: dict[str, Any]) -> None:
         if "buffer" in state:
             b, device = state["buffer"], self.backbone.device
             cond = self.backbone.encode_prompts(b["prompts"], guidance=False)

@@ -22,7 +22,8 @@ splits them (shuffled) into ``minibatches`` minibatches per inner epoch and serv
 prompts the trainer hands to the calls served from that buffer are not used (they are a random
 draw from a reshuffled list, so skipping them biases nothing). Optimizer steps per rollout =
 ``minibatches * inner_epochs / run.grad_accum``. The buffer and the stat tracker are part of the
-checkpoint (``state_dict``), so a resumed run continues exactly.
+checkpoint (the rollout per process, ``process_state_dict``; the tracker shared, ``state_dict``), so a
+resumed run continues exactly, with any number of processes resuming their own rollouts.
 
 Conventions checked against the official code (kvablack/ddpo-pytorch ``scripts/train.py``,
 yifan123/flow_grpo ``scripts/train_sd3.py``): classifier-free guidance at sampling and training with
@@ -349,13 +350,21 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
     # ---------------------------------------------------------------- checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
-        """The unfinished rollout (tensors and prompts; the conditioning is re-encoded on load) and
-        the minibatches left of it."""
+        """What every process shares (a method's statistics); the rollout is per process."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rollout" in state:  # a checkpoint from before the per-process split
+            self.load_process_state_dict(state)
+
+    def process_state_dict(self) -> dict[str, Any]:
+        """This process's unfinished rollout (tensors and prompts; the conditioning is re-encoded on
+        load) and the minibatches left of it."""
         rollout = {k: (v.detach().cpu() if isinstance(v, Tensor) else list(v))
                    for k, v in self.rollout.items() if k != "cond"}
         return {"rollout": rollout, "pending": [{k: v.clone() for k, v in m.items()} for m in self.pending]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_process_state_dict(self, state: dict[str, Any]) -> None:
         self.pending = [dict(m) for m in state["pending"]]
         rollout = dict(state["rollout"])
         if rollout:

@@ -282,14 +282,21 @@ class ValueLearner:
         import copy
 
         return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "running": self.running.state_dict(),
-                              "replay": {k: v.cpu() for k, v in self.replay.items()}})
+                              "running": self.running.state_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.running.load_state_dict(state["running"])
-        self.replay = {k: v.to(self.device) for k, v in state["replay"].items()}
+        if "replay" in state:  # a checkpoint from before the per-process split
+            self.load_replay(state["replay"])
+
+    def replay_state(self) -> dict[str, Tensor]:
+        """This process's replay buffer (each process remembers its own samples)."""
+        return {k: v.detach().cpu().clone() for k, v in self.replay.items()}
+
+    def load_replay(self, replay: dict[str, Tensor]) -> None:
+        self.replay = {k: v.to(self.device) for k, v in replay.items()}
 
 
 class ValueMethod(BackboneMethod):
@@ -357,8 +364,15 @@ class ValueMethod(BackboneMethod):
         return trajectory, rewards, shaped
 
     def state_dict(self) -> dict[str, Any]:
+        """What every process shares: the value model, its optimiser and running statistics."""
         return {"learner": self.learner.state_dict(), "optimizer_steps": self.optimizer_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state["learner"])
         self.optimizer_steps = int(state["optimizer_steps"])
+
+    def process_state_dict(self) -> dict[str, Any]:
+        return {"replay": self.learner.replay_state()}
+
+    def load_process_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_replay(state["replay"])
