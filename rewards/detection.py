@@ -17,6 +17,7 @@ or local folder (transformers prefers ``*.safetensors``; no remote code is ever 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -332,6 +333,9 @@ class ClipColorClassifier:
         if batch_size < 1:
             raise ValueError(f"color classifier: batch_size must be >= 1, got {batch_size}")
         self.encoder = encoder
+        # GenEval crops with open_clip's torchvision pipeline, which rounds the centre-crop offset (the
+        # shared transformers encoder floors it, as its image processor does)
+        self.transform = dataclasses.replace(encoder.transform, floor_crop=False)
         self.batch_size = int(batch_size)
         red, green, blue = background
         self.background = (int(red), int(green), int(blue))
@@ -352,7 +356,7 @@ class ClipColorClassifier:
         """(N, D) CLIP image embeddings of PIL crops of any sizes, in batches."""
         chunks = []
         for chunk in _batches(list(crops), self.batch_size):
-            pixels = torch.cat([self.encoder.transform(_pil_to_tensor(c).to(self.encoder.model.device))
+            pixels = torch.cat([self.transform(_pil_to_tensor(c).to(self.encoder.model.device))
                                 for c in chunk])  # (b, 3, 224, 224)
             features = self.encoder.model.get_image_features(pixel_values=pixels.to(self.encoder.dtype))
             chunks.append(getattr(features, "pooler_output", features).float())

@@ -457,6 +457,9 @@ class VQAScore(RewardModel):
         if vlm.family not in cls.families:
             raise ConfigError(f"reward {config.name} needs a {' / '.join(cls.families)} checkpoint; "
                               f"'{config.path}' is {vlm.family!r}")
+        if scoring == "sequence" and vlm.family != "llava":
+            raise ConfigError(f"reward {config.name}: scoring: sequence is LLaVA-1.5's published form (\"ASSISTANT: "
+                              f"Yes</s>\"); {vlm.family!r} is scored on the first answer token")
         default = cls.default_template or FAMILY_TEMPLATES[vlm.family]
         template = _check_template(str(options.get("template", default)), cls.template_fields, config.name)
         if "criterion" in cls.template_fields:  # fixed per reward: fill it in now, keep {prompt}

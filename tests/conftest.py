@@ -80,7 +80,9 @@ def _source_tree_state() -> dict[str, int]:
 
 
 def pytest_sessionstart(session):
-    session.config._source_tree_before = _source_tree_state()
+    # GENALIGN_WATCH_SOURCE=0 switches the check off (e.g. while a training run writes into ./runs)
+    if os.environ.get("GENALIGN_WATCH_SOURCE", "1") != "0":
+        session.config._source_tree_before = _source_tree_state()
 
 
 def pytest_sessionfinish(session, exitstatus):

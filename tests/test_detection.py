@@ -391,6 +391,10 @@ def test_color_classifier_shares_the_clip_reward_encoder(clip_path, color_classi
     encoder = load_encoder(RewardConfig(name="clip", path=clip_path), torch.device("cpu"), "unused")
     assert color_classifier.encoder is encoder
     assert isinstance(load_color_classifier(clip_path), ClipColorClassifier)
+    # GenEval's colour crops go through open_clip's torchvision transform, which rounds the crop offset,
+    # while the shared transformers encoder floors it as its processor does
+    classifier = load_color_classifier(clip_path)
+    assert classifier.encoder.transform.floor_crop and not classifier.transform.floor_crop
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['bgcolor'\]"):
         load_color_classifier(clip_path, bgcolor="#999")
 

@@ -332,6 +332,8 @@ def test_caption_dropout_and_vae_posterior_latents(tiny_models, pick_a_pic):
     kept = [not torch.equal(e, empty) for seed in range(8)
             for e in dpo.collect(["row:0", "row:1"], torch.Generator().manual_seed(seed))["pairs"].cond.positive["prompt_embeds"]]
     assert 0 < sum(kept) < len(kept)
+    assert all("captions_dropped" in dpo.collect(["row:0"], torch.Generator().manual_seed(seed))["pairs"].metrics
+               for seed in range(4))  # reported on every micro-step, dropped or not (processes average it)
     dpo.config.proportion_empty_prompts = 0.0
     assert not any(torch.equal(e, empty) for e in dpo.collect(["row:0"], torch.Generator().manual_seed(0))["pairs"].cond.positive["prompt_embeds"])
 

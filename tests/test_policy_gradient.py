@@ -336,6 +336,12 @@ def test_checkpoint_state_round_trip(tiny_models, tmp_path):
     assert torch.equal(batch["rows"], expected["rows"]) and batch["steps"] == expected["steps"]
     assert restored.loss(batch)[0].item() == pytest.approx(ddpo.loss(expected)[0].item(), abs=1e-6)
     assert restored.tracker.buffers == ddpo.tracker.buffers
+    # a checkpoint from before the split held the rollout in finetuner.pt: it still loads
+    legacy = _method(tiny_models, DDPO, config, "sd", 1.0)
+    legacy.load_state_dict({**torch.load(tmp_path / "finetuner.pt", weights_only=True),
+                            **torch.load(tmp_path / "finetuner-rank-0.pt", weights_only=True)})
+    again = legacy.collect(["unused"], torch.Generator().manual_seed(1))
+    assert torch.equal(again["rows"], expected["rows"]) and legacy.tracker.buffers == ddpo.tracker.buffers
 
 
 def test_settings_that_cannot_work_are_refused(tiny_models):

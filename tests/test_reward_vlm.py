@@ -239,6 +239,8 @@ def test_sequence_scoring_is_llavas_published_vqascore(checkpoints):
         load_reward(RewardConfig(name="vlm", path=folder, options={"scoring": "sequence", "answer": ["Yes", "No"]}))
     with pytest.raises(ConfigError, match="scoring"):
         load_reward(RewardConfig(name="vlm", path=folder, options={"scoring": "all"}))
+    with pytest.raises(ConfigError, match="LLaVA-1.5's published form"):
+        load_reward(RewardConfig(name="vlm", path=checkpoints("qwen2_vl"), options={"scoring": "sequence"}))
 
 
 def test_answer_option_sums_single_token_answers(checkpoints):

@@ -354,8 +354,8 @@ class Trainer:
             if torch.cuda.is_available():
                 rng.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
             save_file(rng, str(tmp / f"rng-{acc.process_index}.safetensors"))
-        except OSError as err:
-            error = err
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+            error = err if isinstance(err, OSError) else OSError(str(err).splitlines()[0])
         if self._any_process(error is not None):
             raise error or OSError("another process could not write its part of the checkpoint")
 
@@ -405,11 +405,11 @@ class Trainer:
             if not (path / "finetuner.pt").is_file():
                 raise FileNotFoundError(f"{path} has no finetuner.pt: it was written by another method")
             self.finetuner.load_state_dict(load("finetuner.pt"))
-        if hasattr(self.finetuner, "load_process_state_dict"):
-            own = f"finetuner-rank-{acc.process_index}.pt"
-            if not (path / own).is_file():
-                raise FileNotFoundError(f"{path} has no {own}: it was written by fewer processes or another method")
+        own = f"finetuner-rank-{acc.process_index}.pt"
+        if hasattr(self.finetuner, "load_process_state_dict") and (path / own).is_file():
             self.finetuner.load_process_state_dict(load(own))
+        elif hasattr(self.finetuner, "load_process_state_dict"):  # older checkpoints held it in finetuner.pt
+            acc.print(f"{path} has no {own} (an older checkpoint): this process resumes the main process's samples")
         state = json.loads((path / "state.json").read_text())
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]

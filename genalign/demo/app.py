@@ -269,7 +269,7 @@ def build_app(config: DemoConfig, bank: Any = None) -> Any:
                 reno_steps = gr.Number(config.reno_steps, label="ReNO generator steps", precision=0, minimum=1,
                                        maximum=50)
                 reno_iterations = gr.Number(config.reno_iterations, label="ReNO iterations", precision=0,
-                                            minimum=0, maximum=200)
+                                            minimum=1, maximum=200)
                 reno_lr = gr.Number(config.reno_lr, label="ReNO learning rate", minimum=0)
         sampling = [steps, guidance, reno_reward, reno_steps, reno_iterations, reno_lr]
 

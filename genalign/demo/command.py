@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     page.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward batch")
     page.add_argument("--max-images", type=_positive_int, default=256, help="images one click may ask for")
     page.add_argument("--reno-steps", type=_positive_int, default=4, help="generator steps under ReNO")
-    page.add_argument("--reno-iterations", type=int, default=10, help="ReNO iterations (paper: 50)")
+    page.add_argument("--reno-iterations", type=int, default=10, help="ReNO reward evaluations, the first on the starting noise (paper: 50)")
     page.add_argument("--reno-lr", type=float, default=5.0)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes it to the network)")

@@ -99,8 +99,8 @@ class DemoConfig:
                 raise ConfigError(f"{what} names must be unique ({BASE!r} is the backbone itself): {repeated}")
         if self.steps < 1 or self.reno_steps < 1 or self.batch_size < 1 or self.max_images < 1:
             raise ConfigError("steps, reno_steps, batch_size and max_images must be >= 1")
-        if self.reno_iterations < 0:
-            raise ConfigError("reno_iterations must be >= 0")
+        if self.reno_iterations < 1:
+            raise ConfigError("reno_iterations (reward evaluations, the first on the starting noise) must be >= 1")
 
     @property
     def labels_path(self) -> Path | None:

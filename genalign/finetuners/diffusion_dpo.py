@@ -217,11 +217,12 @@ class DiffusionDPO(BackboneMethod):
         if p == 0 or len(pairs) == 0:
             return pairs
         dropped = (torch.rand(len(pairs), generator=generator) < p).tolist()
+        # the metric on every micro-step (processes average metrics by name: all must report it)
+        metrics = {**pairs.metrics, "captions_dropped": torch.tensor(sum(dropped) / len(dropped))}
         if not any(dropped):
-            return pairs
+            return dataclasses.replace(pairs, metrics=metrics)
         captions = ["" if drop else prompt for drop, prompt in zip(dropped, pairs.prompts)]
         cond = self.backbone.encode_prompts(captions, guidance=False)
-        metrics = {**pairs.metrics, "captions_dropped": torch.tensor(sum(dropped) / len(dropped))}
         return dataclasses.replace(pairs, cond=cond, metrics=metrics)
 
     def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
