@@ -179,14 +179,41 @@ def test_a_stop_signal_saves_a_checkpoint_after_the_step_and_the_run_resumes_exa
     straight = _toy()
     Trainer(straight, _run(tmp_path / "a", **common)).train()
     stopped = Signalled(ToyRegression.Config())
-    with pytest.raises(TrainingInterrupted, match=f"stopped by {signal_name} at step 5") as info:
-        Trainer(stopped, _run(tmp_path / "b", **common)).train()
+    outer = signal.getsignal(number)  # SIGINT is ignored when the suite runs as a shell's background job
+    before = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+    signal.signal(number, before)
+    try:
+        with pytest.raises(TrainingInterrupted, match=f"stopped by {signal_name} at step 5") as info:
+            Trainer(stopped, _run(tmp_path / "b", **common)).train()
+        assert signal.getsignal(number) == before  # the handler in place before the run is restored
+    finally:
+        signal.signal(number, outer)
     assert info.value.signal_number == number
     assert (tmp_path / "b" / "checkpoints" / "step-000005" / "COMPLETE").is_file()
-    assert signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler)  # handlers restored
     resumed = _toy()
     assert Trainer(resumed, _run(tmp_path / "b", **common)).train(resume="latest").steps_done == 8
     assert torch.equal(resumed.model.weight, straight.model.weight)
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    """A shell script's background job inherits SIGINT ignored (Ctrl-C is not meant for it): the trainer
+    leaves it so, and the run goes to its end."""
+    import os
+    import signal
+
+    class Signalled(ToyRegression):
+        def loss(self, batch):
+            if self.calls == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().loss(batch)
+
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trainer = Trainer(Signalled(ToyRegression.Config()), _run(tmp_path, steps=4, checkpoint_every=0))
+        assert trainer.train().steps_done == 4
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_a_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):

@@ -449,7 +449,8 @@ class Trainer:
 
     def _catch_stop_signals(self) -> dict[int, Any]:
         """SIGTERM (schedulers' pre-emption) and SIGINT (Ctrl-C) finish the current step, save a
-        checkpoint and stop; a second signal stops at once. Only in the main thread (Python's rule)."""
+        checkpoint and stop; a second signal stops at once. Only in the main thread (Python's rule), and
+        not for a signal the process ignores (SIGINT in a shell script's background job stays ignored)."""
         self.stop_signal: int | None = None
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -460,7 +461,8 @@ class Trainer:
             self.accelerator.print(f"\n{signal.Signals(number).name}: saving a checkpoint after this step, then "
                                    "stopping (send it again to stop at once)")
 
-        return {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
+        return {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(number) is not signal.SIG_IGN}
 
     def _stop(self) -> None:
         path = self.save_checkpoint()
