@@ -31,10 +31,9 @@ batch (its held-out prediction, so it cannot have memorised these samples).
 ``relative: true`` trains on w - 1 instead of w (the weights minus their batch mean, so they sum to
 zero): plain flow matching on the model's own samples, the part of the loss every sample shares,
 drops out and below-average samples push the model away, bounded by the W2 term. This is the form
-of the same authors' later ADRPO (A ||v - u||^2 + (beta0 - A) ||v - v_ref||^2). Measured on shapes
-(see configs/shapes/ac_flow.yaml): with w the model drifts (uniform weights alone took gold 0.273 ->
-0.227 in 300 steps; self-training on 10-step guided samples is not a fixed point); with w - 1 it
-does not.
+of the same authors' later ADRPO (A ||v - u||^2 + (beta0 - A) ||v - v_ref||^2). Self-training on
+few-step guided samples is not a fixed point, so with w the model drifts and with w - 1 it does not
+(docs/results.md).
 
 Choices the papers leave open, documented here: the critic has its own Adam optimiser
 (``critic_lr``) and ``critic_updates`` steps per collect, outside the trainer's optimizer (its state is

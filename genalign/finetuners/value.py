@@ -101,7 +101,7 @@ def normalised_time(timesteps: Tensor, num_train_timesteps: int, like: Tensor) -
 class LatentFeatures:
     """Value inputs ``latent``: the state itself, its normalised time and the prompt features of its
     conditioning, for :class:`ValueModel`. Cheap, but it has no prior: at the data sizes of a short
-    run it memorises trajectories (shapes SD: held-out error above a constant's)."""
+    run it memorises trajectories (docs/results.md)."""
 
     def __init__(self, backbone: Any):
         self.num_train_timesteps: int = backbone.schedule.num_train_timesteps
@@ -121,9 +121,8 @@ class CleanEstimateFeatures:
     estimate of the frozen reference model at the state (guided as the sampler is), and on the
     prompt, for :class:`EmbeddingValueHead`. The features are a fixed function of the state (the
     reference and the encoder never train), so replayed features stay valid, and gradients reach
-    the state through the reference, the VAE decoder and the encoder. The prior matters: on the
-    shapes SD model with the exact evaluator as reward, its held-out error on new trajectories is
-    a third of a constant's; :class:`LatentFeatures`' is above it. The final state (t = 0) is its
+    the state through the reference, the VAE decoder and the encoder; its prior is what lets it
+    generalise from a few hundred trajectories (docs/results.md). The final state (t = 0) is its
     own clean estimate."""
 
     def __init__(self, backbone: Any, encoder: Any, guidance_scale: float):

@@ -7,14 +7,11 @@ the pretrained model.
 Value model V_phi(x_t, t, prompt), trained by regression on Monte-Carlo returns: every state of
 the model's own stochastic trajectories is paired with the (shaped) reward of the trajectory's final
 image (:func:`value_regression_loss`), from a replay buffer of recent trajectories. Its inputs
-(``value_inputs``, the issue's two options and what was measured, genalign.finetuners.value):
-``encoder`` (default) is a frozen CLIP on the decoded one-step clean estimate of the frozen
-reference at the state, with an MLP head on [image, prompt, their product, cosine, t]
-(:class:`~genalign.finetuners.value.CleanEstimateFeatures`, :class:`~genalign.finetuners.value.EmbeddingValueHead`);
-``latent`` is a small CNN on the latent itself (:class:`~genalign.finetuners.value.ValueModel`).
-On the shapes SD model with the exact evaluator as reward (512 trajectories, 10 DDIM eta-1 steps,
-held-out trajectories, standardised returns), the encoder head's error was 0.36 against 1.08 for
-the best constant and 1.2-1.3 for the latent CNN (train error 0.001: it memorises trajectories).
+(``value_inputs``, genalign.finetuners.value): ``encoder`` (default), a frozen CLIP on the decoded
+one-step clean estimate of the frozen reference at the state, with an MLP head on [image, prompt,
+their product, cosine, t] (:class:`~genalign.finetuners.value.CleanEstimateFeatures`,
+:class:`~genalign.finetuners.value.EmbeddingValueHead`); ``latent``, a small CNN on the latent
+itself (:class:`~genalign.finetuners.value.ValueModel`). docs/results.md compares the two.
 
 Policy objective per trained step k (:func:`vard_policy_loss`), with x_k from a stored trajectory,
 the policy's Gaussian step N(mu_theta(x_k), s_k^2) reparameterised with the trajectory's own noise
@@ -32,15 +29,9 @@ scores them, takes ``value_updates`` Adam steps of the value model on the replay
 trainer takes one policy step; during ``value_warmup`` optimizer steps only the value model learns.
 The KL sets how far a step may move: minimising ``-V + kl_weight * KL`` over the step's mean
 alone gives mu = mu_ref + s_k^2 * numel * dV/dx~ / kl_weight (the per-element mean KL), a trust
-region in units of the step's variance. On the shapes world (configs/shapes/vard.yaml) the gain came
-while the KL stayed below about 1e-3 a step (kl_weight 0.3 to 1); at kl_weight 0.1 the LoRA went
-further and over-optimised the value (counting and colours collapsed while two objects and position
-rose). What mattered more was the batch: the value's gradient differs much from sample to sample
-(the gradient norm spans 10x), and with 8 trajectories an optimizer step the LoRA moved about as
-far without climbing the value; 16 trajectories a step (fewer steps, the same time) nearly tripled
-the gain (paired, eval seed 1: +0.036 on average over four runs against +0.013 over seven).
-``value_gradient: normalized`` gives every sample the same step instead (then the KL binds only
-at kl_weight of order s_k^2 / the wanted shift); measured weaker there.
+region in units of the step's variance. ``value_gradient: normalized`` gives every sample the same
+step instead (then the KL binds only at kl_weight of order s_k^2 / the wanted shift). Defaults are
+those of configs/shapes/vard.yaml's measurements (docs/results.md).
 
 Choices left open by the paper, made here: deterministic steps (std 0: the last DDIM-eta-1 step, the
 flow SDE's step into sigma = 0) are not trained (no KL is defined there); rewards are standardised
