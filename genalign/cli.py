@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,20 +13,8 @@ import torch
 from genalign.core.config import ConfigError
 from genalign.core.trainer import NonFiniteError, TrainingInterrupted
 
-# Backbone families (genalign.pipelines.BACKBONES; listed here so that --help stays fast).
-FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux")
+# genalign tiny FAMILY: the backbone families plus FLUX.1 [schnell]'s own tiny layout
 TINY_FAMILIES = ("sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux", "flux-schnell")
-# Modules whose import registers a fine-tuner (each method's issue adds its module here).
-BUILTIN_FINETUNERS: tuple[str, ...] = (
-    "genalign.finetuners.diffusion_dpo",
-    "genalign.finetuners.inversion_dpo",
-    "genalign.finetuners.d3po",
-    "genalign.finetuners.adjoint_matching",
-    "genalign.finetuners.ac_flow",
-    "genalign.finetuners.vard",
-    "genalign.finetuners.ddpo",
-    "genalign.finetuners.flow_grpo",
-)
 
 
 def _positive_int(text: str) -> int:
@@ -41,14 +28,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _registered_finetuners() -> dict[str, type]:
-    from genalign.finetuners import FINETUNERS
-
-    for module in BUILTIN_FINETUNERS:
-        importlib.import_module(module)
-    return FINETUNERS
 
 
 # --------------------------------------------------------------------------- sample
@@ -111,7 +90,9 @@ def _method_encoders(config: Any, device: Any) -> dict[str, Any]:
     """The image-text encoder a value-based method's config names (``encoder_key``, e.g. VARD's
     ``value_encoder``) when its value inputs are ``encoder``: loaded here, where rewards may be
     imported, and handed to the method's ``build``."""
-    key = getattr(_registered_finetuners()[config.method_name], "encoder_key", None)
+    from genalign.finetuners import METHODS
+
+    key = getattr(METHODS.get(config.method_name), "encoder_key", None)
     if key is None or getattr(config.method, key.replace("_encoder", "_inputs"), None) != "encoder":
         return {}
     from genalign.core.experiment import RewardConfig
@@ -126,9 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from genalign.core.experiment import load_experiment
     from genalign.core.trainer import Trainer, make_accelerator
-    from genalign.finetuners import config_classes
+    from genalign.finetuners import METHODS, config_classes
 
-    finetuners = _registered_finetuners()
+    finetuners = METHODS.all()
     if args.help_config:
         return _help_config(finetuners)
     if args.resume and args.resume.endswith((".yaml", ".yml")) and (not args.config or "=" in args.config):
@@ -497,7 +478,6 @@ def cmd_d3po_sample(args: argparse.Namespace) -> int:
     from genalign.finetuners.d3po import rollout, save_pairs
     from genalign.pipelines import load_backbone
 
-    _registered_finetuners()
     config = load_experiment(args.config, config_classes(), args.overrides)
     if config.sample.eta <= 0:
         raise ConfigError("d3po pairs need a stochastic sampler: set sample.eta > 0")
@@ -532,15 +512,14 @@ def _summary(cls: type) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import genalign.rewards as rewards_registry
+    from genalign.finetuners import METHODS
     from genalign.pipelines import BACKBONES
+    from genalign.rewards import REWARDS
 
-    for module in rewards_registry.ELSEWHERE.values():
-        importlib.import_module(module)
     sections = {
-        "methods (method.name)": _registered_finetuners(),
-        "backbones (backbone.family)": BACKBONES,
-        "rewards (reward.name)": rewards_registry.REWARDS,
+        "methods (method.name)": METHODS.all(),
+        "backbones (backbone.family)": BACKBONES.all(),
+        "rewards (reward.name)": REWARDS.all(),
     }
     for title, registry in sections.items():
         if args.what and not title.startswith(args.what):
@@ -638,10 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    from genalign.pipelines import BACKBONES
+
+    families = BACKBONES.names()  # read from the backbone files' source; imports none of them
 
     p = sub.add_parser("sample", help="prompts -> image files and a grid")
     p.add_argument("--backbone", required=True, help="diffusers checkpoint: hub id or local folder")
-    p.add_argument("--family", default="sd", choices=FAMILIES, help="model family of the checkpoint")
+    p.add_argument("--family", default="sd", choices=families, help="model family of the checkpoint")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file with one prompt a line")
     p.add_argument("--negative-prompt", default="")
@@ -708,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     evals = sub.add_parser("eval", help="benchmark scoring").add_subparsers(dest="eval_command", required=True)
     p = evals.add_parser("shapes", help="gold score of a model on the shapes world's held-out prompts")
     p.add_argument("--backbone", default="models/shapes/sd", help="a shapes model (diffusers folder)")
-    p.add_argument("--family", default="sd", choices=FAMILIES)
+    p.add_argument("--family", default="sd", choices=families)
     p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
     p.add_argument("--per-task", type=_positive_int, default=50, help="prompts per task")
     p.add_argument("--steps", type=_positive_int, default=25)
@@ -729,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", metavar="DIR", help="score a GenEval image folder (ours or another tool's)")
     p.add_argument("--report", help="folder for results.jsonl and the reports (default: <DIR>/results)")
     p.add_argument("--backbone", help="diffusers checkpoint for --generate")
-    p.add_argument("--family", default="sd", choices=FAMILIES)
+    p.add_argument("--family", default="sd", choices=families)
     p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
     p.add_argument("--reno-reward", action="append", default=[],
                    help="generate with ReNO optimising this differentiable reward (repeatable: a sum)")
@@ -765,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", action="append", help="a category (repeatable; default: all eight)")
     p.add_argument("--report", help="folder for scores.json and the reports (default: <ROOT>/results)")
     p.add_argument("--backbone", help="diffusers checkpoint for --generate")
-    p.add_argument("--family", default="sd", choices=FAMILIES)
+    p.add_argument("--family", default="sd", choices=families)
     p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
     p.add_argument("--reno-reward", action="append", default=[], help="generate with ReNO on this reward (repeatable)")
     p.add_argument("--reno-reward-path", action="append", default=[], help="weights of the matching --reno-reward")
@@ -798,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reno", help="ReNO: optimise initial noises of a few-step generator for rewards")
     p.add_argument("--backbone", required=True, help="diffusers checkpoint: hub id or local folder")
-    p.add_argument("--family", default="sd", choices=FAMILIES)
+    p.add_argument("--family", default="sd", choices=families)
     p.add_argument("--lora", help="LoRA weights (diffusers format) to load")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="one prompt a line")

@@ -19,9 +19,11 @@ from torch import Tensor, nn
 
 from genalign.core.schedules import FlowSchedule, NoiseSchedule
 from genalign.core.types import Conditioning
+from genalign.pipelines import register
 from genalign.pipelines.base import DiffusersBackbone
 
 
+@register("flux")
 class FluxBackbone(DiffusersBackbone):
     summary = "FLUX.1 [dev] / [schnell] (flow matching, guidance-distilled)"
     pipeline_class: ClassVar[type] = FluxPipeline

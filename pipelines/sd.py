@@ -11,9 +11,11 @@ from torch import Tensor
 
 from genalign.core.experiment import BackboneConfig
 from genalign.core.types import Conditioning
+from genalign.pipelines import register
 from genalign.pipelines.base import DiffusersBackbone
 
 
+@register("sd")
 class StableDiffusionBackbone(DiffusersBackbone):
     """UNet2DConditionModel + AutoencoderKL + one CLIP text encoder.
 
@@ -47,6 +49,7 @@ class StableDiffusionBackbone(DiffusersBackbone):
         return self.denoiser(x, t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
 
 
+@register("sd-turbo")
 class StableDiffusionTurboBackbone(StableDiffusionBackbone):
     """SD-Turbo: an SD 2.1 model distilled for 1-4 steps; sample with guidance_scale 1."""
     summary = "SD-Turbo: SD 2.1 distilled for 1-4 steps"

@@ -12,9 +12,11 @@ from torch import Tensor, nn
 from genalign.core.experiment import BackboneConfig
 from genalign.core.schedules import FlowSchedule, NoiseSchedule
 from genalign.core.types import Conditioning
+from genalign.pipelines import register
 from genalign.pipelines.base import DiffusersBackbone, absent_components
 
 
+@register("sd3")
 class StableDiffusion3Backbone(DiffusersBackbone):
     """Flow matching with a static ``shift`` (3.0 for SD3/3.5), classifier-free guidance.
 

@@ -10,9 +10,11 @@ from diffusers import StableDiffusionXLPipeline
 from torch import Tensor
 
 from genalign.core.types import Conditioning
+from genalign.pipelines import register
 from genalign.pipelines.base import DiffusersBackbone
 
 
+@register("sdxl")
 class StableDiffusionXLBackbone(DiffusersBackbone):
     """SDXL base. ``time_ids`` are (orig_h, orig_w, crop_top, crop_left, target_h, target_w) with
     original = target = ``backbone.resolution`` and no crop, as the SDXL pipeline does by default
@@ -47,6 +49,7 @@ class StableDiffusionXLBackbone(DiffusersBackbone):
         )[0]
 
 
+@register("sdxl-turbo")
 class StableDiffusionXLTurboBackbone(StableDiffusionXLBackbone):
     """SDXL-Turbo: adversarially distilled SDXL for 1-4 steps at guidance_scale 1."""
     summary = "SDXL-Turbo: SDXL distilled for 1-4 steps"

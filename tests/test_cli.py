@@ -68,14 +68,18 @@ def test_train_runs_a_registered_method_with_overrides_and_resumes(tmp_path):
 
 
 def test_list_names_every_method_backbone_and_reward(capsys):
-    from genalign.cli import _registered_finetuners
+    from genalign.finetuners import METHODS
     from genalign.pipelines import BACKBONES
-    from genalign.rewards import ELSEWHERE, REWARDS
+    from genalign.rewards import REWARDS
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    for name in (*_registered_finetuners(), *BACKBONES, *REWARDS, *ELSEWHERE):
+    shipped = {"diffusion_dpo", "inversion_dpo", "d3po", "adjoint_matching", "ac_flow", "vard", "ddpo", "flow_grpo",
+               "sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux", "shapes_gold", "clip", "pickscore", "hps",
+               "image_reward", "aesthetic", "vlm", "geneval", "ensemble", "reno", "jpeg_compressibility"}
+    assert shipped <= {*METHODS.names(), *BACKBONES.names(), *REWARDS.names()}
+    for name in (*METHODS.names(), *BACKBONES.names(), *REWARDS.names()):
         assert name in lines, name
         assert len(lines[name].split(None, 1)) == 2, f"{name} has no one-line summary"
     assert "Diffusion-DPO" in lines["diffusion_dpo"] and "PickScore" in lines["pickscore"]

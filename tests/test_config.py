@@ -126,11 +126,7 @@ def test_method_that_is_not_a_mapping_is_a_config_error(tmp_path):
 
 
 def test_shipped_configs_all_load():
-    """Every shipped config loads, with every method registered first (without the registration,
-    run alone, this loaded none of them)."""
-    from genalign.cli import _registered_finetuners
-
-    _registered_finetuners()
+    """Every shipped config loads; its method is found by the registry with nothing imported first."""
     classes = config_classes()
     paths = _shipped_configs()
     names = {yaml.safe_load(path.read_text()).get("method", {}).get("name") for path in paths}
@@ -169,12 +165,10 @@ def test_accelerate_configs_load_and_sharded_engines_are_refused():
 @pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     """Every config in configs/ names registered methods and rewards and passes the checks."""
-    from genalign.cli import _registered_finetuners
     from genalign.core.experiment import load_experiment
     from genalign.finetuners import config_classes
-    from genalign.rewards import ELSEWHERE, REWARDS
+    from genalign.rewards import REWARDS
 
-    _registered_finetuners()
     experiment = load_experiment(path, config_classes())
-    assert all(r.name in REWARDS or r.name in ELSEWHERE for r in experiment.reward)
+    assert all(r.name in REWARDS for r in experiment.reward)
     assert experiment.run.steps >= 1

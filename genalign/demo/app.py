@@ -207,7 +207,7 @@ def _differentiable(reward_name: str) -> bool:
     """Whether a registered reward passes gradients to the pixels (what ReNO needs)."""
     from genalign.rewards import REWARDS
 
-    return bool(getattr(REWARDS.get(reward_name), "differentiable", False))
+    return reward_name in REWARDS and bool(getattr(REWARDS.get(reward_name), "differentiable", False))
 
 
 def build_app(config: DemoConfig, bank: Any = None) -> Any:

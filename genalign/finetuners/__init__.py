@@ -12,23 +12,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-FINETUNERS: dict[str, type[Any]] = {}
+from genalign.core.registry import Registry
+
+# every module of this package that calls ``register("name")`` is found and imported on first use
+METHODS = Registry("method.name", decorator="genalign.finetuners.register", packages=["genalign.finetuners"])
+
+
+def _check_method(cls: type[Any]) -> None:
+    if not hasattr(cls, "Config") or not hasattr(cls, "build"):
+        raise TypeError(f"fine-tuner {cls.__name__} needs a Config dataclass and a build() classmethod")
 
 
 def register(name: str) -> Callable[[type[Any]], type[Any]]:
     """Class decorator: make a fine-tuner available as ``method.name: <name>``."""
-
-    def decorate(cls: type[Any]) -> type[Any]:
-        if name in FINETUNERS and FINETUNERS[name] is not cls:
-            raise ValueError(f"a fine-tuner named {name!r} is already registered ({FINETUNERS[name].__name__})")
-        if not hasattr(cls, "Config") or not hasattr(cls, "build"):
-            raise TypeError(f"fine-tuner {cls.__name__} needs a Config dataclass and a build() classmethod")
-        FINETUNERS[name] = cls
-        return cls
-
-    return decorate
+    return METHODS.register(name, check=_check_method)
 
 
 def config_classes() -> dict[str, type]:
     """Method name -> its Config dataclass (what the experiment loader checks ``method:`` against)."""
-    return {name: cls.Config for name, cls in FINETUNERS.items()}
+    return {name: cls.Config for name, cls in METHODS.all().items()}

@@ -1,0 +1,12 @@
+"""A backbone family in one file (test-only): Stable Diffusion under another name, registered on
+import. Adding a family needs this file and nothing else (no list, no CLI choice to edit)."""
+
+from __future__ import annotations
+
+from genalign.pipelines import register
+from genalign.pipelines.sd import StableDiffusionBackbone
+
+
+@register("toy-sd")
+class ToyStableDiffusion(StableDiffusionBackbone):
+    summary = "Stable Diffusion under a test name (a family added in one file)"
