@@ -37,6 +37,9 @@ def test_registered_names_reads_the_decorator_through_the_modules_imports():
     ''')
     assert registered_names(source, {"genalign.finetuners.register"}) == ["method_a", "method_e"]
     assert sorted(registered_names(source, {"genalign.rewards.register"})) == ["reward_c", "reward_d"]
+    relative = 'from . import register\n\n@register("method_f")\nclass F: ...\n'
+    assert registered_names(relative, {"genalign.finetuners.register"}, module="genalign.finetuners.f") == ["method_f"]
+    assert registered_names(relative, {"genalign.finetuners.register"}, module="elsewhere.f") == []
 
 
 def _package(root, name: str) -> None:
@@ -52,6 +55,9 @@ def _package(root, name: str) -> None:
     (folder / "alpha.py").write_text(f'from {name} import register\n\n@register("alpha")\nclass Alpha: ...\n')
     (folder / "beta.py").write_text(f'from {name} import register\n\n@register("beta")\nclass Beta: ...\n'
                                     f'register("beta2")(Beta)\n')
+    (folder / "delta.py").write_text(f'from {name} import register\nfrom {name}.beta import Beta\n\n'
+                                     f'register("delta")(Beta)  # a class defined elsewhere\n'
+                                     f'if False:\n    register("never")(Beta)\n')
 
 
 def test_a_registry_finds_its_files_without_importing_them_and_imports_on_first_use(tmp_path, monkeypatch):
@@ -60,11 +66,14 @@ def test_a_registry_finds_its_files_without_importing_them_and_imports_on_first_
     import regpkg
 
     try:
-        assert regpkg.THINGS.names() == ["alpha", "beta", "beta2"]
+        assert regpkg.THINGS.names() == ["alpha", "beta", "beta2", "delta", "never"]
         assert "regpkg.alpha" not in sys.modules and "regpkg.beta" not in sys.modules
         assert regpkg.THINGS.get("beta").__name__ == "Beta"
         assert "regpkg.beta" in sys.modules and "regpkg.alpha" not in sys.modules
         assert regpkg.THINGS.get("beta2") is regpkg.THINGS.get("beta")
+        assert regpkg.THINGS.get("delta") is regpkg.THINGS.get("beta")
+        with pytest.raises(ConfigError, match="'never': regpkg.delta names it but did not register it"):
+            regpkg.THINGS.get("never")
         with pytest.raises(ConfigError, match="unknown thing.name 'gamma'; available: alpha, beta, beta2"):
             regpkg.THINGS.get("gamma")
 
@@ -74,7 +83,8 @@ def test_a_registry_finds_its_files_without_importing_them_and_imports_on_first_
         assert regpkg.THINGS.get("gamma") is Gamma and "gamma" in regpkg.THINGS.names()
         with pytest.raises(ValueError, match="'alpha' is registered twice"):
             regpkg.register("alpha")(Gamma)
-        assert set(regpkg.THINGS.all()) == {"alpha", "beta", "beta2", "gamma"}
+        assert [regpkg.THINGS.get(n).__name__ for n in ("alpha", "beta2", "delta", "gamma")] == [
+            "Alpha", "Beta", "Beta", "Gamma"]
     finally:
         for name in [m for m in sys.modules if m == "regpkg" or m.startswith("regpkg.")]:
             del sys.modules[name]
@@ -94,7 +104,7 @@ def test_the_shipped_names_are_known_before_any_method_backbone_or_reward_module
     methods, backbones, rewards, loaded = (eval(line) for line in out)  # noqa: S307 (our own printed lists)
     assert {"diffusion_dpo", "inversion_dpo", "d3po", "adjoint_matching", "ac_flow", "vard", "ddpo",
             "flow_grpo"} <= set(methods)
-    assert backbones == ["flux", "sd", "sd-turbo", "sd3", "sdxl", "sdxl-turbo"]
+    assert {"flux", "sd", "sd-turbo", "sd3", "sdxl", "sdxl-turbo"} <= set(backbones)
     assert {"clip", "pickscore", "hps", "image_reward", "aesthetic", "vlm", "geneval", "shapes_gold", "ensemble",
             "reno"} <= set(rewards)
     # only the packages' shared pieces are loaded, none of the method / family / adapter files

@@ -14,19 +14,29 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from genalign.core.config import ConfigError
 
 
-def _imported_names(tree: ast.Module) -> dict[str, str]:
-    """Local name -> the qualified name it was imported as (module level ``import`` / ``from``)."""
+def _imported_names(tree: ast.Module, module: str = "") -> dict[str, str]:
+    """Local name -> the qualified name it was imported as (any ``import`` / ``from`` in the file;
+    relative ones resolved against ``module``, the file's own module name)."""
     names: dict[str, str] = {}
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = module.split(".")
+                if not module or node.level >= len(parts):  # a module file, not a package __init__
+                    continue
+                base = ".".join(parts[: len(parts) - node.level])
+                source = ".".join(part for part in (base, node.module) if part)
+            else:
+                source = node.module or ""
             for alias in node.names:
-                names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                names[alias.asname or alias.name] = f"{source}.{alias.name}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.asname:
@@ -47,10 +57,12 @@ def _qualified(node: ast.expr, imported: dict[str, str]) -> str | None:
     return None
 
 
-def registered_names(source: str, decorators: Iterable[str]) -> list[str]:
-    """The literal names a module's source registers through any of ``decorators`` (qualified)."""
+def registered_names(source: str | bytes, decorators: Iterable[str], module: str = "") -> list[str]:
+    """The literal names a module's source registers through any of ``decorators`` (qualified).
+    Every call in the file counts, also one under an ``if`` (``Registry.get`` says so if it did not
+    happen); a name that is not a literal cannot be read and is found once its module is imported."""
     tree = ast.parse(source)
-    imported = _imported_names(tree)
+    imported = _imported_names(tree, module)
     wanted = set(decorators)
     found = []
     for node in ast.walk(tree):
@@ -92,7 +104,8 @@ class Registry:
                 raise ValueError(f"{self.key} {name!r} is registered twice ({self._classes[name].__name__}, "
                                  f"{cls.__name__})")
             home = self.where().get(name)
-            if home is not None and home != cls.__module__:
+            if home is not None and home != cls.__module__ and home not in sys.modules:
+                # the name belongs to a file not imported yet: registering it here would shadow it
                 raise ValueError(f"{self.key} {name!r} is registered twice ({home}, {cls.__module__})")
             if check is not None:
                 check(cls)
@@ -107,12 +120,12 @@ class Registry:
             files = [*(_package_modules(p) for p in self.packages)]
             found: dict[str, str] = {}
             for module, path in [item for group in files for item in group]:
-                for name in registered_names(path.read_text(), {self.decorator}):
+                for name in registered_names(path.read_bytes(), {self.decorator}, module):
                     found.setdefault(name, module)
             for module in self.modules:
                 spec = importlib.util.find_spec(module)
                 if spec is not None and spec.origin:
-                    for name in registered_names(Path(spec.origin).read_text(), {self.decorator}):
+                    for name in registered_names(Path(spec.origin).read_bytes(), {self.decorator}, module):
                         found.setdefault(name, module)
             self._where = found
         return self._where
@@ -127,7 +140,11 @@ class Registry:
     def get(self, name: str) -> type:
         """The class registered as ``name``, importing its module on first use."""
         if name not in self._classes and name in self.where():
-            importlib.import_module(self.where()[name])
+            module = self.where()[name]
+            importlib.import_module(module)
+            if name not in self._classes:
+                raise ConfigError(f"{self.key} {name!r}: {module} names it but did not register it (a condition "
+                                  "around its register call?)")
         if name not in self._classes:
             raise ConfigError(f"unknown {self.key} {name!r}; available: {', '.join(self.names())}")
         return self._classes[name]

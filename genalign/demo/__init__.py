@@ -20,7 +20,7 @@ Command line (``genalign demo ...``; :func:`add_arguments`)::
         --reward clip=models/shapes/clip --pairs runs/pairs --guidance-scale 2 --port 7860
 
     --backbone [NAME=]PATH   repeatable; a menu of backbones (one is loaded at a time)
-    --family F               auto (model_index.json) | sd | sd-turbo | sdxl | sdxl-turbo | sd3 | flux
+    --family F               auto (model_index.json) or a backbone family (genalign list backbones)
     --variant NAME=PATH      LoRA file/folder, run folder, checkpoints/step-N, or full denoiser folder
     --reward NAME[=PATH]     reward adapters to score with (genalign.rewards names)
     --pairs DIR --labels FILE   the pairs to label and the labels JSONL (default DIR/labels.jsonl)

@@ -9,8 +9,6 @@ from pathlib import Path
 from genalign.core.config import ConfigError
 from genalign.demo.config import DemoConfig, parse_backbones, parse_rewards, parse_variants
 
-FAMILY_CHOICES = ("auto", "sd", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "flux")
-
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -24,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models (the page loads nothing else)")
     models.add_argument("--backbone", action="append", required=True, metavar="[NAME=]PATH",
                         help="a diffusers checkpoint (local folder or hub id); repeat for a menu of backbones")
-    models.add_argument("--family", action="append", default=[], choices=FAMILY_CHOICES,
+    from genalign.pipelines import BACKBONES
+
+    models.add_argument("--family", action="append", default=[], choices=("auto", *BACKBONES.names()),
                         help="model family: once for all backbones or once per --backbone (default auto: from the "
                              "folder's model_index.json; turbo checkpoints need it)")
     models.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
