@@ -593,13 +593,18 @@ def cmd_reno(args: argparse.Namespace) -> int:
     print(f"reward (weighted sum) of plain samples {before.mean():.4f} -> after ReNO {after.mean():.4f} "
           f"({len(prompts)} prompts, {config.seeds_per_prompt} seed(s) each)")
     if metas is not None:
-        from genalign.shapes.evaluator import score
+        from genalign.shapes.evaluator import accuracy, evaluate
+        from genalign.shapes.scoring import paired_gain
 
         shapes = len(metas)
-        summary["gold_initial"] = score(list(initial[-shapes:]), metas)
-        summary["gold_reno"] = score(list(images[-shapes:]), metas)
+        plain = [evaluate(image, meta)[0] for image, meta in zip(initial[-shapes:], metas)]
+        optimised = [evaluate(image, meta)[0] for image, meta in zip(images[-shapes:], metas)]
+        summary["gold_initial"], summary["gold_reno"] = accuracy(plain, metas), accuracy(optimised, metas)
+        summary["gold_gain"] = paired_gain(plain, optimised, [meta["tag"] for meta in metas])
+        summary["gold_verdicts"] = {"plain": plain, "reno": optimised, "tags": [meta["tag"] for meta in metas]}
         print(f"gold score (held-out shapes prompts): plain {summary['gold_initial']['overall']:.3f} -> "
-              f"ReNO {summary['gold_reno']['overall']:.3f}")
+              f"ReNO {summary['gold_reno']['overall']:.3f}; paired gain {summary['gold_gain']['gain']:+.3f} "
+              f"(standard error {summary['gold_gain']['standard_error']:.3f})")
     per_row = min(8, len(prompts))
     save_image(torch.cat([initial[:per_row], images[:per_row]]), out / "grid.png", nrow=per_row)
     (out / "reno.json").write_text(json.dumps(summary, indent=1) + "\n")

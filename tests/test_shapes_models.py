@@ -52,6 +52,29 @@ def test_build_writes_loadable_sd_sd3_and_clip_folders(toy_build):
     torch.testing.assert_close(logits[:, :2].diagonal(), reward(images, prompts[:2])[0])
 
 
+def test_reno_on_held_out_shapes_prompts_reports_the_paired_gold_gain(toy_build, tmp_path, capsys):
+    out, _ = toy_build
+    assert main(["reno", "--backbone", str(out / "sd"), "--shapes-heldout", "2", "--reward", "clip", "--reward-path",
+                 str(out / "clip"), "--steps", "1", "--iterations", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "reno.json").read_text())
+    verdicts = summary["gold_verdicts"]
+    assert len(verdicts["plain"]) == len(verdicts["reno"]) == 2 * len(TASKS)
+    # by hand: per task the mean and the sample variance of d = reno - plain; gain = mean over tasks,
+    # SE = sqrt(sum of var / n) / number of tasks
+    means, variance = [], 0.0
+    for task in TASKS:
+        d = [float(r) - float(p) for r, p, t in zip(verdicts["reno"], verdicts["plain"], verdicts["tags"]) if t == task]
+        assert len(d) == 2
+        mean = sum(d) / 2
+        means.append(mean)
+        variance += sum((x - mean) ** 2 for x in d) / 1 / 2
+    gain = summary["gold_gain"]
+    assert gain["gain"] == pytest.approx(sum(means) / len(TASKS))
+    assert gain["gain"] == pytest.approx(summary["gold_reno"]["overall"] - summary["gold_initial"]["overall"])
+    assert gain["standard_error"] == pytest.approx(variance**0.5 / len(TASKS))
+    assert f"paired gain {gain['gain']:+.3f}" in capsys.readouterr().out
+
+
 def test_eval_shapes_command_scores_every_task(toy_build, tmp_path, capsys):
     out, _ = toy_build
     assert main(["eval", "shapes", "--backbone", str(out / "sd"), "--per-task", "2", "--steps", "2",
