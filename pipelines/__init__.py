@@ -27,4 +27,13 @@ def load_backbone(config: BackboneConfig, device: str | torch.device = "cpu") ->
     return BACKBONES.get(config.family).from_pretrained(config, device)
 
 
-__all__ = ["BACKBONES", "DiffusersBackbone", "WeightsNotFoundError", "load_backbone", "register"]
+def family_of_pipeline(class_name: str) -> str | None:
+    """The family whose backbone claims a diffusers pipeline class (``model_index.json``'s
+    ``_class_name``), or None; imports every backbone module."""
+    for name, cls in BACKBONES.all().items():
+        if cls.detected_from_pipeline and cls.pipeline_class.__name__ == class_name:
+            return name
+    return None
+
+
+__all__ = ["BACKBONES", "DiffusersBackbone", "WeightsNotFoundError", "family_of_pipeline", "load_backbone", "register"]

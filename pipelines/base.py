@@ -70,6 +70,9 @@ class DiffusersBackbone:
     # own DreamBooth-LoRA scripts save them (train_dreambooth_lora_sdxl.py vs _sd3.py / _flux.py).
     lora_keys_to_diffusers: ClassVar[bool] = True
     default_timestep_spacing: ClassVar[str | None] = None  # turbo variants force "trailing"
+    # a folder whose model_index.json names pipeline_class is this family unless told otherwise
+    # (False where several families share the class: the turbo variants need --family)
+    detected_from_pipeline: ClassVar[bool] = True
 
     def __init__(self, pipe: Any, config: BackboneConfig, device: str | torch.device = "cpu"):
         self.pipe = pipe

@@ -55,3 +55,4 @@ class StableDiffusionTurboBackbone(StableDiffusionBackbone):
     summary = "SD-Turbo: SD 2.1 distilled for 1-4 steps"
 
     default_timestep_spacing: ClassVar[str | None] = "trailing"
+    detected_from_pipeline: ClassVar[bool] = False  # its checkpoints name the base pipeline: --family says so

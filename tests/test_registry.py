@@ -130,3 +130,18 @@ def test_a_backbone_family_in_one_file_is_loaded_by_name_and_samples_as_its_base
     torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="unknown backbone.family 'toy-sdx'.*toy-sd"):
         load_backbone(BackboneConfig(family="toy-sdx", path=path))
+
+
+def test_the_demo_detects_a_folders_family_from_what_each_backbone_claims(tmp_path):
+    import json
+
+    from genalign.demo.config import detect_family
+
+    expected = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "KandinskyPipeline": "default"}
+    for class_name, family in expected.items():
+        folder = tmp_path / class_name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+        assert detect_family(str(folder), default="default") == family, class_name
+    assert detect_family(str(tmp_path / "missing"), default="sd3") == "sd3"

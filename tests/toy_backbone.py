@@ -10,3 +10,4 @@ from genalign.pipelines.sd import StableDiffusionBackbone
 @register("toy-sd")
 class ToyStableDiffusion(StableDiffusionBackbone):
     summary = "Stable Diffusion under a test name (a family added in one file)"
+    detected_from_pipeline = False  # a StableDiffusionPipeline folder stays "sd" for --family auto

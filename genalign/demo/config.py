@@ -15,14 +15,6 @@ from genalign.core.config import ConfigError
 BASE = "base"  # the variant name of the backbone without adapters
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
-# diffusers pipeline class (model_index.json) -> genalign family; turbo checkpoints need --family
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
-
 
 class PathNotAllowed(ValueError):
     """A path typed in the page that resolves outside the folders the demo was started with."""
@@ -159,7 +151,9 @@ def detect_family(path: str, default: str = "sd") -> str:
         name = json.loads(index.read_text()).get("_class_name", "")
     except (OSError, json.JSONDecodeError):
         return default
-    return PIPELINE_FAMILIES.get(name, default)
+    from genalign.pipelines import family_of_pipeline  # each backbone says which pipeline class is its own
+
+    return family_of_pipeline(name) or default
 
 
 def parse_backbones(specs: Sequence[str], families: Sequence[str]) -> list[BackboneChoice]:
