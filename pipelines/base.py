@@ -73,6 +73,8 @@ class DiffusersBackbone:
     # a folder whose model_index.json names pipeline_class is this family unless told otherwise
     # (False where several families share the class: the turbo variants need --family)
     detected_from_pipeline: ClassVar[bool] = True
+    # the pipeline's T5 tokenizers: they read max_sequence_length tokens, CLIP's their model_max_length
+    t5_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer_3",)
 
     def __init__(self, pipe: Any, config: BackboneConfig, device: str | torch.device = "cpu"):
         self.pipe = pipe
@@ -184,9 +186,8 @@ class DiffusersBackbone:
                 tokenizer = getattr(self.pipe, name, None)
                 if tokenizer is None:
                     continue
-                limit = tokenizer.model_max_length if name != "tokenizer_3" and not (
-                    name == "tokenizer_2" and type(self).__name__.startswith("Flux")) else (
-                    self.max_sequence_length or tokenizer.model_max_length)
+                limit = ((self.max_sequence_length or tokenizer.model_max_length) if name in self.t5_tokenizers
+                         else tokenizer.model_max_length)
                 length = len(tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
                 if length > limit:
                     self._truncation_reported = True

@@ -34,6 +34,7 @@ class FluxBackbone(DiffusersBackbone):
     lora_layers_kwarg: ClassVar[str] = "transformer_lora_layers"
     lora_keys_to_diffusers: ClassVar[bool] = False
     # T5 tokens: 512 for [dev], 256 for [schnell] (as diffusers' FLUX docs and BFL's code use them)
+    t5_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer_2",)
     default_sequence_length: ClassVar[int] = 512
     default_sequence_length_schnell: ClassVar[int] = 256
 

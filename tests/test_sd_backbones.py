@@ -272,7 +272,7 @@ def test_euler_configs_end_the_chain_at_alpha_one():
     assert DiffusionSchedule(config).final_alpha_cumprod == 1.0
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
 def test_a_too_long_prompt_is_reported_once_and_non_strings_are_refused(tiny_models, family, capsys):
     backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(family), finetune="none"))
     long = " ".join(["a red circle left of a blue square"] * 20)
@@ -293,3 +293,19 @@ def test_empty_training_prompts_are_a_config_error():
 
     with pytest.raises(ConfigError, match=r"run.prompts\[1\] is empty"):
         RunConfig(prompts=["a circle", "  "]).load_prompts()
+
+
+@pytest.mark.parametrize("family", ["flux"])  # the tiny SD3 has no T5 (its tokenizer_3 is absent)
+def test_the_t5_tokenizer_is_held_to_max_sequence_length(tiny_models, family, capsys):
+    """FLUX's T5 is tokenizer_2 (SD3's is tokenizer_3): it reads max_sequence_length tokens, whatever
+    the CLIP tokenizer reads."""
+    backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(family), finetune="none",
+                                            max_sequence_length=4))
+    t5 = backbone.pipe.tokenizer_2 if family == "flux" else backbone.pipe.tokenizer_3
+    prompt = "a red circle"
+    assert len(backbone.pipe.tokenizer(prompt)["input_ids"]) <= backbone.pipe.tokenizer.model_max_length
+    assert len(t5(prompt)["input_ids"]) > 4
+    backbone.encode_prompts([prompt], guidance=False)
+    err = capsys.readouterr().err
+    name = "tokenizer_2" if family == "flux" else "tokenizer_3"
+    assert f"{name} reads 4" in err
