@@ -600,8 +600,9 @@ def cmd_reno(args: argparse.Namespace) -> int:
         plain = [evaluate(image, meta)[0] for image, meta in zip(initial[-shapes:], metas)]
         optimised = [evaluate(image, meta)[0] for image, meta in zip(images[-shapes:], metas)]
         summary["gold_initial"], summary["gold_reno"] = accuracy(plain, metas), accuracy(optimised, metas)
-        summary["gold_gain"] = paired_gain(plain, optimised, [meta["tag"] for meta in metas])
-        summary["gold_verdicts"] = {"plain": plain, "reno": optimised, "tags": [meta["tag"] for meta in metas]}
+        tags = [meta["tag"] for meta in metas]
+        summary["gold_gain"] = paired_gain(plain, optimised, tags)
+        summary["gold_verdicts"] = {"plain": plain, "reno": optimised, "tags": tags}
         print(f"gold score (held-out shapes prompts): plain {summary['gold_initial']['overall']:.3f} -> "
               f"ReNO {summary['gold_reno']['overall']:.3f}; paired gain {summary['gold_gain']['gain']:+.3f} "
               f"(standard error {summary['gold_gain']['standard_error']:.3f})")

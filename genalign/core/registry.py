@@ -117,16 +117,15 @@ class Registry:
     def where(self) -> dict[str, str]:
         """Name -> the module that registers it, read from the source (cached)."""
         if self._where is None:
-            files = [*(_package_modules(p) for p in self.packages)]
-            found: dict[str, str] = {}
-            for module, path in [item for group in files for item in group]:
-                for name in registered_names(path.read_bytes(), {self.decorator}, module):
-                    found.setdefault(name, module)
+            files = [item for package in self.packages for item in _package_modules(package)]
             for module in self.modules:
                 spec = importlib.util.find_spec(module)
                 if spec is not None and spec.origin:
-                    for name in registered_names(Path(spec.origin).read_bytes(), {self.decorator}, module):
-                        found.setdefault(name, module)
+                    files.append((module, Path(spec.origin)))
+            found: dict[str, str] = {}
+            for module, path in files:
+                for name in registered_names(path.read_bytes(), {self.decorator}, module):
+                    found.setdefault(name, module)
             self._where = found
         return self._where
 
