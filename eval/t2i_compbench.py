@@ -774,8 +774,9 @@ class CompBenchModels:
             out["depth_model"] = name(self.depth)
         if used & set(DETECTOR_CATEGORIES):
             out["detector"] = name(self.detector)
-            if getattr(self.detector, "scale", None):
-                out["detector_scale"] = self.detector.scale
+            scale = getattr(self.detector, "scale", None)  # an optional attribute of a Detector
+            if scale:
+                out["detector_scale"] = scale
         return out
 
 

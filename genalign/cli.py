@@ -393,8 +393,9 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
     summary = geneval.summary(rows)
     summary["detector"] = args.detector
     summary["detector_weights"] = args.detector_path or getattr(detector, "default_path", args.detector)
-    if getattr(detector, "scale", None):
-        summary["detector_scale"] = detector.scale
+    scale = getattr(detector, "scale", None)  # an optional attribute of a Detector
+    if scale:
+        summary["detector_scale"] = scale
     summary["options"] = dataclasses.asdict(options)
     write_report(out, summary, records)
     print(markdown_table(summary), end="")

@@ -14,10 +14,10 @@ from genalign.core.experiment import BackboneConfig
 from genalign.core.registry import Registry
 from genalign.pipelines.base import DiffusersBackbone, WeightsNotFoundError
 
-BACKBONES = Registry("backbone.family", decorator="genalign.pipelines.register", packages=["genalign.pipelines"])
+BACKBONES: Registry[DiffusersBackbone] = Registry("backbone.family", decorator="genalign.pipelines.register", packages=["genalign.pipelines"])
 
 
-def register(name: str) -> Callable[[type], type]:
+def register(name: str) -> Callable[[type[DiffusersBackbone]], type[DiffusersBackbone]]:
     """Class decorator: make a backbone class (a ``from_pretrained(config, device)``) ``backbone.family: <name>``."""
     return BACKBONES.register(name)
 

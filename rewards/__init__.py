@@ -19,11 +19,11 @@ from genalign.rewards.base import RewardModel
 
 # every adapter module here (and the shapes world's reward) that calls ``register("name")`` is found
 # without importing it and imported on first use
-REWARDS = Registry("reward.name", decorator="genalign.rewards.register", packages=["genalign.rewards"],
+REWARDS: Registry[RewardModel] = Registry("reward.name", decorator="genalign.rewards.register", packages=["genalign.rewards"],
                    modules=["genalign.shapes.reward"])
 
 
-def register(name: str) -> Callable[[type], type]:
+def register(name: str) -> Callable[[type[RewardModel]], type[RewardModel]]:
     """Class decorator: make an adapter (a class with ``from_config(config, device)``) selectable."""
     return REWARDS.register(name)
 

@@ -60,6 +60,12 @@ class RewardModel:
         self.device = torch.device(device)
         self.dtype = dtype
 
+    @classmethod
+    def from_config(cls, config: Any, device: str | torch.device = "cpu") -> RewardModel:
+        """The adapter a ``RewardConfig`` describes (what ``load_reward`` calls; every registered
+        adapter defines it)."""
+        raise NotImplementedError(f"{cls.__name__} does not define from_config")
+
     def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
         """(B,) scores of images (B, 3, H, W) in [0, 1] on ``self.device``; higher is better."""
         raise NotImplementedError

@@ -48,7 +48,7 @@ class GenEvalReward(RewardModel):
 
         check_options(config.name, config.options, OPTIONS)
         opts: dict[str, Any] = dict(config.options)
-        scale = {k: int(opts[k]) for k in ("shortest_edge", "longest_edge") if k in opts}
+        scale: dict[str, Any] = {k: int(opts[k]) for k in ("shortest_edge", "longest_edge") if k in opts}
         detector = load_detector(opts.get("detector", "mask2former"), opts.get("detector_path") or config.path,
                                  device, **scale)
         colors = load_color_classifier(opts.get("clip_path"), device)

@@ -236,7 +236,12 @@ def changed_options(config: Any, names: Sequence[str]) -> list[str]:
     changed = []
     for name in names:
         f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise ValueError(f"{name} has no default to compare with")
         if getattr(config, name) != default:
             changed.append(name)
     return changed

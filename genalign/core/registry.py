@@ -17,6 +17,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from genalign.core.config import ConfigError
 
@@ -83,8 +84,11 @@ def _package_modules(package: str) -> Iterator[tuple[str, Path]]:
                 yield f"{package}.{path.stem}", path
 
 
-class Registry:
-    """Names -> classes of one kind (``key`` is the config field that selects them, for errors).
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Names -> classes of one kind (subclasses of ``T``) (``key`` is the config field that selects them, for errors).
 
     ``decorator`` is the qualified name of the public decorator that calls :meth:`register`;
     ``packages`` are searched for its calls, ``modules`` are single extra modules.
@@ -93,13 +97,13 @@ class Registry:
     def __init__(self, key: str, decorator: str, packages: Iterable[str] = (), modules: Iterable[str] = ()):
         self.key, self.decorator = key, decorator
         self.packages, self.modules = tuple(packages), tuple(modules)
-        self._classes: dict[str, type] = {}
+        self._classes: dict[str, type[T]] = {}
         self._where: dict[str, str] | None = None
 
-    def register(self, name: str, check: Callable[[type], None] | None = None) -> Callable[[type], type]:
+    def register(self, name: str, check: Callable[[type[T]], None] | None = None) -> Callable[[type[T]], type[T]]:
         """Class decorator: make ``cls`` selectable as ``name`` (``check`` may refuse it)."""
 
-        def add(cls: type) -> type:
+        def add(cls: type[T]) -> type[T]:
             if name in self._classes and self._classes[name] is not cls:
                 raise ValueError(f"{self.key} {name!r} is registered twice ({self._classes[name].__name__}, "
                                  f"{cls.__name__})")
@@ -136,7 +140,7 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         return name in self._classes or name in self.where()
 
-    def get(self, name: str) -> type:
+    def get(self, name: str) -> type[T]:
         """The class registered as ``name``, importing its module on first use."""
         if name not in self._classes and name in self.where():
             module = self.where()[name]
@@ -148,6 +152,6 @@ class Registry:
             raise ConfigError(f"unknown {self.key} {name!r}; available: {', '.join(self.names())}")
         return self._classes[name]
 
-    def all(self) -> dict[str, type]:
+    def all(self) -> dict[str, type[T]]:
         """Name -> class of every name (imports every module that registers one)."""
         return {name: self.get(name) for name in self.names()}

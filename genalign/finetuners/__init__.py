@@ -15,7 +15,7 @@ from typing import Any
 from genalign.core.registry import Registry
 
 # every module of this package that calls ``register("name")`` is found and imported on first use
-METHODS = Registry("method.name", decorator="genalign.finetuners.register", packages=["genalign.finetuners"])
+METHODS: Registry[Any] = Registry("method.name", decorator="genalign.finetuners.register", packages=["genalign.finetuners"])
 
 
 def _check_method(cls: type[Any]) -> None:
