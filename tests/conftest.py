@@ -61,7 +61,8 @@ def pytest_runtest_makereport(item, call):
 
 ROOT = Path(__file__).resolve().parent.parent
 # caches and environments a test run may touch; everything else under the checkout is source
-NOT_SOURCE = {".git", ".venv", ".venv-trl", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "build"}
+NOT_SOURCE = {".git", ".venv", ".venv-trl", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".hypothesis",
+              "build"}
 
 
 def _source_tree_state() -> dict[str, int]:
