@@ -2,7 +2,7 @@
 
 A generator is a function ``(prompts, seeds) -> images (B, 3, H, W) in [0, 1]`` (one image per
 prompt, seeded by its seed); :func:`backbone_sampler` makes one from a Backbone (with a LoRA
-loaded or not), the CLI wraps ReNO the same way. Generation resumes: a prompt whose images are
+loaded or not), :func:`reno_sampler` runs ReNO on one. Generation resumes: a prompt whose images are
 all on disk is skipped, and each image is written as soon as its batch is done, so an interrupted
 run loses at most one batch.
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from genalign.core.images import to_pil_images
-from genalign.core.sampler import initial_noise, sample
+from genalign.core.rollout import rollout
 from genalign.core.types import Backbone
 
 Generator = Callable[[list[str], list[int]], Tensor]
@@ -29,13 +30,55 @@ def backbone_sampler(backbone: Backbone, num_steps: int, guidance_scale: float, 
 
     @torch.no_grad()
     def generate(prompts: list[str], seeds: list[int]) -> Tensor:
-        noise = torch.cat([initial_noise(backbone, 1, torch.Generator().manual_seed(s)) for s in seeds])
-        cond = backbone.encode_prompts(prompts, guidance=guidance_scale != 1.0)
-        trajectory = sample(backbone, cond, num_steps, guidance_scale, eta, latents=noise,
-                            generator=torch.Generator().manual_seed(seeds[0]))
-        return backbone.decode(trajectory.final).float().cpu()
+        return rollout(backbone, prompts, num_steps, guidance_scale, eta, seeds=seeds,
+                       generator=torch.Generator().manual_seed(seeds[0])).images.cpu()
 
     return generate
+
+
+def reno_sampler(backbone: Backbone, reward: Any, num_steps: int, guidance_scale: float, iterations: int = 50,
+                 lr: float = 5.0) -> Generator:
+    """A generator that runs ReNO (noise optimisation for ``reward``) on ``backbone``: each batch
+    starts from the noise of its first seed's generator."""
+    from genalign.finetuners.reno import RenoConfig, reno
+
+    config = RenoConfig(num_steps=num_steps, guidance_scale=guidance_scale, iterations=iterations, lr=lr)
+
+    def generate(prompts: list[str], seeds: list[int]) -> Tensor:
+        return reno(backbone, reward, prompts, config, torch.Generator().manual_seed(seeds[0])).images.float().cpu()
+
+    return generate
+
+
+@torch.no_grad()
+def sample_prompts(backbone: Backbone, prompts: list[str], num_steps: int, guidance_scale: float, eta: float = 0.0,
+                   images_per_prompt: int = 1, batch_size: int = 8, seed: int = 0,
+                   negative_prompt: str | None = None, progress: bool = False) -> tuple[Tensor, list[str]]:
+    """``genalign sample``'s images (N, 3, H, W) on the CPU and the prompt of each: ``batch_size``
+    prompts at a time, each batch repeated ``images_per_prompt`` times (batch order), the noise of
+    every batch drawn in turn from one generator seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    images, image_prompts = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size] * images_per_prompt
+        image_prompts += batch
+        negative = [negative_prompt] * len(batch) if negative_prompt else None
+        images.append(rollout(backbone, batch, num_steps, guidance_scale, eta, generator=generator,
+                              negative_prompts=negative, progress=progress).images.cpu())
+    return torch.cat(images), image_prompts
+
+
+def write_samples(out: Path, images: Tensor, prompts: list[str]) -> None:
+    """``NNNN.png`` per image, ``grid.png`` and ``prompts.tsv`` (file, prompt) in ``out``."""
+    from torchvision.utils import save_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, image in enumerate(images):
+        names.append(f"{i:04d}.png")
+        save_image(image, out / names[-1])
+    save_image(images, out / "grid.png", nrow=min(8, len(images)))
+    (out / "prompts.tsv").write_text("".join(f"{n}\t{p}\n" for n, p in zip(names, prompts)))
 
 
 def to_pil(image: Tensor) -> Image.Image:

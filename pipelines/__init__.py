@@ -22,9 +22,13 @@ def register(name: str) -> Callable[[type[DiffusersBackbone]], type[DiffusersBac
     return BACKBONES.register(name)
 
 
-def load_backbone(config: BackboneConfig, device: str | torch.device = "cpu") -> DiffusersBackbone:
-    """Load the backbone a config names (hub id or local folder, chosen dtype, LoRA/full/none)."""
-    return BACKBONES.get(config.family).from_pretrained(config, device)
+def load_backbone(config: BackboneConfig, device: str | torch.device = "cpu", lora: str | None = None) -> DiffusersBackbone:
+    """Load the backbone a config names (hub id or local folder, chosen dtype, LoRA/full/none), with
+    the LoRA weights ``lora`` (a diffusers-format file or folder, e.g. a run's ``final/``) merged in."""
+    backbone = BACKBONES.get(config.family).from_pretrained(config, device)
+    if lora:
+        backbone.load_lora(lora)
+    return backbone
 
 
 def family_of_pipeline(class_name: str) -> str | None:

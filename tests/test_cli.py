@@ -88,7 +88,7 @@ def test_list_names_every_method_backbone_and_reward(capsys):
 
 
 def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
-    import genalign.cli as cli
+    import genalign.cli.models as cli
 
     def boom(args):
         raise RuntimeError("something broke deep inside")
@@ -105,7 +105,7 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
 def test_out_of_memory_gives_the_hints_that_fix_it(monkeypatch, capsys):
     import torch
 
-    import genalign.cli as cli
+    import genalign.cli.models as cli
 
     def oom(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -186,8 +186,8 @@ def test_the_printed_load_line_loads_the_exported_lora(tmp_path, tiny_models):
     """The one line `genalign train` prints after exporting runs as printed and puts the LoRA in the pipeline."""
     import torch
 
-    from genalign.cli import load_instructions
     from genalign.core.experiment import BackboneConfig
+    from genalign.core.launch import load_instructions
     from genalign.pipelines import load_backbone
 
     base = tiny_models("sd")

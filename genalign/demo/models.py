@@ -349,7 +349,7 @@ class ModelBank:
     def generate(self, row: Row, prompts: list[str], seeds: list[int], settings: Settings) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] of ``row`` for prompt i from the noise of ``seeds[i]``: the
         same noise for every row, so a column differs only by the model."""
-        from genalign.core.sampler import initial_noise
+        from genalign.core.rollout import draw_noise
         from genalign.eval.generate import backbone_sampler
 
         with self.using(row.variant) as backbone:
@@ -360,7 +360,7 @@ class ModelBank:
             if not settings.reno_reward:
                 raise ConfigError("ReNO needs a reward: configure one with --reward and pick it as the ReNO reward")
             reward = self.reward(settings.reno_reward)
-            noise = torch.cat([initial_noise(backbone, 1, torch.Generator().manual_seed(s)) for s in seeds])
+            noise = draw_noise(backbone, len(seeds), seeds=seeds)
             config = RenoConfig(num_steps=settings.reno_steps, guidance_scale=settings.guidance_scale,
                                 iterations=settings.reno_iterations, lr=settings.reno_lr)
             return reno(backbone, reward, prompts, config, noise=noise).images.float().cpu()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from genalign.core.sampler import sample
+from genalign.core.rollout import rollout
 from genalign.core.sharding import local_part, reshard, shard_like
 from genalign.core.types import Backbone
 
@@ -32,8 +32,7 @@ def export_trained(backbone: Backbone, directory: Path) -> Path:
 @torch.no_grad()
 def sample_images(backbone: Backbone, prompts: list[str], generator: torch.Generator, num_steps: int,
                   guidance_scale: float) -> Tensor:
-    cond = backbone.encode_prompts(prompts, guidance=guidance_scale != 1.0)
-    return backbone.decode(sample(backbone, cond, num_steps, guidance_scale, generator=generator).final)
+    return rollout(backbone, prompts, num_steps, guidance_scale, generator=generator).images
 
 
 class BackboneMethod:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genalign.core.config import ConfigError, check, field
-from genalign.core.sampler import initial_noise, log_probs_of, sample
+from genalign.core.rollout import rollout as core_rollout
+from genalign.core.sampler import log_probs_of
 from genalign.core.types import Backbone, Reward, Trajectory
 from genalign.finetuners import register
 from genalign.finetuners.common import BackboneMethod, LossInParts
@@ -80,12 +81,10 @@ def rollout(backbone: Backbone, prompts: list[str], samples_per_prompt: int, sam
             generator: torch.Generator) -> tuple[Trajectory, Tensor]:
     """k stochastic trajectories per prompt (consecutive) from one shared initial noise; their
     final images (B * k, 3, H, W) in [0, 1]."""
-    s, k = sample_config, samples_per_prompt
-    repeated = [p for p in prompts for _ in range(k)]
-    cond = backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
-    noise = initial_noise(backbone, len(prompts), generator).repeat_interleave(k, dim=0)
-    trajectory = sample(backbone, cond, s.num_steps, s.guidance_scale, s.eta, latents=noise, generator=generator)
-    return trajectory, backbone.decode(trajectory.final).float().clamp(0, 1)
+    s = sample_config
+    r = core_rollout(backbone, prompts, s.num_steps, s.guidance_scale, s.eta, samples_per_prompt=samples_per_prompt,
+                     shared_noise=True, generator=generator)
+    return r.trajectory, r.images
 
 
 # ------------------------------------------------------------------ labelled pairs on disk
@@ -146,6 +145,29 @@ def save_pairs(directory: Path, trajectory: Trajectory, images: Tensor, prompts:
                                     "eta": trajectory.eta, "guidance_scale": trajectory.guidance_scale}) + "\n")
             ids.append(pair_id)
     return ids
+
+
+def sample_pairs(backbone: Backbone, prompts: list[str], num_pairs: int, sample_config: Any, out: Path,
+                 seed: int = 0, batch_size: int = 8) -> int:
+    """Append ``num_pairs`` pairs (prompts shuffled by ``seed``, cycled) to ``out`` for labelling
+    (:func:`save_pairs`'s layout); returns the number written."""
+    import random
+
+    if sample_config.eta <= 0:
+        raise ConfigError("d3po pairs need a stochastic sampler: set sample.eta > 0")
+    prompts = list(prompts)
+    random.Random(seed).shuffle(prompts)
+    chosen = [prompts[i % len(prompts)] for i in range(num_pairs)]
+    out.mkdir(parents=True, exist_ok=True)
+    index = out / "pairs.jsonl"
+    start = sum(1 for _ in index.open()) if index.is_file() else 0
+    generator = torch.Generator().manual_seed(seed)
+    written = 0
+    for first in range(0, len(chosen), batch_size):
+        batch = chosen[first : first + batch_size]
+        trajectory, images = rollout(backbone, batch, 2, sample_config, generator)
+        written += len(save_pairs(out, trajectory, images, batch, start + written))
+    return written
 
 
 # ------------------------------------------------------------------ the method

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -49,7 +49,7 @@ from torch import Tensor
 from genalign.core import sampling
 from genalign.core.config import ConfigError, check, field
 from genalign.core.distributed import gather_batch
-from genalign.core.sampler import initial_noise, sample
+from genalign.core.rollout import rollout
 from genalign.core.types import Backbone, Reward, Trajectory
 from genalign.finetuners.common import BackboneMethod, LossInParts
 
@@ -226,27 +226,15 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         """``samples_per_prompt`` stochastic trajectories per prompt (consecutive), sampled and decoded
         in chunks of ``sample_batch_size`` images: the trajectory (means and stds are not kept: the
         loss recomputes them), the images (B, 3, H, W) in [0, 1] and the steps that have noise."""
-        s, k = self.sample_config, self.config.samples_per_prompt
-        repeated = [p for p in prompts for _ in range(k)]
-        shared = self.config.same_initial_noise
-        noise = initial_noise(self.backbone, len(prompts) if shared else len(repeated), generator)
-        if shared:
-            noise = noise.repeat_interleave(k, dim=0)
-        cond = self.backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
-        chunk = self.config.sample_batch_size or len(repeated)
-        parts = []
-        for start in range(0, len(repeated), chunk):
-            part = slice(start, start + chunk)
-            parts.append(sample(self.backbone, cond.select(part), s.num_steps, s.guidance_scale, s.eta,
-                                latents=noise[part], generator=generator))
-        images = torch.cat([self.backbone.decode(p.final).float().clamp(0, 1) for p in parts])
-        stochastic = [i for i in range(parts[0].num_steps) if any(bool((p.stds[i] > 0).any()) for p in parts)]
-        if not stochastic:
+        s = self.sample_config
+        r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, s.eta,
+                    samples_per_prompt=self.config.samples_per_prompt, shared_noise=self.config.same_initial_noise,
+                    generator=generator, chunk_size=self.config.sample_batch_size)
+        if not r.stochastic_steps:
             raise ConfigError(f"{self.name}: no stochastic step in the rollouts; raise sample.eta")
         empty = torch.zeros(0)
-        trajectory = Trajectory(torch.cat([p.latents for p in parts], dim=1), parts[0].timesteps,
-                                torch.cat([p.log_probs.float().cpu() for p in parts]), empty, empty, cond,
-                                s.eta, s.guidance_scale)
+        trajectory = replace(r.trajectory, log_probs=r.trajectory.log_probs.float().cpu(), means=empty, stds=empty)
+        images, stochastic = r.images, r.stochastic_steps
         return trajectory, images, stochastic
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from genalign.core.config import ConfigError
-from genalign.core.sampler import sample
+from genalign.core.rollout import rollout
 from genalign.core.types import Backbone, Conditioning, Reward
 
 
@@ -63,11 +63,10 @@ def online_pairs(
     """Sample ``samples_per_prompt`` images per prompt (from the reference model or the current
     policy), score them with ``reward`` and keep each prompt's best and worst as a pair."""
     prompts = list(prompts)
-    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    cond = backbone.encode_prompts(repeated, guidance=guidance_scale != 1.0)
     with backbone.reference() if from_reference else nullcontext():
-        trajectory = sample(backbone, cond, num_steps, guidance_scale, eta, generator=generator)
-    images = backbone.decode(trajectory.final).float().clamp(0, 1)
+        r = rollout(backbone, prompts, num_steps, guidance_scale, eta, samples_per_prompt=samples_per_prompt,
+                    generator=generator)
+    repeated, cond, images = r.prompts, r.cond, r.images
     scores, _ = reward(images, repeated)
     winners, losers, keep = rank_pairs(scores.to(images.device), samples_per_prompt, min_gap)
     winners, losers = winners[keep], losers[keep]
@@ -81,7 +80,7 @@ def online_pairs(
         "reward_l": scores[losers].mean() if kept else scores.new_tensor(0.0),
         "pairs_kept": scores.new_tensor(float(len(kept))),
     }
-    return PairBatch(pair_cond, trajectory.final[winners], trajectory.final[losers], [prompts[i] for i in kept], metrics)
+    return PairBatch(pair_cond, r.trajectory.final[winners], r.trajectory.final[losers], [prompts[i] for i in kept], metrics)
 
 
 # ------------------------------------------------------------------ offline (Pick-a-Pic v2 format)

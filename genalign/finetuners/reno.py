@@ -23,15 +23,16 @@ iterations.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from genalign.core.config import check
 from genalign.core.config import field as config_field
-from genalign.core.sampler import initial_noise, sample
-from genalign.core.types import Backbone, Reward
+from genalign.core.rollout import draw_noise, repeat_prompts, rollout
+from genalign.core.types import Backbone, Conditioning, Reward
 
 ADAM_EPS = 1e-2  # the official code's Adam eps
 
@@ -80,10 +81,10 @@ class RenoResult:
     iterations_run: int = 0  # reward evaluations made (fewer than ``iterations`` after an early stop)
 
 
-def _generate(backbone: Backbone, cond, noise: Tensor, config: RenoConfig) -> Tensor:
-    trajectory = sample(backbone, cond, config.num_steps, config.guidance_scale,
-                        latents=noise.to(backbone.dtype), grad_last_k=-1)
-    return backbone.decode(trajectory.final).float().clamp(0, 1)
+def _generate(backbone: Backbone, prompts: list[str], cond: Conditioning, noise: Tensor, config: RenoConfig) -> Tensor:
+    """The images of ``noise``, differentiable with respect to it."""
+    return rollout(backbone, prompts, config.num_steps, config.guidance_scale, cond=cond,
+                   latents=noise.to(backbone.dtype), grad_last_k=-1).images
 
 
 def make_optimizer(noise: Tensor, config: RenoConfig) -> torch.optim.Optimizer:
@@ -107,9 +108,9 @@ def reno(
     if not getattr(reward, "differentiable", False):
         raise ValueError("ReNO needs a differentiable reward (gradients flow from the pixels to the noise)")
     k = config.seeds_per_prompt
-    repeated = [p for p in prompts for _ in range(k)]
+    repeated = repeat_prompts(prompts, k)
     if noise is None:
-        noise = initial_noise(backbone, len(repeated), generator)
+        noise = draw_noise(backbone, len(repeated), generator)
     noise = noise.detach().float().clone().requires_grad_(True)
     cond = backbone.encode_prompts(repeated, guidance=config.guidance_scale != 1.0)
     optimizer = make_optimizer(noise, config)
@@ -126,7 +127,7 @@ def reno(
         iterations = tqdm(iterations, desc="reno")
     done = 0
     for iteration in iterations:
-        images = _generate(backbone, cond, noise, config)
+        images = _generate(backbone, repeated, cond, noise, config)
         scores, _ = reward(images, repeated)
         scores = scores.float()
         current = scores.detach().cpu()
@@ -159,3 +160,49 @@ def reno(
     first = torch.arange(len(prompts)) * k
     return RenoResult(best_images[choice], best_noise[choice.to(best_noise.device)].cpu(), initial_images[first],
                       best_reward[choice], initial_reward[first], history, done)
+
+
+def reno_in_batches(backbone: Backbone, reward: Reward, prompts: list[str], config: RenoConfig, seed: int = 0,
+                    batch_size: int = 64, progress: bool = False) -> list[RenoResult]:
+    """:func:`reno` on ``batch_size`` prompts at a time; the batch starting at prompt f draws its
+    noise from ``seed * 1_000_003 + f`` (the same images however many batches came before)."""
+    return [reno(backbone, reward, prompts[first : first + batch_size], config,
+                 torch.Generator().manual_seed(seed * 1_000_003 + first), progress=progress)
+            for first in range(0, len(prompts), batch_size)]
+
+
+def write_reno(out: Path, prompts: list[str], results: list[RenoResult], config: RenoConfig,
+               shapes_metas: list[dict] | None = None) -> dict[str, Any]:
+    """Write ``images/`` (best), ``initial/`` (plain samples of the same seeds), ``noise.safetensors``,
+    ``grid.png`` (plain row above ReNO row) and ``reno.json``; returns reno.json's content. With
+    ``shapes_metas`` (the last prompts are those shapes-world prompts) it holds the gold scores of
+    the plain and ReNO images and the paired gain with its standard error."""
+    import json
+
+    from safetensors.torch import save_file
+    from torchvision.utils import save_image
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "initial").mkdir(exist_ok=True)
+    images = torch.cat([r.images for r in results])
+    initial = torch.cat([r.initial_images for r in results])
+    for i in range(len(prompts)):
+        save_image(images[i], out / "images" / f"{i:04d}.png")
+        save_image(initial[i], out / "initial" / f"{i:04d}.png")
+    save_file({"noise": torch.cat([r.noise for r in results]).contiguous()}, str(out / "noise.safetensors"))
+    summary: dict[str, Any] = {
+        "prompts": prompts, "reward_initial": torch.cat([r.initial_reward for r in results]).tolist(),
+        "reward_best": torch.cat([r.best_reward for r in results]).tolist(), "history": [r.history for r in results],
+        "iterations_run": [r.iterations_run for r in results], "config": vars(config)}
+    if shapes_metas is not None:
+        from genalign.shapes.scoring import paired_gold
+
+        n = len(shapes_metas)
+        gold = paired_gold(initial[len(prompts) - n :], images[len(prompts) - n :], shapes_metas)
+        summary.update(gold_initial=gold["before"], gold_reno=gold["after"], gold_gain=gold["gain"],
+                       gold_verdicts={"plain": gold["verdicts_before"], "reno": gold["verdicts_after"],
+                                      "tags": gold["tags"]})
+    per_row = min(8, len(prompts))
+    save_image(torch.cat([initial[:per_row], images[:per_row]]), out / "grid.png", nrow=per_row)
+    (out / "reno.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from genalign.core.config import ConfigError, check
 from genalign.core.distributed import average_gradients_across_processes, gather_batch
 from genalign.core.normalize import PerPromptStatTracker
-from genalign.core.sampler import sample
+from genalign.core.rollout import rollout
 from genalign.core.types import Conditioning, Trajectory
 from genalign.finetuners.common import BackboneMethod
 
@@ -352,11 +352,10 @@ class ValueMethod(BackboneMethod):
         """``samples_per_prompt`` samples a prompt (consecutive) with the experiment's sampler: the
         trajectory, raw rewards and shaped rewards."""
         s = self.sample_config
-        repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-        cond = self.backbone.encode_prompts(repeated, guidance=s.guidance_scale != 1.0)
-        trajectory = sample(self.backbone, cond, s.num_steps, s.guidance_scale, s.eta, generator=generator)
-        images = self.backbone.decode(trajectory.final).float().clamp(0, 1)
-        rewards = self.reward(images, repeated)[0].float()
+        r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, s.eta,
+                    samples_per_prompt=samples_per_prompt, generator=generator)
+        trajectory, repeated = r.trajectory, r.prompts
+        rewards = self.reward(r.images, repeated)[0].float()
         # the statistics of the whole data-parallel batch (as one process with all of it), this process's rows
         all_prompts, all_rewards, mine = gather_batch(repeated, rewards)
         shaped = shape_rewards(all_rewards, all_prompts, shaping, self.learner.running)[mine].to(self.backbone.device)

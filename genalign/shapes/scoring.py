@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from genalign.core.sampler import initial_noise, sample
+from genalign.core.rollout import rollout
 from genalign.core.types import Backbone
 from genalign.shapes.evaluator import accuracy, evaluate
 from genalign.shapes.world import all_prompts, evaluation_set, sample_example
@@ -30,14 +30,9 @@ def generate(
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        noise = torch.cat([
-            initial_noise(backbone, 1, torch.Generator().manual_seed(seed * 1_000_003 + start + i))
-            for i in range(len(batch))
-        ])
-        cond = backbone.encode_prompts(batch, guidance=guidance_scale != 1.0)
-        trajectory = sample(backbone, cond, num_steps, guidance_scale, eta, latents=noise,
-                            generator=torch.Generator().manual_seed(seed))
-        images.append(backbone.decode(trajectory.final).float().cpu())
+        seeds = [seed * 1_000_003 + start + i for i in range(len(batch))]
+        images.append(rollout(backbone, batch, num_steps, guidance_scale, eta, seeds=seeds,
+                              generator=torch.Generator().manual_seed(seed)).images.cpu())
     return torch.cat(images)
 
 
@@ -76,6 +71,17 @@ def paired_gain(base: Sequence[bool], tuned: Sequence[bool], tags: Sequence[str]
     variance = sum(float(np.var(d, ddof=1)) / len(d) for d in differences.values() if len(d) > 1)
     return {"gain": float(np.mean(list(per_task.values()))),
             "standard_error": float(np.sqrt(variance)) / len(differences), "per_task": per_task}
+
+
+def paired_gold(before: Tensor, after: Tensor, metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """The exact evaluator on two image sets of the same prompts and seeds (``metas``, one per
+    image): each set's per-image verdicts and gold scores, and the paired gain of ``after``."""
+    verdicts_before = [evaluate(image, meta)[0] for image, meta in zip(before, metas)]
+    verdicts_after = [evaluate(image, meta)[0] for image, meta in zip(after, metas)]
+    tags = [meta["tag"] for meta in metas]
+    return {"before": accuracy(verdicts_before, metas), "after": accuracy(verdicts_after, metas),
+            "gain": paired_gain(verdicts_before, verdicts_after, tags), "verdicts_before": verdicts_before,
+            "verdicts_after": verdicts_after, "tags": tags}
 
 
 @torch.no_grad()

@@ -1,0 +1,106 @@
+"""``genalign eval shapes`` as a library call: the gold score of a model (and of its base, paired
+over the same prompts and seeds) on the held-out prompts, with the proxy reward and sample
+diversity when asked; the lines printed and the files written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from genalign.core.types import Backbone
+from genalign.shapes.scoring import clip_agreement, diversity, evaluate_backbone, paired_gain, proxy_reward
+from genalign.shapes.world import TASKS
+
+
+def evaluate_models(backbone: Backbone, lora: str | None = None, with_base: bool = False, per_task: int = 50,
+                    steps: int = 25, guidance_scale: float = 2.0, seed: int = 0, clip: str | None = None,
+                    diversity_k: int | None = None) -> tuple[dict[str, Any], list[tuple[str, Tensor]]]:
+    """Score ``backbone`` (the base first when ``with_base``, then with ``lora`` loaded): the
+    report (``scores.json``'s content) and each model's images in evaluation order."""
+    if with_base and not lora:
+        raise ValueError("comparing with the base needs a LoRA to compare it with")
+    settings = (per_task, steps, guidance_scale, seed)
+    models: list[tuple[str, dict, Tensor]] = []  # (label, gold scores, images): the same seeds for every model
+    verdicts, spread = [], {}
+    labels = (["base"] if with_base else []) + ["fine-tuned" if lora else "model"]
+    metas: list[dict] = []
+    for label in labels:
+        if label == "fine-tuned":
+            backbone.load_lora(lora)  # type: ignore[arg-type,attr-defined]
+        scores, images, metas, correct = evaluate_backbone(backbone, *settings)
+        models.append((label, scores, images))
+        verdicts.append(correct)
+        if diversity_k:
+            spread[label] = diversity(backbone, 5, diversity_k, steps, guidance_scale, seed)
+    label, scores, images = models[-1]
+    result: dict[str, Any] = {"gold": scores, "lora": lora, "per_task": per_task, "steps": steps,
+                              "guidance_scale": guidance_scale, "seed": seed}
+    if clip:
+        result["proxy_reward"] = proxy_reward(clip, images, metas)
+    if diversity_k:
+        result["diversity"] = spread[label]
+    if with_base:
+        result["base"] = {"gold": models[0][1]}
+        result["gain"] = paired_gain(verdicts[0], verdicts[1], [meta["tag"] for meta in metas])
+        if clip:
+            result["base"]["proxy_reward"] = proxy_reward(clip, models[0][2], metas)
+        if diversity_k:
+            result["base"]["diversity"] = spread["base"]
+    if clip:
+        result["clip_agreement_on_ground_truth"] = clip_agreement(clip, per_task, seed)
+    # the common report summary, so `genalign eval compare` reads shapes runs too
+    result["summary"] = {"benchmark": "shapes", "tasks": {t: v for t, v in scores.items() if t != "overall"},
+                         "overall": scores["overall"]}
+    if clip:
+        result["summary"]["proxy_reward"] = result["proxy_reward"]["overall"]
+    if diversity_k:
+        result["summary"]["diversity"] = result["diversity"]["overall"]
+        result["diversity_k"] = diversity_k
+    return result, [(label, images) for label, _, images in models]
+
+
+def _line(values: dict) -> str:
+    return ", ".join(f"{task} {values[task]:.3f}" for task in (*TASKS, "overall") if task in values)
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """What ``genalign eval shapes`` prints about a report of :func:`evaluate_models`."""
+    base = result.get("base")
+    label = "fine-tuned" if result.get("lora") else "model"
+    lines = []
+    if base:
+        lines.append(f"gold score (exact evaluator, held-out prompts), base: {_line(base['gold'])}")
+    lines.append(f"gold score (exact evaluator, held-out prompts), {label}: {_line(result['gold'])}")
+    if base:
+        lines.append(f"gold gain over the base, paired over the same prompts and seeds: {result['gain']['gain']:+.3f} "
+                     f"(standard error {result['gain']['standard_error']:.3f})")
+    if "proxy_reward" in result:
+        if base:
+            lines.append(f"proxy reward (CLIP score of the same images), base: {_line(base['proxy_reward'])}")
+        lines.append(f"proxy reward (CLIP score of the same images), {label}: {_line(result['proxy_reward'])}")
+    for name, values in ((("base", base.get("diversity")),) if base else ()) + ((label, result.get("diversity")),):
+        if values:
+            lines.append(f"diversity (mean pairwise RMS pixel distance, {result['diversity_k']} seeds x 5 prompts a "
+                         f"task), {name}: {_line(values)}")
+    if "clip_agreement_on_ground_truth" in result:
+        lines.append("CLIP proxy top-1 prompt right by the gold evaluator (ground-truth images): "
+                     + _line(result["clip_agreement_on_ground_truth"]))
+    return lines
+
+
+def write_report(out: Path, result: dict[str, Any], models: list[tuple[str, Tensor]]) -> Path:
+    """``scores.json`` and ``grid.png`` (the first images of each task, one task a row, base above
+    fine-tuned) in ``out``; returns the grid's path."""
+    from torchvision.utils import save_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    per_task = result["per_task"]
+    per_row = min(8, per_task)
+    rows = [images[i * per_task : i * per_task + per_row] for i in range(len(TASKS)) for _, images in models]
+    save_image(torch.cat(rows), out / "grid.png", nrow=per_row)
+    (out / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
+    return out / "grid.png"
