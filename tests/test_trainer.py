@@ -219,10 +219,10 @@ def test_an_ignored_sigint_stays_ignored(tmp_path):
 def test_a_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
     import errno
 
-    import genalign.core.trainer as trainer_module
+    import genalign.core.checkpoint as checkpoint_module
     from genalign.core.trainer import CheckpointWriteError
 
-    real_save = trainer_module.save_file
+    real_save = checkpoint_module.save_file
     calls = {"n": 0}
 
     def save_file(tensors, path, *args, **kwargs):
@@ -231,13 +231,13 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_s
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "save_file", save_file)
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file)
     with pytest.raises(CheckpointWriteError, match=r"step-000006 .*No space left.*step-000003 is intact"):
         Trainer(_toy(), _run(tmp_path, steps=8, checkpoint_every=3)).train()
     assert calls["n"] == 1
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-000003"]  # no half-written folder left
-    monkeypatch.setattr(trainer_module, "save_file", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
     resumed = Trainer(_toy(), _run(tmp_path, steps=8, checkpoint_every=3))
     assert resumed.train(resume="latest").steps_done == 8
 

@@ -12,6 +12,7 @@ process keeps its own rows): :func:`gather_batch` does that. Without an initiali
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -68,3 +69,50 @@ def average_gradients_across_processes(module: nn.Module) -> None:
     for param in module.parameters():
         if param.grad is not None:
             mean_over_processes(param.grad)
+
+
+def average_gradients(params: Sequence[Tensor]) -> None:
+    """DDP's gradient averaging for parameters trained outside a DDP wrapper: one all-reduce of
+    every gradient flattened together (a missing gradient counts as zeros, so every process reduces
+    the same tensor); the identity with one process."""
+    import torch.distributed as dist
+
+    if world_size() == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for param, grad in zip(params, grads):
+        param.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
+        offset += grad.numel()
+
+
+def clip_gradients(params: Sequence[Tensor], max_norm: float, accelerator: Any = None) -> float:
+    """Clip the gradients of ``params`` to ``max_norm`` (0: no bound) and return their norm before
+    clipping. Through ``accelerator`` when given (it unscales fp16 gradients first). Sharded
+    (DTensor) gradients' norm is the norm of the full gradient."""
+    from genalign.core.sharding import is_sharded
+
+    bound = max_norm or float("inf")
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(is_sharded(g) for g in grads):
+        if accelerator is not None:
+            return float(accelerator.clip_grad_norm_(params, bound))
+        return float(torch.nn.utils.clip_grad_norm_(params, bound))
+    if accelerator is not None:
+        accelerator.unscale_gradients()
+    groups = [[g for g in grads if is_sharded(g)], [g for g in grads if not is_sharded(g)]]
+    squares = []
+    for group in groups:
+        if group:
+            norm = torch.nn.utils.get_total_norm(group)
+            squares.append((norm.full_tensor() if is_sharded(norm) else norm).float() ** 2)
+    total = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    scale = bound / (total + 1e-6)  # torch's clip_grad_norm_ formula
+    # In place on each shard (torch.nn.utils.clip_grads_with_norm_ was seen to leave DTensor gradients unscaled).
+    if scale < 1.0:
+        for grad in grads:
+            grad.mul_(scale)
+    return total
