@@ -49,18 +49,19 @@ class ToyStart:
 
 
 def test_value_statistics_are_averaged_over_processes(tmp_path):
-    """mean_over_processes (VARD's adaptive KL weight, the value model's gradients): every process
-    ends with the mean of the processes' values."""
+    """mean_over_processes (VARD's adaptive KL weight) and average_gradients (the trainer's and the
+    value models' gradients; a gradient one process lacks counts as zeros): every process ends with
+    the mean of the processes' values."""
     script = tmp_path / "mean.py"
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
-        "from genalign.core.distributed import average_gradients_across_processes, mean_over_processes\n"
+        "from genalign.core.distributed import average_gradients, mean_over_processes\n"
         "dist.init_process_group('gloo')\n"
         "rank = dist.get_rank()\n"
         "kl = mean_over_processes(torch.tensor([1.0 + 2.0 * rank]))\n"
         "head = torch.nn.Linear(2, 1)\n"
-        "head.weight.grad = torch.full((1, 2), float(rank)); head.bias.grad = torch.tensor([4.0 * rank])\n"
-        "average_gradients_across_processes(head)\n"
+        "head.weight.grad = torch.full((1, 2), float(rank)); head.bias.grad = torch.tensor([4.0 * rank]) if rank else None\n"
+        "average_gradients(list(head.parameters()))\n"
         "open(f'{sys.argv[1]}/{rank}.txt', 'w').write(f'{kl.item()} {head.weight.grad.tolist()} {head.bias.grad.item()}')\n"
         "dist.destroy_process_group()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def world_size() -> int:
@@ -61,14 +61,6 @@ def mean_over_processes(value: Tensor) -> Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
-
-
-def average_gradients_across_processes(module: nn.Module) -> None:
-    """A model trained outside the trainer (a value head): average its gradients over processes
-    (each collects its own shard of the batch)."""
-    for param in module.parameters():
-        if param.grad is not None:
-            mean_over_processes(param.grad)
 
 
 def average_gradients(params: Sequence[Tensor]) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from genalign.core.config import ConfigError, check
-from genalign.core.distributed import average_gradients_across_processes, gather_batch
+from genalign.core.distributed import average_gradients, clip_gradients, gather_batch
 from genalign.core.normalize import PerPromptStatTracker
 from genalign.core.rollout import rollout
 from genalign.core.types import Conditioning, Trajectory
@@ -225,7 +225,7 @@ class ValueLearner:
     fine-tuner's ``state_dict``."""
 
     def __init__(self, features: LatentFeatures | CleanEstimateFeatures, device: torch.device | str, width: int,
-                 lr: float, replay_size: int, batch: int, updates: int):
+                 lr: float, replay_size: int, batch: int, updates: int, max_grad_norm: float = 1.0):
         self.features = features
         self.model = features.head(width).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
@@ -233,6 +233,7 @@ class ValueLearner:
         self.replay: dict[str, Tensor] = {}
         self.replay_size, self.batch, self.updates = replay_size, batch, updates
         self.device = device
+        self.max_grad_norm = max_grad_norm  # each update's gradient norm is clipped to this (0: no bound)
 
     def value(self, features: dict[str, Tensor]) -> Tensor:
         """V (B,) of featurised states, in fp32 whatever the autocast (a ``target`` entry is ignored)."""
@@ -270,8 +271,9 @@ class ValueLearner:
                 loss = value_loss(self.value(minibatch), minibatch["target"])
                 self.optimizer.zero_grad()
                 loss.backward()
-                average_gradients_across_processes(self.model)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                params = list(self.model.parameters())
+                average_gradients(params)
+                clip_gradients(params, self.max_grad_norm)
                 self.optimizer.step()
                 losses.append(float(loss.detach()))
         return sum(losses) / len(losses)
