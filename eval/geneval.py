@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from genalign.core.detection import ColorClassifier, Detector
@@ -175,17 +174,3 @@ def write_results(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
 def summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """GenEval's summary (genalign.core.geneval.summarise): per task, overall, % correct images/prompts."""
     return summarise(rows)
-
-
-def load_detectors(name: str, path: str | None = None, clip_path: str | None = None,
-                   device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """(detector, colour classifier or None) for scoring: ``mask2former`` / ``owlv2`` with the CLIP
-    colour classifier, or ``shapes`` (the shapes world's exact parser, which knows each object's
-    colour)."""
-    if name == "shapes":
-        from genalign.shapes.evaluator import ShapesDetector
-
-        return ShapesDetector(), None
-    from genalign.rewards.detection import load_color_classifier, load_detector
-
-    return load_detector(name, path, device), load_color_classifier(clip_path, device)

@@ -232,6 +232,9 @@ class GaussianFlow1D:
     def training(self):
         return nullcontext()
 
+    def keep_reference(self):  # the reference is the base flow (its learned part switched off): nothing to copy
+        pass
+
 
 class _Linear:
     differentiable = True

@@ -187,7 +187,7 @@ def test_the_printed_load_line_loads_the_exported_lora(tmp_path, tiny_models):
     import torch
 
     from genalign.core.experiment import BackboneConfig
-    from genalign.core.launch import load_instructions
+    from genalign.launch import load_instructions
     from genalign.pipelines import load_backbone
 
     base = tiny_models("sd")

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from genalign.core.config import check, field
+from genalign.core.types import FineTuner
 from genalign.finetuners import register
 
 
 @register("toy_regression")
-class ToyRegression:
+class ToyRegression(FineTuner):
     """Fit y = x @ W to a fixed W_true; the loss can be made NaN at a chosen step for fault tests."""
 
     @dataclass
@@ -72,7 +73,7 @@ class ToyRegression:
 
 
 @register("toy_denoising")
-class ToyDenoising:
+class ToyDenoising(FineTuner):
     """The plain denoising objective on random latents, through a real backbone with LoRA."""
 
     @dataclass

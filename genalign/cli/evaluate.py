@@ -80,7 +80,7 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
         return 0
     options = GenEvalOptions(args.threshold, args.counting_threshold, args.max_objects, args.max_overlap,
                              args.position_threshold)
-    detector, colors = geneval.load_detectors(args.detector, args.detector_path, args.clip_path, device(args.device))
+    detector, colors = load_detectors(args.detector, args.detector_path, args.clip_path, device(args.device))
     rows, records = geneval.score_folder(args.score, detector, colors, options, args.batch_size)
     out = Path(args.report or Path(args.score) / "results")
     out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +96,18 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
     print(markdown_table(summary), end="")
     print(f"wrote {out / 'results.jsonl'} (official format), scores.json, report.md, report.html")
     return 0
+
+
+def load_detectors(name: str, path: str | None, clip_path: str | None, dev: Any) -> tuple[Any, Any]:
+    """(detector, colour classifier or None): ``mask2former`` / ``owlv2`` with the CLIP colour
+    classifier, or ``shapes`` (the shapes world's exact parser, which knows each object's colour)."""
+    if name == "shapes":
+        from genalign.shapes.evaluator import ShapesDetector
+
+        return ShapesDetector(), None
+    from genalign.rewards.detection import load_color_classifier, load_detector
+
+    return load_detector(name, path, dev), load_color_classifier(clip_path, dev)
 
 
 def cmd_eval_t2i_compbench(args: argparse.Namespace) -> int:

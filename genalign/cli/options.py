@@ -119,7 +119,8 @@ def add_benchmark_generation(p: argparse.ArgumentParser, layout: str, images_per
 
 def benchmark_generator(args: argparse.Namespace) -> Any:
     """The image generator of :func:`add_benchmark_generation`'s flags: the model, or ReNO on it."""
-    from genalign.eval.generate import backbone_sampler, reno_sampler
+    from genalign.eval.generate import backbone_sampler
+    from genalign.finetuners.reno import reno_sampler
 
     backbone = load_model(args)
     if not args.reno_reward:

@@ -59,8 +59,17 @@ def cmd_reno(args: argparse.Namespace) -> int:
                         optimizer=args.optimizer, lr=args.lr, grad_clip=args.grad_clip, reg_weight=args.reg_weight,
                         seeds_per_prompt=args.seeds, patience=args.patience)
     results = reno_in_batches(backbone, reward, prompts, config, args.seed, args.batch_size, progress=True)
+    gold = None
+    if metas is not None:  # the shapes prompts are the last ones
+        import torch
+
+        from genalign.shapes.scoring import paired_gold
+
+        n = len(metas)
+        gold = paired_gold(torch.cat([r.initial_images for r in results])[-n:],
+                           torch.cat([r.images for r in results])[-n:], metas)
     out = Path(args.out)
-    summary = write_reno(out, prompts, results, config, metas)
+    summary = write_reno(out, prompts, results, config, gold)
     before, after = summary["reward_initial"], summary["reward_best"]
     print(f"reward (weighted sum) of plain samples {sum(before) / len(before):.4f} -> after ReNO "
           f"{sum(after) / len(after):.4f} ({len(prompts)} prompts, {config.seeds_per_prompt} seed(s) each)")

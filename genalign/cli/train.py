@@ -35,8 +35,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from genalign.core.experiment import load_experiment
-    from genalign.core.launch import run_experiment
     from genalign.finetuners import config_classes
+    from genalign.launch import run_experiment
 
     if args.help_config:
         return help_config()

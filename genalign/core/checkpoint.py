@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from genalign.core.accelerator import any_process
 from genalign.core.loading import load_torch_file
 from genalign.core.sharding import gather_full, local_part, shard_like, shard_optimizer_state
+from genalign.core.types import FineTuner
 
 CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"
@@ -46,7 +47,7 @@ class TrainingState:
     optimizer: Any
     lr_scheduler: Any
     ema: Any
-    finetuner: Any
+    finetuner: FineTuner
     source: Any  # the data source: ``state_dict()`` / ``load_state_dict``
     sharded: bool
     counters: Callable[[], dict[str, int]]
@@ -107,12 +108,12 @@ class Checkpoints:
         keep = self.accelerator.is_main_process
         if not (keep or state.sharded):
             return None  # nothing to gather, nothing to write
-        finetuner_state = getattr(state.finetuner, "state_dict", None)
+        finetuner_state = state.finetuner.state_dict()
         shared = {
             "weights": gather_full(state.named_params, keep),
             "optimizer": gather_full(state.optimizer.state_dict(), keep),
             "ema": gather_full(state.ema.state_dict(), keep) if state.ema is not None else None,
-            "finetuner": gather_full(finetuner_state(), keep) if finetuner_state is not None else None,
+            "finetuner": gather_full(finetuner_state, keep) if finetuner_state is not None else None,
         }
         return shared if keep else None
 
@@ -129,9 +130,9 @@ class Checkpoints:
         try:
             rank = acc.process_index
             (tmp / f"rank-{rank}.json").write_text(json.dumps({**host_rng_state(), "data": state.source.state_dict()}))
-            process_state = getattr(state.finetuner, "process_state_dict", None)
+            process_state = state.finetuner.process_state_dict()
             if process_state is not None:  # this process's own samples: a rollout, a replay buffer
-                torch.save(process_state(), tmp / f"finetuner-rank-{rank}.pt")
+                torch.save(process_state, tmp / f"finetuner-rank-{rank}.pt")
             save_file(torch_rng_state(), str(tmp / f"rng-{rank}.safetensors"))
         except (OSError, RuntimeError) as err:
             error = err if isinstance(err, OSError) else OSError(str(err).splitlines()[0])
@@ -182,14 +183,14 @@ class Checkpoints:
             state.ema.shadow_params = [shard_like(s, p) for s, p in zip(state.ema.shadow_params, params)]
         if acc.scaler is not None and (path / "scaler.pt").is_file():
             acc.scaler.load_state_dict(load("scaler.pt"))
-        if hasattr(state.finetuner, "load_state_dict"):
+        if state.finetuner.keeps_state:
             if not (path / "finetuner.pt").is_file():
                 raise FileNotFoundError(f"{path} has no finetuner.pt: it was written by another method")
             state.finetuner.load_state_dict(load("finetuner.pt"))
         own = f"finetuner-rank-{acc.process_index}.pt"
-        if hasattr(state.finetuner, "load_process_state_dict") and (path / own).is_file():
+        if state.finetuner.keeps_process_state and (path / own).is_file():
             state.finetuner.load_process_state_dict(load(own))
-        elif hasattr(state.finetuner, "load_process_state_dict"):  # older checkpoints held it in finetuner.pt
+        elif state.finetuner.keeps_process_state:  # older checkpoints held it in finetuner.pt
             acc.print(f"{path} has no {own} (an older checkpoint): this process resumes the main process's samples")
         rank_file = path / f"rank-{acc.process_index}.json"
         if not rank_file.is_file():

@@ -69,15 +69,8 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
 
 def loss_and_backward(finetuner: FineTuner, batch: Any, backward: Callable[[torch.Tensor], None]
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of a collected batch, handed to ``backward``: part by part (each as soon as it is
-    computed) for a method with ``backward_loss``, else whole. Returns the loss (detached when it
-    came in parts) and the metrics."""
-    stepwise = getattr(finetuner, "backward_loss", None)
-    if stepwise is not None:
-        return stepwise(batch, backward)
-    loss, metrics = finetuner.loss(batch)
-    backward(loss)
-    return loss, metrics
+    """The loss of a collected batch, handed to ``backward`` (see ``FineTuner.backward_loss``)."""
+    return finetuner.backward_loss(batch, backward)
 
 
 class Trainer:
@@ -216,9 +209,7 @@ class Trainer:
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.step(self.params)
-        after_step = getattr(self.finetuner, "after_optimizer_step", None)
-        if after_step is not None:  # e.g. move a slowly updated reference toward the policy
-            after_step()
+        self.finetuner.after_optimizer_step()  # e.g. move a slowly updated reference toward the policy
         self.nonfinite_in_a_row = 0
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.lr_scheduler.get_last_lr()[0]
@@ -299,10 +290,9 @@ class Trainer:
         acc = self.accelerator
         self.save_checkpoint()
         self.write_samples("final")
-        export = getattr(self.finetuner, "export", None)
-        if export is not None and (acc.is_main_process or self.sharded):  # sharded: all gather, main writes
+        if acc.is_main_process or self.sharded:  # sharded: all gather, main writes
             with averaged_weights(self.ema, self.params):  # the EMA's weights when kept
-                export(self.output_dir / "final")
+                self.finetuner.export(self.output_dir / "final")
         if self.run.tracker != "none":
             acc.end_training()
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -126,6 +128,25 @@ class Backbone(Protocol):
     def reference(self) -> AbstractContextManager[None]:
         """Within this context ``predict`` is the frozen reference model."""
 
+    def keep_reference(self) -> None:
+        """Make :meth:`reference` available: under full fine-tuning a frozen copy of the starting
+        denoiser is kept (a no-op for LoRA, whose reference is the model with its adapters off).
+        Call it before training changes the weights."""
+
+    @property
+    def unwrapped_denoiser(self) -> nn.Module:
+        """The UNet / transformer itself (not a compiled or sharded wrapper's facade)."""
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the denoiser is sharded across processes (FSDP)."""
+
+    def load_lora(self, path: str | Path) -> None:
+        """Load LoRA weights (a diffusers-format file or folder) into the denoiser."""
+
+    def export(self, directory: str | Path) -> Path:
+        """Write what was trained (the LoRA, or the denoiser under full fine-tuning); returns its path."""
+
     def training(self) -> AbstractContextManager[None]:
         """Within this context the trained modules are in train mode (dropout on)."""
 
@@ -142,29 +163,74 @@ class Reward(Protocol):
         """images (B, 3, H, W) in [0, 1] -> (scores (B,), named sub-scores each (B,))."""
 
 
-@runtime_checkable
-class FineTuner(Protocol):
-    """A method: what to train, how to collect data, and its loss.
+class FineTuner(ABC):
+    """A method: what to train, how to collect data, and its loss. Subclass it, define the four
+    abstract methods, and override the hooks below where the method needs them (their defaults
+    do nothing).
 
     The trainer owns the optimizer, precision, accumulation, logging and checkpoints.
     """
 
+    @abstractmethod
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]: ...
 
+    @abstractmethod
     def collect(self, prompts: list[str], generator: torch.Generator) -> Any:
         """Roll out / build the data of one micro-batch, without gradients."""
 
+    @abstractmethod
     def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss and named metrics (each a scalar or a (B,) tensor)."""
 
+    @abstractmethod
     def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] of the current model, for sample grids."""
 
-    # Optional, used when present: ``training_prompts() -> list[str]`` (the method's own data,
-    # e.g. offline pair ids, instead of run.prompts), ``backward_loss(batch, backward) -> (loss,
-    # metrics)`` (the loss as a sum of parts, each handed to ``backward`` as soon as it is computed,
-    # the value returned detached: memory of one part without recomputing it in the backward, e.g.
-    # one denoising step of a trajectory), ``after_optimizer_step()``,
-    # ``state_dict() / load_state_dict(state)`` (saved in checkpoints; tensors and plain
-    # containers only, loaded with weights_only=True), ``export(directory)``.
+    # ---------------------------------------------------------------- hooks with defaults
+
+    def training_prompts(self) -> list[str] | None:
+        """The method's own data (e.g. offline pair ids) drawn instead of ``run.prompts``; None: run.prompts."""
+        return None
+
+    def backward_loss(self, batch: Any, backward: Callable[[Tensor], None]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Hand the batch's loss to ``backward`` and return (loss, metrics). A method whose loss is
+        a sum of parts (one denoising step each) backwards each part as soon as it is computed and
+        returns the sum detached: the memory of one part, without recomputing it in the backward."""
+        loss, metrics = self.loss(batch)
+        backward(loss)
+        return loss, metrics
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step (e.g. move a slowly updated reference toward the policy)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """State every process shares, saved in checkpoints (``finetuner.pt``; tensors and plain
+        containers only, loaded with weights_only=True); None: the method keeps none."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        return None
+
+    def process_state_dict(self) -> dict[str, Any] | None:
+        """This process's own state (its rollout, replay buffer), saved per process; None: none."""
+        return None
+
+    def load_process_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`process_state_dict` returned."""
+        return None
+
+    def export(self, directory: Path) -> None:
+        """Write the trained result (e.g. the LoRA in diffusers format) to ``directory``."""
+        return None
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the method overrides :meth:`state_dict` (a checkpoint must then hold it)."""
+        return type(self).state_dict is not FineTuner.state_dict
+
+    @property
+    def keeps_process_state(self) -> bool:
+        return type(self).process_state_dict is not FineTuner.process_state_dict
 

@@ -250,8 +250,7 @@ class AdjointMatching(LossInParts, BackboneMethod):
                               "differentiable (use a policy-gradient or value-based method for it)")
         if sample_config.num_steps < 2:
             raise ConfigError("adjoint_matching samples an SDE: sample.num_steps must be >= 2")
-        if getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
-            backbone.keep_reference()  # type: ignore[attr-defined]
+        backbone.keep_reference()  # the frozen starting model (a copy under full fine-tuning)
         self.sde = self._make_sde(sample_config.num_steps)
 
     @classmethod

@@ -13,20 +13,12 @@ from torch import Tensor, nn
 
 from genalign.core.rollout import rollout
 from genalign.core.sharding import local_part, reshard, shard_like
-from genalign.core.types import Backbone
+from genalign.core.types import Backbone, FineTuner
 
 
 def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
     """(B, ...) x (B, ...) -> (B,) mean squared error per sample, in fp32."""
     return (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
-
-
-def export_trained(backbone: Backbone, directory: Path) -> Path:
-    """The LoRA (diffusers format) or, under full fine-tuning, the denoiser (``save_pretrained``)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if backbone.config.finetune == "lora":  # type: ignore[attr-defined]
-        return backbone.save_lora(directory)  # type: ignore[attr-defined]
-    return backbone.save_denoiser(directory / "denoiser")  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
@@ -35,7 +27,7 @@ def sample_images(backbone: Backbone, prompts: list[str], generator: torch.Gener
     return rollout(backbone, prompts, num_steps, guidance_scale, generator=generator).images
 
 
-class BackboneMethod:
+class BackboneMethod(FineTuner):
     """What the methods that train the backbone share: its trainable parameters, sample grids with
     the experiment's sampling settings, and exporting the result."""
 
@@ -51,7 +43,7 @@ class BackboneMethod:
         whose pairs were all ties). Under FSDP it is an error: this process would skip the denoiser
         passes the others run, and their collectives would no longer match (see
         ``genalign.core.sharding``); failing here names the cause instead of stalling the job."""
-        if getattr(self.backbone, "sharded", False):
+        if self.backbone.sharded:
             raise RuntimeError(
                 f"{type(self).__name__}: this process's micro-batch has nothing to train on (all pairs tied or "
                 "every advantage dropped) and under FSDP it cannot skip its denoiser passes. Use a reward with "
@@ -66,7 +58,7 @@ class BackboneMethod:
                              self.sample_config.guidance_scale)
 
     def export(self, directory: Path) -> None:
-        export_trained(self.backbone, directory)
+        self.backbone.export(directory)
 
 
 class LossInParts:

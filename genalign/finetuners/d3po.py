@@ -210,8 +210,7 @@ class D3PO(LossInParts, BackboneMethod):
             raise ConfigError("d3po with preferences: reward needs a reward; configure reward.name (or use labels)")
         if sample_config.eta <= 0:
             raise ConfigError("d3po needs stochastic rollouts: set sample.eta > 0 (paper: 1.0; flow models: the SDE noise level)")
-        if getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
-            backbone.keep_reference()  # type: ignore[attr-defined]
+        backbone.keep_reference()  # the frozen starting model (a copy under full fine-tuning)
         self.labels: dict[str, float] = {}
         self.pair_info: dict[str, dict[str, Any]] = {}
         if config.preferences == "labels":

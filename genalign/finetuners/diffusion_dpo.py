@@ -161,9 +161,8 @@ class DiffusionDPO(BackboneMethod):
             raise ConfigError("diffusion_dpo trains the backbone: set backbone.finetune to lora or full")
         if config.pairs == "online" and reward is None:
             raise ConfigError(f"{type(self).__name__}: online pairs are ranked by a reward; configure reward.name")
-        if getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
-            backbone.keep_reference()  # type: ignore[attr-defined]
-        denoiser = getattr(backbone, "unwrapped_denoiser", None)
+        backbone.keep_reference()  # the frozen starting model (a copy under full fine-tuning)
+        denoiser = backbone.unwrapped_denoiser
         self.stable_reference = ShadowParameters(self.params, denoiser) if config.reference_update_rate > 0 else None
         self.start = ShadowParameters(self.params, denoiser) if config.reference_anchor > 0 else None
         self.data, self.rows = None, []

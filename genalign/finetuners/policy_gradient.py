@@ -184,8 +184,8 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         if sample_config.eta <= 0:
             raise ConfigError(f"{self.name} needs stochastic rollouts with log-probs: set sample.eta > 0 "
                               "(SD: DDIM eta 1.0; flow models: the SDE noise level, Flow-GRPO 0.7)")
-        if config.beta > 0 and getattr(backbone.config, "finetune", "lora") == "full":  # type: ignore[attr-defined]
-            backbone.keep_reference()  # type: ignore[attr-defined]
+        if config.beta > 0:  # the KL's reference: the frozen starting model
+            backbone.keep_reference()
         self.metadata = read_prompt_metadata(config.prompt_metadata) if config.prompt_metadata else {}
         self.rollout: dict[str, Any] = {}  # the current rollout's tensors and prompts
         self.pending: list[dict[str, Tensor]] = []  # its minibatches still to train: rows, steps

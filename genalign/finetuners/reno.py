@@ -22,6 +22,7 @@ iterations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -172,11 +173,11 @@ def reno_in_batches(backbone: Backbone, reward: Reward, prompts: list[str], conf
 
 
 def write_reno(out: Path, prompts: list[str], results: list[RenoResult], config: RenoConfig,
-               shapes_metas: list[dict] | None = None) -> dict[str, Any]:
+               gold: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``images/`` (best), ``initial/`` (plain samples of the same seeds), ``noise.safetensors``,
-    ``grid.png`` (plain row above ReNO row) and ``reno.json``; returns reno.json's content. With
-    ``shapes_metas`` (the last prompts are those shapes-world prompts) it holds the gold scores of
-    the plain and ReNO images and the paired gain with its standard error."""
+    ``grid.png`` (plain row above ReNO row) and ``reno.json``; returns reno.json's content. ``gold``:
+    an exact evaluation of the plain and ReNO images (``genalign.shapes.scoring.paired_gold``),
+    stored as ``gold_initial``, ``gold_reno``, ``gold_gain`` and ``gold_verdicts``."""
     import json
 
     from safetensors.torch import save_file
@@ -194,11 +195,7 @@ def write_reno(out: Path, prompts: list[str], results: list[RenoResult], config:
         "prompts": prompts, "reward_initial": torch.cat([r.initial_reward for r in results]).tolist(),
         "reward_best": torch.cat([r.best_reward for r in results]).tolist(), "history": [r.history for r in results],
         "iterations_run": [r.iterations_run for r in results], "config": vars(config)}
-    if shapes_metas is not None:
-        from genalign.shapes.scoring import paired_gold
-
-        n = len(shapes_metas)
-        gold = paired_gold(initial[len(prompts) - n :], images[len(prompts) - n :], shapes_metas)
+    if gold is not None:
         summary.update(gold_initial=gold["before"], gold_reno=gold["after"], gold_gain=gold["gain"],
                        gold_verdicts={"plain": gold["verdicts_before"], "reno": gold["verdicts_after"],
                                       "tags": gold["tags"]})
@@ -206,3 +203,15 @@ def write_reno(out: Path, prompts: list[str], results: list[RenoResult], config:
     save_image(torch.cat([initial[:per_row], images[:per_row]]), out / "grid.png", nrow=per_row)
     (out / "reno.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def reno_sampler(backbone: Backbone, reward: Reward, num_steps: int, guidance_scale: float, iterations: int = 50,
+                 lr: float = 5.0) -> Callable[[list[str], list[int]], Tensor]:
+    """A generator that runs ReNO (noise optimisation for ``reward``) on ``backbone``: each batch
+    starts from the noise of its first seed's generator."""
+    config = RenoConfig(num_steps=num_steps, guidance_scale=guidance_scale, iterations=iterations, lr=lr)
+
+    def generate(prompts: list[str], seeds: list[int]) -> Tensor:
+        return reno(backbone, reward, prompts, config, torch.Generator().manual_seed(seeds[0])).images.float().cpu()
+
+    return generate

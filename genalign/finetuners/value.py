@@ -326,7 +326,7 @@ class ValueMethod(BackboneMethod):
             features = CleanEstimateFeatures(backbone, encoder, sample_config.guidance_scale)
         else:
             features = LatentFeatures(backbone)
-        if (needs_reference or inputs == "encoder") and getattr(backbone.config, "finetune", "lora") == "full":
+        if needs_reference or inputs == "encoder":
             backbone.keep_reference()
         self.learner = ValueLearner(features, backbone.device, width, lr, replay_size, batch, updates)
         self.warmup = warmup
