@@ -2,7 +2,7 @@
 
 A generator is a function ``(prompts, seeds) -> images (B, 3, H, W) in [0, 1]`` (one image per
 prompt, seeded by its seed); :func:`backbone_sampler` makes one from a Backbone (with a LoRA
-loaded or not), :func:`reno_sampler` runs ReNO on one. Generation resumes: a prompt whose images are
+loaded or not), ``genalign.finetuners.reno.reno_sampler`` runs ReNO on one. Generation resumes: a prompt whose images are
 all on disk is skipped, and each image is written as soon as its batch is done, so an interrupted
 run loses at most one batch.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
@@ -32,20 +31,6 @@ def backbone_sampler(backbone: Backbone, num_steps: int, guidance_scale: float, 
     def generate(prompts: list[str], seeds: list[int]) -> Tensor:
         return rollout(backbone, prompts, num_steps, guidance_scale, eta, seeds=seeds,
                        generator=torch.Generator().manual_seed(seeds[0])).images.cpu()
-
-    return generate
-
-
-def reno_sampler(backbone: Backbone, reward: Any, num_steps: int, guidance_scale: float, iterations: int = 50,
-                 lr: float = 5.0) -> Generator:
-    """A generator that runs ReNO (noise optimisation for ``reward``) on ``backbone``: each batch
-    starts from the noise of its first seed's generator."""
-    from genalign.finetuners.reno import RenoConfig, reno
-
-    config = RenoConfig(num_steps=num_steps, guidance_scale=guidance_scale, iterations=iterations, lr=lr)
-
-    def generate(prompts: list[str], seeds: list[int]) -> Tensor:
-        return reno(backbone, reward, prompts, config, torch.Generator().manual_seed(seeds[0])).images.float().cpu()
 
     return generate
 

@@ -413,6 +413,15 @@ class DiffusersBackbone:
                                   max_shard_size="10GB")
         return directory
 
+    def export(self, directory: str | Path) -> Path:
+        """The trained result: the LoRA (diffusers format) in ``directory`` or, under full
+        fine-tuning, the denoiser (``save_pretrained``) in ``directory/denoiser``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.config.finetune == "lora":
+            return self.save_lora(directory)
+        return self.save_denoiser(directory / "denoiser")
+
     def load_lora(self, path: str | Path) -> None:
         """Load a diffusers-format LoRA (ours or any other) into the pipeline for sampling."""
         if not Path(path).exists():

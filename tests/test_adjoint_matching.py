@@ -279,10 +279,8 @@ def test_the_flow_sde_is_the_memoryless_flow_grpo_step_in_diffusers_convention(t
     """Away from t = 0 (and with no offset) the SDE's Euler-Maruyama step equals
     ``sampling.flow_sde_step`` with noise level sqrt(2) (t = 1 - sigma, u = -v): mean and std."""
     from genalign.core.sampling import MEMORYLESS_NOISE_LEVEL, flow_sde_step
-    from genalign.finetuners.adjoint_matching import FlowSDE
-
     backbone = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="none"), "cpu")
-    sde = FlowSDE(backbone, 6, offset=1e-9)
+    sde = backbone.schedule.memoryless_sde(6, time_offset=1e-9)
     _, sigmas = backbone.schedule.sigmas(6)
     x, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for k in range(1, 5):

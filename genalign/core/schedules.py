@@ -29,9 +29,17 @@ class NoiseSchedule(Protocol):
     """What the sampler and the fine-tuners need from a model's noise process."""
 
     prediction_type: str
+    num_train_timesteps: int
 
     def timesteps(self, num_steps: int) -> Tensor:
         """Model timesteps of an N-step sampling run, noisiest first, shape (N,)."""
+
+    def step_length(self, timestep: Tensor, num_steps: int) -> Tensor:
+        """The length of the reverse step from ``timestep`` in paper time, |t - t_next| / T (float64)."""
+
+    def memoryless_sde(self, num_steps: int, **options: Any) -> Any:
+        """The memoryless SDE on this schedule's N-step grid (``genalign.core.sde``); ``options``
+        are a flow SDE's (noise_schedule, constant_noise, time_offset, final_step)."""
 
     def step(
         self,
@@ -120,6 +128,24 @@ class DiffusionSchedule:
 
     def previous_timestep(self, timestep: Tensor, num_steps: int) -> Tensor:
         return timestep - self.num_train_timesteps // num_steps
+
+    def step_length(self, timestep: Tensor, num_steps: int) -> Tensor:
+        t = torch.as_tensor(timestep).double()
+        t_next = torch.as_tensor(self.previous_timestep(timestep, num_steps)).double().to(t.device)
+        return (t - t_next).abs() / self.num_train_timesteps
+
+    def memoryless_sde(self, num_steps: int, **options: Any) -> Any:
+        """DDPM's step (:class:`~genalign.core.sde.DDPMSDE`); the flow SDE's options do not apply."""
+        from genalign.core.config import ConfigError
+        from genalign.core.sde import DDPMSDE
+
+        if options.get("noise_schedule", "memoryless") != "memoryless":
+            raise ConfigError("noise_schedule: constant is only defined for flow backbones (diffusion uses DDPM)")
+        unused = [name for name in options if name != "noise_schedule"]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} shape the flow SDE and do nothing on a diffusion backbone (its "
+                              "memoryless SDE is DDPM's); remove them")
+        return DDPMSDE(self, num_steps)
 
     def alpha_prod(self, timestep: Tensor) -> Tensor:
         """alpha_prod at integer timesteps; negative timesteps mean the end of the chain."""
@@ -244,6 +270,17 @@ class FlowSchedule:
 
     def previous_timestep(self, timestep: Tensor, num_steps: int) -> Tensor:
         return self._sigma_pair(timestep, num_steps)[1] * self.num_train_timesteps
+
+    def step_length(self, timestep: Tensor, num_steps: int) -> Tensor:
+        t = torch.as_tensor(timestep).double()
+        t_next = torch.as_tensor(self.previous_timestep(timestep, num_steps)).double().to(t.device)
+        return (t - t_next).abs() / self.num_train_timesteps
+
+    def memoryless_sde(self, num_steps: int, **options: Any) -> Any:
+        """The marginal-preserving SDE of the velocity field (:class:`~genalign.core.sde.FlowSDE`)."""
+        from genalign.core.sde import FlowSDE
+
+        return FlowSDE(self, num_steps, **options)
 
     def step(
         self,

@@ -57,26 +57,12 @@ from torch import Tensor
 
 from genalign.core.config import ConfigError, changed_options, check, field
 from genalign.core.sampler import initial_noise
+from genalign.core.sde import SDE, marginal_drift, memoryless_sigma  # noqa: F401 - the paper's math, re-exported
 from genalign.core.types import Backbone, Conditioning, Reward
 from genalign.finetuners import register
 from genalign.finetuners.common import BackboneMethod, LossInParts
 
 # ------------------------------------------------------------------ the math (pure functions)
-
-
-def memoryless_sigma(t: Tensor | float, offset: float = 0.0) -> Tensor | float:
-    """The memoryless diffusion coefficient sqrt(2 (1 - t + offset) / (t + offset)) (paper time)."""
-    if isinstance(t, Tensor):
-        return (2 * (1 - t + offset) / (t + offset)).sqrt()
-    return math.sqrt(2 * (1 - t + offset) / (t + offset))
-
-
-def marginal_drift(u: Tensor, x: Tensor, t: float, sigma: float) -> Tensor:
-    """Drift of the SDE with diffusion ``sigma`` that keeps a flow's marginals:
-    ``u - sigma^2 / 2 * (x - t u) / (1 - t)`` (paper time, velocity u = dX/dt, t < 1)."""
-    if sigma == 0:
-        return u
-    return u - 0.5 * sigma**2 * (x - t * u) / (1 - t)
 
 
 def adjoint_matching_loss(
@@ -124,70 +110,6 @@ def timestep_subset(num_steps: int, num_early: int, late_fraction: float,
     early_pool = num_steps - num_late
     draw = torch.randperm(early_pool, generator=generator)[: min(num_early, early_pool)].tolist() if early_pool else []
     return sorted(draw) + late
-
-
-# ------------------------------------------------------------------ the SDE a backbone is sampled with
-
-
-class FlowSDE:
-    """Euler-Maruyama steps of a flow backbone's marginal-preserving SDE on its sampling grid.
-
-    ``noise``: ``memoryless`` (sigma(t)^2 = 2 (1 - t + offset h) / (t + offset h)) or ``constant``
-    (sigma(t) = ``scale``: the paper's counter-example, biased). ``final_step``: ``sde`` keeps the
-    noise on the last step (the paper), ``ode`` makes it deterministic (its control is not trained).
-    """
-
-    def __init__(self, backbone: Backbone, num_steps: int, noise: str = "memoryless", scale: float = 1.0,
-                 offset: float = 1.0, final_step: str = "sde"):
-        schedule = backbone.schedule
-        timesteps, sigmas = schedule.sigmas(num_steps)  # type: ignore[attr-defined]
-        self.timesteps = timesteps
-        self.t = (1 - sigmas.double()).tolist()  # paper time of every grid point, 0 .. 1
-        self.h = [self.t[k + 1] - self.t[k] for k in range(num_steps)]
-        self.sigma = []
-        for k in range(num_steps):
-            if final_step == "ode" and k == num_steps - 1:
-                self.sigma.append(0.0)
-            elif noise == "memoryless":
-                self.sigma.append(float(memoryless_sigma(self.t[k], offset * self.h[k])))
-            else:
-                self.sigma.append(float(scale))
-        self.num_steps = num_steps
-
-    def drift(self, x: Tensor, model_output: Tensor, k: int) -> Tensor:
-        """b(x, t_k) from the model's velocity (diffusers' v = -u)."""
-        u = -model_output.float()
-        return marginal_drift(u, x.float(), self.t[k], self.sigma[k])
-
-    def std(self, k: int) -> float:
-        return math.sqrt(self.h[k]) * self.sigma[k]
-
-
-class DDPMSDE:
-    """The DDPM step (DDIM with eta = 1, memoryless for VP diffusion) of an epsilon / v backbone,
-    read as an Euler-Maruyama step: drift = (mean - x) / h, sigma = std / sqrt(h), h the step's
-    share of the training timesteps (paper time t = 1 - timestep / T)."""
-
-    def __init__(self, backbone: Backbone, num_steps: int):
-        schedule = backbone.schedule
-        self.schedule = schedule
-        self.timesteps = schedule.timesteps(num_steps)
-        total = float(schedule.num_train_timesteps)  # type: ignore[attr-defined]
-        previous = [float(schedule.previous_timestep(t, num_steps)) for t in self.timesteps]
-        self.h = [(float(t) - p) / total for t, p in zip(self.timesteps, previous, strict=True)]
-        self.num_steps = num_steps
-        ones = torch.ones(1, 1)
-        self.sigma = []
-        for k, t in enumerate(self.timesteps):
-            std = schedule.step(ones, torch.zeros_like(ones), t, num_steps, eta=1.0).std
-            self.sigma.append(float(std.reshape(-1)[0]) / math.sqrt(self.h[k]))
-
-    def drift(self, x: Tensor, model_output: Tensor, k: int) -> Tensor:
-        step = self.schedule.step(x.float(), model_output.float(), self.timesteps[k], self.num_steps, eta=1.0)
-        return (step.mean - x.float()) / self.h[k]
-
-    def std(self, k: int) -> float:
-        return math.sqrt(self.h[k]) * self.sigma[k]
 
 
 # ------------------------------------------------------------------ the method
@@ -259,17 +181,11 @@ class AdjointMatching(LossInParts, BackboneMethod):
             raise ConfigError("adjoint_matching needs a backbone: set backbone.family and backbone.path")
         return cls(experiment.method, backbone, reward, experiment.sample)
 
-    def _make_sde(self, num_steps: int) -> FlowSDE | DDPMSDE:
+    def _make_sde(self, num_steps: int) -> SDE:
+        """The schedule's memoryless SDE with the options this config changes from the paper's."""
         c = self.config
-        if self.backbone.parameterisation == "flow":
-            return FlowSDE(self.backbone, num_steps, c.noise_schedule, c.constant_noise, c.time_offset, c.final_step)
-        if c.noise_schedule != "memoryless":
-            raise ConfigError("noise_schedule: constant is only defined for flow backbones (diffusion uses DDPM)")
-        unused = changed_options(c, ["time_offset", "final_step"])
-        if unused:
-            raise ConfigError(f"adjoint_matching: {', '.join(unused)} shape the flow SDE and do nothing on a diffusion "
-                              "backbone (its memoryless SDE is DDPM's); remove them")
-        return DDPMSDE(self.backbone, num_steps)
+        names = changed_options(c, ["noise_schedule", "constant_noise", "time_offset", "final_step"])
+        return self.backbone.schedule.memoryless_sde(num_steps, **{name: getattr(c, name) for name in names})
 
     # ---------------------------------------------------------------- pieces
 

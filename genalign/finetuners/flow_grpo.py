@@ -141,12 +141,9 @@ class FlowGRPO(PolicyGradientMethod):
     def kl_std(self, trajectory: Trajectory, step: int, step_std: Tensor) -> Tensor:
         if self.config.kl_variance == "step":
             return step_std
-        # s_t = step std / sqrt(|dt|), dt in sigma units (model timesteps are sigma * num_train_timesteps)
-        schedule: Any = self.backbone.schedule
-        t = trajectory.timesteps[step]
-        t_next = schedule.previous_timestep(t, trajectory.num_steps)
-        dt = (torch.as_tensor(t).float() - torch.as_tensor(t_next).float()).abs() / schedule.num_train_timesteps
-        return step_std / dt.sqrt().to(step_std.device)
+        # s_t = step std / sqrt(|dt|), dt in sigma units (the step's length in paper time)
+        dt = self.backbone.schedule.step_length(trajectory.timesteps[step], trajectory.num_steps)
+        return step_std / dt.sqrt().float().to(step_std.device)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
