@@ -38,8 +38,8 @@ def run_experiment(config: Any, resume: str | None = None) -> Any:
         reward = build_reward(config.reward, accelerator.device)
     method = METHODS.get(config.method_name)
     finetuner = method.build(config, backbone, reward, **method_encoders(config, accelerator.device))
-    prompts = finetuner.training_prompts() or run.load_prompts()  # the method's own data, e.g. offline pairs
-    trainer = Trainer(finetuner, run, config.sample, prompts, resolved_config=config.to_dict(),
+    items = finetuner.training_data() or run.load_prompts()  # the method's own data, e.g. offline pairs
+    trainer = Trainer(finetuner, run, config.sample, items, resolved_config=config.to_dict(),
                       accelerator=accelerator)
     result = trainer.train(resume=resume)
     accelerator.print(f"done: {result.steps_done} steps ({result.skipped_steps} skipped); outputs in {result.output_dir}")

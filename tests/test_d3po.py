@@ -144,6 +144,9 @@ def test_labelling_loop_through_the_cli(tiny_models, tmp_path):
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(row["pairs"] == 2.0 for row in log)  # the tie is not trained on
+    # the trainer drew pair ids; the sample grid shows their prompts
+    grid_prompts = (tmp_path / "run" / "samples" / "final.txt").read_text().splitlines()
+    assert sorted(grid_prompts) == sorted(r["prompt"] for r in rows[:2])
 
 
 def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models):

@@ -325,21 +325,21 @@ def test_caption_dropout_and_vae_posterior_latents(tiny_models, pick_a_pic):
     empty = backbone.encode_prompts([""], guidance=False).positive["prompt_embeds"][0]
     config = DiffusionDPOConfig(pairs="offline", dataset=str(pick_a_pic), proportion_empty_prompts=1.0)
     dpo = DiffusionDPO.build(_experiment(config), backbone, None)
-    batch = dpo.collect(["row:0", "row:1"], torch.Generator().manual_seed(0))
+    batch = dpo.collect([0, 1], torch.Generator().manual_seed(0))
     embeds = batch["pairs"].cond.positive["prompt_embeds"]
     assert all(torch.equal(e, empty) for e in embeds) and batch["pairs"].prompts == ["a red thing", "another red thing"]
     dpo.config.proportion_empty_prompts = 0.5
     kept = [not torch.equal(e, empty) for seed in range(8)
-            for e in dpo.collect(["row:0", "row:1"], torch.Generator().manual_seed(seed))["pairs"].cond.positive["prompt_embeds"]]
+            for e in dpo.collect([0, 1], torch.Generator().manual_seed(seed))["pairs"].cond.positive["prompt_embeds"]]
     assert 0 < sum(kept) < len(kept)
-    assert all("captions_dropped" in dpo.collect(["row:0"], torch.Generator().manual_seed(seed))["pairs"].metrics
+    assert all("captions_dropped" in dpo.collect([0], torch.Generator().manual_seed(seed))["pairs"].metrics
                for seed in range(4))  # reported on every micro-step, dropped or not (processes average it)
     dpo.config.proportion_empty_prompts = 0.0
-    assert not any(torch.equal(e, empty) for e in dpo.collect(["row:0"], torch.Generator().manual_seed(0))["pairs"].cond.positive["prompt_embeds"])
+    assert not any(torch.equal(e, empty) for e in dpo.collect([0], torch.Generator().manual_seed(0))["pairs"].cond.positive["prompt_embeds"])
 
     def latents(mode, seed):
         dpo.config.vae_latents = mode
-        return dpo.pairs(["row:0"], torch.Generator().manual_seed(seed)).x0_w
+        return dpo.pairs([0], torch.Generator().manual_seed(seed)).x0_w
 
     mean = latents("mean", 0)
     torch.testing.assert_close(latents("mean", 1), mean)
@@ -387,12 +387,12 @@ def test_inversions_of_offline_pairs_are_cached(tiny_models, pick_a_pic, monkeyp
     backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora"), "cpu")
     config = InversionDPOConfig(pairs="offline", dataset=str(pick_a_pic), inversion_steps=2)
     dpo = InversionDPO.build(_experiment(config), backbone, None)
-    assert dpo.training_prompts() == ["row:0", "row:1"]
+    assert dpo.training_data() == [0, 1] and dpo.prompts_of([1]) == ["another red thing"]
     calls = []
     real = module.invert_trajectory
     monkeypatch.setattr(module, "invert_trajectory", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = dpo.collect(["row:1"], torch.Generator().manual_seed(0))
-    second = dpo.collect(["row:1"], torch.Generator().manual_seed(1))
+    first = dpo.collect([1], torch.Generator().manual_seed(0))
+    second = dpo.collect([1], torch.Generator().manual_seed(1))
     assert len(calls) == 2  # winner and loser, once
     torch.testing.assert_close(first["inversion_w"].predictions, second["inversion_w"].predictions)
     loss, _ = dpo.loss(second)

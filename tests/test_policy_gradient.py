@@ -311,7 +311,7 @@ def test_prompt_metadata_reaches_the_reward(tiny_models, tmp_path):
 
     config = DDPOConfig(samples_per_prompt=2, minibatches=1, prompt_metadata=str(tmp_path / "meta.jsonl"))
     ddpo = _method(tiny_models, DDPO, config, "sd", 1.0, Recording())
-    assert ddpo.training_prompts() == ["a photo of two dogs", "a photo of a cup"]
+    assert ddpo.training_data() == ["a photo of two dogs", "a photo of a cup"]
     ddpo.collect(["a photo of a cup", "a photo of two dogs"], torch.Generator().manual_seed(0))
     assert seen == [["single_object", "single_object", "counting", "counting"]]
     with pytest.raises(ConfigError, match="no row"):

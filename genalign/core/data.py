@@ -1,24 +1,30 @@
 """Training data sources: what the trainer draws each micro-batch from, shuffled per epoch,
-sharded across processes, and checkpointed by position."""
+sharded across processes, and checkpointed by position.
+
+The items are whatever a method collects from: prompts (``run.prompts``, the default), or the
+method's own data (``FineTuner.training_data``: dataset row indices, labelled pair ids), handed to
+``collect`` as they are.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 
-class PromptSource:
-    """Cycles through the training prompts in a fresh seeded permutation each epoch.
+class DataSource:
+    """Cycles through the training items in a fresh seeded permutation each epoch.
 
     Each process reads its own interleaved shard (rank, rank + world, ...); the position is part of
     the checkpoint.
     """
 
-    def __init__(self, prompts: Sequence[str], seed: int, rank: int = 0, world_size: int = 1):
-        if not prompts:
-            raise ValueError("PromptSource needs at least one prompt")
-        self.prompts = list(prompts)
+    def __init__(self, items: Sequence[Any], seed: int, rank: int = 0, world_size: int = 1):
+        if not items:
+            raise ValueError("the data source needs at least one item (a prompt, a row, a pair)")
+        self.items = list(items)
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -27,9 +33,9 @@ class PromptSource:
 
     def _permutation(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.prompts), generator=generator).tolist()
+        return torch.randperm(len(self.items), generator=generator).tolist()
 
-    def next(self, n: int) -> list[str]:
+    def next(self, n: int) -> list[Any]:
         out = []
         for _ in range(n):
             for _rank in range(self.world_size):
@@ -38,7 +44,7 @@ class PromptSource:
                     self.position = 0
                     self._order = self._permutation(self.epoch)
                 if _rank == self.rank:
-                    out.append(self.prompts[self._order[self.position]])
+                    out.append(self.items[self._order[self.position]])
                 self.position += 1
         return out
 
@@ -48,3 +54,6 @@ class PromptSource:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+PromptSource = DataSource  # the name it had while it held prompts only

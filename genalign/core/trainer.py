@@ -33,7 +33,7 @@ import yaml
 
 from genalign.core.accelerator import any_process, check_distributed_type, make_accelerator
 from genalign.core.checkpoint import Checkpoints, CheckpointWriteError, NonFiniteError, TrainingState
-from genalign.core.data import PromptSource
+from genalign.core.data import DataSource, PromptSource
 from genalign.core.distributed import average_gradients, clip_gradients
 from genalign.core.experiment import RunConfig, SampleConfig
 from genalign.core.metrics_log import MetricsLog, flatten, progress_fields, scalar
@@ -91,7 +91,8 @@ class Trainer:
         self.output_dir = Path(run.output_dir)
         self.accelerator = accelerator or make_accelerator(run)
         acc = self.accelerator
-        self.source = PromptSource(prompts or run.load_prompts(), run.seed, acc.process_index, acc.num_processes)
+        # the training items: prompts, or the method's own data (rows, pairs)
+        self.source = DataSource(prompts or run.load_prompts(), run.seed, acc.process_index, acc.num_processes)
         self.resolved_config = resolved_config or {"run": flatten(run.__dict__)}
 
         self.named_params = finetuner.named_trainable_parameters()
@@ -226,7 +227,7 @@ class Trainer:
             return None
         from torchvision.utils import save_image
 
-        prompts = list(self.sample_config.prompts) or self.source.prompts[:4]
+        prompts = list(self.sample_config.prompts) or self.finetuner.prompts_of(self.source.items[:4])
         with torch.no_grad(), self.accelerator.autocast():
             images = self.finetuner.sample(prompts, torch.Generator().manual_seed(self.run.seed))
         if not self.accelerator.is_main_process:
@@ -297,5 +298,5 @@ class Trainer:
             acc.end_training()
 
 
-__all__ = ["CheckpointWriteError", "NonFiniteError", "PromptSource", "TrainResult", "Trainer", "TrainingInterrupted",
+__all__ = ["CheckpointWriteError", "DataSource", "NonFiniteError", "PromptSource", "TrainResult", "Trainer", "TrainingInterrupted",
            "check_distributed_type", "loss_and_backward", "make_accelerator", "step_generator"]

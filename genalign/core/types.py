@@ -175,8 +175,9 @@ class FineTuner(ABC):
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]: ...
 
     @abstractmethod
-    def collect(self, prompts: list[str], generator: torch.Generator) -> Any:
-        """Roll out / build the data of one micro-batch, without gradients."""
+    def collect(self, prompts: list[Any], generator: torch.Generator) -> Any:
+        """Roll out / build the data of one micro-batch, without gradients, from its items: prompts,
+        or the method's own :meth:`training_data` items."""
 
     @abstractmethod
     def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -188,9 +189,15 @@ class FineTuner(ABC):
 
     # ---------------------------------------------------------------- hooks with defaults
 
-    def training_prompts(self) -> list[str] | None:
-        """The method's own data (e.g. offline pair ids) drawn instead of ``run.prompts``; None: run.prompts."""
+    def training_data(self) -> Sequence[Any] | None:
+        """The method's own training items (dataset row indices, labelled pair ids) that the trainer
+        shuffles, shards and checkpoints and hands to :meth:`collect` instead of ``run.prompts``'
+        prompts; None: run.prompts."""
         return None
+
+    def prompts_of(self, items: list[Any]) -> list[str]:
+        """The prompts of some training items (for sample grids): the items themselves by default."""
+        return [str(item) for item in items]
 
     def backward_loss(self, batch: Any, backward: Callable[[Tensor], None]) -> tuple[Tensor, dict[str, Tensor]]:
         """Hand the batch's loss to ``backward`` and return (loss, metrics). A method whose loss is

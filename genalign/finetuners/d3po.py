@@ -229,14 +229,17 @@ class D3PO(LossInParts, BackboneMethod):
             raise ConfigError("d3po needs a backbone: set backbone.family and backbone.path")
         return cls(experiment.method, backbone, reward, experiment.sample)
 
-    def training_prompts(self) -> list[str] | None:
-        """Labelled pairs (ties dropped: they give no gradient) stand in for prompts."""
+    def training_data(self) -> list[str] | None:
+        """Labelled pairs' ids (ties dropped: they give no gradient) when learning from labels."""
         if not self.labels:
             return None
         ids = [pair_id for pair_id, label in sorted(self.labels.items()) if label != 0]
         if not ids:
             raise ConfigError("every labelled pair is a tie: nothing to learn from")
-        return [f"pair:{pair_id}" for pair_id in ids]
+        return ids
+
+    def prompts_of(self, items: list[Any]) -> list[str]:
+        return [self.pair_info[i]["prompt"] for i in items] if self.labels else super().prompts_of(items)
 
     # ---------------------------------------------------------------- rollouts
 
@@ -254,7 +257,7 @@ class D3PO(LossInParts, BackboneMethod):
     def _labelled(self, prompts: list[str]) -> tuple[Trajectory, Tensor, Tensor, Tensor, dict[str, Tensor]]:
         from safetensors.torch import load_file
 
-        ids = [p.removeprefix("pair:") for p in prompts]
+        ids = list(prompts)  # labelled pair ids
         saved = [load_file(str(Path(str(self.config.pairs_dir)) / "trajectories" / f"{i}.safetensors")) for i in ids]
         info = [self.pair_info[i] for i in ids]
         guidance, eta = info[0]["guidance_scale"], info[0]["eta"]

@@ -182,19 +182,24 @@ class DiffusionDPO(BackboneMethod):
 
     # ---------------------------------------------------------------- data
 
-    def training_prompts(self) -> list[str] | None:
-        """Offline pairs: the dataset's row ids stand in for prompts, so the trainer's sharded,
-        resumable data order applies to them."""
-        return [f"row:{row}" for row in self.rows] if self.data is not None else None
+    def training_data(self) -> list[int] | None:
+        """Offline pairs: the dataset's row indices (the trainer shuffles, shards and checkpoints them)."""
+        return list(self.rows) if self.data is not None else None
+
+    def prompts_of(self, items: list[Any]) -> list[str]:
+        if self.data is None:
+            return super().prompts_of(items)
+        return [str(self.data[int(row)]["caption"]) for row in items]
 
     def reference(self) -> Any:
         if self.stable_reference is not None:
             return self.stable_reference.swapped()
         return self.backbone.reference()
 
-    def pairs(self, prompts: list[str], generator: torch.Generator) -> PairBatch:
+    def pairs(self, items: list[Any], generator: torch.Generator) -> PairBatch:
+        """Offline: the pairs of these dataset rows; online: sampled and ranked for these prompts."""
         if self.data is not None:
-            rows = [int(p.removeprefix("row:")) for p in prompts]
+            rows = [int(row) for row in items]
             return offline_pairs(self.backbone, self.data, rows, generator, self.config.random_crop, self.config.hflip,
                                  skip_bad_rows=self.config.bad_rows == "skip",
                                  sample_posterior=self.config.vae_latents == "sample")
@@ -202,7 +207,7 @@ class DiffusionDPO(BackboneMethod):
             self.buffer_uses += 1
             return self.buffer
         s = self.sample_config
-        pairs = online_pairs(self.backbone, self.reward, prompts, generator, self.config.samples_per_prompt,
+        pairs = online_pairs(self.backbone, self.reward, items, generator, self.config.samples_per_prompt,
                              s.num_steps, s.guidance_scale, s.eta, self.config.pairs_from == "reference",
                              self.config.min_reward_gap)
         self.buffer, self.buffer_uses = pairs, 1

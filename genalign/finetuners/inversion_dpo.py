@@ -151,7 +151,7 @@ class InversionDPO(DiffusionDPO):
 
     def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
         pairs = self.pairs(prompts, generator)
-        rows = [int(p.removeprefix("row:")) for p in prompts] if self.data is not None else None
+        rows = [int(row) for row in prompts] if self.data is not None else None
         if len(pairs) == 0:
             return {"pairs": pairs}
         if rows is None and self.buffer_inversions is not None and self.buffer_inversions[0] is pairs:

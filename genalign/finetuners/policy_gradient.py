@@ -196,7 +196,7 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
             raise ConfigError(f"{cls.name} needs a backbone: set backbone.family and backbone.path")
         return cls(experiment.method, backbone, reward, experiment.sample)  # type: ignore[call-arg]
 
-    def training_prompts(self) -> list[str] | None:
+    def training_data(self) -> list[str] | None:
         """The prompts of ``prompt_metadata`` (each row once) when given, else run.prompts."""
         return list(self.metadata) if self.metadata else None
 
