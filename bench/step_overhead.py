@@ -82,9 +82,9 @@ def _dpo(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, Any
                           SampleConfig(num_steps=args.num_steps, guidance_scale=2.0))
     with torch.no_grad():
         batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
-    pairs, schedule = batch["pairs"], backbone.schedule
-    noise = torch.cat([batch["noise"], batch["noise"]])
-    t = torch.cat([batch["timesteps"], batch["timesteps"]])
+    pairs, schedule = batch.pairs, backbone.schedule
+    noise = torch.cat([batch.noise, batch.noise])
+    t = torch.cat([batch.timesteps, batch.timesteps])
     x_t = schedule.add_noise(torch.cat([pairs.x0_w, pairs.x0_l]), noise, t)
     cond = concat_conditioning(pairs.cond)
     return method, batch, lambda: _passes(backbone, x_t, t, cond, 1.0, reference=True)
@@ -98,12 +98,12 @@ def _d3po(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, An
     method = D3PO.build(experiment, backbone, reward)
     with torch.no_grad():
         batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
-    trajectory = batch["trajectory"]
-    rows = torch.unique(torch.cat([batch["a"], batch["b"]]))
+    trajectory = batch.trajectory
+    rows = torch.unique(torch.cat([batch.a, batch.b]))
     cond = trajectory.cond.select(rows)
 
     def floor() -> None:
-        for step in batch["steps"].tolist():
+        for step in batch.steps.tolist():
             x, t = trajectory.latents[step][rows], trajectory.timesteps[step]
             _passes(backbone, x, t, cond, trajectory.guidance_scale, reference=True)
 
@@ -117,10 +117,10 @@ def _policy_gradient(cls: Any, config: Any, backbone: Any, reward: Any, args: ar
     method = cls.build(experiment, backbone, reward)
     with torch.no_grad():
         batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
-    trajectory = method._minibatch_trajectory(batch["rows"])
+    trajectory = method._minibatch_trajectory(batch.rows)
 
     def floor() -> None:
-        for step in batch["steps"]:
+        for step in batch.steps:
             x, t = trajectory.latents[step], trajectory.timesteps[step]
             _passes(backbone, x, t, trajectory.cond, trajectory.guidance_scale, reference=config.beta > 0)
 
@@ -150,13 +150,13 @@ def _inversion_dpo(backbone: Any, reward: Any, args: argparse.Namespace) -> tupl
                           backbone, reward, SampleConfig(num_steps=args.num_steps, guidance_scale=2.0))
     with torch.no_grad():
         batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
-    inversion_w, inversion_l = batch["inversion_w"], batch["inversion_l"]
-    cond = concat_conditioning(batch["pairs"].cond)
+    inversion_w, inversion_l = batch.inversion_w, batch.inversion_l
+    cond = concat_conditioning(batch.pairs.cond)
 
     def floor() -> None:  # the policy on both inversions' states at the trained steps, one backward
         with backbone.training():
             outputs = [backbone.predict(torch.cat([inversion_w.inputs[i], inversion_l.inputs[i]]),
-                                        inversion_w.timesteps[i], cond, 1.0) for i in batch["steps"].tolist()]
+                                        inversion_w.timesteps[i], cond, 1.0) for i in batch.steps.tolist()]
             torch.stack(outputs).float().square().mean().backward()
 
     return method, batch, floor
@@ -196,7 +196,7 @@ def _vard(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any, An
                                             kl_target=1e-3), backbone, reward, args, eta=1.0)
     with torch.no_grad():
         batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
-    trajectory, steps = batch["policy"]
+    trajectory, steps = batch.trajectory, batch.steps
     schedule = backbone.schedule
 
     def floor() -> None:  # per trained step: reference forward, policy and value forward + backward
@@ -219,7 +219,7 @@ def _ac_flow(backbone: Any, reward: Any, args: argparse.Namespace) -> tuple[Any,
     method = _value_method(ACFlow, ACFlowConfig(critic_warmup=0, relative=True), backbone, reward, args, eta=0.0)
     with torch.no_grad():
         batch = method.collect(PROMPTS[: args.batch], torch.Generator().manual_seed(0))
-    x_t, timesteps, cond = batch["actor"][:3]
+    x_t, timesteps, cond = batch.actor[:3]
 
     def floor() -> None:  # the policy's forward + backward on the collected states
         with backbone.training():

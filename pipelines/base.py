@@ -10,7 +10,7 @@ import copy
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -75,6 +75,12 @@ class DiffusersBackbone:
     detected_from_pipeline: ClassVar[bool] = True
     # the pipeline's T5 tokenizers: they read max_sequence_length tokens, CLIP's their model_max_length
     t5_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer_3",)
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        """``genalign tiny`` names -> ``(prediction_type, seed) -> pipeline``: tiny random models of
+        this family built from configs with the real classes (``pipelines/tiny.py``), for tests."""
+        return {}
 
     def __init__(self, pipe: Any, config: BackboneConfig, device: str | torch.device = "cpu"):
         self.pipe = pipe

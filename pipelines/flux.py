@@ -10,8 +10,8 @@ places them: ``linspace(1, 1/N, N)`` shifted with ``mu`` from the image's token 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from diffusers import FluxPipeline
@@ -27,6 +27,15 @@ from genalign.pipelines.base import DiffusersBackbone
 class FluxBackbone(DiffusersBackbone):
     summary = "FLUX.1 [dev] / [schnell] (flow matching, guidance-distilled)"
     pipeline_class: ClassVar[type] = FluxPipeline
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        """[dev]-style (guidance embedding) and [schnell]-style (none) tiny models."""
+        from genalign.pipelines.tiny import tiny_flux_pipeline
+
+        return {"flux": lambda prediction_type, seed: tiny_flux_pipeline(prediction_type, seed, guidance_embeds=True),
+                "flux-schnell": lambda prediction_type, seed: tiny_flux_pipeline(prediction_type, seed,
+                                                                                 guidance_embeds=False)}
     # Attention projections of the double- and single-stream blocks (diffusers' FLUX LoRA script).
     default_lora_targets: ClassVar[tuple[str, ...]] = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",

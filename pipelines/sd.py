@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +25,12 @@ class StableDiffusionBackbone(DiffusersBackbone):
     summary = "Stable Diffusion 1.x / 2.x (UNet, epsilon or v-prediction)"
 
     pipeline_class: ClassVar[type] = StableDiffusionPipeline
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        from genalign.pipelines.tiny import tiny_sd_pipeline
+
+        return {"sd": lambda prediction_type, seed: tiny_sd_pipeline(prediction_type, False, seed)}
 
     @classmethod
     def extra_load_kwargs(cls, config: BackboneConfig) -> dict[str, Any]:
@@ -56,3 +62,9 @@ class StableDiffusionTurboBackbone(StableDiffusionBackbone):
 
     default_timestep_spacing: ClassVar[str | None] = "trailing"
     detected_from_pipeline: ClassVar[bool] = False  # its checkpoints name the base pipeline: --family says so
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        from genalign.pipelines.tiny import tiny_sd_pipeline
+
+        return {"sd-turbo": lambda prediction_type, seed: tiny_sd_pipeline(prediction_type, True, seed)}

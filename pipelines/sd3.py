@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +27,12 @@ class StableDiffusion3Backbone(DiffusersBackbone):
     summary = "Stable Diffusion 3 / 3.5 (MMDiT flow matching)"
 
     pipeline_class: ClassVar[type] = StableDiffusion3Pipeline
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        from genalign.pipelines.tiny import tiny_sd3_pipeline
+
+        return {"sd3": lambda prediction_type, seed: tiny_sd3_pipeline(prediction_type, seed)}
     # The joint-attention projections of both streams (image and context), as diffusers' SD3
     # DreamBooth-LoRA script targets them.
     default_lora_targets: ClassVar[tuple[str, ...]] = (

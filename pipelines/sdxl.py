@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -22,6 +22,12 @@ class StableDiffusionXLBackbone(DiffusersBackbone):
     summary = "Stable Diffusion XL (UNet, two text encoders)"
 
     pipeline_class: ClassVar[type] = StableDiffusionXLPipeline
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        from genalign.pipelines.tiny import tiny_sdxl_pipeline
+
+        return {"sdxl": lambda prediction_type, seed: tiny_sdxl_pipeline(prediction_type, False, seed)}
 
     @torch.no_grad()
     def _encode_prompts(
@@ -56,3 +62,9 @@ class StableDiffusionXLTurboBackbone(StableDiffusionXLBackbone):
 
     default_timestep_spacing: ClassVar[str | None] = "trailing"
     detected_from_pipeline: ClassVar[bool] = False  # its checkpoints name the base pipeline: --family says so
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        from genalign.pipelines.tiny import tiny_sdxl_pipeline
+
+        return {"sdxl-turbo": lambda prediction_type, seed: tiny_sdxl_pipeline(prediction_type, True, seed)}

@@ -270,22 +270,20 @@ def tiny_flux_pipeline(prediction_type: str = "flow", seed: int = 0, guidance_em
     )
 
 
-TINY_BUILDERS = {
-    "sd": lambda prediction_type, seed: tiny_sd_pipeline(prediction_type, False, seed),
-    "sd-turbo": lambda prediction_type, seed: tiny_sd_pipeline(prediction_type, True, seed),
-    "sdxl": lambda prediction_type, seed: tiny_sdxl_pipeline(prediction_type, False, seed),
-    "sdxl-turbo": lambda prediction_type, seed: tiny_sdxl_pipeline(prediction_type, True, seed),
-    "sd3": lambda prediction_type, seed: tiny_sd3_pipeline(prediction_type, seed),
-    "flux": lambda prediction_type, seed: tiny_flux_pipeline(prediction_type, seed, guidance_embeds=True),
-    "flux-schnell": lambda prediction_type, seed: tiny_flux_pipeline(prediction_type, seed, guidance_embeds=False),
-}
+def tiny_layouts() -> dict[str, Any]:
+    """Every backbone family's ``genalign tiny`` layouts (``DiffusersBackbone.tiny_layouts``);
+    imports every backbone module."""
+    from genalign.pipelines import BACKBONES
+
+    return {name: build for cls in BACKBONES.all().values() for name, build in cls.tiny_layouts().items()}
 
 
 def save_tiny(family: str, folder: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Build the tiny random model of ``family`` and save it as a diffusers folder (safetensors)."""
-    if family not in TINY_BUILDERS:
-        raise ValueError(f"no tiny builder for family {family!r}; available: {', '.join(TINY_BUILDERS)}")
-    pipe = TINY_BUILDERS[family](prediction_type, seed)
+    layouts = tiny_layouts()
+    if family not in layouts:
+        raise ValueError(f"no tiny layout {family!r}; available: {', '.join(sorted(layouts))}")
+    pipe = layouts[family](prediction_type, seed)
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -143,14 +143,14 @@ def test_warmup_trains_only_the_critic_then_the_actor_learns(tiny_models):
     ac = _acflow(tiny_models, critic_warmup=1, alpha=0.5)
     critic_before = [p.detach().clone() for p in ac.learner.model.parameters()]
     batch = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
-    assert batch["actor"] is None and batch["metrics"]["warmup"] == 1.0
+    assert batch.actor is None and batch.metrics["warmup"] == 1.0
     assert any(not torch.equal(a, b) for a, b in zip(critic_before, ac.learner.model.parameters(), strict=True))
     loss, _ = ac.loss(batch)
     loss.backward()
     assert float(loss) == 0.0 and all(float(p.grad.abs().sum()) == 0 for p in ac.params.values())
     ac.after_optimizer_step()
     batch = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1))
-    x_t, timesteps, cond, target, reference, weights = batch["actor"]
+    x_t, timesteps, cond, target, reference, weights = batch.actor
     assert x_t.shape[0] == 2 * 2 * 2 and cond.negative is None  # prompts x samples x timesteps
     assert float(weights.mean()) == pytest.approx(1.0, abs=1e-5)
     start, metrics = ac.loss(batch)
@@ -182,11 +182,11 @@ def test_the_advantage_is_the_shaped_reward_minus_the_critics_value(tiny_models)
     ac.reward = _Table([0.2, 0.9, 0.5, 0.1])
     ac.learner.train = lambda generator: 0.0  # the critic is held where the test puts it
     ac.learner.value = lambda features: torch.zeros(next(iter(features.values())).shape[0])
-    weights = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))["actor"][5]
+    weights = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0)).actor[5]
     assert weights.argsort().tolist() == [3, 0, 2, 1]  # the order of the rewards
     ac.reward = _Table([0.5, 0.5, 0.5, 0.5])
     ac.learner.value = lambda features: torch.linspace(-1, 1, next(iter(features.values())).shape[0])
-    weights = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1))["actor"][5]
+    weights = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1)).actor[5]
     assert (weights[1:] < weights[:-1]).all(), weights
 
 
@@ -207,7 +207,7 @@ def test_the_checkpoint_state_restores_critic_replay_and_counters(tiny_models):
     # and both continue identically
     a = ac.collect(["a blue square"], torch.Generator().manual_seed(3))
     b = other.collect(["a blue square"], torch.Generator().manual_seed(3))
-    torch.testing.assert_close(a["actor"][5], b["actor"][5])
+    torch.testing.assert_close(a.actor[5], b.actor[5])
 
 
 def test_configuration_errors(tiny_models):
@@ -236,7 +236,7 @@ def test_trajectory_coupling_regresses_onto_each_samples_own_noise(tiny_models):
         return recorded["trajectory"], rewards, shaped
 
     ac.scored_rollout = keep
-    x_t, timesteps, cond, target, reference, weights = ac.collect(["a red circle", "a blue square"], generator)["actor"]
+    x_t, timesteps, cond, target, reference, weights = ac.collect(["a red circle", "a blue square"], generator).actor
     trajectory = recorded["trajectory"]
     noise, x1 = trajectory.latents[0].float().repeat(2, 1, 1, 1), trajectory.final.float().repeat(2, 1, 1, 1)
     torch.testing.assert_close(target, noise - x1)

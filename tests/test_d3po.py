@@ -95,7 +95,7 @@ def test_training_moves_the_preferred_samples_log_prob_up(tiny_models, family, p
     d3po = _d3po(tiny_models, family, prediction, eta, beta=1.0, clip_range=0.5)
     with torch.no_grad():
         batch = d3po.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
-    assert batch["a"].numel() == 2 and set(batch["preference"].abs().tolist()) == {1.0}
+    assert batch.a.numel() == 2 and set(batch.preference.abs().tolist()) == {1.0}
     loss, metrics = d3po.loss(batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     optimizer = torch.optim.Adam(list(d3po.named_trainable_parameters().values()), lr=lr)
@@ -118,8 +118,8 @@ def test_timestep_fraction_trains_a_subset_of_steps(tiny_models):
     d3po = _d3po(tiny_models, "sd", "epsilon", 1.0, timestep_fraction=0.5, samples_per_prompt=3)
     with torch.no_grad():
         batch = d3po.collect(["a red circle"], torch.Generator().manual_seed(0))
-    assert len(batch["steps"]) == 2
-    assert batch["a"].numel() <= 3  # three pairs among three samples, ties dropped
+    assert len(batch.steps) == 2
+    assert batch.a.numel() <= 3  # three pairs among three samples, ties dropped
 
 
 def test_labelling_loop_through_the_cli(tiny_models, tmp_path):
@@ -156,5 +156,5 @@ def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models
         batch = d3po.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
         for p in d3po.named_trainable_parameters().values():  # away from the reference: a non-trivial loss
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    metrics = assert_backward_loss_matches_loss(d3po, batch, expected_parts=len(batch["steps"]))
+    metrics = assert_backward_loss_matches_loss(d3po, batch, expected_parts=len(batch.steps))
     assert float(metrics["log_ratio_preferred"]) != 0.0

@@ -205,12 +205,12 @@ def test_dpo_steps_lower_the_winners_error_relative_to_the_reference(tiny_models
     dpo = DiffusionDPO.build(_experiment(config), backbone, _BrightnessReward())
     with torch.no_grad():
         batch = dpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
-    assert len(batch["pairs"]) == 2
+    assert len(batch.pairs) == 2
     start, _ = dpo.loss(batch)
     assert start.item() == pytest.approx(math.log(2), abs=1e-5)  # a fresh LoRA is the reference
     metrics = _train_on(dpo, batch, steps=8, lr=3e-3)[-1]
     with torch.no_grad():
-        model_err, ref_err = dpo.errors(batch["pairs"], batch["noise"], batch["timesteps"])
+        model_err, ref_err = dpo.errors(batch.pairs, batch.noise, batch.timesteps)
     margin = (model_err[:2] - model_err[2:]) - (ref_err[:2] - ref_err[2:])
     assert (margin < 0).all(), margin
     assert dpo.loss(batch)[0].item() < math.log(2) - 0.05
@@ -235,10 +235,10 @@ def test_winner_and_loser_share_noise_and_timestep(tiny_models):
     backbone.schedule.add_noise = recording
     dpo.loss(batch)
     x0, noise, t = seen[0]
-    n = len(batch["pairs"])
+    n = len(batch.pairs)
     assert n == 3 and x0.shape[0] == noise.shape[0] == t.shape[0] == 2 * n
-    torch.testing.assert_close(x0[:n], batch["pairs"].x0_w)
-    torch.testing.assert_close(x0[n:], batch["pairs"].x0_l)
+    torch.testing.assert_close(x0[:n], batch.pairs.x0_w)
+    torch.testing.assert_close(x0[n:], batch.pairs.x0_l)
     assert torch.equal(noise[:n], noise[n:]) and torch.equal(t[:n], t[n:])
     assert not torch.equal(noise[0], noise[1]) and len(set(t[:n].tolist())) > 1
 
@@ -301,8 +301,8 @@ def test_inversion_dpo_makes_the_policy_reconstruct_the_winner_better_than_the_l
     cond = backbone.encode_prompts(prompts, guidance=False)
 
     def relative():
-        w = _reconstruction_error(backbone, batch["inversion_w"], cond, 1.0, 4)
-        lo = _reconstruction_error(backbone, batch["inversion_l"], cond, 1.0, 4)
+        w = _reconstruction_error(backbone, batch.inversion_w, cond, 1.0, 4)
+        lo = _reconstruction_error(backbone, batch.inversion_l, cond, 1.0, 4)
         return (w / lo).item()
 
     before = relative()
@@ -326,16 +326,16 @@ def test_caption_dropout_and_vae_posterior_latents(tiny_models, pick_a_pic):
     config = DiffusionDPOConfig(pairs="offline", dataset=str(pick_a_pic), proportion_empty_prompts=1.0)
     dpo = DiffusionDPO.build(_experiment(config), backbone, None)
     batch = dpo.collect([0, 1], torch.Generator().manual_seed(0))
-    embeds = batch["pairs"].cond.positive["prompt_embeds"]
-    assert all(torch.equal(e, empty) for e in embeds) and batch["pairs"].prompts == ["a red thing", "another red thing"]
+    embeds = batch.pairs.cond.positive["prompt_embeds"]
+    assert all(torch.equal(e, empty) for e in embeds) and batch.pairs.prompts == ["a red thing", "another red thing"]
     dpo.config.proportion_empty_prompts = 0.5
     kept = [not torch.equal(e, empty) for seed in range(8)
-            for e in dpo.collect([0, 1], torch.Generator().manual_seed(seed))["pairs"].cond.positive["prompt_embeds"]]
+            for e in dpo.collect([0, 1], torch.Generator().manual_seed(seed)).pairs.cond.positive["prompt_embeds"]]
     assert 0 < sum(kept) < len(kept)
-    assert all("captions_dropped" in dpo.collect([0], torch.Generator().manual_seed(seed))["pairs"].metrics
+    assert all("captions_dropped" in dpo.collect([0], torch.Generator().manual_seed(seed)).pairs.metrics
                for seed in range(4))  # reported on every micro-step, dropped or not (processes average it)
     dpo.config.proportion_empty_prompts = 0.0
-    assert not any(torch.equal(e, empty) for e in dpo.collect([0], torch.Generator().manual_seed(0))["pairs"].cond.positive["prompt_embeds"])
+    assert not any(torch.equal(e, empty) for e in dpo.collect([0], torch.Generator().manual_seed(0)).pairs.cond.positive["prompt_embeds"])
 
     def latents(mode, seed):
         dpo.config.vae_latents = mode
@@ -394,7 +394,7 @@ def test_inversions_of_offline_pairs_are_cached(tiny_models, pick_a_pic, monkeyp
     first = dpo.collect([1], torch.Generator().manual_seed(0))
     second = dpo.collect([1], torch.Generator().manual_seed(1))
     assert len(calls) == 2  # winner and loser, once
-    torch.testing.assert_close(first["inversion_w"].predictions, second["inversion_w"].predictions)
+    torch.testing.assert_close(first.inversion_w.predictions, second.inversion_w.predictions)
     loss, _ = dpo.loss(second)
     assert torch.isfinite(loss)
 
@@ -408,7 +408,7 @@ def test_full_fine_tuning_uses_a_frozen_copy_as_reference(tiny_models):
     metrics = _train_on(dpo, batch, steps=3, lr=1e-4)
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     with torch.no_grad():
-        model_err, ref_err = dpo.errors(batch["pairs"], batch["noise"], batch["timesteps"])
+        model_err, ref_err = dpo.errors(batch.pairs, batch.noise, batch.timesteps)
     assert not torch.allclose(model_err, ref_err)  # the policy moved, the frozen copy did not
     assert metrics[-1]["ref_mse_w"] == pytest.approx(metrics[0]["ref_mse_w"], rel=1e-5)
 
@@ -435,12 +435,12 @@ def test_online_pairs_are_reused_and_survive_a_resume(tiny_models):
     own = dpo.process_state_dict()
     assert "buffer" not in state and "buffer" in own  # the pairs are this process's own
     second = dpo.collect(["a blue square"], torch.Generator().manual_seed(1))
-    assert second["pairs"] is first["pairs"] and not torch.equal(second["noise"], first["noise"])
+    assert second.pairs is first.pairs and not torch.equal(second.noise, first.noise)
     third = dpo.collect(["a blue square"], torch.Generator().manual_seed(2))
-    assert third["pairs"] is not first["pairs"] and third["pairs"].prompts == ["a blue square"]
+    assert third.pairs is not first.pairs and third.pairs.prompts == ["a blue square"]
     resumed = DiffusionDPO.build(_experiment(config), backbone, _BrightnessReward())
     resumed.load_state_dict(state)
     resumed.load_process_state_dict(own)
     again = resumed.collect(["a blue square"], torch.Generator().manual_seed(1))
-    assert again["pairs"].prompts == ["a red circle"]  # the buffered pairs' second use
-    torch.testing.assert_close(again["pairs"].x0_w, first["pairs"].x0_w)
+    assert again.pairs.prompts == ["a red circle"]  # the buffered pairs' second use
+    torch.testing.assert_close(again.pairs.x0_w, first.pairs.x0_w)

@@ -160,7 +160,7 @@ def _train(method, batch, lr, updates):
 def _surrogate_gain(method, batch):
     """mean A * (log p_theta - log p_old) over the batch's samples and trained steps (> 0: the
     policy moved toward the steps of samples with positive advantage)."""
-    rows, steps = batch["rows"], batch["steps"]
+    rows, steps = batch.rows, batch.steps
     trajectory = method._minibatch_trajectory(rows)
     advantages = method.rollout["advantages"][rows]
     with torch.no_grad():
@@ -175,12 +175,12 @@ def test_ddpo_on_a_diffusion_backbone(tiny_models):
     config = DDPOConfig(samples_per_prompt=2, minibatches=2, inner_epochs=2, clip_range=0.2, min_count=2)
     ddpo = _method(tiny_models, DDPO, config, "sd", 1.0)
     batches = [ddpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(i)) for i in range(2)]
-    assert [float(b["metrics"]["new_rollout"]) for b in batches] == [1.0, 0.0]
-    assert sorted(torch.cat([b["rows"] for b in batches]).tolist()) == [0, 1, 2, 3]
+    assert [float(b.metrics["new_rollout"]) for b in batches] == [1.0, 0.0]
+    assert sorted(torch.cat([b.rows for b in batches]).tolist()) == [0, 1, 2, 3]
     first = batches[0]
-    assert first["steps"] == [0, 1, 2, 3]  # every DDIM step has noise at eta 1 here
+    assert first.steps == [0, 1, 2, 3]  # every DDIM step has noise at eta 1 here
     loss, metrics = ddpo.loss(first)
-    advantages = ddpo.rollout["advantages"][first["rows"]].clamp(-5, 5)
+    advantages = ddpo.rollout["advantages"][first.rows].clamp(-5, 5)
     assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-4)
     assert metrics["ratio"].item() == pytest.approx(1.0, abs=1e-5) and metrics["clipfrac"].item() == 0.0
     assert _surrogate_gain(ddpo, first) == pytest.approx(0.0, abs=1e-5)
@@ -189,7 +189,7 @@ def test_ddpo_on_a_diffusion_backbone(tiny_models):
     assert ddpo.loss(first)[0].item() < loss.item()
     # two inner epochs of two minibatches: the rollout serves four micro-steps, then a new one starts
     more = [ddpo.collect(["a green triangle"], torch.Generator().manual_seed(5 + i)) for i in range(3)]
-    assert [float(b["metrics"]["new_rollout"]) for b in more] == [0.0, 0.0, 1.0]
+    assert [float(b.metrics["new_rollout"]) for b in more] == [0.0, 0.0, 1.0]
     assert ddpo.rollout["prompts"] == ["a green triangle"] * 2
 
 
@@ -215,17 +215,17 @@ def test_flow_grpo_on_a_flow_backbone_with_the_kl(tiny_models):
     config = FlowGRPOConfig(samples_per_prompt=3, minibatches=1, clip_range=0.2, beta=0.04)
     grpo = _method(tiny_models, FlowGRPO, config, "sd3", 0.7)
     batch = grpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
-    assert batch["steps"] == [0, 1, 2]
-    assert len(batch["rows"]) == 6
+    assert batch.steps == [0, 1, 2]
+    assert len(batch.rows) == 6
     loss, metrics = grpo.loss(batch)
-    advantages = grpo.rollout["advantages"][batch["rows"]].clamp(-5, 5)
+    advantages = grpo.rollout["advantages"][batch.rows].clamp(-5, 5)
     assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-4)
     assert metrics["kl"].item() == pytest.approx(0.0, abs=1e-10)
     _train(grpo, batch, lr=1e-2, updates=3)
     loss, metrics = grpo.loss(batch)
     assert metrics["kl"].item() > 0 and _surrogate_gain(grpo, batch) > 0
     # the official code's KL (the default): s_t = step std / sqrt(|dt|); step: the step's own std
-    trajectory = grpo._minibatch_trajectory(batch["rows"])
+    trajectory = grpo._minibatch_trajectory(batch.rows)
     std = grpo._step(trajectory, 1)[2]
     sigmas = grpo.backbone.schedule.sigmas(4)[1]
     ratio = (grpo.kl_std(trajectory, 1, std) / std).flatten()[0].item()
@@ -253,9 +253,9 @@ def test_the_default_kl_is_the_official_codes_on_sd3s_schedule(tiny_models):
     reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
     reference.set_timesteps(10)
     sigmas = reference.sigmas.double()
-    trajectory = grpo._minibatch_trajectory(batch["rows"])
+    trajectory = grpo._minibatch_trajectory(batch.rows)
     ratios = []
-    for j in batch["steps"]:
+    for j in batch.steps:
         with torch.no_grad(), grpo.backbone.reference():
             mean_reference = grpo._step(trajectory, j)[1]
         with torch.no_grad():
@@ -269,13 +269,13 @@ def test_the_default_kl_is_the_official_codes_on_sd3s_schedule(tiny_models):
         step_kl = gaussian_step_kl(mean, mean_reference, std)
         ratios.append(float((step_kl / kl).mean()))
         assert ratios[-1] == pytest.approx(1 / float(sigmas[j] - sigmas[j + 1]), rel=1e-3)
-    assert batch["steps"] == list(range(9)) and 3.5 < min(ratios) and max(ratios) < 26
+    assert batch.steps == list(range(9)) and 3.5 < min(ratios) and max(ratios) < 26
 
 
 def test_groups_with_equal_rewards_are_left_out(tiny_models):
     grpo = _method(tiny_models, FlowGRPO, FlowGRPOConfig(samples_per_prompt=2), "sd3", 0.7, _ConstantReward())
     batch = grpo.collect(["a red circle"], torch.Generator().manual_seed(0))
-    assert len(batch["rows"]) == 0 and float(batch["metrics"]["kept"]) == 0.0
+    assert len(batch.rows) == 0 and float(batch.metrics["kept"]) == 0.0
     loss, _ = grpo.loss(batch)
     assert loss.item() == 0.0 and loss.requires_grad
 
@@ -290,7 +290,7 @@ def test_a_real_non_differentiable_reward_and_shared_noise(tiny_models):
     batch = ddpo.collect(["a cat"], torch.Generator().manual_seed(0))
     assert torch.equal(ddpo.rollout["latents"][0, 0], ddpo.rollout["latents"][0, 1])
     assert not torch.equal(ddpo.rollout["latents"][-1, 0], ddpo.rollout["latents"][-1, 1])
-    assert len(batch["steps"]) == 2
+    assert len(batch.steps) == 2
     loss, _ = ddpo.loss(batch)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ddpo.named_trainable_parameters().values())
@@ -333,7 +333,7 @@ def test_checkpoint_state_round_trip(tiny_models, tmp_path):
     restored.load_state_dict(torch.load(tmp_path / "finetuner.pt", weights_only=True))
     restored.load_process_state_dict(torch.load(tmp_path / "finetuner-rank-0.pt", weights_only=True))
     batch = restored.collect(["unused"], torch.Generator().manual_seed(1))
-    assert torch.equal(batch["rows"], expected["rows"]) and batch["steps"] == expected["steps"]
+    assert torch.equal(batch.rows, expected.rows) and batch.steps == expected.steps
     assert restored.loss(batch)[0].item() == pytest.approx(ddpo.loss(expected)[0].item(), abs=1e-6)
     assert restored.tracker.buffers == ddpo.tracker.buffers
     # a checkpoint from before the split held the rollout in finetuner.pt: it still loads
@@ -341,7 +341,7 @@ def test_checkpoint_state_round_trip(tiny_models, tmp_path):
     legacy.load_state_dict({**torch.load(tmp_path / "finetuner.pt", weights_only=True),
                             **torch.load(tmp_path / "finetuner-rank-0.pt", weights_only=True)})
     again = legacy.collect(["unused"], torch.Generator().manual_seed(1))
-    assert torch.equal(again["rows"], expected["rows"]) and legacy.tracker.buffers == ddpo.tracker.buffers
+    assert torch.equal(again.rows, expected.rows) and legacy.tracker.buffers == ddpo.tracker.buffers
 
 
 def test_settings_that_cannot_work_are_refused(tiny_models):
@@ -401,5 +401,5 @@ def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models
     with torch.no_grad():
         for p in ddpo.named_trainable_parameters().values():  # ratios away from 1: both PPO branches occur
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    metrics = assert_backward_loss_matches_loss(ddpo, batch, expected_parts=len(batch["steps"]))
+    metrics = assert_backward_loss_matches_loss(ddpo, batch, expected_parts=len(batch.steps))
     assert ("kl" in metrics) == (beta > 0)

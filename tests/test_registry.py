@@ -132,6 +132,20 @@ def test_a_backbone_family_in_one_file_is_loaded_by_name_and_samples_as_its_base
         load_backbone(BackboneConfig(family="toy-sdx", path=path))
 
 
+def test_a_family_file_declares_its_tiny_layout(tmp_path, capsys):
+    """`genalign tiny` knows the toy family from its file alone; an unknown layout lists them all."""
+    from genalign.cli import main
+    from tests.toy_backbone import ToyStableDiffusion  # noqa: F401 - registers toy-sd
+
+    assert main(["tiny", "toy-sd", str(tmp_path / "toy")]) == 0
+    assert main(["tiny", "sd", str(tmp_path / "sd")]) == 0
+    toy = (tmp_path / "toy" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert toy != (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()  # seed + 1
+    assert main(["tiny", "sdx", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no tiny layout 'sdx'" in err and "flux-schnell" in err and "toy-sd" in err
+
+
 def test_the_demo_detects_a_folders_family_from_what_each_backbone_claims(tmp_path):
     import json
 

@@ -67,7 +67,7 @@ def test_the_policy_step_reproduces_the_trajectory_and_training_raises_the_value
     vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))  # warm-up: value only
     vard.after_optimizer_step()
     batch = vard.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1))
-    trajectory, steps = batch["policy"]
+    trajectory, steps = batch.trajectory, batch.steps
     assert steps and all(bool((trajectory.stds[k] > 0).any()) for k in steps)
     # at the start the reparameterised step lands exactly on the stored next state, KL 0
     k = steps[0]
@@ -111,7 +111,7 @@ def test_the_value_error_on_new_trajectories_falls(tiny_models):
     errors = []
     for step in range(12):
         batch = vard.collect(["a red circle", "a blue square", "a green triangle"], torch.Generator().manual_seed(step))
-        errors.append(float(batch["metrics"]["value_error_new"]))
+        errors.append(float(batch.metrics["value_error_new"]))
     assert sum(errors[-3:]) / 3 < 0.5 * sum(errors[:3]) / 3
 
 
@@ -163,7 +163,8 @@ def test_encoder_value_inputs_are_the_encoder_on_the_references_clean_estimate(t
 
 def test_trained_fraction_keeps_policy_updates_to_the_early_steps(tiny_models):
     vard = _vard(tiny_models, trained_fraction=0.5, steps_per_update=4, value_warmup=0)
-    trajectory, steps = vard.collect(["a red circle"], torch.Generator().manual_seed(0))["policy"]
+    batch = vard.collect(["a red circle"], torch.Generator().manual_seed(0))
+    trajectory, steps = batch.trajectory, batch.steps
     stochastic = [k for k in range(trajectory.num_steps) if bool((trajectory.stds[k] > 0).any())]
     assert len(stochastic) == 4  # 4 DDIM eta-1 steps (the tiny model ends at alphas_cumprod[0] < 1)
     assert steps == stochastic[:2]  # round(0.5 * 4) = 2 eligible, both drawn
@@ -199,7 +200,7 @@ def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     for p in vard.learner.model.parameters():  # left by the value model's own training
         p.grad = None
-    metrics = assert_backward_loss_matches_loss(vard, batch, expected_parts=len(batch["policy"][1]))
+    metrics = assert_backward_loss_matches_loss(vard, batch, expected_parts=len(batch.steps))
     assert float(metrics["kl"]) > 0
     assert all(p.grad is None and p.requires_grad for p in vard.learner.model.parameters())
 

@@ -11,3 +11,9 @@ from genalign.pipelines.sd import StableDiffusionBackbone
 class ToyStableDiffusion(StableDiffusionBackbone):
     summary = "Stable Diffusion under a test name (a family added in one file)"
     detected_from_pipeline = False  # a StableDiffusionPipeline folder stays "sd" for --family auto
+
+    @classmethod
+    def tiny_layouts(cls):  # `genalign tiny toy-sd`: the tiny SD layout with another seed
+        from genalign.pipelines.tiny import tiny_sd_pipeline
+
+        return {"toy-sd": lambda prediction_type, seed: tiny_sd_pipeline(prediction_type, False, seed + 1)}

@@ -45,7 +45,7 @@ only). Works on any backbone with a training target (epsilon / v too), named for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -133,6 +133,27 @@ class ACFlowConfig:
                              self.replay_size, self.critic_width)
 
 
+class ActorTargets(NamedTuple):
+    """What the actor regresses on: noised states x_t at ``timesteps``, the conditional branch,
+    the flow-matching target, the reference model's prediction (None without the W2 term) and the
+    advantage weights."""
+
+    x_t: Tensor
+    timesteps: Tensor
+    cond: Conditioning
+    target: Tensor
+    reference: Tensor | None
+    weights: Tensor
+
+
+@dataclass
+class ACFlowBatch:
+    """The actor's targets (None while the critic warms up) and the collection's metrics."""
+
+    actor: ActorTargets | None
+    metrics: dict[str, Tensor]
+
+
 @register("ac_flow")
 class ACFlow(ValueMethod):
     summary = "AC-Flow (Fan et al. 2025): critic-weighted flow matching with a W2 regulariser"
@@ -160,7 +181,7 @@ class ACFlow(ValueMethod):
     # ---------------------------------------------------------------- the FineTuner contract
 
     @torch.no_grad()
-    def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
+    def collect(self, prompts: list[str], generator: torch.Generator) -> ACFlowBatch:
         c = self.config
         trajectory, rewards, shaped = self.scored_rollout(prompts, c.samples_per_prompt, c.shaping, generator)
         x1, cond = trajectory.final.float(), trajectory.cond
@@ -182,7 +203,7 @@ class ACFlow(ValueMethod):
                    "critic_loss": torch.tensor(critic_loss), "critic_error_new": torch.tensor(new_error),
                    "warmup": torch.tensor(float(self.warming_up))}
         if self.warming_up:
-            return {"actor": None, "metrics": metrics}
+            return ACFlowBatch(None, metrics)
 
         advantages = shaped_k - values
         weights = advantage_weights(advantages, c.weighting, c.beta, c.clip_range, c.relative)
@@ -194,13 +215,13 @@ class ACFlow(ValueMethod):
                 reference = self.backbone.predict(x_t.to(self.backbone.dtype), timesteps, cond_k).float()
         metrics.update({"advantage_mean": advantages.mean(), "advantage_std": advantages.std(unbiased=False),
                         "weight_max": weights.max()})
-        return {"actor": (x_t, timesteps, cond_k, target, reference, weights), "metrics": metrics}
+        return ACFlowBatch(ActorTargets(x_t, timesteps, cond_k, target, reference, weights), metrics)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        metrics = dict(batch["metrics"])
-        if batch["actor"] is None:
+    def loss(self, batch: ACFlowBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        metrics = dict(batch.metrics)
+        if batch.actor is None:
             return self.zero_loss(), metrics
-        x_t, timesteps, cond, target, reference, weights = batch["actor"]
+        x_t, timesteps, cond, target, reference, weights = batch.actor
         with self.backbone.training():
             prediction = self.backbone.predict(x_t.to(self.backbone.dtype), timesteps, cond).float()
         if reference is None:

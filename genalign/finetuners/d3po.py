@@ -174,6 +174,19 @@ def sample_pairs(backbone: Backbone, prompts: list[str], num_pairs: int, sample_
 
 
 @dataclass
+class D3POBatch:
+    """Pairs (a[i], b[i]) of rows of ``trajectory`` (ties dropped) with their preference (+1: a
+    preferred, -1: b), the denoising steps trained, and the collection's metrics."""
+
+    trajectory: Trajectory
+    a: Tensor
+    b: Tensor
+    preference: Tensor
+    steps: Tensor
+    metrics: dict[str, Tensor]
+
+
+@dataclass
 class D3POConfig:
     beta: float = field(0.1, help="DPO temperature on the per-step log-ratios (paper: 0.1)")
     clip_range: float = field(
@@ -270,7 +283,7 @@ class D3PO(LossInParts, BackboneMethod):
         preference = torch.tensor([self.labels[i] for i in ids])
         return trajectory, a, b, preference, {"pairs": torch.tensor(float(len(ids)))}
 
-    def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
+    def collect(self, prompts: list[str], generator: torch.Generator) -> D3POBatch:
         if self.labels:
             trajectory, a, b, preference, metrics = self._labelled(prompts)
         else:
@@ -287,8 +300,7 @@ class D3PO(LossInParts, BackboneMethod):
         trained = max(1, math.ceil(self.config.timestep_fraction * trajectory.num_steps))
         if trained < trajectory.num_steps:
             steps = torch.randperm(trajectory.num_steps, generator=generator)[:trained].sort().values
-        return {"trajectory": trajectory, "a": a[keep], "b": b[keep], "preference": preference[keep].to(self.backbone.device),
-                "steps": steps, "metrics": metrics}
+        return D3POBatch(trajectory, a[keep], b[keep], preference[keep].to(self.backbone.device), steps, metrics)
 
     # ---------------------------------------------------------------- loss
 
@@ -297,10 +309,10 @@ class D3PO(LossInParts, BackboneMethod):
                          trajectory.stds, trajectory.cond.select(rows), trajectory.eta, trajectory.guidance_scale)
         return log_probs_of(self.backbone, sub, [step])[:, 0]
 
-    def _loss_parts(self, batch: dict[str, Any], metrics: dict[str, Tensor]) -> Iterator[Tensor]:
+    def _loss_parts(self, batch: D3POBatch, metrics: dict[str, Tensor]) -> Iterator[Tensor]:
         """The per-step losses, each divided by the number of trained steps (LossInParts)."""
-        trajectory, a, b, preference = batch["trajectory"], batch["a"], batch["b"], batch["preference"]
-        metrics.update(batch["metrics"])
+        trajectory, a, b, preference = batch.trajectory, batch.a, batch.b, batch.preference
+        metrics.update(batch.metrics)
         if a.numel() == 0:
             yield self.zero_loss()
             return
@@ -309,7 +321,7 @@ class D3PO(LossInParts, BackboneMethod):
         ia = torch.tensor([position[int(i)] for i in a])
         ib = torch.tensor([position[int(i)] for i in b])
         log_ratio_preferred, log_ratio_other = 0.0, 0.0
-        steps = batch["steps"].tolist()
+        steps = batch.steps.tolist()
         for step in steps:
             with torch.no_grad(), self.backbone.reference():
                 ref = self._step_log_probs(trajectory, step, rows)

@@ -146,6 +146,15 @@ def concat_conditioning(cond: Conditioning, times: int = 2) -> Conditioning:
     return cond.select(index)
 
 
+@dataclass
+class DPOBatch:
+    """Preference pairs with the noise and timestep each pair shares (both images alike)."""
+
+    pairs: PairBatch
+    noise: Tensor  # (N, C, h, w)
+    timesteps: Tensor  # (N,)
+
+
 @register("diffusion_dpo")
 class DiffusionDPO(BackboneMethod):
     summary = "Diffusion-DPO (Wallace et al. 2023): DPO on preference pairs through the denoising loss"
@@ -229,12 +238,12 @@ class DiffusionDPO(BackboneMethod):
         cond = self.backbone.encode_prompts(captions, guidance=False)
         return dataclasses.replace(pairs, cond=cond, metrics=metrics)
 
-    def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
+    def collect(self, prompts: list[str], generator: torch.Generator) -> DPOBatch:
         pairs = self.drop_captions(self.pairs(prompts, generator), generator)
         n = len(pairs)
         noise = torch.randn(pairs.x0_w.shape, generator=generator).to(pairs.x0_w)
         timesteps = self.backbone.schedule.sample_training_timesteps(n, generator).to(self.backbone.device)
-        return {"pairs": pairs, "noise": noise, "timesteps": timesteps}
+        return DPOBatch(pairs, noise, timesteps)
 
     # ---------------------------------------------------------------- loss
 
@@ -255,11 +264,11 @@ class DiffusionDPO(BackboneMethod):
             model_err = per_sample_mse(self.backbone.predict(x_t, t, cond), target)
         return model_err, ref_err
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        pairs: PairBatch = batch["pairs"]
+    def loss(self, batch: DPOBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        pairs = batch.pairs
         if len(pairs) == 0:  # every pair was a tie
             return self.zero_loss(), dict(pairs.metrics)
-        model_err, ref_err = self.errors(pairs, batch["noise"], batch["timesteps"])
+        model_err, ref_err = self.errors(pairs, batch.noise, batch.timesteps)
         model_w, model_l = model_err.chunk(2)
         ref_w, ref_l = ref_err.chunk(2)
         weights = timestep_balance_weights(ref_w, ref_l) if self.config.timestep_weighting == "relative" else None

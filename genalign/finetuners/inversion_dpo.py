@@ -96,6 +96,17 @@ class InversionDPOConfig(DiffusionDPOConfig):
               "objective: official evaluates the policy at inversion_guidance, so policy_guidance does nothing; remove it")
 
 
+@dataclass
+class InversionBatch:
+    """Preference pairs with their inversions (None when every pair was a tie) and the inversion
+    steps trained."""
+
+    pairs: PairBatch
+    inversion_w: Inversion | None = None
+    inversion_l: Inversion | None = None
+    steps: Tensor | None = None
+
+
 @register("inversion_dpo")
 class InversionDPO(DiffusionDPO):
     summary = "Inversion-DPO (Li et al. 2025): Diffusion-DPO on DDIM-inverted latents of winner and loser"
@@ -149,11 +160,11 @@ class InversionDPO(DiffusionDPO):
         device = self.backbone.device
         return tuple(_to(_stack([r[k] for r in per_row]), device) for k in (0, 1))  # type: ignore[return-value]
 
-    def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
+    def collect(self, prompts: list[str], generator: torch.Generator) -> InversionBatch:  # type: ignore[override]
         pairs = self.pairs(prompts, generator)
         rows = [int(row) for row in prompts] if self.data is not None else None
         if len(pairs) == 0:
-            return {"pairs": pairs}
+            return InversionBatch(pairs)
         if rows is None and self.buffer_inversions is not None and self.buffer_inversions[0] is pairs:
             inversion_w, inversion_l = self.buffer_inversions[1]  # reused online pairs: inverted once
         else:
@@ -163,7 +174,7 @@ class InversionDPO(DiffusionDPO):
         steps = torch.arange(self.config.inversion_steps)
         if self.config.steps_per_update:
             steps = torch.randperm(self.config.inversion_steps, generator=generator)[: self.config.steps_per_update]
-        return {"pairs": pairs, "inversion_w": inversion_w, "inversion_l": inversion_l, "steps": steps.sort().values}
+        return InversionBatch(pairs, inversion_w, inversion_l, steps.sort().values)
 
     @property
     def policy_guidance(self) -> float:
@@ -187,11 +198,11 @@ class InversionDPO(DiffusionDPO):
         weights = self.step_weights(inversion_w.timesteps[steps])
         return inversion_deviation(torch.stack(predictions), torch.stack(references), weights)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        pairs: PairBatch = batch["pairs"]
-        if len(pairs) == 0:
+    def loss(self, batch: InversionBatch) -> tuple[Tensor, dict[str, Tensor]]:  # type: ignore[override]
+        pairs = batch.pairs
+        if len(pairs) == 0 or batch.inversion_w is None or batch.inversion_l is None or batch.steps is None:
             return self.zero_loss(), dict(pairs.metrics)
-        deviation = self.deviations(pairs, batch["inversion_w"], batch["inversion_l"], batch["steps"])
+        deviation = self.deviations(pairs, batch.inversion_w, batch.inversion_l, batch.steps)
         deviation_w, deviation_l = deviation.chunk(2)
         sign = 1.0 if self.config.objective == "official" else -1.0
         loss = inversion_dpo_loss(deviation_w, deviation_l, self.config.beta, sign)

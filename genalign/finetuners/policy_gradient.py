@@ -167,6 +167,15 @@ def trained_steps(stochastic: list[int], fraction: float, selection: str, genera
 # ------------------------------------------------------------------ the method
 
 
+@dataclass
+class PolicyGradientBatch:
+    """One minibatch of the current rollout: its rows, the denoising steps trained, the metrics."""
+
+    rows: Tensor  # (B,) row indices into the rollout
+    steps: list[int]
+    metrics: dict[str, Tensor]
+
+
 class PolicyGradientMethod(LossInParts, BackboneMethod):
     """Rollouts with per-step log-probs, per-prompt advantages, PPO-clip minibatch updates; a method
     supplies ``advantages`` (its normalisation) and may override ``kl_std`` and ``step_loss``."""
@@ -274,7 +283,7 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
             raise ConfigError(f"{self.name}: prompt {prompt!r} has no row in {self.config.prompt_metadata}")
         return self.metadata[prompt]
 
-    def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
+    def collect(self, prompts: list[str], generator: torch.Generator) -> PolicyGradientBatch:
         fresh = not self.pending
         if fresh:
             self._new_rollout(prompts, generator)
@@ -285,7 +294,7 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         metrics["reward_mean"] = rewards[rows].mean() if len(rows) else rewards.mean()
         if fresh:
             metrics.update(self._rollout_metrics)
-        return {"rows": rows, "steps": minibatch["steps"].tolist(), "metrics": metrics}
+        return PolicyGradientBatch(rows, minibatch["steps"].tolist(), metrics)
 
     # ---------------------------------------------------------------- loss
 
@@ -304,10 +313,10 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
                                              prev_sample=trajectory.latents[step + 1])
         return result.log_prob.float(), result.mean.float(), result.std.float()
 
-    def _loss_parts(self, batch: dict[str, Any], metrics: dict[str, Tensor]) -> Iterator[Tensor]:
+    def _loss_parts(self, batch: PolicyGradientBatch, metrics: dict[str, Tensor]) -> Iterator[Tensor]:
         """The per-step losses, each divided by the number of trained steps (LossInParts)."""
-        rows, steps = batch["rows"], batch["steps"]
-        metrics.update(batch["metrics"])
+        rows, steps = batch.rows, batch.steps
+        metrics.update(batch.metrics)
         if len(rows) == 0 or not steps:
             yield self.zero_loss()
             return

@@ -144,6 +144,16 @@ class VARDConfig:
                              self.replay_size, self.value_width)
 
 
+@dataclass
+class VARDBatch:
+    """The rollout and the stochastic steps the policy trains on (no trajectory while the value
+    model warms up), and the collection's metrics."""
+
+    trajectory: Trajectory | None
+    steps: list[int]
+    metrics: dict[str, Tensor]
+
+
 @register("vard")
 class VARD(LossInParts, ValueMethod):
     summary = "VARD (Dai et al. 2025): a value model of intermediate states gives dense reward gradients"
@@ -175,7 +185,7 @@ class VARD(LossInParts, ValueMethod):
     # ---------------------------------------------------------------- the FineTuner contract
 
     @torch.no_grad()
-    def collect(self, prompts: list[str], generator: torch.Generator) -> dict[str, Any]:
+    def collect(self, prompts: list[str], generator: torch.Generator) -> VARDBatch:
         c = self.config
         trajectory, rewards, returns = self.scored_rollout(prompts, c.samples_per_prompt, c.shaping, generator)
         states, timesteps = self._states(trajectory)
@@ -189,14 +199,14 @@ class VARD(LossInParts, ValueMethod):
         metrics = {"reward_mean": rewards.mean(), "value_loss": torch.tensor(value_train_loss),
                    "value_error_new": torch.tensor(new_error), "warmup": torch.tensor(float(self.warming_up))}
         if self.warming_up:
-            return {"policy": None, "metrics": metrics}
+            return VARDBatch(None, [], metrics)
         stochastic = [k for k in range(trajectory.num_steps) if bool((trajectory.stds[k] > 0).any())]
         if not stochastic:
             raise ConfigError("no stochastic step in the trajectory: raise sample.eta")
         stochastic = stochastic[: max(1, round(c.trained_fraction * len(stochastic)))]
         order = torch.randperm(len(stochastic), generator=generator)[: c.steps_per_update]
         steps = sorted(stochastic[i] for i in order.tolist())
-        return {"policy": (trajectory, steps), "metrics": metrics}
+        return VARDBatch(trajectory, steps, metrics)
 
     def _step_mean(self, trajectory: Trajectory, k: int, cond: Conditioning) -> Tensor:
         x = trajectory.latents[k]
@@ -205,14 +215,14 @@ class VARD(LossInParts, ValueMethod):
                                            prev_sample=trajectory.latents[k + 1])
         return step.mean.float()
 
-    def _loss_parts(self, batch: dict[str, Any], metrics: dict[str, Tensor]) -> Iterator[Tensor]:
+    def _loss_parts(self, batch: VARDBatch, metrics: dict[str, Tensor]) -> Iterator[Tensor]:
         """The per-step policy losses, each divided by the number of trained steps (LossInParts):
         with encoder value inputs each step's graph holds a VAE decode and a CLIP pass."""
-        metrics.update(batch["metrics"])
-        if batch["policy"] is None:
+        metrics.update(batch.metrics)
+        if batch.trajectory is None:
             yield self.zero_loss()
             return
-        trajectory, steps = batch["policy"]
+        trajectory, steps = batch.trajectory, batch.steps
         kls, values = [], []
         self.learner.model.requires_grad_(False)
         try:
