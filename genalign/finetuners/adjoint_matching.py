@@ -29,9 +29,11 @@ Per rollout (no gradient through the sampler, so memory is flat in the number of
    || (b_ft - b_base) / sigma + sigma a ||^2 = || (2 / sigma) (u_ft - u_base) + sigma a ||^2 for the
    memoryless flow SDE (:func:`adjoint_matching_loss`).
 
-Diffusion (epsilon / v) backbones use the same machinery on the DDPM step (DDIM eta = 1, the
-memoryless schedule of VP diffusion): drift = (step mean - x) / h and sigma = std / sqrt(h), with h
-the step's share of the training timesteps; for DDPM this is the paper's DDIM form of the loss.
+The SDE comes from the backbone's noise schedule (``NoiseSchedule.memoryless_sde``,
+``genalign.core.sde``): the flow SDE above for flow models; for diffusion (epsilon / v) backbones
+the DDPM step (DDIM eta = 1, the memoryless schedule of VP diffusion) read as drift = (step mean -
+x) / h and sigma = std / sqrt(h), with h the step's share of the training timesteps, the paper's
+DDIM form of the loss. The method itself never asks which family it trains.
 
 Paper choices kept: the timestep subset (all late steps, a random draw of early steps, App. G.2),
 per-sample loss clipping at c lambda^2 (App. G.3: c = 1.6 on the paper's summed norm; ours is on the
