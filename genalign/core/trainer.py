@@ -13,10 +13,8 @@ Under FSDP (``genalign.core.sharding``) the denoiser was sharded in place before
 built: its gradients arrive reduce-scattered, sample grids and exports run on every process, and
 checkpoints hold full tensors gathered from the shards (they resume with or without sharding).
 
-The parts: checkpoints in ``genalign.core.checkpoint``, the accelerator and cross-process checks in
-``genalign.core.accelerator``, gradient averaging and clipping in ``genalign.core.distributed``
-(shared with the value learners), stop signals in ``genalign.core.signals``, the prompt source in
-``genalign.core.data``.
+Its parts live beside it in ``genalign.core``: checkpoint, accelerator, distributed (gradient
+averaging and clipping, shared with the value learners), signals, data, optimization, metrics_log.
 """
 
 from __future__ import annotations
