@@ -142,3 +142,33 @@ def test_reno_cli_writes_images_noise_and_history(tiny_models, tmp_path):
     assert all(b >= i for b, i in zip(summary["reward_best"], summary["reward_initial"]))
     assert len(summary["history"][0]) == 2  # 2 evaluations: the start and one step
     assert (out / "images" / "0001.png").is_file() and (out / "noise.safetensors").is_file()
+
+
+def test_reno_through_the_rollout_is_the_sampler_bit_for_bit(monkeypatch):
+    """ReNO's images come from the one rollout; its noise gradients must be those of the sampler
+    called on the noise itself. On the shapes model with the CLIP reward a sliced view of the
+    noise (the rollout's chunking, even for one chunk) moved the third iteration's reward in its
+    sixth digit."""
+    from pathlib import Path
+
+    import genalign.finetuners.reno as module
+    from genalign.core.experiment import RewardConfig
+    from genalign.rewards import build_reward
+
+    root = Path(__file__).resolve().parent.parent / "models" / "shapes"
+    reward = build_reward([RewardConfig(name="clip", path=str(root / "clip"))], "cpu")
+    backbone = load_backbone(BackboneConfig(family="sd", path=str(root / "sd"), finetune="none"), "cpu")
+    config = RenoConfig(num_steps=2, guidance_scale=2.0, iterations=3)
+
+    def run():
+        return reno(backbone, reward, ["a red circle", "two blue squares"], config,
+                    torch.Generator().manual_seed(0)).history
+
+    through_rollout = run()
+
+    def direct(backbone, prompts, cond, noise, config):
+        trajectory = sample(backbone, cond, config.num_steps, config.guidance_scale, latents=noise, grad_last_k=-1)
+        return backbone.decode(trajectory.final).float().clamp(0, 1)
+
+    monkeypatch.setattr(module, "_generate", direct)
+    assert through_rollout == run()

@@ -106,8 +106,9 @@ def rollout(
     with torch.set_grad_enabled(torch.is_grad_enabled() and grad_last_k != 0):
         for start in range(0, len(repeated), chunk):
             rows = slice(start, start + chunk)
-            part = sample(backbone, cond if chunk >= len(repeated) else cond.select(rows), num_steps,
-                          guidance_scale, eta, latents=latents[rows], generator=generator, grad_last_k=grad_last_k,
+            whole = chunk >= len(repeated)  # unsliced: a view of the noise changes its gradient's rounding
+            part = sample(backbone, cond if whole else cond.select(rows), num_steps, guidance_scale, eta,
+                          latents=latents if whole else latents[rows], generator=generator, grad_last_k=grad_last_k,
                           progress=progress)
             parts.append(part)
             images.append(backbone.decode(part.final).float().clamp(0, 1))
