@@ -444,3 +444,21 @@ def test_online_pairs_are_reused_and_survive_a_resume(tiny_models):
     again = resumed.collect(["a blue square"], torch.Generator().manual_seed(1))
     assert again.pairs.prompts == ["a red circle"]  # the buffered pairs' second use
     torch.testing.assert_close(again.pairs.x0_w, first.pairs.x0_w)
+
+
+def test_inversion_dpo_step_weights_come_from_the_schedule(tiny_models):
+    """auto: 1 / (2 alphabar_t) on a diffusion schedule (alphabar read from diffusers' own
+    scheduler), uniform on a flow schedule, which has none; alpha on a flow model is refused."""
+    from diffusers import DDIMScheduler
+
+    sd_path = tiny_models("sd")
+    sd = load_backbone(BackboneConfig(family="sd", path=sd_path, finetune="lora"), "cpu")
+    dpo = InversionDPO(InversionDPOConfig(), sd, _BrightnessReward(), SampleConfig(num_steps=4))
+    alphas = DDIMScheduler.from_pretrained(sd_path, subfolder="scheduler").alphas_cumprod
+    t = torch.tensor([999, 500, 1])
+    torch.testing.assert_close(dpo.step_weights(t), (1 / (2 * alphas[t])).float())
+    flow = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="lora"), "cpu")
+    uniform = InversionDPO(InversionDPOConfig(), flow, _BrightnessReward(), SampleConfig(num_steps=4))
+    assert torch.equal(uniform.step_weights(torch.tensor([900.0, 10.0])), torch.ones(2))
+    with pytest.raises(ValueError, match="step_weighting alpha needs a diffusion"):
+        InversionDPO(InversionDPOConfig(step_weighting="alpha"), flow, _BrightnessReward(), SampleConfig(num_steps=4))

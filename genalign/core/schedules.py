@@ -37,6 +37,10 @@ class NoiseSchedule(Protocol):
     def step_length(self, timestep: Tensor, num_steps: int) -> Tensor:
         """The length of the reverse step from ``timestep`` in paper time, |t - t_next| / T (float64)."""
 
+    def alpha_prod(self, timestep: Tensor) -> Tensor | None:
+        """alphabar_t of a variance-preserving diffusion schedule at ``timestep``; None for a
+        schedule without one (flow)."""
+
     def memoryless_sde(self, num_steps: int, **options: Any) -> Any:
         """The memoryless SDE on this schedule's N-step grid (``genalign.core.sde``); ``options``
         are a flow SDE's (noise_schedule, constant_noise, time_offset, final_step)."""
@@ -275,6 +279,10 @@ class FlowSchedule:
         t = torch.as_tensor(timestep).double()
         t_next = torch.as_tensor(self.previous_timestep(timestep, num_steps)).double().to(t.device)
         return (t - t_next).abs() / self.num_train_timesteps
+
+    def alpha_prod(self, timestep: Tensor) -> None:
+        """A flow schedule has no alphabar."""
+        return None
 
     def memoryless_sde(self, num_steps: int, **options: Any) -> Any:
         """The marginal-preserving SDE of the velocity field (:class:`~genalign.core.sde.FlowSDE`)."""

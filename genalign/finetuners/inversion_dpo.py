@@ -119,17 +119,19 @@ class InversionDPO(DiffusionDPO):
         self.reference_version = 0  # bumped whenever a stable reference moves: cached inversions expire
         self.buffer_inversions: tuple[PairBatch, tuple[Inversion, Inversion]] | None = None
         weighting = config.step_weighting
+        has_alpha = backbone.schedule.alpha_prod(torch.zeros(1, dtype=torch.long)) is not None
         if weighting == "auto":
-            weighting = "alpha" if hasattr(backbone.schedule, "alpha_prod") else "uniform"
-        if weighting == "alpha" and not hasattr(backbone.schedule, "alpha_prod"):
+            weighting = "alpha" if has_alpha else "uniform"
+        if weighting == "alpha" and not has_alpha:
             raise ValueError("step_weighting alpha needs a diffusion (alphabar) schedule; use uniform for flow")
         self.weighting = weighting
 
     def step_weights(self, timesteps: Tensor) -> Tensor:
         if self.weighting == "uniform":
             return torch.ones(timesteps.shape[0], device=self.backbone.device)
-        alpha_prod = self.backbone.schedule.alpha_prod(timesteps.cpu()).float()  # type: ignore[attr-defined]
-        return (1.0 / (2.0 * alpha_prod)).to(self.backbone.device)
+        alpha_prod = self.backbone.schedule.alpha_prod(timesteps.cpu())
+        assert alpha_prod is not None  # checked when the method was built
+        return (1.0 / (2.0 * alpha_prod.float())).to(self.backbone.device)
 
     def _invert(self, latents: Tensor, cond: Any) -> Inversion:
         with torch.no_grad(), self.reference():
