@@ -35,7 +35,7 @@ def pooled(gains: dict[int, list[float]]) -> tuple[float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="a shapes config (SD backbone)")
+    p.add_argument("config", help="a shapes config (its backbone is evaluated with and without the LoRA)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="run.seed values")
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--per-task", type=int, default=100)
@@ -44,22 +44,30 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out or ROOT / "runs" / "seed-gains" / Path(args.config).stem)
     cli = [sys.executable, "-m", "genalign"]
+    import yaml
+
+    backbone = yaml.safe_load((ROOT / args.config).read_text())["backbone"]
+    model = ["--backbone", backbone["path"], "--family", backbone.get("family", "sd")]
     gains: dict[int, list[float]] = {}
     for seed in args.seeds:
         run = out / f"seed{seed}"
         overrides = [f"run.seed={seed}", f"run.output_dir={run}"]
         if args.steps is not None:
             overrides.append(f"run.steps={args.steps}")
-        start = time.perf_counter()
-        subprocess.run([*cli, "train", args.config, *overrides], check=True, cwd=ROOT)
-        minutes = (time.perf_counter() - start) / 60
         lora = run / "final" / "pytorch_lora_weights.safetensors"
+        timing = run / "train_minutes.txt"
+        if not (lora.is_file() and timing.is_file()):  # a finished run is reused (the bench resumes)
+            start = time.perf_counter()
+            subprocess.run([*cli, "train", args.config, *overrides], check=True, cwd=ROOT)
+            timing.write_text(f"{(time.perf_counter() - start) / 60:.2f}\n")
+        minutes = float(timing.read_text())
         gains[seed] = []
         for eval_seed in args.eval_seeds:
             where = run / f"eval-seed{eval_seed}"
-            subprocess.run([*cli, "eval", "shapes", "--backbone", "models/shapes/sd", "--lora", str(lora), "--with-base",
-                            "--per-task", str(args.per_task), "--seed", str(eval_seed), "--out", str(where)],
-                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            if not (where / "scores.json").is_file():
+                subprocess.run([*cli, "eval", "shapes", *model, "--lora", str(lora), "--with-base",
+                                "--per-task", str(args.per_task), "--seed", str(eval_seed), "--out", str(where)],
+                               check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             result = json.loads((where / "scores.json").read_text())
             gains[seed].append(result["gain"]["gain"])
             print(f"run.seed {seed} ({minutes:.1f} min), eval seed {eval_seed}: base {result['base']['gold']['overall']:.3f}, "
