@@ -403,3 +403,63 @@ def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     metrics = assert_backward_loss_matches_loss(ddpo, batch, expected_parts=len(batch.steps))
     assert ("kl" in metrics) == (beta > 0)
+
+
+# ------------------------------------------------------------------ the SDE window (Flow-GRPO-Fast, MixGRPO)
+
+
+def test_a_per_step_eta_puts_noise_on_those_steps_only(tiny_models):
+    """eta [0, 0.7, 0.7, 0]: steps 0 and 3 are the ODE's (the first lands where the deterministic
+    sampler lands from the same noise), steps 1 and 2 have noise; the stored log-probs are the
+    recomputed ones (log_probs_of reads each step's eta)."""
+    from genalign.core.rollout import rollout
+    from genalign.core.sampler import log_probs_of
+
+    backbone = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="none"), "cpu")
+    prompts = ["a red circle", "a blue square"]
+    windowed = rollout(backbone, prompts, 4, 1.0, [0.0, 0.7, 0.7, 0.0], generator=torch.Generator().manual_seed(0))
+    ode = rollout(backbone, prompts, 4, 1.0, 0.0, generator=torch.Generator().manual_seed(0))
+    assert windowed.stochastic_steps == [1, 2] and windowed.trajectory.eta == [0.0, 0.7, 0.7, 0.0]
+    torch.testing.assert_close(windowed.trajectory.latents[1], ode.trajectory.latents[1], rtol=0, atol=0)
+    assert not torch.equal(windowed.trajectory.latents[2], ode.trajectory.latents[2])
+    with torch.no_grad():
+        again = log_probs_of(backbone, windowed.trajectory, [0, 1, 2])
+    torch.testing.assert_close(again, windowed.trajectory.log_probs[:, :3], rtol=1e-4, atol=1e-4)
+    assert (windowed.trajectory.log_probs[:, 0] == 0).all() and (windowed.trajectory.log_probs[:, 1] != 0).all()
+    with pytest.raises(ValueError, match="3 per-step eta values for 4 steps"):
+        rollout(backbone, prompts, 4, 1.0, [0.0, 0.7, 0.0])
+
+
+def test_sde_window_positions_by_hand():
+    from genalign.finetuners.flow_grpo import sde_window
+
+    g = torch.Generator().manual_seed(0)
+    # Flow-GRPO-Fast's SD3.5 setting: 10 steps, window 3 within [0, 5): starts 0, 1 or 2
+    starts = {sde_window(10, 3, 0, 5, "random", 0, 25, g) for _ in range(60)}
+    assert starts == {0, 1, 2}
+    # MixGRPO's progressive window: one step on every 25 rollouts, wrapping after the last position
+    progressive = [sde_window(10, 4, 0, 0, "progressive", i, 25, g) for i in (0, 24, 25, 50, 149, 150)]
+    assert progressive == [0, 0, 1, 2, 5, 0]  # hi 0 -> 9: starts 0 .. 5
+    with pytest.raises(ConfigError, match="does not fit"):
+        sde_window(4, 3, 1, 3, "random", 0, 25, g)
+
+
+def test_flow_grpo_with_an_sde_window_trains_the_window_only(tiny_models):
+    """A 2-step window among the 3 steps that can have noise: the rollout's noise and the trained
+    steps are the window's, the first update's ratio is 1 (loss = -mean A), the progressive window
+    moves with the rollouts and its clock is saved with the method's state."""
+    config = FlowGRPOConfig(samples_per_prompt=3, minibatches=1, clip_range=0.2, beta=0.0, sde_window=2,
+                            sde_window_strategy="progressive", sde_window_shift_every=1)
+    grpo = _method(tiny_models, FlowGRPO, config, "sd3", 0.7)
+    first = grpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    assert first.steps == [0, 1] and grpo.rollout["eta"] == [0.7, 0.7, 0.0, 0.0]
+    assert float(first.metrics["first_stochastic_step"]) == 0.0
+    loss, metrics = grpo.loss(first)
+    advantages = grpo.rollout["advantages"][first.rows].clamp(-5, 5)
+    assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-4)
+    assert metrics["ratio"].item() == pytest.approx(1.0, abs=1e-5)
+    second = grpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(1))
+    assert second.steps == [1, 2] and grpo.rollout["eta"] == [0.0, 0.7, 0.7, 0.0]
+    assert grpo.state_dict()["rollouts_done"] == 2
+    with pytest.raises(ConfigError, match="longer than the 3 steps"):
+        _method(tiny_models, FlowGRPO, FlowGRPOConfig(sde_window=4), "sd3", 0.7)

@@ -70,7 +70,7 @@ def rollout(
     prompts: list[str],
     num_steps: int,
     guidance_scale: float = 1.0,
-    eta: float = 0.0,
+    eta: float | list[float] = 0.0,
     *,
     samples_per_prompt: int = 1,
     shared_noise: bool = False,

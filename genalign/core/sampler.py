@@ -29,7 +29,7 @@ def sample(
     cond: Conditioning,
     num_steps: int,
     guidance_scale: float = 1.0,
-    eta: float = 0.0,
+    eta: float | list[float] = 0.0,
     latents: Tensor | None = None,
     generator: torch.Generator | None = None,
     grad_last_k: int = 0,
@@ -43,11 +43,14 @@ def sample(
     grad_last_k: gradients flow through the last K steps (``-1``: all steps, 0: none). Earlier
         steps run under ``no_grad``. With ``checkpoint_steps`` each differentiable step is
         recomputed in backward (activation memory of one step instead of K).
-    The noise of stochastic steps (``eta > 0``) is drawn from ``generator``.
+    The noise of stochastic steps (``eta > 0``) is drawn from ``generator``; ``eta`` is one value
+    for every step or one per step (an SDE window: noise on some steps only).
     progress: show a progress bar over the steps.
     """
     if latents is None:
         latents = initial_noise(backbone, len(cond), generator, height, width)
+    if isinstance(eta, (list, tuple)) and len(eta) != num_steps:
+        raise ValueError(f"{len(eta)} per-step eta values for {num_steps} steps")
     timesteps = backbone.schedule.timesteps(num_steps)
     first_grad_step = 0 if grad_last_k < 0 else num_steps - grad_last_k
 
@@ -60,16 +63,17 @@ def sample(
         steps = tqdm(steps, total=num_steps, desc="sampling", leave=False)
     for i, t in steps:
         with_grad = i >= first_grad_step and torch.is_grad_enabled()
+        eta_i = float(eta[i]) if isinstance(eta, (list, tuple)) else eta
         noise = None
-        if eta > 0:
+        if eta_i > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
         with nullcontext() if with_grad else torch.no_grad():
             if with_grad and checkpoint_steps:
                 prev, log_prob, mean, std = checkpoint(
-                    _one_step, backbone, x, t, cond, num_steps, guidance_scale, eta, noise, use_reentrant=False
+                    _one_step, backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise, use_reentrant=False
                 )
             else:
-                prev, log_prob, mean, std = _one_step(backbone, x, t, cond, num_steps, guidance_scale, eta, noise)
+                prev, log_prob, mean, std = _one_step(backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise)
         xs.append(prev)
         log_probs.append(log_prob)
         means.append(mean)
@@ -82,7 +86,7 @@ def sample(
         means=torch.stack(means),
         stds=torch.stack(stds),
         cond=cond,
-        eta=eta,
+        eta=list(eta) if isinstance(eta, (list, tuple)) else eta,
         guidance_scale=guidance_scale,
     )
 
@@ -114,7 +118,7 @@ def log_probs_of(backbone: Backbone, trajectory: Trajectory, step_indices: Tenso
         t = trajectory.timesteps[i]
         model_output = backbone.predict(x, t, trajectory.cond, trajectory.guidance_scale)
         step = backbone.schedule.step(
-            x, model_output, t, trajectory.num_steps, trajectory.eta, prev_sample=trajectory.latents[i + 1]
+            x, model_output, t, trajectory.num_steps, trajectory.eta_at(i), prev_sample=trajectory.latents[i + 1]
         )
         out.append(step.log_prob)
     return torch.stack(out, dim=1)

@@ -66,6 +66,7 @@ class Trajectory:
     timesteps: (T,) model timesteps, noisiest first; step i goes latents[i] -> latents[i+1]
     log_probs: (B, T) log-density of each step's output (0 for deterministic steps)
     means:     (T, B, C, H, W) step means; stds: (T, B, C, H, W) or broadcastable
+    eta:       the stochasticity of every step, or one per step (an SDE window)
     """
 
     latents: Tensor
@@ -74,8 +75,12 @@ class Trajectory:
     means: Tensor
     stds: Tensor
     cond: Conditioning
-    eta: float
+    eta: float | list[float]
     guidance_scale: float
+
+    def eta_at(self, step: int) -> float:
+        """The stochasticity of step ``step``."""
+        return float(self.eta[step]) if isinstance(self.eta, (list, tuple)) else float(self.eta)
 
     @property
     def final(self) -> Tensor:

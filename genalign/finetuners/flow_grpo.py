@@ -114,10 +114,40 @@ class FlowGRPOConfig(PolicyGradientConfig):
         "sigma", help="KL denominator: sigma = 2 s_t^2 (the official code's; its beta values assume it); step = "
                       "2 s_t^2 |dt| (the KL between the Gaussian steps as the paper writes it, 1/|dt| times larger)")
     eval_num_steps: int = field(40, help="ODE steps of the sample grids (Denoising Reduction: rollouts use sample.num_steps)")
+    sde_window: int = field(
+        0, help="SDE window (Flow-GRPO-Fast, MixGRPO): only this many consecutive steps have noise and are trained, "
+                "the others are ODE steps (0: every step; Flow-GRPO-Fast SD3.5: 3)")
+    sde_window_range: list[int] = field(
+        default_factory=lambda: [0, 0],
+        help="[lo, hi]: the window lies within steps lo .. hi - 1 (hi 0: sample.num_steps - 1; Flow-GRPO-Fast: [0, 5])")
+    sde_window_strategy: Literal["random", "progressive"] = field(
+        "random", help="random: a start drawn per rollout (Flow-GRPO-Fast); progressive: the start moves one step "
+                       "every sde_window_shift_every rollouts and wraps around (MixGRPO's sliding window)")
+    sde_window_shift_every: int = field(25, help="progressive: rollouts per window position (MixGRPO: 25)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.eval_num_steps >= 1, f"eval_num_steps must be >= 1, got {self.eval_num_steps}")
+        check(self.sde_window >= 0, f"sde_window must be >= 0, got {self.sde_window}")
+        check(len(self.sde_window_range) == 2 and 0 <= self.sde_window_range[0]
+              and (self.sde_window_range[1] == 0 or self.sde_window_range[1] > self.sde_window_range[0]),
+              f"sde_window_range must be [lo, hi] with 0 <= lo < hi (hi 0: the last step), got {self.sde_window_range}")
+        check(self.sde_window_shift_every >= 1, f"sde_window_shift_every must be >= 1, got {self.sde_window_shift_every}")
+
+
+def sde_window(num_steps: int, size: int, lo: int, hi: int, strategy: str, rollout_index: int, shift_every: int,
+               generator: torch.Generator) -> int:
+    """The first step of the SDE window of a rollout: the window is steps start .. start + size - 1,
+    within lo .. hi - 1 (hi 0: num_steps - 1, the step into sigma = 0 being deterministic anyway).
+    random: start uniform in lo .. hi - size (drawn from ``generator``); progressive: lo + (rollout_index
+    // shift_every) mod (hi - size - lo + 1)."""
+    hi = hi or num_steps - 1
+    positions = hi - size - lo + 1
+    if positions < 1:
+        raise ConfigError(f"flow_grpo: an SDE window of {size} steps does not fit in steps {lo} .. {hi - 1}")
+    if strategy == "random":
+        return lo + int(torch.randint(positions, (1,), generator=generator))
+    return lo + (rollout_index // shift_every) % positions
 
 
 @register("flow_grpo")
@@ -132,11 +162,34 @@ class FlowGRPO(PolicyGradientMethod):
         if config.kl_variance == "sigma" and config.beta > 0 and backbone.parameterisation != "flow":
             raise ConfigError("flow_grpo: kl_variance=sigma (the default, the official code's KL) divides by the flow "
                               "SDE's s_t; on a diffusion backbone set method.kl_variance: step")
+        self.rollouts_done = 0  # the progressive SDE window's clock
+        self.window_start = -1
+        if config.sde_window and config.sde_window > sample_config.num_steps - 1:
+            raise ConfigError(f"flow_grpo: sde_window {config.sde_window} is longer than the {sample_config.num_steps - 1} "
+                              "steps that can have noise")
         if config.samples_per_prompt < 2:
             raise ConfigError("flow_grpo normalises within each prompt's group: set method.samples_per_prompt >= 2")
 
     def advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
         return group_advantages(rewards, prompts, self.config.global_std)
+
+    def rollout_eta(self, generator: torch.Generator) -> float | list[float]:
+        """With an SDE window: ``sample.eta`` on the window's steps, 0 (the ODE) elsewhere."""
+        c, s = self.config, self.sample_config
+        if not c.sde_window:
+            return super().rollout_eta(generator)
+        start = sde_window(s.num_steps, c.sde_window, c.sde_window_range[0], c.sde_window_range[1],
+                           c.sde_window_strategy, self.rollouts_done, c.sde_window_shift_every, generator)
+        self.rollouts_done += 1
+        self.window_start = start
+        return [float(s.eta) if start <= i < start + c.sde_window else 0.0 for i in range(s.num_steps)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rollouts_done": self.rollouts_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.rollouts_done = int(state.get("rollouts_done", 0))
 
     def kl_std(self, trajectory: Trajectory, step: int, step_std: Tensor) -> Tensor:
         if self.config.kl_variance == "step":

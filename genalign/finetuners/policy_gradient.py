@@ -236,7 +236,7 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         in chunks of ``sample_batch_size`` images: the trajectory (means and stds are not kept: the
         loss recomputes them), the images (B, 3, H, W) in [0, 1] and the steps that have noise."""
         s = self.sample_config
-        r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, s.eta,
+        r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, self.rollout_eta(generator),
                     samples_per_prompt=self.config.samples_per_prompt, shared_noise=self.config.same_initial_noise,
                     generator=generator, chunk_size=self.config.sample_batch_size)
         if not r.stochastic_steps:
@@ -245,6 +245,11 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         trajectory = replace(r.trajectory, log_probs=r.trajectory.log_probs.float().cpu(), means=empty, stds=empty)
         images, stochastic = r.images, r.stochastic_steps
         return trajectory, images, stochastic
+
+    def rollout_eta(self, generator: torch.Generator) -> float | list[float]:
+        """The stochasticity of a rollout's steps: ``sample.eta`` at every step (a method may put
+        noise on some steps only, e.g. Flow-GRPO's SDE window)."""
+        return float(self.sample_config.eta)
 
     @torch.no_grad()
     def _new_rollout(self, prompts: list[str], generator: torch.Generator) -> None:
@@ -263,7 +268,8 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         advantages = self.advantages(all_prompts, all_rewards)[mine].float().cpu()
         self.rollout = {"latents": trajectory.latents, "timesteps": trajectory.timesteps,
                         "log_probs": trajectory.log_probs, "advantages": advantages, "rewards": rewards,
-                        "prompts": repeated, "cond": trajectory.cond}
+                        "prompts": repeated, "cond": trajectory.cond,
+                        "eta": [trajectory.eta_at(i) for i in range(trajectory.num_steps)]}
         rows = torch.arange(len(repeated))
         if c.drop_zero_advantage:
             rows = rows[advantages != 0]
@@ -276,6 +282,7 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         self._rollout_metrics = {
             "reward_rollout": rewards.mean(), "reward_std": rewards.std(unbiased=False),
             "kept": torch.tensor(len(rows) / max(len(repeated), 1)),
+            "first_stochastic_step": torch.tensor(float(stochastic[0])),  # an SDE window's start
         }
 
     def _metadata_row(self, prompt: str) -> dict[str, Any]:
@@ -302,14 +309,15 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         r = self.rollout
         device_rows = rows.to(r["latents"].device)
         empty = torch.zeros(0)
+        eta = r.get("eta", self.sample_config.eta)  # older checkpoints' rollouts had one eta
         return Trajectory(r["latents"][:, device_rows], r["timesteps"], r["log_probs"][rows], empty, empty,
-                          r["cond"].select(rows), self.sample_config.eta, self.sample_config.guidance_scale)
+                          r["cond"].select(rows), eta, self.sample_config.guidance_scale)
 
     def _step(self, trajectory: Trajectory, step: int) -> tuple[Tensor, Tensor, Tensor]:
         """(log-prob (B,), mean, std) of the stored transition ``step`` under the current model."""
         x, t = trajectory.latents[step], trajectory.timesteps[step]
         output = self.backbone.predict(x, t, trajectory.cond, trajectory.guidance_scale)
-        result = self.backbone.schedule.step(x, output, t, trajectory.num_steps, trajectory.eta,
+        result = self.backbone.schedule.step(x, output, t, trajectory.num_steps, trajectory.eta_at(step),
                                              prev_sample=trajectory.latents[step + 1])
         return result.log_prob.float(), result.mean.float(), result.std.float()
 

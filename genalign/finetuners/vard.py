@@ -211,7 +211,7 @@ class VARD(LossInParts, ValueMethod):
     def _step_mean(self, trajectory: Trajectory, k: int, cond: Conditioning) -> Tensor:
         x = trajectory.latents[k]
         output = self.backbone.predict(x, trajectory.timesteps[k], cond, trajectory.guidance_scale)
-        step = self.backbone.schedule.step(x, output, trajectory.timesteps[k], trajectory.num_steps, trajectory.eta,
+        step = self.backbone.schedule.step(x, output, trajectory.timesteps[k], trajectory.num_steps, trajectory.eta_at(k),
                                            prev_sample=trajectory.latents[k + 1])
         return step.mean.float()
 
