@@ -114,3 +114,59 @@ def test_flow_noising_and_target():
     xs = sampling.flow_add_noise(x0, noise, torch.tensor([0.25, 1.0]))
     assert xs.flatten().tolist() == [0.75 * 2 - 0.25, -1.0]
     assert sampling.flow_target(x0, noise).flatten().tolist() == [-3.0, -3.0]
+
+
+# ------------------------------------------------------------------ CPS (coefficients-preserving sampling)
+
+
+def test_cps_step_by_hand():
+    """x = 1, v = 0.5, sigma 0.6 -> 0.3, noise level 0.5 (angle pi/4): x0_hat = 0.7, x1_hat = 1.2,
+    mean = 0.7 * 0.7 + 0.3 cos(pi/4) 1.2, std = 0.3 sin(pi/4); noise level 0 is the Euler step."""
+    x, v = torch.ones(1, 1), torch.full((1, 1), 0.5)
+    prev, log_prob, mean, std = sampling.flow_cps_step(x, v, 0.6, 0.3, 0.5, noise=torch.zeros(1, 1))
+    r = math.sqrt(0.5)
+    assert mean.item() == pytest.approx(0.49 + 0.3 * r * 1.2, abs=1e-6)
+    assert std.item() == pytest.approx(0.3 * r, abs=1e-6) and prev.item() == pytest.approx(mean.item())
+    # log N(mean; mean, std) = -log(std) - log(sqrt(2 pi))
+    assert log_prob.item() == pytest.approx(-math.log(0.3 * r) - 0.5 * math.log(2 * math.pi), abs=1e-5)
+    euler = sampling.flow_cps_step(x, v, 0.6, 0.3, 0.0)[0]
+    assert euler.item() == pytest.approx(1 + 0.5 * (0.3 - 0.6), abs=1e-6)
+    last = sampling.flow_cps_step(x, v, 0.3, 0.0, 0.8)  # into sigma = 0: deterministic, the clean estimate
+    assert last[3].abs().max().item() == 0 and last[0].item() == pytest.approx(1 - 0.3 * 0.5, abs=1e-6)
+
+
+def test_cps_keeps_the_marginals_coefficients():
+    """With the exact velocity (v = n - x0 at x = (1 - sigma) x0 + sigma n) a CPS sample is
+    (1 - sigma') x0 plus noise of std sigma' whatever the noise level (the plain flow SDE's sample
+    has more: the noisy images CPS removes)."""
+    g = torch.Generator().manual_seed(0)
+    x0, n = torch.randn(20000, 1, generator=g), torch.randn(20000, 1, generator=g)
+    sigma, sigma_next = 0.9, 0.6
+    x = (1 - sigma) * x0 + sigma * n
+    for level in (0.3, 0.8, 1.0):
+        prev = sampling.flow_cps_step(x, n - x0, sigma, sigma_next, level, generator=g)[0]
+        residual = prev - (1 - sigma_next) * x0
+        assert residual.std().item() == pytest.approx(sigma_next, rel=0.02)
+    sde = sampling.flow_sde_step(x, n - x0, sigma, sigma_next, 0.7, generator=g)[0]
+    assert (sde - (1 - sigma_next) * x0).std().item() > 1.05 * sigma_next
+
+
+def test_schedules_step_with_cps_and_refuse_it_where_it_does_not_apply(tiny_models):
+    """A CPS rollout's log-probs are recomputed by log_probs_of (its trajectory remembers the sde);
+    a diffusion schedule refuses cps."""
+    from genalign.core.experiment import BackboneConfig
+    from genalign.core.rollout import rollout
+    from genalign.core.sampler import log_probs_of
+    from genalign.pipelines import load_backbone
+
+    flow = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="none"), "cpu")
+    r = rollout(flow, ["a red circle"], 4, 1.0, 0.8, generator=torch.Generator().manual_seed(0), sde="cps")
+    assert r.trajectory.sde == "cps" and r.stochastic_steps == [0, 1, 2]
+    with torch.no_grad():
+        again = log_probs_of(flow, r.trajectory, [0, 1, 2])
+    torch.testing.assert_close(again, r.trajectory.log_probs[:, :3], rtol=1e-4, atol=1e-4)
+    plain = rollout(flow, ["a red circle"], 4, 1.0, 0.8, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(plain.images, r.images)
+    sd = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="none"), "cpu")
+    with pytest.raises(ValueError, match="flow-model sampler"):
+        rollout(sd, ["a red circle"], 2, 1.0, 1.0, sde="cps")

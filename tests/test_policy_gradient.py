@@ -463,3 +463,18 @@ def test_flow_grpo_with_an_sde_window_trains_the_window_only(tiny_models):
     assert grpo.state_dict()["rollouts_done"] == 2
     with pytest.raises(ConfigError, match="longer than the 3 steps"):
         _method(tiny_models, FlowGRPO, FlowGRPOConfig(sde_window=4), "sd3", 0.7)
+
+
+def test_flow_grpo_on_cps_rollouts(tiny_models):
+    """sample.sde: cps: the rollouts' log-probs are recomputed exactly at the first update (ratio 1);
+    the official code's sigma-scaled KL belongs to the plain SDE and is refused with CPS."""
+    path = tiny_models("sd3", "flow")
+    backbone = load_backbone(BackboneConfig(family="sd3", path=path, finetune="lora", lora_rank=4), "cpu")
+    sample = SampleConfig(num_steps=4, guidance_scale=2.0, eta=0.8, sde="cps")
+    config = FlowGRPOConfig(samples_per_prompt=3, minibatches=1, clip_range=0.2, beta=0.04, kl_variance="step")
+    grpo = FlowGRPO.build(SimpleNamespace(method=config, sample=sample), backbone, _BrightnessReward())
+    batch = grpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    assert batch.steps == [0, 1, 2]
+    assert grpo.loss(batch)[1]["ratio"].item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ConfigError, match="with sample.sde: cps"):
+        FlowGRPO.build(SimpleNamespace(method=FlowGRPOConfig(), sample=sample), backbone, _BrightnessReward())

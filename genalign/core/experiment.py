@@ -77,6 +77,9 @@ class SampleConfig:
     num_steps: int = field(20, help="denoising steps for rollouts and sample grids (turbo: 1-4)")
     guidance_scale: float = field(5.0, help="classifier-free guidance scale (1 = off)")
     eta: float = field(0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like; rollouts of RL methods use 1")
+    sde: Literal["default", "cps"] = field(
+        "default", help="flow models' stochastic step: default (Flow-GRPO's SDE, noise level eta) or cps "
+                        "(coefficients-preserving sampling, Wang and Yu 2025; flow_grpo's fast configs: eta 0.8)")
     negative_prompt: str = field("", help="negative prompt for classifier-free guidance")
     prompts: list[str] = field(default_factory=list, help="prompts of the periodic sample grids")
 

@@ -82,11 +82,13 @@ def rollout(
     chunk_size: int | None = None,
     grad_last_k: int = 0,
     progress: bool = False,
+    sde: str = "default",
 ) -> Rollout:
     """Sample ``samples_per_prompt`` images for each prompt (see the module docstring).
 
     seeds: one per prompt (shared noise) or one per image. negative_prompts: one per prompt.
     grad_last_k: gradients through the last K sampling steps and the decoder (``-1``: all; 0: none).
+    sde: the form of the stochastic steps (``default``; ``cps`` for flow models).
     """
     k = samples_per_prompt
     repeated = repeat_prompts(prompts, k)
@@ -109,7 +111,7 @@ def rollout(
             whole = chunk >= len(repeated)  # unsliced: a view of the noise changes its gradient's rounding
             part = sample(backbone, cond if whole else cond.select(rows), num_steps, guidance_scale, eta,
                           latents=latents if whole else latents[rows], generator=generator, grad_last_k=grad_last_k,
-                          progress=progress)
+                          progress=progress, sde=sde)
             parts.append(part)
             images.append(backbone.decode(part.final).float().clamp(0, 1))
     trajectory = parts[0] if len(parts) == 1 else _concatenate(parts, cond)
@@ -122,4 +124,5 @@ def _concatenate(parts: list[Trajectory], cond: Conditioning) -> Trajectory:
     empty = torch.zeros(0)
     first = parts[0]
     return Trajectory(torch.cat([p.latents for p in parts], dim=1), first.timesteps,
-                      torch.cat([p.log_probs for p in parts]), empty, empty, cond, first.eta, first.guidance_scale)
+                      torch.cat([p.log_probs for p in parts]), empty, empty, cond, first.eta, first.guidance_scale,
+                      first.sde)

@@ -37,6 +37,7 @@ def sample(
     height: int | None = None,
     width: int | None = None,
     progress: bool = False,
+    sde: str = "default",
 ) -> Trajectory:
     """Run ``num_steps`` reverse steps from ``latents`` (or fresh noise) and keep everything.
 
@@ -46,6 +47,7 @@ def sample(
     The noise of stochastic steps (``eta > 0``) is drawn from ``generator``; ``eta`` is one value
     for every step or one per step (an SDE window: noise on some steps only).
     progress: show a progress bar over the steps.
+    sde: the form of the stochastic steps (``default``, or ``cps`` for flow models).
     """
     if latents is None:
         latents = initial_noise(backbone, len(cond), generator, height, width)
@@ -70,10 +72,10 @@ def sample(
         with nullcontext() if with_grad else torch.no_grad():
             if with_grad and checkpoint_steps:
                 prev, log_prob, mean, std = checkpoint(
-                    _one_step, backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise, use_reentrant=False
+                    _one_step, backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise, sde, use_reentrant=False
                 )
             else:
-                prev, log_prob, mean, std = _one_step(backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise)
+                prev, log_prob, mean, std = _one_step(backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise, sde)
         xs.append(prev)
         log_probs.append(log_prob)
         means.append(mean)
@@ -88,6 +90,7 @@ def sample(
         cond=cond,
         eta=list(eta) if isinstance(eta, (list, tuple)) else eta,
         guidance_scale=guidance_scale,
+        sde=sde,
     )
 
 
@@ -100,10 +103,11 @@ def _one_step(
     guidance_scale: float,
     eta: float,
     noise: Tensor | None,
+    sde: str = "default",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     model_output = backbone.predict(x, t, cond, guidance_scale)
     # The noise is drawn outside so that a checkpointed recomputation sees the same draw.
-    step = backbone.schedule.step(x, model_output, t, num_steps, eta, noise=noise)
+    step = backbone.schedule.step(x, model_output, t, num_steps, eta, noise=noise, sde=sde)
     return step.prev_sample, step.log_prob, step.mean, step.std
 
 
@@ -118,7 +122,8 @@ def log_probs_of(backbone: Backbone, trajectory: Trajectory, step_indices: Tenso
         t = trajectory.timesteps[i]
         model_output = backbone.predict(x, t, trajectory.cond, trajectory.guidance_scale)
         step = backbone.schedule.step(
-            x, model_output, t, trajectory.num_steps, trajectory.eta_at(i), prev_sample=trajectory.latents[i + 1]
+            x, model_output, t, trajectory.num_steps, trajectory.eta_at(i), prev_sample=trajectory.latents[i + 1],
+            sde=trajectory.sde
         )
         out.append(step.log_prob)
     return torch.stack(out, dim=1)

@@ -302,6 +302,41 @@ def flow_sde_step(
     return _finish_step(mean, std, prev_sample, generator, noise)
 
 
+def flow_cps_step(
+    x: Tensor,
+    velocity: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    noise_level: float,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Coefficients-preserving sampling (Wang and Yu 2025, "Coefficients-Preserving Sampling for
+    Reinforcement Learning with Flow Matching"; flow_grpo's ``sde_type="cps"``): a stochastic step
+    whose sample keeps the marginal's coefficients, (1 - sigma_next) x0 + sigma_next noise, in
+    diffusers' convention (v = noise - x0):
+
+        x0_hat = x - sigma v,   x1_hat = x + (1 - sigma) v
+        std    = sigma_next sin(noise_level pi / 2)
+        mean   = (1 - sigma_next) x0_hat + sigma_next cos(noise_level pi / 2) x1_hat
+
+    so the deterministic part and the fresh noise together weigh sigma_next (no excess noise in the
+    sample at high noise levels). ``noise_level = 0`` is the Euler step exactly; the step into
+    sigma_next = 0 is deterministic. The log-prob is the step's Gaussian density averaged over
+    non-batch dims (the official code drops its constants and the 1 / (2 std^2), a different scale
+    of the same ratio's logarithm).
+    """
+    s_t = _as_batch_broadcast(sigma, x)
+    s_next = _as_batch_broadcast(sigma_next, x)
+    x0_hat = x - s_t * velocity
+    x1_hat = x + (1 - s_t) * velocity
+    angle = torch.tensor(noise_level * math.pi / 2, dtype=x.dtype)
+    mean = (1 - s_next) * x0_hat + s_next * torch.cos(angle) * x1_hat
+    std = s_next * torch.sin(angle)
+    return _finish_step(mean, std * torch.ones_like(s_t), prev_sample, generator, noise)
+
+
 def flow_inversion_step(x: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:
     """Run the ODE backwards from sigma_next up to sigma: x + (sigma - sigma_next) * v."""
     return flow_euler_step(x, velocity, sigma_next, sigma)

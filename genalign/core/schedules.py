@@ -55,11 +55,13 @@ class NoiseSchedule(Protocol):
         prev_sample: Tensor | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        sde: str = "default",
     ) -> StepResult:
         """One reverse step from ``timestep`` to the next timestep of an N-step run.
 
         The new sample is ``prev_sample`` if given, else mean + std * ``noise`` (or a draw from
         ``generator``); ``log_prob`` is the density of the sample as returned (in its dtype).
+        ``sde``: the form of a stochastic step (``cps``: a flow model's coefficients-preserving step).
         """
 
     def invert_step(self, x_prev: Tensor, model_output: Tensor, timestep: Tensor, num_steps: int) -> Tensor:
@@ -173,7 +175,10 @@ class DiffusionSchedule:
         prev_sample: Tensor | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        sde: str = "default",
     ) -> StepResult:
+        if sde != "default":
+            raise ValueError(f"sde {sde!r} is a flow-model sampler; a diffusion schedule steps with DDIM's eta")
         # The step math runs in fp32 whatever the latents' dtype: in bf16, alpha_prod = 0.99915
         # rounds to 1 and the step divides by zero. Results come back in the latents' dtype.
         x32 = x_t.float()
@@ -300,6 +305,7 @@ class FlowSchedule:
         prev_sample: Tensor | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        sde: str = "default",
     ) -> StepResult:
         sigma, sigma_next = self._sigma_pair(timestep, num_steps)
         if eta > 0 and num_steps == 1:
@@ -310,6 +316,12 @@ class FlowSchedule:
             eta = 0.0
         prev32 = None if prev_sample is None else prev_sample.float()
         noise32 = None if noise is None else noise.float()
+        if sde == "cps":
+            out = sampling.flow_cps_step(x_t.float(), model_output.float(), sigma.to(x_t.device),
+                                         sigma_next.to(x_t.device), eta, prev32, generator, noise32)
+            return _in_dtype(StepResult(*out), x_t.dtype, given=prev_sample)
+        if sde != "default":
+            raise ValueError(f"unknown flow sde {sde!r} (default or cps)")
         sigma_max = self.sigmas(num_steps)[1][1]
         out = sampling.flow_sde_step(
             x_t.float(), model_output.float(), sigma.to(x_t.device), sigma_next.to(x_t.device), eta, prev32,

@@ -67,6 +67,7 @@ class Trajectory:
     log_probs: (B, T) log-density of each step's output (0 for deterministic steps)
     means:     (T, B, C, H, W) step means; stds: (T, B, C, H, W) or broadcastable
     eta:       the stochasticity of every step, or one per step (an SDE window)
+    sde:       the form of its stochastic steps (``cps``: coefficients-preserving, flow models)
     """
 
     latents: Tensor
@@ -77,6 +78,7 @@ class Trajectory:
     cond: Conditioning
     eta: float | list[float]
     guidance_scale: float
+    sde: str = "default"
 
     def eta_at(self, step: int) -> float:
         """The stochasticity of step ``step``."""

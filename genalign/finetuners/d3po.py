@@ -83,7 +83,7 @@ def rollout(backbone: Backbone, prompts: list[str], samples_per_prompt: int, sam
     final images (B * k, 3, H, W) in [0, 1]."""
     s = sample_config
     r = core_rollout(backbone, prompts, s.num_steps, s.guidance_scale, s.eta, samples_per_prompt=samples_per_prompt,
-                     shared_noise=True, generator=generator)
+                     shared_noise=True, generator=generator, sde=s.sde)
     return r.trajectory, r.images
 
 
@@ -306,7 +306,8 @@ class D3PO(LossInParts, BackboneMethod):
 
     def _step_log_probs(self, trajectory: Trajectory, step: int, rows: Tensor) -> Tensor:
         sub = Trajectory(trajectory.latents[:, rows], trajectory.timesteps, trajectory.log_probs, trajectory.means,
-                         trajectory.stds, trajectory.cond.select(rows), trajectory.eta, trajectory.guidance_scale)
+                         trajectory.stds, trajectory.cond.select(rows), trajectory.eta, trajectory.guidance_scale,
+                         trajectory.sde)
         return log_probs_of(self.backbone, sub, [step])[:, 0]
 
     def _loss_parts(self, batch: D3POBatch, metrics: dict[str, Tensor]) -> Iterator[Tensor]:

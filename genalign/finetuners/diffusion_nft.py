@@ -166,7 +166,7 @@ class DiffusionNFT(LossInParts, BackboneMethod):
         c, s = self.config, self.sample_config
         with self.old.swapped():  # the old policy samples
             r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, s.eta, samples_per_prompt=c.samples_per_prompt,
-                        generator=generator, chunk_size=c.sample_batch_size or None)
+                        generator=generator, chunk_size=c.sample_batch_size or None, sde=s.sde)
         metadata = None
         if self.metadata:
             missing = [p for p in r.prompts if p not in self.metadata]

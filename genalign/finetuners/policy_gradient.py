@@ -238,7 +238,7 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         s = self.sample_config
         r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, self.rollout_eta(generator),
                     samples_per_prompt=self.config.samples_per_prompt, shared_noise=self.config.same_initial_noise,
-                    generator=generator, chunk_size=self.config.sample_batch_size)
+                    generator=generator, chunk_size=self.config.sample_batch_size, sde=s.sde)
         if not r.stochastic_steps:
             raise ConfigError(f"{self.name}: no stochastic step in the rollouts; raise sample.eta")
         empty = torch.zeros(0)
@@ -311,14 +311,14 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         empty = torch.zeros(0)
         eta = r.get("eta", self.sample_config.eta)  # older checkpoints' rollouts had one eta
         return Trajectory(r["latents"][:, device_rows], r["timesteps"], r["log_probs"][rows], empty, empty,
-                          r["cond"].select(rows), eta, self.sample_config.guidance_scale)
+                          r["cond"].select(rows), eta, self.sample_config.guidance_scale, self.sample_config.sde)
 
     def _step(self, trajectory: Trajectory, step: int) -> tuple[Tensor, Tensor, Tensor]:
         """(log-prob (B,), mean, std) of the stored transition ``step`` under the current model."""
         x, t = trajectory.latents[step], trajectory.timesteps[step]
         output = self.backbone.predict(x, t, trajectory.cond, trajectory.guidance_scale)
         result = self.backbone.schedule.step(x, output, t, trajectory.num_steps, trajectory.eta_at(step),
-                                             prev_sample=trajectory.latents[step + 1])
+                                             prev_sample=trajectory.latents[step + 1], sde=trajectory.sde)
         return result.log_prob.float(), result.mean.float(), result.std.float()
 
     def _loss_parts(self, batch: PolicyGradientBatch, metrics: dict[str, Tensor]) -> Iterator[Tensor]:

@@ -355,7 +355,7 @@ class ValueMethod(BackboneMethod):
         trajectory, raw rewards and shaped rewards."""
         s = self.sample_config
         r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, s.eta,
-                    samples_per_prompt=samples_per_prompt, generator=generator)
+                    samples_per_prompt=samples_per_prompt, generator=generator, sde=s.sde)
         trajectory, repeated = r.trajectory, r.prompts
         rewards = self.reward(r.images, repeated)[0].float()
         # the statistics of the whole data-parallel batch (as one process with all of it), this process's rows

@@ -212,7 +212,7 @@ class VARD(LossInParts, ValueMethod):
         x = trajectory.latents[k]
         output = self.backbone.predict(x, trajectory.timesteps[k], cond, trajectory.guidance_scale)
         step = self.backbone.schedule.step(x, output, trajectory.timesteps[k], trajectory.num_steps, trajectory.eta_at(k),
-                                           prev_sample=trajectory.latents[k + 1])
+                                           prev_sample=trajectory.latents[k + 1], sde=trajectory.sde)
         return step.mean.float()
 
     def _loss_parts(self, batch: VARDBatch, metrics: dict[str, Tensor]) -> Iterator[Tensor]:
