@@ -478,3 +478,43 @@ def test_flow_grpo_on_cps_rollouts(tiny_models):
     assert grpo.loss(batch)[1]["ratio"].item() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ConfigError, match="with sample.sde: cps"):
         FlowGRPO.build(SimpleNamespace(method=FlowGRPOConfig(), sample=sample), backbone, _BrightnessReward())
+
+
+# ------------------------------------------------------------------ GRPO-Guard
+
+
+def test_ratio_norm_by_hand():
+    """x' = mu_old + s eps with the true Gaussian log-probs averaged over dims: the normalised log r is
+    mean_d(eps * (mu_theta - mu_old)), and for mu_theta = mu_old it is exactly 0 (the plain one too)."""
+    from genalign.finetuners.flow_grpo import ratio_norm_log_ratio
+
+    g = torch.Generator().manual_seed(0)
+    s = 0.3
+    mu_old, eps = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    mu_theta = mu_old + 0.05 * torch.randn(4, 8, generator=g)
+    x = mu_old + s * eps
+
+    def log_p(mu):  # mean over dims of log N(x; mu, s^2)
+        return (-(x - mu) ** 2 / (2 * s**2) - math.log(s) - 0.5 * math.log(2 * math.pi)).mean(dim=1)
+
+    std = torch.full((4, 8), s)
+    got = ratio_norm_log_ratio(log_p(mu_theta), log_p(mu_old), mu_theta, mu_old, std)
+    torch.testing.assert_close(got, (eps * (mu_theta - mu_old)).mean(dim=1), rtol=1e-5, atol=1e-6)
+    assert ratio_norm_log_ratio(log_p(mu_old), log_p(mu_old), mu_old, mu_old, std).abs().max() == 0
+
+
+def test_flow_grpo_with_grpo_guard(tiny_models):
+    """ratio_norm: the rollout keeps its step means, the first update's normalised ratio is 1, and
+    each step's loss is weighted by 1 / its length (the first update's loss is -mean(A) times the mean
+    of those weights)."""
+    config = FlowGRPOConfig(samples_per_prompt=3, minibatches=1, clip_range=0.2, beta=0.0, ratio_norm=True)
+    grpo = _method(tiny_models, FlowGRPO, config, "sd3", 0.7)
+    batch = grpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    assert grpo.rollout["means"].shape[:2] == (4, 6)
+    loss, metrics = grpo.loss(batch)
+    assert metrics["ratio"].item() == pytest.approx(1.0, abs=1e-6)
+    sigmas = grpo.backbone.schedule.sigmas(4)[1]
+    weights = [1 / float(sigmas[k] - sigmas[k + 1]) for k in batch.steps]
+    advantages = grpo.rollout["advantages"][batch.rows].clamp(-5, 5)
+    assert loss.item() == pytest.approx(-advantages.mean().item() * sum(weights) / len(weights), rel=1e-4)
+    assert_backward_loss_matches_loss(grpo, batch, expected_parts=len(batch.steps))

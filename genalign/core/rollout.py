@@ -32,8 +32,9 @@ from genalign.core.types import Backbone, Conditioning, Trajectory
 @dataclass
 class Rollout:
     """prompts: the prompt of each image (repeated); images: (B, 3, H, W) float in [0, 1] on the
-    backbone's device; trajectory: the sampler's record (its ``means`` / ``stds`` are empty when the
-    rollout was chunked); stochastic_steps: the step indices whose transition has noise."""
+    backbone's device; trajectory: the sampler's record (a chunked rollout keeps its ``means`` /
+    ``stds`` when they are per image, as the built-in schedules' are); stochastic_steps: the step
+    indices whose transition has noise."""
 
     prompts: list[str]
     cond: Conditioning
@@ -120,9 +121,14 @@ def rollout(
 
 
 def _concatenate(parts: list[Trajectory], cond: Conditioning) -> Trajectory:
-    """One trajectory of the chunks' images (their step moments are dropped: see :class:`Rollout`)."""
-    empty = torch.zeros(0)
+    """One trajectory of the chunks' images; their step moments are kept where every chunk has them
+    per image ((T, B_chunk, ...)), else dropped (see :class:`Rollout`)."""
     first = parts[0]
+    per_image = all(p.means.ndim > 1 and p.stds.ndim > 1 and p.means.shape[1] == p.latents.shape[1] == p.stds.shape[1]
+                    for p in parts)
+    empty = torch.zeros(0)
+    means = torch.cat([p.means for p in parts], dim=1) if per_image else empty
+    stds = torch.cat([p.stds for p in parts], dim=1) if per_image else empty
     return Trajectory(torch.cat([p.latents for p in parts], dim=1), first.timesteps,
-                      torch.cat([p.log_probs for p in parts]), empty, empty, cond, first.eta, first.guidance_scale,
+                      torch.cat([p.log_probs for p in parts]), means, stds, cond, first.eta, first.guidance_scale,
                       first.sde)

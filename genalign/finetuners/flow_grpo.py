@@ -124,6 +124,9 @@ class FlowGRPOConfig(PolicyGradientConfig):
         "random", help="random: a start drawn per rollout (Flow-GRPO-Fast); progressive: the start moves one step "
                        "every sde_window_shift_every rollouts and wraps around (MixGRPO's sliding window)")
     sde_window_shift_every: int = field(25, help="progressive: rollouts per window position (MixGRPO: 25)")
+    ratio_norm: bool = field(
+        False, help="GRPO-Guard: normalise each step's log-ratio (its mean 0 and its scale the same at every step) "
+                    "and weight each step's loss by 1 / its length; the official configs then clip at 2e-6 - 4e-6")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,6 +136,21 @@ class FlowGRPOConfig(PolicyGradientConfig):
               and (self.sde_window_range[1] == 0 or self.sde_window_range[1] > self.sde_window_range[0]),
               f"sde_window_range must be [lo, hi] with 0 <= lo < hi (hi 0: the last step), got {self.sde_window_range}")
         check(self.sde_window_shift_every >= 1, f"sde_window_shift_every must be >= 1, got {self.sde_window_shift_every}")
+
+
+def ratio_norm_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor) -> Tensor:
+    """GRPO-Guard's RatioNorm (flow_grpo ``scripts/train_sd3_GRPO_Guard.py``, with the per-sample mean
+    over latent dims its author confirmed in flow_grpo issue #244): with s the step's std (its batch
+    mean) and log p averaged over latent dims,
+
+        log r = s (log p_theta - log p_old + mean_d (mu_theta - mu_old)^2 / (2 s^2))
+
+    which for x' = mu_old + s eps is mean_d(eps (mu_theta - mu_old)): zero-mean over the noise and of
+    the same scale at every step, where the plain log-ratio's mean is below 0 (its ratio's mean below
+    1, the implicit over-optimisation the paper names). (B,) from (B,) log-probs and (B, ...) means."""
+    s = std.float().mean()
+    delta_sq = (mean.float() - old_mean.float()).pow(2).mean(dim=tuple(range(1, mean.ndim)))
+    return s * (log_prob.float() - old_log_prob.float() + delta_sq / (2 * s**2))
 
 
 def sde_window(num_steps: int, size: int, lo: int, hi: int, strategy: str, rollout_index: int, shift_every: int,
@@ -176,6 +194,23 @@ class FlowGRPO(PolicyGradientMethod):
 
     def advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
         return group_advantages(rewards, prompts, self.config.global_std)
+
+    @property
+    def keeps_step_means(self) -> bool:  # type: ignore[override]
+        return self.config.ratio_norm
+
+    def log_ratio(self, trajectory: Trajectory, step: int, rows: Tensor, log_prob: Tensor, old_log_prob: Tensor,
+                  mean: Tensor, std: Tensor) -> Tensor:
+        if not self.config.ratio_norm:
+            return super().log_ratio(trajectory, step, rows, log_prob, old_log_prob, mean, std)
+        old_mean = self.rollout["means"][step][rows.to(self.rollout["means"].device)].to(mean.device)
+        return ratio_norm_log_ratio(log_prob, old_log_prob, mean, old_mean, std)
+
+    def step_weight(self, trajectory: Trajectory, step: int) -> float:
+        """GRPO-Guard's gradient reweighting: a step's loss over its length in paper time."""
+        if not self.config.ratio_norm:
+            return 1.0
+        return 1.0 / float(self.backbone.schedule.step_length(trajectory.timesteps[step], trajectory.num_steps))
 
     def rollout_eta(self, generator: torch.Generator) -> float | list[float]:
         """With an SDE window: ``sample.eta`` on the window's steps, 0 (the ODE) elsewhere."""

@@ -72,8 +72,15 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
     the official codes log ``clipfrac``) and ``approx_kl`` (0.5 (log r)^2, their estimator of the
     KL to the sampling policy).
     """
+    return ppo_clip_from_log_ratio(log_prob.float() - old_log_prob.detach().float(), advantages, clip_range,
+                                   adv_clip_max)
+
+
+def ppo_clip_from_log_ratio(log_ratio: Tensor, advantages: Tensor, clip_range: float = 1e-4,
+                            adv_clip_max: float = 5.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`ppo_clip_loss` given log r (B,) itself (e.g. GRPO-Guard's normalised one)."""
     advantages = advantages.float().clamp(-adv_clip_max, adv_clip_max)
-    log_ratio = log_prob.float() - old_log_prob.detach().float()
+    log_ratio = log_ratio.float()
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
@@ -152,6 +159,14 @@ def read_prompt_metadata(path: str | Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def zero_spread_share(prompts: list[str], rewards: Tensor) -> float:
+    """The share of prompts whose samples' rewards are all equal (a group with nothing to learn)."""
+    groups: dict[str, list[float]] = {}
+    for prompt, reward in zip(prompts, rewards.tolist()):
+        groups.setdefault(prompt, []).append(reward)
+    return sum(len(set(g)) == 1 for g in groups.values()) / max(len(groups), 1)
+
+
 def trained_steps(stochastic: list[int], fraction: float, selection: str, generator: torch.Generator) -> list[int]:
     """The steps a minibatch trains: ``ceil(fraction * len(stochastic))`` of the stochastic steps,
     the first ones or a random subset (in sampling order)."""
@@ -219,14 +234,25 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         """The standard deviation the KL divides by: the step's own (the true KL between the steps)."""
         return step_std
 
-    def step_loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Tensor | None
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One step's loss: the PPO-clip surrogate plus beta * mean KL when ``kl`` (B,) is given."""
+    def step_loss(self, log_ratio: Tensor, advantages: Tensor, kl: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step's loss: the PPO-clip surrogate on log r (B,) plus beta * mean KL when ``kl`` (B,) is given."""
         c = self.config
-        loss, stats = ppo_clip_loss(log_prob, old_log_prob, advantages, c.clip_range, c.adv_clip_max)
+        loss, stats = ppo_clip_from_log_ratio(log_ratio, advantages, c.clip_range, c.adv_clip_max)
         if kl is not None:
             loss = loss + c.beta * kl.mean()
         return loss, stats
+
+    # a method whose ratio needs the rollout's step means keeps them (GRPO-Guard)
+    keeps_step_means = False
+
+    def log_ratio(self, trajectory: Trajectory, step: int, rows: Tensor, log_prob: Tensor, old_log_prob: Tensor,
+                  mean: Tensor, std: Tensor) -> Tensor:
+        """log r (B,) of a trained step: log p_theta - log p_old (a method may normalise it)."""
+        return log_prob - old_log_prob.detach()
+
+    def step_weight(self, trajectory: Trajectory, step: int) -> float:
+        """The weight of a trained step's loss (1; GRPO-Guard: 1 / the step's length)."""
+        return 1.0
 
     # ---------------------------------------------------------------- rollouts
 
@@ -242,7 +268,10 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         if not r.stochastic_steps:
             raise ConfigError(f"{self.name}: no stochastic step in the rollouts; raise sample.eta")
         empty = torch.zeros(0)
-        trajectory = replace(r.trajectory, log_probs=r.trajectory.log_probs.float().cpu(), means=empty, stds=empty)
+        means = r.trajectory.means if self.keeps_step_means else empty
+        if self.keeps_step_means and means.numel() == 0:
+            raise ConfigError(f"{self.name}: this rollout's step means were not kept (per-image means are needed)")
+        trajectory = replace(r.trajectory, log_probs=r.trajectory.log_probs.float().cpu(), means=means, stds=empty)
         images, stochastic = r.images, r.stochastic_steps
         return trajectory, images, stochastic
 
@@ -270,6 +299,8 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
                         "log_probs": trajectory.log_probs, "advantages": advantages, "rewards": rewards,
                         "prompts": repeated, "cond": trajectory.cond,
                         "eta": [trajectory.eta_at(i) for i in range(trajectory.num_steps)]}
+        if self.keeps_step_means:
+            self.rollout["means"] = trajectory.means
         rows = torch.arange(len(repeated))
         if c.drop_zero_advantage:
             rows = rows[advantages != 0]
@@ -283,6 +314,7 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
             "reward_rollout": rewards.mean(), "reward_std": rewards.std(unbiased=False),
             "kept": torch.tensor(len(rows) / max(len(repeated), 1)),
             "first_stochastic_step": torch.tensor(float(stochastic[0])),  # an SDE window's start
+            "zero_spread_groups": torch.tensor(zero_spread_share(all_prompts, all_rewards)),
         }
 
     def _metadata_row(self, prompt: str) -> dict[str, Any]:
@@ -331,7 +363,7 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         trajectory = self._minibatch_trajectory(rows)
         advantages = self.rollout["advantages"][rows].to(self.backbone.device)
         old_log_probs = trajectory.log_probs.to(self.backbone.device)
-        logged: dict[str, list[Tensor]] = {"ratio": [], "clipfrac": [], "approx_kl": [], "kl": []}
+        logged: dict[str, list[Tensor]] = {"ratio": [], "ratio_std": [], "clipfrac": [], "approx_kl": [], "kl": []}
         for step in steps:
             reference_mean = None
             if self.config.beta > 0:
@@ -343,12 +375,16 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
             if reference_mean is not None:
                 kl = gaussian_step_kl(mean, reference_mean, self.kl_std(trajectory, step, std))
                 logged["kl"].append(kl.detach().mean())
-            loss, stats = self.step_loss(log_prob, old_log_probs[:, step], advantages, kl)
+            log_ratio = self.log_ratio(trajectory, step, rows, log_prob, old_log_probs[:, step], mean, std)
+            loss, stats = self.step_loss(log_ratio, advantages, kl)
             logged["ratio"].append(stats["ratio"].mean())
+            logged["ratio_std"].append(stats["ratio"].std(unbiased=False))  # the spread within a step
             logged["clipfrac"].append(stats["clipped"].mean())
             logged["approx_kl"].append(stats["approx_kl"].mean())
-            yield loss / len(steps)
+            yield loss * self.step_weight(trajectory, step) / len(steps)
         metrics.update({name: torch.stack(values).mean() for name, values in logged.items() if values})
+        step_means = torch.stack(logged["ratio"])  # the ratio's mean per trained step: its lowest and highest
+        metrics.update({"ratio_step_min": step_means.min(), "ratio_step_max": step_means.max()})
         metrics.update({"advantage_abs": advantages.abs().mean(), "steps_trained": torch.tensor(float(len(steps))),
                         "samples_trained": torch.tensor(float(len(rows)))})
 
