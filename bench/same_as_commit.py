@@ -49,6 +49,17 @@ def same_files(a: Path, b: Path, names: list[str]) -> bool:
     return True
 
 
+def same_metrics(a: Path, b: Path) -> tuple[bool, list[str]]:
+    """metrics.jsonl of both runs equal on the keys they share (and as many lines), and the keys only
+    the newer run logs."""
+    rows_a = [json.loads(line) for line in a.read_text().splitlines()]
+    rows_b = [json.loads(line) for line in b.read_text().splitlines()]
+    added = sorted({k for row in rows_b for k in row} - {k for row in rows_a for k in row})
+    same = len(rows_a) == len(rows_b) and all(
+        all(x[k] == y[k] for k in x if k in y) and set(x) <= set(y) for x, y in zip(rows_a, rows_b))
+    return same, added
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", help="the earlier commit")
@@ -67,15 +78,17 @@ def main() -> int:
     def report(name: str, same: bool) -> None:
         nonlocal differ
         differ += not same
-        print(f"{name:<18} {'identical' if same else 'DIFFERENT'}", flush=True)
+        print(f"{'identical' if same else 'DIFFERENT':<10} {name}", flush=True)
 
     for method in args.methods:
         for side, tree in trees.items():
             run_dir = out / f"{method}-{side}"
             run(tree, ["train", f"configs/shapes/{method}.yaml", "run.steps=2", f"run.output_dir={run_dir}",
                        "run.sample_every=0", "run.checkpoint_every=0"], out / f"{method}-{side}.log")
-        report(method, same_files(out / f"{method}-old", out / f"{method}-new",
-                                  ["final/pytorch_lora_weights.safetensors", "metrics.jsonl"]))
+        a, b = out / f"{method}-old", out / f"{method}-new"
+        same, added = same_metrics(a / "metrics.jsonl", b / "metrics.jsonl")
+        report(method + (f" (metrics added: {', '.join(added)})" if added else ""),
+               same and same_files(a, b, ["final/pytorch_lora_weights.safetensors"]))
     if args.no_tools:
         return int(differ > 0)
     lora = out / f"{args.methods[0]}-new" / "final" / "pytorch_lora_weights.safetensors"
