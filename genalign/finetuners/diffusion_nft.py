@@ -46,7 +46,7 @@ from genalign.core.types import Backbone, Conditioning, Reward
 from genalign.finetuners import register
 from genalign.finetuners.common import BackboneMethod, LossInParts, ShadowParameters
 from genalign.finetuners.flow_grpo import group_advantages
-from genalign.finetuners.policy_gradient import read_prompt_metadata
+from genalign.finetuners.policy_gradient import read_prompt_metadata, zero_spread_share
 
 # ------------------------------------------------------------------ the objective (pure functions)
 
@@ -164,9 +164,18 @@ class DiffusionNFT(LossInParts, BackboneMethod):
     @torch.no_grad()
     def collect(self, prompts: list[str], generator: torch.Generator) -> NFTBatch:
         c, s = self.config, self.sample_config
-        with self.old.swapped():  # the old policy samples
+        grid = self.backbone.schedule.timesteps(s.num_steps).to(self.backbone.device)
+        k = min(c.timesteps_per_sample, len(grid))
+        with self.old.swapped():  # the old policy samples and gives v_old at the training points
             r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, s.eta, samples_per_prompt=c.samples_per_prompt,
                         generator=generator, chunk_size=c.sample_batch_size or None, sde=s.sde)
+            x0 = r.trajectory.final.float()
+            picks = torch.stack([torch.randperm(len(grid), generator=generator)[:k] for _ in range(len(x0))], dim=1)
+            timesteps = grid[picks.to(grid.device)]  # (K, B)
+            noise = torch.randn((k, *x0.shape), generator=generator).to(x0)
+            cond = Conditioning(r.cond.positive, None, r.cond.prompts)  # the conditional model is trained
+            v_old = torch.stack([self.backbone.predict(self._noised(x0, noise[j], timesteps[j]), timesteps[j], cond).float()
+                                 for j in range(k)])
         metadata = None
         if self.metadata:
             missing = [p for p in r.prompts if p not in self.metadata]
@@ -180,21 +189,9 @@ class DiffusionNFT(LossInParts, BackboneMethod):
         all_prompts, all_rewards, mine = gather_batch(r.prompts, rewards)
         advantages = group_advantages(all_rewards, all_prompts, c.global_std)
         optimal = optimality(advantages[mine], c.adv_clip_max).to(self.backbone.device)
-        x0 = r.trajectory.final.float()
-        grid = self.backbone.schedule.timesteps(s.num_steps).to(self.backbone.device)
-        k = min(c.timesteps_per_sample, len(grid))
-        picks = torch.stack([torch.randperm(len(grid), generator=generator)[:k] for _ in range(len(x0))], dim=1)
-        timesteps = grid[picks.to(grid.device)]  # (K, B)
-        noise = torch.randn((k, *x0.shape), generator=generator).to(x0)
-        cond = Conditioning(r.cond.positive, None, r.cond.prompts)  # the conditional model is trained
-        with self.old.swapped():
-            v_old = torch.stack([self.backbone.predict(self._noised(x0, noise[j], timesteps[j]), timesteps[j], cond).float()
-                                 for j in range(k)])
-        groups = all_rewards.view(-1, c.samples_per_prompt) if len(all_rewards) % c.samples_per_prompt == 0 else None
         metrics = {"reward_mean": rewards.mean(), "reward_std": rewards.std(unbiased=False),
-                   "optimality_mean": optimal.mean().cpu()}
-        if groups is not None:
-            metrics["zero_spread_groups"] = (groups.std(dim=1) == 0).float().mean()
+                   "optimality_mean": optimal.mean().cpu(),
+                   "zero_spread_groups": torch.tensor(zero_spread_share(all_prompts, all_rewards))}
         return NFTBatch(x0, optimal, timesteps, noise, v_old, cond, metrics)
 
     def _noised(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
