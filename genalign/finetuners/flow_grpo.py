@@ -196,7 +196,7 @@ class FlowGRPO(PolicyGradientMethod):
         return group_advantages(rewards, prompts, self.config.global_std)
 
     @property
-    def keeps_step_means(self) -> bool:  # type: ignore[override]
+    def keeps_step_means(self) -> bool:
         return self.config.ratio_norm
 
     def log_ratio(self, trajectory: Trajectory, step: int, rows: Tensor, log_prob: Tensor, old_log_prob: Tensor,

@@ -242,8 +242,10 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
             loss = loss + c.beta * kl.mean()
         return loss, stats
 
-    # a method whose ratio needs the rollout's step means keeps them (GRPO-Guard)
-    keeps_step_means = False
+    @property
+    def keeps_step_means(self) -> bool:
+        """Whether rollouts keep their step means (a method whose ratio needs them: GRPO-Guard)."""
+        return False
 
     def log_ratio(self, trajectory: Trajectory, step: int, rows: Tensor, log_prob: Tensor, old_log_prob: Tensor,
                   mean: Tensor, std: Tensor) -> Tensor:
