@@ -40,6 +40,8 @@ def main() -> int:
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--per-task", type=int, default=100)
     p.add_argument("--steps", type=int, default=None, help="override run.steps (for a smoke run)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="evaluate at this guidance scale (default: genalign eval shapes' 2.0); results land in eval-seedN-gG/")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     out = Path(args.out or ROOT / "runs" / "seed-gains" / Path(args.config).stem)
@@ -63,10 +65,12 @@ def main() -> int:
         minutes = float(timing.read_text())
         gains[seed] = []
         for eval_seed in args.eval_seeds:
-            where = run / f"eval-seed{eval_seed}"
+            where = run / (f"eval-seed{eval_seed}" if args.guidance_scale is None
+                           else f"eval-seed{eval_seed}-g{args.guidance_scale:g}")
+            guidance = [] if args.guidance_scale is None else ["--guidance-scale", str(args.guidance_scale)]
             if not (where / "scores.json").is_file():
                 subprocess.run([*cli, "eval", "shapes", *model, "--lora", str(lora), "--with-base",
-                                "--per-task", str(args.per_task), "--seed", str(eval_seed), "--out", str(where)],
+                                "--per-task", str(args.per_task), "--seed", str(eval_seed), *guidance, "--out", str(where)],
                                check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             result = json.loads((where / "scores.json").read_text())
             gains[seed].append(result["gain"]["gain"])

@@ -127,8 +127,14 @@ def test_cps_step_by_hand():
     r = math.sqrt(0.5)
     assert mean.item() == pytest.approx(0.49 + 0.3 * r * 1.2, abs=1e-6)
     assert std.item() == pytest.approx(0.3 * r, abs=1e-6) and prev.item() == pytest.approx(mean.item())
-    # log N(mean; mean, std) = -log(std) - log(sqrt(2 pi))
-    assert log_prob.item() == pytest.approx(-math.log(0.3 * r) - 0.5 * math.log(2 * math.pi), abs=1e-5)
+    assert log_prob.item() == 0  # the official surrogate -(x - mean)^2 at the mean
+    # with noise 2: x - mean = 2 std; the surrogate is -(2 std)^2, the true density
+    # log N = -(2 std)^2 / (2 std^2) - log(std) - log(sqrt(2 pi)) = -2 - log(std) - log(sqrt(2 pi))
+    noisy = sampling.flow_cps_step(x, v, 0.6, 0.3, 0.5, noise=torch.full((1, 1), 2.0))
+    assert noisy[1].item() == pytest.approx(-(2 * 0.3 * r) ** 2, abs=1e-6)
+    true = sampling.flow_cps_step(x, v, 0.6, 0.3, 0.5, noise=torch.full((1, 1), 2.0), log_prob="gaussian")
+    assert true[1].item() == pytest.approx(-2 - math.log(0.3 * r) - 0.5 * math.log(2 * math.pi), abs=1e-5)
+    assert true[0].item() == noisy[0].item()
     euler = sampling.flow_cps_step(x, v, 0.6, 0.3, 0.0)[0]
     assert euler.item() == pytest.approx(1 + 0.5 * (0.3 - 0.6), abs=1e-6)
     last = sampling.flow_cps_step(x, v, 0.3, 0.0, 0.8)  # into sigma = 0: deterministic, the clean estimate
@@ -165,6 +171,14 @@ def test_schedules_step_with_cps_and_refuse_it_where_it_does_not_apply(tiny_mode
     with torch.no_grad():
         again = log_probs_of(flow, r.trajectory, [0, 1, 2])
     torch.testing.assert_close(again, r.trajectory.log_probs[:, :3], rtol=1e-4, atol=1e-4)
+    # cps_gaussian: the same images, the log-probs the true densities of the same steps
+    g = rollout(flow, ["a red circle"], 4, 1.0, 0.8, generator=torch.Generator().manual_seed(0), sde="cps_gaussian")
+    torch.testing.assert_close(g.images, r.images)
+    sigmas = flow.schedule.sigmas(4)[1]
+    for step in range(3):  # density = surrogate / (2 std^2) - log std - log sqrt(2 pi), std = sigma' sin(0.4 pi)
+        std = float(sigmas[step + 1]) * math.sin(0.8 * math.pi / 2)
+        by_hand = r.trajectory.log_probs[:, step] / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+        torch.testing.assert_close(g.trajectory.log_probs[:, step], by_hand, rtol=1e-4, atol=1e-4)
     plain = rollout(flow, ["a red circle"], 4, 1.0, 0.8, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(plain.images, r.images)
     sd = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="none"), "cpu")

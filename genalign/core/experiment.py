@@ -77,9 +77,11 @@ class SampleConfig:
     num_steps: int = field(20, help="denoising steps for rollouts and sample grids (turbo: 1-4)")
     guidance_scale: float = field(5.0, help="classifier-free guidance scale (1 = off)")
     eta: float = field(0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like; rollouts of RL methods use 1")
-    sde: Literal["default", "cps"] = field(
-        "default", help="flow models' stochastic step: default (Flow-GRPO's SDE, noise level eta) or cps "
-                        "(coefficients-preserving sampling, Wang and Yu 2025; flow_grpo's fast configs: eta 0.8)")
+    sde: Literal["default", "cps", "cps_gaussian"] = field(
+        "default", help="flow models' stochastic step: default (Flow-GRPO's SDE, noise level eta), cps "
+                        "(coefficients-preserving sampling, Wang and Yu 2025, with the official surrogate "
+                        "log-prob -||x - mean||^2; flow_grpo's fast configs: eta 0.8) or cps_gaussian (CPS "
+                        "with the step's true log-density: keep its stochastic steps away from the last sigmas)")
     negative_prompt: str = field("", help="negative prompt for classifier-free guidance")
     prompts: list[str] = field(default_factory=list, help="prompts of the periodic sample grids")
 

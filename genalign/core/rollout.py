@@ -89,7 +89,7 @@ def rollout(
 
     seeds: one per prompt (shared noise) or one per image. negative_prompts: one per prompt.
     grad_last_k: gradients through the last K sampling steps and the decoder (``-1``: all; 0: none).
-    sde: the form of the stochastic steps (``default``; ``cps`` for flow models).
+    sde: the form of the stochastic steps (``default``; ``cps`` or ``cps_gaussian`` for flow models).
     """
     k = samples_per_prompt
     repeated = repeat_prompts(prompts, k)

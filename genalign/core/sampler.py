@@ -47,7 +47,7 @@ def sample(
     The noise of stochastic steps (``eta > 0``) is drawn from ``generator``; ``eta`` is one value
     for every step or one per step (an SDE window: noise on some steps only).
     progress: show a progress bar over the steps.
-    sde: the form of the stochastic steps (``default``, or ``cps`` for flow models).
+    sde: the form of the stochastic steps (``default``, or ``cps`` / ``cps_gaussian`` for flow models).
     """
     if latents is None:
         latents = initial_noise(backbone, len(cond), generator, height, width)

@@ -311,6 +311,7 @@ def flow_cps_step(
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    log_prob: str = "surrogate",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Coefficients-preserving sampling (Wang and Yu 2025, "Coefficients-Preserving Sampling for
     Reinforcement Learning with Flow Matching"; flow_grpo's ``sde_type="cps"``): a stochastic step
@@ -323,9 +324,14 @@ def flow_cps_step(
 
     so the deterministic part and the fresh noise together weigh sigma_next (no excess noise in the
     sample at high noise levels). ``noise_level = 0`` is the Euler step exactly; the step into
-    sigma_next = 0 is deterministic. The log-prob is the step's Gaussian density averaged over
-    non-batch dims (the official code drops its constants and the 1 / (2 std^2), a different scale
-    of the same ratio's logarithm).
+    sigma_next = 0 is deterministic.
+
+    ``log_prob``: ``surrogate`` (default) is the official code's -||x_{t-1} - mean||^2, averaged over
+    non-batch dims: the Gaussian's exponent without its 1 / (2 std^2) and constants, so every step
+    weighs alike in the ratio (flow_grpo's CPS, Flow-Factory). ``gaussian`` is the step's true log-density;
+    its 1 / (2 std^2) makes a step into a small sigma_next dominate (diffusers' flow grids end at
+    sigma = 1 / 1000: the step into it has std ~1e-3 and its ratio leaves any clip range after one
+    update), so use it with an SDE window away from the last steps.
     """
     s_t = _as_batch_broadcast(sigma, x)
     s_next = _as_batch_broadcast(sigma_next, x)
@@ -334,7 +340,13 @@ def flow_cps_step(
     angle = torch.tensor(noise_level * math.pi / 2, dtype=x.dtype)
     mean = (1 - s_next) * x0_hat + s_next * torch.cos(angle) * x1_hat
     std = s_next * torch.sin(angle)
-    return _finish_step(mean, std * torch.ones_like(s_t), prev_sample, generator, noise)
+    prev_sample, density, mean, std = _finish_step(mean, std * torch.ones_like(s_t), prev_sample, generator, noise)
+    if log_prob == "gaussian":
+        return prev_sample, density, mean, std
+    if log_prob != "surrogate":
+        raise ValueError(f"unknown CPS log_prob {log_prob!r} (surrogate or gaussian)")
+    surrogate = -((prev_sample.detach() - mean) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+    return prev_sample, surrogate, mean, std
 
 
 def flow_inversion_step(x: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:

@@ -61,7 +61,8 @@ class NoiseSchedule(Protocol):
 
         The new sample is ``prev_sample`` if given, else mean + std * ``noise`` (or a draw from
         ``generator``); ``log_prob`` is the density of the sample as returned (in its dtype).
-        ``sde``: the form of a stochastic step (``cps``: a flow model's coefficients-preserving step).
+        ``sde``: the form of a stochastic step (``cps``: a flow model's coefficients-preserving step
+        with the official surrogate log-prob; ``cps_gaussian``: with its true density).
         """
 
     def invert_step(self, x_prev: Tensor, model_output: Tensor, timestep: Tensor, num_steps: int) -> Tensor:
@@ -316,12 +317,13 @@ class FlowSchedule:
             eta = 0.0
         prev32 = None if prev_sample is None else prev_sample.float()
         noise32 = None if noise is None else noise.float()
-        if sde == "cps":
+        if sde in ("cps", "cps_gaussian"):
             out = sampling.flow_cps_step(x_t.float(), model_output.float(), sigma.to(x_t.device),
-                                         sigma_next.to(x_t.device), eta, prev32, generator, noise32)
+                                         sigma_next.to(x_t.device), eta, prev32, generator, noise32,
+                                         log_prob="gaussian" if sde == "cps_gaussian" else "surrogate")
             return _in_dtype(StepResult(*out), x_t.dtype, given=prev_sample)
         if sde != "default":
-            raise ValueError(f"unknown flow sde {sde!r} (default or cps)")
+            raise ValueError(f"unknown flow sde {sde!r} (default, cps or cps_gaussian)")
         sigma_max = self.sigmas(num_steps)[1][1]
         out = sampling.flow_sde_step(
             x_t.float(), model_output.float(), sigma.to(x_t.device), sigma_next.to(x_t.device), eta, prev32,

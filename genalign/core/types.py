@@ -67,7 +67,7 @@ class Trajectory:
     log_probs: (B, T) log-density of each step's output (0 for deterministic steps)
     means:     (T, B, C, H, W) step means; stds: (T, B, C, H, W) or broadcastable
     eta:       the stochasticity of every step, or one per step (an SDE window)
-    sde:       the form of its stochastic steps (``cps``: coefficients-preserving, flow models)
+    sde:       the form of its stochastic steps (``cps``, ``cps_gaussian``: coefficients-preserving, flow models)
     """
 
     latents: Tensor

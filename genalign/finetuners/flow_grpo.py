@@ -180,7 +180,7 @@ class FlowGRPO(PolicyGradientMethod):
         if config.kl_variance == "sigma" and config.beta > 0 and backbone.parameterisation != "flow":
             raise ConfigError("flow_grpo: kl_variance=sigma (the default, the official code's KL) divides by the flow "
                               "SDE's s_t; on a diffusion backbone set method.kl_variance: step")
-        if sample_config.sde == "cps" and config.kl_variance == "sigma" and config.beta > 0:
+        if sample_config.sde != "default" and config.kl_variance == "sigma" and config.beta > 0:
             raise ConfigError("flow_grpo: kl_variance=sigma scales the KL by the plain flow SDE's s_t; with sample.sde: "
                               "cps set method.kl_variance: step (the KL between the CPS steps) or beta 0 (as the "
                               "official fast configs)")
