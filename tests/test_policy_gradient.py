@@ -435,11 +435,14 @@ def test_sde_window_positions_by_hand():
 
     g = torch.Generator().manual_seed(0)
     # Flow-GRPO-Fast's SD3.5 setting: 10 steps, window 3 within [0, 5): starts 0, 1 or 2
-    starts = {sde_window(10, 3, 0, 5, "random", 0, 25, g) for _ in range(60)}
-    assert starts == {0, 1, 2}
-    # MixGRPO's progressive window: one step on every 25 rollouts, wrapping after the last position
-    progressive = [sde_window(10, 4, 0, 0, "progressive", i, 25, g) for i in (0, 24, 25, 50, 149, 150)]
-    assert progressive == [0, 0, 1, 2, 5, 0]  # hi 0 -> 9: starts 0 .. 5
+    windows = {sde_window(10, 3, 0, 5, "random", 0, 25, g) for _ in range(60)}
+    assert windows == {(0, 3), (1, 4), (2, 5)}
+    # MixGRPO's progressive window (group 4, 25 iterations a group, overlap step 1, roll back):
+    # one step on every 25 rollouts; at the end of steps 0 .. 8 (hi 0 -> 9) it shrinks: [6, 9), [7, 9),
+    # [8, 9), then rolls back to [0, 4)
+    progressive = [sde_window(10, 4, 0, 0, "progressive", i, 25, g) for i in (0, 24, 25, 50, 149, 150, 175, 200, 225)]
+    assert progressive == [(0, 4), (0, 4), (1, 5), (2, 6), (5, 9), (6, 9), (7, 9), (8, 9), (0, 4)]
+    assert sde_window(25, 4, 0, 15, "progressive", 14 * 25, 25, g) == (14, 15)  # MixGRPO's FLUX grid: 25 steps, 15 trained
     with pytest.raises(ConfigError, match="does not fit"):
         sde_window(4, 3, 1, 3, "random", 0, 25, g)
 

@@ -122,7 +122,8 @@ class FlowGRPOConfig(PolicyGradientConfig):
         help="[lo, hi]: the window lies within steps lo .. hi - 1 (hi 0: sample.num_steps - 1; Flow-GRPO-Fast: [0, 5])")
     sde_window_strategy: Literal["random", "progressive"] = field(
         "random", help="random: a start drawn per rollout (Flow-GRPO-Fast); progressive: the start moves one step "
-                       "every sde_window_shift_every rollouts and wraps around (MixGRPO's sliding window)")
+                       "every sde_window_shift_every rollouts, the window shrinking at the range's end, then rolls "
+                       "back to the range's start (MixGRPO's sliding window)")
     sde_window_shift_every: int = field(25, help="progressive: rollouts per window position (MixGRPO: 25)")
     ratio_norm: bool = field(
         False, help="GRPO-Guard: normalise each step's log-ratio (its mean 0 and its scale the same at every step) "
@@ -154,18 +155,22 @@ def ratio_norm_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, o
 
 
 def sde_window(num_steps: int, size: int, lo: int, hi: int, strategy: str, rollout_index: int, shift_every: int,
-               generator: torch.Generator) -> int:
-    """The first step of the SDE window of a rollout: the window is steps start .. start + size - 1,
-    within lo .. hi - 1 (hi 0: num_steps - 1, the step into sigma = 0 being deterministic anyway).
-    random: start uniform in lo .. hi - size (drawn from ``generator``); progressive: lo + (rollout_index
-    // shift_every) mod (hi - size - lo + 1)."""
+               generator: torch.Generator) -> tuple[int, int]:
+    """The SDE window of a rollout, steps ``start .. end - 1``, within lo .. hi - 1 (hi 0: num_steps - 1,
+    the step into sigma = 0 being deterministic anyway).
+
+    random (Flow-GRPO-Fast): start uniform in lo .. hi - size (drawn from ``generator``), the window whole.
+    progressive (MixGRPO's sliding window with ``prog_overlap_step`` 1 and ``roll_back``): start =
+    lo + (rollout_index // shift_every) mod (hi - lo), end = min(start + size, hi), so the last
+    positions' windows shrink to the range's end before the window rolls back to lo."""
     hi = hi or num_steps - 1
-    positions = hi - size - lo + 1
-    if positions < 1:
+    if hi - size - lo + 1 < 1:
         raise ConfigError(f"flow_grpo: an SDE window of {size} steps does not fit in steps {lo} .. {hi - 1}")
     if strategy == "random":
-        return lo + int(torch.randint(positions, (1,), generator=generator))
-    return lo + (rollout_index // shift_every) % positions
+        start = lo + int(torch.randint(hi - size - lo + 1, (1,), generator=generator))
+        return start, start + size
+    start = lo + (rollout_index // shift_every) % (hi - lo)
+    return start, min(start + size, hi)
 
 
 @register("flow_grpo")
@@ -217,11 +222,11 @@ class FlowGRPO(PolicyGradientMethod):
         c, s = self.config, self.sample_config
         if not c.sde_window:
             return super().rollout_eta(generator)
-        start = sde_window(s.num_steps, c.sde_window, c.sde_window_range[0], c.sde_window_range[1],
-                           c.sde_window_strategy, self.rollouts_done, c.sde_window_shift_every, generator)
+        start, end = sde_window(s.num_steps, c.sde_window, c.sde_window_range[0], c.sde_window_range[1],
+                                c.sde_window_strategy, self.rollouts_done, c.sde_window_shift_every, generator)
         self.rollouts_done += 1
         self.window_start = start
-        return [float(s.eta) if start <= i < start + c.sde_window else 0.0 for i in range(s.num_steps)]
+        return [float(s.eta) if start <= i < end else 0.0 for i in range(s.num_steps)]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rollouts_done": self.rollouts_done}
