@@ -31,24 +31,11 @@ from pathlib import Path
 
 import yaml
 
+from genalign.shapes.leaderboard import queries_per_step
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY = {"sd": "models/shapes/sd", "sd3": "models/shapes/sd3"}
 METHODS = ("diffusion_dpo", "inversion_dpo", "d3po", "ddpo", "vard", "adjoint_matching", "flow_grpo", "ac_flow")
-
-
-def queries_per_step(config: dict) -> float:
-    """Images the training reward scores per optimizer step, from the config's batch shape."""
-    method, run = config["method"], config["run"]
-    prompts = run.get("batch_size", 1) * run.get("grad_accum", 1)
-    samples = method.get("samples_per_prompt", 1)
-    name = method["name"]
-    if name in ("ddpo", "flow_grpo"):  # one rollout serves minibatches x inner_epochs steps
-        return prompts * samples / (method.get("minibatches", 1) * method.get("inner_epochs", 1))
-    if name in ("diffusion_dpo", "inversion_dpo"):
-        return prompts * samples / method.get("pairs_reuse", 1)
-    if name == "adjoint_matching":
-        return prompts  # one reward gradient per sample
-    return prompts * samples
 
 
 def run(command: list[str], log: Path) -> None:

@@ -434,3 +434,7 @@ class DiffusersBackbone:
             raise WeightsNotFoundError(f"LoRA weights not found: {path}")
         self.pipe.load_lora_weights(str(path))
         self.pipe.to(self.device)
+
+    def unload_lora(self) -> None:
+        """Remove what :meth:`load_lora` loaded: the pipeline samples as the base again."""
+        self.pipe.unload_lora_weights()

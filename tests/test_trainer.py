@@ -257,3 +257,24 @@ def test_max_minutes_stops_the_run_early_with_its_final_checkpoint(tmp_path, mon
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == result.steps_done
     with pytest.raises(ConfigError, match="max_minutes must be >= 0"):
         _run(tmp_path, max_minutes=-1.0)
+
+
+def test_export_every_writes_the_run_stopped_there(tmp_path):
+    """run.export_every: exports/step-N/ holds the weights after N steps with export.json; with a
+    constant learning rate they are a run of N steps' final weights exactly (a learning curve from
+    one run); the last step's export is final/ only."""
+    from safetensors.torch import load_file
+
+    Trainer(_toy(), _run(tmp_path / "long", steps=6, export_every=2, checkpoint_every=0)).train()
+    Trainer(_toy(), _run(tmp_path / "short", steps=4, checkpoint_every=0)).train()
+    exports = sorted(p.name for p in (tmp_path / "long" / "exports").iterdir())
+    assert exports == ["step-000002", "step-000004"]
+    at_4 = load_file(str(tmp_path / "long" / "exports" / "step-000004" / "model.safetensors"))["weight"]
+    assert torch.equal(at_4, load_file(str(tmp_path / "short" / "final" / "model.safetensors"))["weight"])
+    final = load_file(str(tmp_path / "long" / "final" / "model.safetensors"))["weight"]
+    assert not torch.equal(at_4, final)
+    meta = json.loads((tmp_path / "long" / "exports" / "step-000002" / "export.json").read_text())
+    assert meta["step"] == 2 and meta["train_seconds"] >= 0
+    assert json.loads((tmp_path / "long" / "final" / "export.json").read_text())["step"] == 6
+    with pytest.raises(ConfigError, match="export_every must be >= 0"):
+        _run(tmp_path, export_every=-1)

@@ -118,6 +118,9 @@ class RunConfig:
     sample_every: int = field(0, help="write a sample grid every N steps (0: only at the end)")
     checkpoint_every: int = field(50, help="save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = field(3, help="how many most recent checkpoints to keep")
+    export_every: int = field(
+        0, help="also export the weights every N steps to exports/step-N/ (learning curves; with a constant "
+                "learning rate each is the run stopped there); 0: only final/")
     nan_tolerance: int = field(0, help="non-finite steps in a row that are skipped before the run stops")
     max_minutes: float = field(
         0.0, help="stop after this many minutes of training in this launch, saving and exporting as at the end "
@@ -132,7 +135,7 @@ class RunConfig:
         check(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         check(self.nan_tolerance >= 0, f"nan_tolerance must be >= 0, got {self.nan_tolerance}")
-        for name in ("log_every", "sample_every", "checkpoint_every", "warmup_steps", "max_minutes"):
+        for name in ("log_every", "sample_every", "checkpoint_every", "export_every", "warmup_steps", "max_minutes"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
     def load_prompts(self) -> list[str]:

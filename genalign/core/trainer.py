@@ -19,6 +19,7 @@ averaging and clipping, shared with the value learners), signals, data, optimiza
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -242,7 +243,8 @@ class Trainer:
         acc, run = self.accelerator, self.run
         self._start(resume)
         history: list[dict[str, float]] = []
-        deadline = time.monotonic() + 60 * run.max_minutes if run.max_minutes else None
+        self.launched = time.monotonic()
+        deadline = self.launched + 60 * run.max_minutes if run.max_minutes else None
         bar = tqdm(total=run.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
         with bar, self.stop_signals:
             while self.step < run.steps:
@@ -262,6 +264,8 @@ class Trainer:
                     self.write_samples(f"step-{self.step:06d}")
                 if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step < run.steps:
                     self.save_checkpoint()
+                if run.export_every and self.step % run.export_every == 0 and self.step < run.steps:
+                    self.export(self.output_dir / "exports" / f"step-{self.step:06d}")
                 if any_process(acc, self.stop_signals.received is not None) and self.step < run.steps:
                     self._stop()
         self._finish()
@@ -289,11 +293,21 @@ class Trainer:
         acc = self.accelerator
         self.save_checkpoint()
         self.write_samples("final")
-        if acc.is_main_process or self.sharded:  # sharded: all gather, main writes
-            with averaged_weights(self.ema, self.params):  # the EMA's weights when kept
-                self.finetuner.export(self.output_dir / "final")
+        self.export(self.output_dir / "final")
         if self.run.tracker != "none":
             acc.end_training()
+
+    def export(self, folder: Path) -> None:
+        """The weights in the backbone's own format (the EMA's when kept), with ``export.json``: the
+        step and the seconds of training since this launch began (``run.export_every``'s learning curves)."""
+        acc = self.accelerator
+        if acc.is_main_process or self.sharded:  # sharded: all gather, main writes
+            with averaged_weights(self.ema, self.params):
+                self.finetuner.export(folder)
+        if acc.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            seconds = time.monotonic() - getattr(self, "launched", time.monotonic())
+            (folder / "export.json").write_text(json.dumps({"step": self.step, "train_seconds": round(seconds, 2)}) + "\n")
 
 
 __all__ = ["CheckpointWriteError", "DataSource", "NonFiniteError", "PromptSource", "TrainResult", "Trainer", "TrainingInterrupted",

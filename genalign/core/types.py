@@ -151,6 +151,9 @@ class Backbone(Protocol):
     def load_lora(self, path: str | Path) -> None:
         """Load LoRA weights (a diffusers-format file or folder) into the denoiser."""
 
+    def unload_lora(self) -> None:
+        """Remove the LoRA :meth:`load_lora` loaded (the base samples again)."""
+
     def export(self, directory: str | Path) -> Path:
         """Write what was trained (the LoRA, or the denoiser under full fine-tuning); returns its path."""
 

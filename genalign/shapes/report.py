@@ -38,13 +38,14 @@ def evaluate_models(backbone: Backbone, lora: str | None = None, with_base: bool
             spread[label] = diversity(backbone, 5, diversity_k, steps, guidance_scale, seed)
     label, scores, images = models[-1]
     result: dict[str, Any] = {"gold": scores, "lora": lora, "per_task": per_task, "steps": steps,
-                              "guidance_scale": guidance_scale, "seed": seed}
+                              "guidance_scale": guidance_scale, "seed": seed,
+                              "verdicts": verdicts[-1], "tags": [meta["tag"] for meta in metas]}
     if clip:
         result["proxy_reward"] = proxy_reward(clip, images, metas)
     if diversity_k:
         result["diversity"] = spread[label]
     if with_base:
-        result["base"] = {"gold": models[0][1]}
+        result["base"] = {"gold": models[0][1], "verdicts": verdicts[0]}
         result["gain"] = paired_gain(verdicts[0], verdicts[1], [meta["tag"] for meta in metas])
         if clip:
             result["base"]["proxy_reward"] = proxy_reward(clip, models[0][2], metas)

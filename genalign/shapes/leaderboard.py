@@ -1,0 +1,440 @@
+"""The shapes leaderboard: which method works, by how much, at what cost.
+
+Every given shapes config (default: each ``configs/shapes/*.yaml``) is trained under several
+training seeds to the largest reward-query budget, exporting its weights at every budget's step
+(``run.export_every``: with a constant learning rate each export is the run stopped there, so one
+run gives the whole learning curve). Each export is scored by the exact evaluator on held-out
+prompts at several evaluation seeds and paired, image by image, with the base model's verdicts on
+the same prompts and seeds (``genalign.shapes.scoring.paired_gain``). A run's gain at a budget is
+the mean over evaluation seeds; a method's gain is the mean over training seeds with the standard
+error over them (it holds the training noise and the evaluation's). Budgets are equal in reward
+queries (images the training reward scored, from the config's batch shape) and, separately, in
+training minutes (the last export within the minutes).
+
+Everything is cached under ``out``: a run with its ``final/export.json`` is finished and reused (an
+unfinished one is trained again from the start, so its minutes are one launch's); each evaluation
+(the base's per family and evaluation seed, each export's) is a JSON file with its per-image
+verdicts. Stop it any time and run it again: it goes on where it stopped.
+
+    .venv/bin/python bench/leaderboard.py                       # every shapes config, 3 seeds, 800 and 3,200 queries
+    .venv/bin/python bench/leaderboard.py --configs configs/shapes/flow_grpo.yaml --seeds 0 --budgets 80 160 --per-task 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genalign.shapes.world import TASKS
+
+MARK_BEGIN = "<!-- leaderboard: begin (written by bench/leaderboard.py; edits here are overwritten) -->"
+MARK_END = "<!-- leaderboard: end -->"
+
+
+@dataclass
+class Settings:
+    configs: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    budgets: list[int] = field(default_factory=lambda: [800, 3200])
+    minutes: list[float] = field(default_factory=list)
+    per_task: int = 100
+    eval_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    eval_steps: int = 25
+    guidance_scale: float = 2.0
+    clip: str = "models/shapes/clip"
+    out: str = "runs/leaderboard"
+    device: str = "cpu"
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def queries_per_step(config: dict[str, Any]) -> float:
+    """Images the training reward scores per optimizer step, from a config's batch shape (a YAML dict)."""
+    method, run = config["method"], config["run"]
+    prompts = run.get("batch_size", 1) * run.get("grad_accum", 1)
+    samples = method.get("samples_per_prompt", 1)
+    name = method["name"]
+    if name in ("ddpo", "flow_grpo"):  # one rollout serves minibatches x inner_epochs steps
+        return prompts * samples / (method.get("minibatches", 1) * method.get("inner_epochs", 1))
+    if name in ("diffusion_dpo", "inversion_dpo"):
+        return prompts * samples / method.get("pairs_reuse", 1)
+    if name == "adjoint_matching":
+        return prompts  # one reward gradient per sample
+    return prompts * samples
+
+
+def budget_steps(per_step: float, budgets: Sequence[int]) -> dict[int, int]:
+    """The optimizer steps that make each budget's reward queries (rounded up to whole steps)."""
+    return {q: max(1, math.ceil(q / per_step - 1e-9)) for q in budgets}
+
+
+def export_interval(steps: Sequence[int]) -> int:
+    """The export interval that lands on every budget's step: their greatest common divisor."""
+    interval = 0
+    for s in steps:
+        interval = math.gcd(interval, s)
+    return interval
+
+
+def pooled(per_seed: Sequence[float]) -> tuple[float, float]:
+    """Mean over training seeds and its standard error (sample std / sqrt(n); 0 with one seed)."""
+    n = len(per_seed)
+    mean = sum(per_seed) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((g - mean) ** 2 for g in per_seed) / (n - 1) / n)
+
+
+def within_minutes(points: Sequence[dict[str, Any]], minutes: float) -> dict[str, Any] | None:
+    """The last export of a run whose training time is within ``minutes`` (None: none is)."""
+    inside = [p for p in points if p["minutes"] <= minutes + 1e-9]
+    return max(inside, key=lambda p: p["step"]) if inside else None
+
+
+# ------------------------------------------------------------------ training and evaluation (cached)
+
+
+def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path) -> bool:
+    """Train ``config_path`` at ``run.seed = seed`` for ``steps`` steps, exporting every ``every``;
+    reused when finished (``final/export.json``). Returns whether it trained."""
+    if (folder / "final" / "export.json").is_file():
+        return False
+    from genalign.core.experiment import load_experiment
+    from genalign.finetuners import config_classes
+    from genalign.launch import run_experiment
+
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished run starts again: its minutes are one launch's
+    overrides = [f"run.seed={seed}", f"run.steps={steps}", f"run.output_dir={folder}", f"run.export_every={every}",
+                 "run.checkpoint_every=0", "run.sample_every=0", "run.tracker=none"]
+    run_experiment(load_experiment(config_path, config_classes(), overrides))
+    return True
+
+
+def run_points(folder: Path, per_step: float) -> list[dict[str, Any]]:
+    """A finished run's exports in step order: step, reward queries, training minutes, weights folder."""
+    folders = sorted((folder / "exports").glob("step-*")) + [folder / "final"]
+    points = []
+    for where in folders:
+        meta = json.loads((where / "export.json").read_text())
+        points.append({"step": meta["step"], "queries": meta["step"] * per_step,
+                       "minutes": meta["train_seconds"] / 60, "weights": str(where)})
+    return points
+
+
+_BACKBONES: dict[tuple[str, str, str], Any] = {}  # one loaded base a model: LoRAs are loaded and unloaded
+
+
+def evaluate(family: str, path: str, weights: str | None, eval_seed: int, s: Settings, cache: Path,
+             with_proxy: bool) -> dict[str, Any]:
+    """The exact evaluator's per-image verdicts (and the CLIP proxy's score when asked) of the
+    backbone at ``path`` with ``weights`` (None: the base), cached in ``cache``."""
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if not with_proxy or "proxy_reward" in cached:
+            return cached
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+    from genalign.shapes.report import evaluate_models
+
+    lora = None
+    if weights is not None:
+        lora = str(Path(weights) / "pytorch_lora_weights.safetensors")
+        if not Path(lora).is_file():
+            raise FileNotFoundError(f"{weights} holds no LoRA (the leaderboard scores LoRA runs)")
+    key = (family, path, s.device)
+    if key not in _BACKBONES:
+        _BACKBONES[key] = load_backbone(BackboneConfig(family=family, path=path, finetune="none"), s.device)
+    backbone = _BACKBONES[key]
+    try:
+        result, _ = evaluate_models(backbone, lora, False, s.per_task, s.eval_steps, s.guidance_scale, eval_seed,
+                                    s.clip if with_proxy else None)
+    finally:
+        if lora is not None:
+            backbone.unload_lora()
+    kept = {"gold": result["gold"], "verdicts": result["verdicts"], "tags": result["tags"],
+            "eval_seed": eval_seed, "per_task": s.per_task, "steps": s.eval_steps, "guidance_scale": s.guidance_scale}
+    if with_proxy:
+        kept["proxy_reward"] = result["proxy_reward"]["overall"]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(kept) + "\n")
+    return kept
+
+
+def _eval_name(s: Settings, eval_seed: int) -> str:
+    return f"eval-seed{eval_seed}-p{s.per_task}-n{s.eval_steps}-g{s.guidance_scale:g}.json"
+
+
+def measure(s: Settings, log: Any = print) -> dict[str, Any]:
+    """Train and evaluate what is missing; return every number the report needs."""
+    import yaml
+
+    from genalign.shapes.scoring import paired_gain
+
+    out = Path(s.out)
+    methods: dict[str, Any] = {}
+    for config_path in s.configs:
+        config = yaml.safe_load(Path(config_path).read_text())
+        name = Path(config_path).stem
+        per_step = queries_per_step(config)
+        steps = budget_steps(per_step, s.budgets)
+        every = export_interval(list(steps.values()))
+        family, path = config["backbone"].get("family", "sd"), config["backbone"]["path"]
+        reward = (config.get("reward") or {}).get("name", "-")
+        with_proxy = reward == "clip"
+        base = {e: evaluate(family, path, None, e, s, out / "base" / family / _eval_name(s, e), with_proxy)
+                for e in s.eval_seeds}
+        runs: dict[int, list[dict[str, Any]]] = {}
+        for seed in s.seeds:
+            folder = out / "runs" / name / f"seed{seed}"
+            started = time.monotonic()
+            if train_run(config_path, seed, max(steps.values()), every, folder):
+                log(f"{name} seed {seed}: trained {max(steps.values())} steps in {(time.monotonic() - started) / 60:.1f} min")
+            points = run_points(folder, per_step)
+            for point in points:
+                point["gains"], point["per_task"], point["proxy_gain"] = {}, {}, {}
+                for e in s.eval_seeds:
+                    tuned = evaluate(family, path, point["weights"], e, s, Path(point["weights"]) / _eval_name(s, e),
+                                     with_proxy)
+                    if tuned["tags"] != base[e]["tags"]:
+                        raise ValueError(f"{point['weights']}: evaluated on other prompts than the base")
+                    gain = paired_gain(base[e]["verdicts"], tuned["verdicts"], tuned["tags"])
+                    point["gains"][e] = gain["gain"]
+                    point["per_task"][e] = gain["per_task"]
+                    if with_proxy:
+                        point["proxy_gain"][e] = tuned["proxy_reward"] - base[e]["proxy_reward"]
+            runs[seed] = points
+            last = points[-1]
+            log(f"{name} seed {seed}: gain {sum(last['gains'].values()) / len(last['gains']):+.3f} at "
+                f"{last['queries']:.0f} queries")
+        methods[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
+    return {"settings": asdict(s), "date": time.strftime("%Y-%m-%d"), "machine": machine(), "methods": methods}
+
+
+def summarise(name: str, config_path: str, family: str, reward: str, per_step: float, steps: dict[int, int],
+              runs: dict[int, list[dict[str, Any]]], base: dict[int, dict[str, Any]], s: Settings) -> dict[str, Any]:
+    """Pool a method's runs: per budget (queries and minutes) and per export step (the curve)."""
+
+    def mean(values: Any) -> float:
+        values = list(values)
+        return sum(values) / len(values)
+
+    def at(point: dict[str, Any]) -> float:
+        return mean(point["gains"].values())
+
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for points in runs.values():
+        for point in points:
+            by_step.setdefault(point["step"], []).append(point)
+    curve = []
+    for step in sorted(by_step):
+        points = by_step[step]
+        gain, error = pooled([at(p) for p in points])
+        row = {"step": step, "queries": step * per_step, "minutes": mean(p["minutes"] for p in points),
+               "gain": gain, "standard_error": error, "seeds": len(points)}
+        if points[0]["proxy_gain"]:
+            row["proxy_gain"], row["proxy_standard_error"] = pooled([mean(p["proxy_gain"].values()) for p in points])
+        curve.append(row)
+    budgets = {}
+    base_gold = mean(b["gold"]["overall"] for b in base.values())
+    for q, step in steps.items():
+        points = by_step.get(step, [])
+        if not points:
+            continue
+        per_seed = [at(p) for p in points]
+        gain, error = pooled(per_seed)
+        per_task = {t: mean(mean(p["per_task"][e].get(t, 0.0) for e in p["per_task"]) for p in points) for t in TASKS}
+        budgets[str(q)] = {"step": step, "gain": gain, "standard_error": error, "per_seed": per_seed,
+                           "minutes": mean(p["minutes"] for p in points), "base_gold": base_gold,
+                           "gold": base_gold + gain, "per_task": per_task}
+    by_minutes = {}
+    for m in s.minutes:
+        chosen = [within_minutes(points, m) for points in runs.values()]
+        per_seed = [at(p) if p is not None else 0.0 for p in chosen]
+        gain, error = pooled(per_seed)
+        by_minutes[f"{m:g}"] = {"gain": gain, "standard_error": error, "per_seed": per_seed,
+                                "queries": mean(p["queries"] if p is not None else 0.0 for p in chosen)}
+    return {"config": config_path, "family": family, "reward": reward, "queries_per_step": per_step,
+            "budgets": budgets, "minutes": by_minutes, "curve": curve,
+            "runs": {str(seed): [{k: v for k, v in p.items() if k != "weights"} for p in points]
+                     for seed, points in runs.items()}}
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} at {torch.get_num_threads()} threads"
+
+
+# ------------------------------------------------------------------ the report
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    """The markdown table: a row per method, a column per budget (gain, standard error, seeds)."""
+    s = results["settings"]
+    budgets = [str(q) for q in s["budgets"]]
+    minutes = [f"{m:g}" for m in s["minutes"]]
+    head = ["method (config)", "backbone", "training reward", *(f"gain at {int(q):,} queries" for q in budgets),
+            *(f"gain in {m} min" for m in minutes), "min a run (largest budget)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in results["methods"].items():
+        cells = [f"`{name}`", m["family"], m["reward"]]
+        for q in budgets:
+            b = m["budgets"].get(q)
+            cells.append(_cell(b["gain"], b["standard_error"], len(b["per_seed"])) if b else "-")
+        for key in minutes:
+            b = m["minutes"].get(key)
+            cells.append(_cell(b["gain"], b["standard_error"], len(b["per_seed"])) if b else "-")
+        last = m["budgets"].get(budgets[-1]) if budgets else None
+        cells.append(f"{last['minutes']:.1f}" if last else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(gain: float, error: float, seeds: int) -> str:
+    sigmas = f", {gain / error:.1f} SE" if error > 0 else ""
+    return f"{gain:+.3f} ({error:.3f}{sigmas}; {seeds} seeds)"
+
+
+def plot(results: dict[str, Any], folder: Path) -> list[Path]:
+    """PNG plots: gain against reward queries and against minutes (standard-error bands), per-task
+    gains at the largest budget, and proxy against gold over training for CLIP-trained methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    methods = results["methods"]
+    written = []
+    for x, label, name in (("queries", "reward queries", "leaderboard_queries.png"),
+                           ("minutes", "training minutes (CPU)", "leaderboard_minutes.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, m in methods.items():
+            xs = [0.0] + [c[x] for c in m["curve"]]
+            ys = [0.0] + [c["gain"] for c in m["curve"]]
+            se = [0.0] + [c["standard_error"] for c in m["curve"]]
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=method)
+            ax.fill_between(xs, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)],
+                            color=line.get_color(), alpha=0.15)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out gold gain over the base (paired)")
+        ax.set_title("shapes world: gain with its standard error over training seeds")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(folder / name)
+    budget = str(results["settings"]["budgets"][-1])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [n for n, m in methods.items() if budget in m["budgets"]]
+    width = 0.8 / max(1, len(names))
+    for i, method in enumerate(names):
+        per_task = methods[method]["budgets"][budget]["per_task"]
+        ax.bar([t + i * width for t in range(len(TASKS))], [per_task[t] for t in TASKS], width, label=method)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(TASKS))], TASKS, fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel(f"gold gain per task at {int(budget):,} queries")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(folder / "leaderboard_tasks.png", dpi=110)
+    plt.close(fig)
+    written.append(folder / "leaderboard_tasks.png")
+    proxied = {n: m for n, m in methods.items() if m["curve"] and "proxy_gain" in m["curve"][0]}
+    if proxied:
+        fig, axes = plt.subplots(1, len(proxied), figsize=(max(6.0, 4.2 * len(proxied)), 3.8), squeeze=False)
+        for ax, (method, m) in zip(axes[0], proxied.items()):
+            xs = [0.0] + [c["queries"] for c in m["curve"]]
+            ax.plot(xs, [0.0] + [c["gain"] for c in m["curve"]], marker="o", ms=3, label="gold (exact evaluator)")
+            twin = ax.twinx()
+            twin.plot(xs, [0.0] + [c["proxy_gain"] for c in m["curve"]], marker="s", ms=3, color="tab:red",
+                      label="proxy (CLIP reward)")
+            ax.set_title(method, fontsize=9)
+            ax.set_xlabel("reward queries")
+            ax.set_ylabel("gold gain")
+            twin.set_ylabel("proxy gain", color="tab:red")
+        fig.suptitle("over-optimisation: the proxy trained on and the gold, over training", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(folder / "leaderboard_overoptimisation.png", dpi=110)
+        plt.close(fig)
+        written.append(folder / "leaderboard_overoptimisation.png")
+    return written
+
+
+def report(results: dict[str, Any], plots: Sequence[Path], relative_to: Path) -> str:
+    """The markdown block written into docs/results.md."""
+    s = results["settings"]
+    lines = [MARK_BEGIN, "", f"### Leaderboard ({results['date']}, {results['machine']})", "",
+             f"Each method's shipped config trained under training seeds {s['seeds']}, scored by the exact "
+             f"evaluator on {s['per_task']} held-out prompts a task at evaluation seeds {s['eval_seeds']} "
+             f"({s['eval_steps']} ODE/DDIM steps, guidance {s['guidance_scale']:g}) and paired image by image "
+             "with the base; the gain is the mean over training seeds with its standard error over them "
+             "(SE: how many standard errors the gain is).", "", *table(results), ""]
+    for path in plots:
+        lines.append(f"![{path.stem}]({path.relative_to(relative_to).as_posix()})")
+    lines += ["", MARK_END]
+    return "\n".join(lines)
+
+
+def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
+    """Plots under ``docs/img/`` and the block in ``docs/results.md`` (replaced, or added at the end)."""
+    plots = plot(results, docs / "img")
+    block = report(results, plots, docs)
+    target = docs / "results.md"
+    text = target.read_text() if target.is_file() else "# Results\n"
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    target.write_text(text)
+    return [target, *plots]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=None, help="shapes configs (default: configs/shapes/*.yaml)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (run.seed)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[800, 3200], help="reward-query budgets")
+    p.add_argument("--minutes", type=float, nargs="*", default=[], help="training-minute budgets (from the same runs)")
+    p.add_argument("--per-task", type=int, default=100, help="held-out prompts a task")
+    p.add_argument("--eval-seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--eval-steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--clip", default="models/shapes/clip", help="the CLIP proxy scored beside the gold for CLIP-trained methods")
+    p.add_argument("--out", default="runs/leaderboard")
+    p.add_argument("--docs", default=None, help="write results.md's block and img/*.png here (e.g. docs)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    configs = args.configs or sorted(str(c) for c in Path("configs/shapes").glob("*.yaml"))
+    if not configs:
+        raise SystemExit("no configs: run from the repository root or give --configs")
+    budgets = sorted(set(args.budgets))
+    if min(budgets) < 1:
+        raise SystemExit("budgets are reward queries: give positive numbers")
+    s = Settings(configs=configs, seeds=args.seeds, budgets=budgets, minutes=sorted(set(args.minutes)),
+                 per_task=args.per_task, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps,
+                 guidance_scale=args.guidance_scale, clip=args.clip, out=args.out, device=args.device)
+    results = measure(s)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leaderboard.json").write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(table(results)))
+    written = write_docs(results, Path(args.docs)) if args.docs else plot(results, out)
+    print(f"wrote {out / 'leaderboard.json'} and {', '.join(str(w) for w in written)}")
+    return 0
+
+
+__all__ = ["Settings", "budget_steps", "export_interval", "main", "measure", "plot", "pooled", "queries_per_step",
+           "table", "within_minutes", "write_docs"]

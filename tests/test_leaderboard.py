@@ -1,0 +1,79 @@
+"""The shapes leaderboard (genalign.shapes.leaderboard, bench/leaderboard.py): its pooling and
+budgets by hand, and a toy run end to end: gains paired against the cached base equal the
+evaluator's own paired comparison, a second run trains nothing, the docs block is replaced."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from genalign.shapes import leaderboard
+from genalign.shapes.leaderboard import budget_steps, export_interval, pooled, queries_per_step, within_minutes
+
+
+def test_budgets_and_pooling_by_hand():
+    grpo = {"method": {"name": "flow_grpo", "samples_per_prompt": 4, "minibatches": 2}, "run": {"batch_size": 4}}
+    assert queries_per_step(grpo) == 8  # 4 prompts x 4 images, one rollout for 2 optimizer steps
+    nft = {"method": {"name": "diffusion_nft", "samples_per_prompt": 4}, "run": {"batch_size": 4}}
+    assert queries_per_step(nft) == 16
+    assert budget_steps(8, [800, 3200]) == {800: 100, 3200: 400}
+    assert budget_steps(16, [800, 3200, 100]) == {800: 50, 3200: 200, 100: 7}  # rounded up
+    assert export_interval([100, 400]) == 100 and export_interval([50, 200, 7]) == 1
+    mean, error = pooled([0.1, 0.2, 0.3])  # SE = sqrt(((0.1)^2 + 0 + (0.1)^2) / 2 / 3)
+    assert mean == pytest.approx(0.2) and error == pytest.approx(math.sqrt(0.01 / 3))
+    assert pooled([0.25]) == (0.25, 0.0)
+    points = [{"step": 1, "minutes": 0.5}, {"step": 2, "minutes": 1.1}, {"step": 3, "minutes": 1.6}]
+    assert within_minutes(points, 1.5)["step"] == 2 and within_minutes(points, 0.4) is None
+
+
+def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
+    """Flow-GRPO with an SDE window at a learning rate that moves the model in 2 steps, 2 seeds, budgets
+    of 8 and 16 reward queries (1 and 2 steps), 2 held-out prompts a task at 2 sampling steps."""
+    monkeypatch.chdir(leaderboard.Path(__file__).resolve().parents[1])
+    config = yaml.safe_load(open("configs/shapes/flow_grpo_fast.yaml"))
+    config["run"]["lr"] = 0.05
+    config["method"]["clip_range"] = 0.5
+    path = tmp_path / "toy_grpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("# Results\n\nkept above\n")
+    args = ["--configs", str(path), "--seeds", "0", "1", "--budgets", "8", "16", "--per-task", "2",
+            "--eval-seeds", "1", "--eval-steps", "2", "--out", str(tmp_path / "out"), "--docs", str(docs)]
+    assert leaderboard.main(args) == 0
+    results = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    m = results["methods"]["toy_grpo"]
+    assert m["queries_per_step"] == 8 and set(m["budgets"]) == {"8", "16"}
+    for budget, step in (("8", 1), ("16", 2)):
+        b = m["budgets"][budget]
+        assert b["step"] == step and len(b["per_seed"]) == 2
+        assert (b["gain"], b["standard_error"]) == pytest.approx(pooled(b["per_seed"]))
+    # seed 0's export at step 1, paired with the cached base, against the evaluator comparing both itself
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+    from genalign.shapes.report import evaluate_models
+
+    # (the last one scored, after three other LoRAs were loaded into and unloaded from the same base)
+    lora = tmp_path / "out" / "runs" / "toy_grpo" / "seed1" / "final" / "pytorch_lora_weights.safetensors"
+    backbone = load_backbone(BackboneConfig(family="sd3", path="models/shapes/sd3", finetune="none"), "cpu")
+    both, images = evaluate_models(backbone, str(lora), True, 2, 2, 2.0, 1)
+    last = m["runs"]["1"][-1]
+    assert last["step"] == 2 and last["gains"]["1"] == pytest.approx(both["gain"]["gain"])
+    backbone.unload_lora()  # the base again, bit for bit
+    assert torch.equal(evaluate_models(backbone, None, False, 2, 2, 2.0, 1)[1][0][1], images[0][1])
+    assert any(p["gains"]["1"] != 0 for p in m["runs"]["0"] + m["runs"]["1"])  # the toy model moved
+    # a second run trains and evaluates nothing, and gives the same numbers
+    monkeypatch.setattr("genalign.launch.run_experiment", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr("genalign.shapes.report.evaluate_models", lambda *a, **k: pytest.fail("evaluated again"))
+    assert leaderboard.main(args) == 0
+    again = json.loads((tmp_path / "out" / "leaderboard.json").read_text())["methods"]["toy_grpo"]
+    assert again["budgets"] == m["budgets"] and again["curve"] == m["curve"]
+    text = (docs / "results.md").read_text()
+    assert text.startswith("# Results\n\nkept above\n") and text.count(leaderboard.MARK_BEGIN) == 1
+    assert "| `toy_grpo` | sd3 | shapes_gold |" in text
+    for name in ("leaderboard_queries.png", "leaderboard_minutes.png", "leaderboard_tasks.png"):
+        assert (docs / "img" / name).read_bytes()[:4] == b"\x89PNG"
