@@ -159,5 +159,13 @@ def test_eval_shapes_compares_base_and_fine_tuned_on_the_same_seeds(toy_build, t
     assert "gold gain over the base, paired over the same prompts and seeds: +0.000 (standard error 0.000)" in text
     from PIL import Image
 
-    grid = Image.open(tmp_path / "eval" / "grid.png")
-    assert grid.size[1] == 12 * (grid.size[0] - 2) + 2  # one image a row (per_task 1), two rows a task
+    from genalign.shapes.report import BORDER, CAPTION, CELL, FAIL, HEADER, LABEL, PASS
+
+    grid = Image.open(tmp_path / "eval" / "grid.png").convert("RGB")
+    assert grid.size == (LABEL + CELL, HEADER + 12 * (CELL + CAPTION))  # one image a row (per_task 1), two rows a task
+    for row, passed in enumerate(v for pair in zip(result["base"]["verdicts"], result["verdicts"]) for v in pair):
+        top = HEADER + row * (CELL + CAPTION)  # each frame's colour is its image's verdict
+        assert grid.getpixel((LABEL + 1, top + 1)) == (PASS if passed else FAIL)
+        inside = grid.crop((LABEL + BORDER, top + BORDER, LABEL + CELL - BORDER, top + CELL - BORDER))
+        assert len(set(inside.getdata())) > 1  # the image itself, not the frame colour
+    assert len(result["prompts"]) == len(result["verdicts"]) == 6

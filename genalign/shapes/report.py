@@ -39,7 +39,8 @@ def evaluate_models(backbone: Backbone, lora: str | None = None, with_base: bool
     label, scores, images = models[-1]
     result: dict[str, Any] = {"gold": scores, "lora": lora, "per_task": per_task, "steps": steps,
                               "guidance_scale": guidance_scale, "seed": seed,
-                              "verdicts": verdicts[-1], "tags": [meta["tag"] for meta in metas]}
+                              "verdicts": verdicts[-1], "tags": [meta["tag"] for meta in metas],
+                              "prompts": [meta["prompt"] for meta in metas]}
     if clip:
         result["proxy_reward"] = proxy_reward(clip, images, metas)
     if diversity_k:
@@ -93,15 +94,55 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(out: Path, result: dict[str, Any], models: list[tuple[str, Tensor]]) -> Path:
-    """``scores.json`` and ``grid.png`` (the first images of each task, one task a row, base above
-    fine-tuned) in ``out``; returns the grid's path."""
-    from torchvision.utils import save_image
+CELL, BORDER, CAPTION, LABEL, HEADER = 96, 3, 36, 120, 22  # the labelled grid's geometry, in pixels
+PASS, FAIL = (30, 160, 60), (200, 40, 40)
 
+
+def labelled_grid(models: list[tuple[str, Tensor]], verdicts: list[list[bool]], prompts: list[str], per_task: int,
+                  per_row: int = 8) -> Any:
+    """The first ``per_row`` images of each task, one task and model a row (base above fine-tuned),
+    each framed green where the exact evaluator passes it and red where it fails, its prompt under
+    it and the row's task and model on its left (a PIL image)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    per_row = min(per_row, per_task)
+    font = ImageFont.load_default(size=11)
+    row_height = CELL + CAPTION
+    grid = Image.new("RGB", (LABEL + per_row * CELL, HEADER + len(TASKS) * len(models) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), "frame: green = passes the exact evaluator, red = fails", fill="black", font=font)
+    inner = CELL - 2 * BORDER
+    for t, task in enumerate(TASKS):
+        for m, ((label, images), passed) in enumerate(zip(models, verdicts)):
+            top = HEADER + (t * len(models) + m) * row_height
+            draw.text((4, top + CELL // 2 - 12), f"{task}\n{label}", fill="black", font=font)
+            for j in range(per_row):
+                i = t * per_task + j
+                left = LABEL + j * CELL
+                draw.rectangle((left, top, left + CELL - 1, top + CELL - 1), fill=PASS if passed[i] else FAIL)
+                pixels = (images[i].float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+                grid.paste(Image.fromarray(pixels).resize((inner, inner), Image.NEAREST), (left + BORDER, top + BORDER))
+                draw.multiline_text((left + 2, top + CELL + 1), _wrap(prompts[i], 15, 3), fill="black", font=font,
+                                    spacing=0)
+    return grid
+
+
+def _wrap(text: str, width: int, lines: int) -> str:
+    """``text`` in at most ``lines`` lines of about ``width`` characters (the last one cut with ...)."""
+    import textwrap
+
+    wrapped = textwrap.wrap(text, width) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: width - 3] + "..."
+    return "\n".join(wrapped)
+
+
+def write_report(out: Path, result: dict[str, Any], models: list[tuple[str, Tensor]]) -> Path:
+    """``scores.json`` and ``grid.png`` (:func:`labelled_grid`: the first images of each task, base
+    above fine-tuned, framed by the evaluator's verdict, with their prompts) in ``out``; returns the grid's path."""
     out.mkdir(parents=True, exist_ok=True)
-    per_task = result["per_task"]
-    per_row = min(8, per_task)
-    rows = [images[i * per_task : i * per_task + per_row] for i in range(len(TASKS)) for _, images in models]
-    save_image(torch.cat(rows), out / "grid.png", nrow=per_row)
+    verdicts = ([result["base"]["verdicts"]] if "base" in result else []) + [result["verdicts"]]
+    labelled_grid(models, verdicts, result["prompts"], result["per_task"]).save(out / "grid.png")
     (out / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
     return out / "grid.png"
