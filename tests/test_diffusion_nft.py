@@ -3,6 +3,7 @@ code's equations, and the method on a tiny flow backbone."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -65,9 +66,9 @@ class _Constant(_Brightness):
         return torch.ones(images.shape[0]), {}
 
 
-def _nft(tiny_models, reward, **options):
+def _nft(tiny_models, reward, family=("sd3", "flow"), **options):
     torch.manual_seed(0)
-    backbone = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="lora",
+    backbone = load_backbone(BackboneConfig(family=family[0], path=tiny_models(*family), finetune="lora",
                                             lora_rank=4), "cpu")
     config = DiffusionNFTConfig(samples_per_prompt=3, timesteps_per_sample=3, **options)
     experiment = SimpleNamespace(method=config, sample=SampleConfig(num_steps=4, guidance_scale=1.0))
@@ -123,6 +124,23 @@ def test_updates_raise_the_positive_samples_likelihood_and_the_old_policy_follow
     torch.testing.assert_close(nft.old.shadow[name], expected)
     state = nft.state_dict()
     assert state["optimizer_steps"] == 1 and torch.equal(state["old"][name], nft.old.shadow[name])
+
+
+@pytest.mark.parametrize("family", [("flux", "flow"), ("sd", "epsilon"), ("sd", "v_prediction")])
+def test_other_backbones_train_through_their_clean_estimate(tiny_models, family):
+    """FLUX (flow), and SD's epsilon and v parameterisations (their clean estimate and noise give the
+    velocity the loss works on): the batch's r keeps each group's mean 1/2 and updates on one batch
+    lower its loss."""
+    nft = _nft(tiny_models, _Brightness(), family)
+    batch = nft.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batch.r.view(2, 3).mean(dim=1), torch.full((2,), 0.5))
+    before = nft.loss(batch)[0].item()
+    optimizer = torch.optim.Adam(list(nft.named_trainable_parameters().values()), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nft.loss(batch)[0].backward()
+        optimizer.step()
+    assert math.isfinite(before) and nft.loss(batch)[0].item() < before
 
 
 def test_configuration_errors_are_clear(tiny_models):

@@ -468,11 +468,13 @@ def test_flow_grpo_with_an_sde_window_trains_the_window_only(tiny_models):
         _method(tiny_models, FlowGRPO, FlowGRPOConfig(sde_window=4), "sd3", 0.7)
 
 
-def test_flow_grpo_on_cps_rollouts(tiny_models):
-    """sample.sde: cps: the rollouts' log-probs are recomputed exactly at the first update (ratio 1);
-    the official code's sigma-scaled KL belongs to the plain SDE and is refused with CPS."""
-    path = tiny_models("sd3", "flow")
-    backbone = load_backbone(BackboneConfig(family="sd3", path=path, finetune="lora", lora_rank=4), "cpu")
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_grpo_on_cps_rollouts(tiny_models, family):
+    """sample.sde: cps on each flow backbone: the rollouts' log-probs are recomputed exactly at the
+    first update (ratio 1); the official code's sigma-scaled KL belongs to the plain SDE and is
+    refused with CPS."""
+    path = tiny_models(family, "flow")
+    backbone = load_backbone(BackboneConfig(family=family, path=path, finetune="lora", lora_rank=4), "cpu")
     sample = SampleConfig(num_steps=4, guidance_scale=2.0, eta=0.8, sde="cps")
     config = FlowGRPOConfig(samples_per_prompt=3, minibatches=1, clip_range=0.2, beta=0.04, kl_variance="step")
     grpo = FlowGRPO.build(SimpleNamespace(method=config, sample=sample), backbone, _BrightnessReward())
