@@ -43,9 +43,10 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     docs.mkdir()
     (docs / "results.md").write_text("# Results\n\nkept above\n")
     args = ["--configs", str(path), "--seeds", "0", "1", "--budgets", "8", "16", "--per-task", "2",
-            "--eval-seeds", "1", "--eval-steps", "2", "--out", str(tmp_path / "out"), "--docs", str(docs)]
+            "--eval-seeds", "1", "--eval-steps", "2", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records"),
+            "--docs", str(docs)]
     assert leaderboard.main(args) == 0
-    results = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    results = json.loads((tmp_path / "records" / "leaderboard.json").read_text())
     m = results["methods"]["toy_grpo"]
     assert m["queries_per_step"] == 8 and set(m["budgets"]) == {"8", "16"}
     for budget, step in (("8", 1), ("16", 2)):
@@ -66,11 +67,14 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     backbone.unload_lora()  # the base again, bit for bit
     assert torch.equal(evaluate_models(backbone, None, False, 2, 2, 2.0, 1)[1][0][1], images[0][1])
     assert any(p["gains"]["1"] != 0 for p in m["runs"]["0"] + m["runs"]["1"])  # the toy model moved
-    # a second run trains and evaluates nothing, and gives the same numbers
+    # a second run trains and evaluates nothing, and gives the same numbers, from the records alone
+    import shutil
+
+    shutil.rmtree(tmp_path / "out")
     monkeypatch.setattr("genalign.launch.run_experiment", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr("genalign.shapes.report.evaluate_models", lambda *a, **k: pytest.fail("evaluated again"))
     assert leaderboard.main(args) == 0
-    again = json.loads((tmp_path / "out" / "leaderboard.json").read_text())["methods"]["toy_grpo"]
+    again = json.loads((tmp_path / "records" / "leaderboard.json").read_text())["methods"]["toy_grpo"]
     assert again["budgets"] == m["budgets"] and again["curve"] == m["curve"]
     text = (docs / "results.md").read_text()
     assert text.startswith("# Results\n\nkept above\n") and text.count(leaderboard.MARK_BEGIN) == 1

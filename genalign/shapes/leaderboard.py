@@ -11,10 +11,14 @@ error over them (it holds the training noise and the evaluation's). Budgets are 
 queries (images the training reward scored, from the config's batch shape) and, separately, in
 training minutes (the last export within the minutes).
 
-Everything is cached under ``out``: a run with its ``final/export.json`` is finished and reused (an
-unfinished one is trained again from the start, so its minutes are one launch's); each evaluation
-(the base's per family and evaluation seed, each export's) is a JSON file with its per-image
-verdicts. Stop it any time and run it again: it goes on where it stopped.
+Two folders: ``out`` (default ``runs/leaderboard``) holds the runs (weights, metrics), and
+``records`` (default ``bench/leaderboard``, kept in git) the small files the numbers come from: each
+finished run's ``points.json`` (its exports' steps, reward queries and minutes) and each evaluation
+(the base's per family and evaluation seed, each export's) as a JSON file with its per-image
+verdicts, and ``leaderboard.json``. A run with its ``points.json`` is finished and never trained
+again (an unfinished one is trained again from the start, so its minutes are one launch's); an
+evaluation on record is never repeated. Stop it any time and run it again, on this machine or on a
+fresh checkout: it goes on where it stopped.
 
     .venv/bin/python bench/leaderboard.py                       # every shapes config, 3 seeds, 800 and 3,200 queries
     .venv/bin/python bench/leaderboard.py --configs configs/shapes/flow_grpo.yaml --seeds 0 --budgets 80 160 --per-task 5
@@ -51,6 +55,7 @@ class Settings:
     guidance_scale: float = 2.0
     clip: str = "models/shapes/clip"
     out: str = "runs/leaderboard"
+    records: str = "bench/leaderboard"
     device: str = "cpu"
 
 
@@ -103,11 +108,13 @@ def within_minutes(points: Sequence[dict[str, Any]], minutes: float) -> dict[str
 # ------------------------------------------------------------------ training and evaluation (cached)
 
 
-def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path) -> bool:
-    """Train ``config_path`` at ``run.seed = seed`` for ``steps`` steps, exporting every ``every``;
-    reused when finished (``final/export.json``). Returns whether it trained."""
-    if (folder / "final" / "export.json").is_file():
-        return False
+def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path, record: Path,
+              per_step: float) -> list[dict[str, Any]] | None:
+    """Train ``config_path`` at ``run.seed = seed`` for ``steps`` steps in ``folder``, exporting every
+    ``every``, and write its points (step, reward queries, minutes, weights folder) to ``record``;
+    returns them, or None when ``record`` already held them (nothing trained)."""
+    if record.is_file():
+        return None
     from genalign.core.experiment import load_experiment
     from genalign.finetuners import config_classes
     from genalign.launch import run_experiment
@@ -116,17 +123,13 @@ def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path)
     overrides = [f"run.seed={seed}", f"run.steps={steps}", f"run.output_dir={folder}", f"run.export_every={every}",
                  "run.checkpoint_every=0", "run.sample_every=0", "run.tracker=none"]
     run_experiment(load_experiment(config_path, config_classes(), overrides))
-    return True
-
-
-def run_points(folder: Path, per_step: float) -> list[dict[str, Any]]:
-    """A finished run's exports in step order: step, reward queries, training minutes, weights folder."""
-    folders = sorted((folder / "exports").glob("step-*")) + [folder / "final"]
     points = []
-    for where in folders:
+    for where in sorted((folder / "exports").glob("step-*")) + [folder / "final"]:
         meta = json.loads((where / "export.json").read_text())
         points.append({"step": meta["step"], "queries": meta["step"] * per_step,
                        "minutes": meta["train_seconds"] / 60, "weights": str(where)})
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(points, indent=1) + "\n")
     return points
 
 
@@ -149,7 +152,8 @@ def evaluate(family: str, path: str, weights: str | None, eval_seed: int, s: Set
     if weights is not None:
         lora = str(Path(weights) / "pytorch_lora_weights.safetensors")
         if not Path(lora).is_file():
-            raise FileNotFoundError(f"{weights} holds no LoRA (the leaderboard scores LoRA runs)")
+            raise FileNotFoundError(f"{lora} is not there to score (a LoRA run whose weights are gone: delete its "
+                                    f"points.json under the records to train it again)")
     key = (family, path, s.device)
     if key not in _BACKBONES:
         _BACKBONES[key] = load_backbone(BackboneConfig(family=family, path=path, finetune="none"), s.device)
@@ -179,7 +183,7 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
 
     from genalign.shapes.scoring import paired_gain
 
-    out = Path(s.out)
+    out, records = Path(s.out), Path(s.records)
     methods: dict[str, Any] = {}
     for config_path in s.configs:
         config = yaml.safe_load(Path(config_path).read_text())
@@ -190,20 +194,21 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
         family, path = config["backbone"].get("family", "sd"), config["backbone"]["path"]
         reward = (config.get("reward") or {}).get("name", "-")
         with_proxy = reward == "clip"
-        base = {e: evaluate(family, path, None, e, s, out / "base" / family / _eval_name(s, e), with_proxy)
+        base = {e: evaluate(family, path, None, e, s, records / "base" / family / _eval_name(s, e), with_proxy)
                 for e in s.eval_seeds}
         runs: dict[int, list[dict[str, Any]]] = {}
         for seed in s.seeds:
-            folder = out / "runs" / name / f"seed{seed}"
+            record = records / "runs" / name / f"seed{seed}"
             started = time.monotonic()
-            if train_run(config_path, seed, max(steps.values()), every, folder):
+            if train_run(config_path, seed, max(steps.values()), every, out / "runs" / name / f"seed{seed}",
+                         record / "points.json", per_step):
                 log(f"{name} seed {seed}: trained {max(steps.values())} steps in {(time.monotonic() - started) / 60:.1f} min")
-            points = run_points(folder, per_step)
+            points = json.loads((record / "points.json").read_text())
             for point in points:
                 point["gains"], point["per_task"], point["proxy_gain"] = {}, {}, {}
                 for e in s.eval_seeds:
-                    tuned = evaluate(family, path, point["weights"], e, s, Path(point["weights"]) / _eval_name(s, e),
-                                     with_proxy)
+                    cache = record / "evals" / f"step-{point['step']:06d}-{_eval_name(s, e)}"
+                    tuned = evaluate(family, path, point["weights"], e, s, cache, with_proxy)
                     if tuned["tags"] != base[e]["tags"]:
                         raise ValueError(f"{point['weights']}: evaluated on other prompts than the base")
                     gain = paired_gain(base[e]["verdicts"], tuned["verdicts"], tuned["tags"])
@@ -413,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--clip", default="models/shapes/clip", help="the CLIP proxy scored beside the gold for CLIP-trained methods")
-    p.add_argument("--out", default="runs/leaderboard")
+    p.add_argument("--out", default="runs/leaderboard", help="the runs: weights and metrics")
+    p.add_argument("--records", default="bench/leaderboard",
+                   help="what the numbers come from (kept in git): runs' points, evaluations, leaderboard.json")
     p.add_argument("--docs", default=None, help="write results.md's block and img/*.png here (e.g. docs)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -425,14 +432,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("budgets are reward queries: give positive numbers")
     s = Settings(configs=configs, seeds=args.seeds, budgets=budgets, minutes=sorted(set(args.minutes)),
                  per_task=args.per_task, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps,
-                 guidance_scale=args.guidance_scale, clip=args.clip, out=args.out, device=args.device)
+                 guidance_scale=args.guidance_scale, clip=args.clip, out=args.out, records=args.records,
+                 device=args.device)
     results = measure(s)
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.json").write_text(json.dumps(results, indent=1) + "\n")
+    records = Path(s.records)
+    records.mkdir(parents=True, exist_ok=True)
+    (records / "leaderboard.json").write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(table(results)))
-    written = write_docs(results, Path(args.docs)) if args.docs else plot(results, out)
-    print(f"wrote {out / 'leaderboard.json'} and {', '.join(str(w) for w in written)}")
+    written = write_docs(results, Path(args.docs)) if args.docs else plot(results, records)
+    print(f"wrote {records / 'leaderboard.json'} and {', '.join(str(w) for w in written)}")
     return 0
 
 
