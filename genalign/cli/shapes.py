@@ -35,6 +35,8 @@ def add_commands(groups: dict[str, Any]) -> None:
     p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                   help="whose prompts: the held-out ones (report) or the training ones (choose settings on these)")
     p.add_argument("--clip", help="also report the proxy reward and how often this CLIP's top-1 prompt is right")
     p.add_argument("--with-base", action="store_true", help="score the base model too (same seeds), before vs after")
     p.add_argument("--diversity", type=positive_int, metavar="K",
@@ -72,7 +74,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     lora, args.lora = args.lora, None  # the base is scored first when asked; evaluate_models loads the LoRA
     backbone = load_model(args)
     result, models = evaluate_models(backbone, lora, args.with_base, args.per_task, args.steps, args.guidance_scale,
-                                     args.seed, args.clip, args.diversity)
+                                     args.seed, args.clip, args.diversity, args.split)
     result["backbone"] = args.backbone
     print("\n".join(report_lines(result)))
     out = Path(args.out)

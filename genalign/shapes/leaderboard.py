@@ -53,6 +53,7 @@ class Settings:
     eval_seeds: list[int] = field(default_factory=lambda: [1, 2])
     eval_steps: int = 25
     guidance_scale: float = 2.0
+    split: str = "heldout"
     clip: str = "models/shapes/clip"
     out: str = "runs/leaderboard"
     records: str = "bench/leaderboard"
@@ -160,7 +161,7 @@ def evaluate(family: str, path: str, weights: str | None, eval_seed: int, s: Set
     backbone = _BACKBONES[key]
     try:
         result, _ = evaluate_models(backbone, lora, False, s.per_task, s.eval_steps, s.guidance_scale, eval_seed,
-                                    s.clip if with_proxy else None)
+                                    s.clip if with_proxy else None, split=s.split)
     finally:
         if lora is not None:
             backbone.unload_lora()
@@ -174,7 +175,8 @@ def evaluate(family: str, path: str, weights: str | None, eval_seed: int, s: Set
 
 
 def _eval_name(s: Settings, eval_seed: int) -> str:
-    return f"eval-seed{eval_seed}-p{s.per_task}-n{s.eval_steps}-g{s.guidance_scale:g}.json"
+    split = "" if s.split == "heldout" else f"-{s.split}"
+    return f"eval-seed{eval_seed}-p{s.per_task}-n{s.eval_steps}-g{s.guidance_scale:g}{split}.json"
 
 
 def measure(s: Settings, log: Any = print) -> dict[str, Any]:
@@ -382,7 +384,8 @@ def report(results: dict[str, Any], plots: Sequence[Path], relative_to: Path) ->
     s = results["settings"]
     lines = [MARK_BEGIN, "", f"### Leaderboard ({results['date']}, {results['machine']})", "",
              f"Each method's shipped config trained under training seeds {s['seeds']}, scored by the exact "
-             f"evaluator on {s['per_task']} held-out prompts a task at evaluation seeds {s['eval_seeds']} "
+             f"evaluator on {s['per_task']} {'held-out' if s['split'] == 'heldout' else s['split'] + '-split'} "
+             f"prompts a task at evaluation seeds {s['eval_seeds']} "
              f"({s['eval_steps']} ODE/DDIM steps, guidance {s['guidance_scale']:g}) and paired image by image "
              "with the base; the gain is the mean over training seeds with its standard error over them "
              "(SE: how many standard errors the gain is).", "", *table(results), ""]
@@ -417,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                   help="score on the held-out prompts (report) or the training ones (choose settings on these)")
     p.add_argument("--clip", default="models/shapes/clip", help="the CLIP proxy scored beside the gold for CLIP-trained methods")
     p.add_argument("--out", default="runs/leaderboard", help="the runs: weights and metrics")
     p.add_argument("--records", default="bench/leaderboard",
@@ -432,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("budgets are reward queries: give positive numbers")
     s = Settings(configs=configs, seeds=args.seeds, budgets=budgets, minutes=sorted(set(args.minutes)),
                  per_task=args.per_task, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps,
-                 guidance_scale=args.guidance_scale, clip=args.clip, out=args.out, records=args.records,
+                 guidance_scale=args.guidance_scale, split=args.split, clip=args.clip, out=args.out, records=args.records,
                  device=args.device)
     results = measure(s)
     records = Path(s.records)

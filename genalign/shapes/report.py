@@ -17,8 +17,9 @@ from genalign.shapes.world import TASKS
 
 def evaluate_models(backbone: Backbone, lora: str | None = None, with_base: bool = False, per_task: int = 50,
                     steps: int = 25, guidance_scale: float = 2.0, seed: int = 0, clip: str | None = None,
-                    diversity_k: int | None = None) -> tuple[dict[str, Any], list[tuple[str, Tensor]]]:
-    """Score ``backbone`` (the base first when ``with_base``, then with ``lora`` loaded): the
+                    diversity_k: int | None = None, split: str = "heldout") -> tuple[dict[str, Any], list[tuple[str, Tensor]]]:
+    """Score ``backbone`` (the base first when ``with_base``, then with ``lora`` loaded) on ``split``'s
+    prompts (``heldout``; ``train`` to choose settings without looking at the held-out ones): the
     report (``scores.json``'s content) and each model's images in evaluation order."""
     if with_base and not lora:
         raise ValueError("comparing with the base needs a LoRA to compare it with")
@@ -30,14 +31,14 @@ def evaluate_models(backbone: Backbone, lora: str | None = None, with_base: bool
     for label in labels:
         if label == "fine-tuned":
             backbone.load_lora(lora)  # type: ignore[arg-type,attr-defined]
-        scores, images, metas, correct = evaluate_backbone(backbone, *settings)
+        scores, images, metas, correct = evaluate_backbone(backbone, *settings, split=split)
         models.append((label, scores, images))
         verdicts.append(correct)
         if diversity_k:
             spread[label] = diversity(backbone, 5, diversity_k, steps, guidance_scale, seed)
     label, scores, images = models[-1]
     result: dict[str, Any] = {"gold": scores, "lora": lora, "per_task": per_task, "steps": steps,
-                              "guidance_scale": guidance_scale, "seed": seed,
+                              "guidance_scale": guidance_scale, "seed": seed, "split": split,
                               "verdicts": verdicts[-1], "tags": [meta["tag"] for meta in metas],
                               "prompts": [meta["prompt"] for meta in metas]}
     if clip:
@@ -72,10 +73,11 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     """What ``genalign eval shapes`` prints about a report of :func:`evaluate_models`."""
     base = result.get("base")
     label = "fine-tuned" if result.get("lora") else "model"
+    where = "held-out prompts" if result.get("split", "heldout") == "heldout" else "training prompts"
     lines = []
     if base:
-        lines.append(f"gold score (exact evaluator, held-out prompts), base: {_line(base['gold'])}")
-    lines.append(f"gold score (exact evaluator, held-out prompts), {label}: {_line(result['gold'])}")
+        lines.append(f"gold score (exact evaluator, {where}), base: {_line(base['gold'])}")
+    lines.append(f"gold score (exact evaluator, {where}), {label}: {_line(result['gold'])}")
     if base:
         lines.append(f"gold gain over the base, paired over the same prompts and seeds: {result['gain']['gain']:+.3f} "
                      f"(standard error {result['gain']['standard_error']:.3f})")
