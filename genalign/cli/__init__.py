@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from genalign.cli import evaluate, models, reno, sample, shapes, train
+from genalign.cli import evaluate, models, reno, sample, serve, shapes, train
 from genalign.core.config import ConfigError
 from genalign.core.trainer import NonFiniteError, TrainingInterrupted
+from genalign.rewards.remote import RewardServiceError
 
 OOM_HINTS = (
     "lower run.batch_size (and raise run.grad_accum to keep the effective batch)",
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_commands(groups)
     evaluate.add_commands(groups)
     reno.add_commands(groups)
+    serve.add_commands(groups)
     return parser
 
 
@@ -70,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"genalign: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
+        print(f"genalign: {err}", file=sys.stderr)
+        return 1
+    except RewardServiceError as err:  # a served reward that is gone or refuses: the checkpoints are intact
         print(f"genalign: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:

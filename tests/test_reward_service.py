@@ -1,0 +1,186 @@
+"""The reward service (genalign serve-reward, reward: {name: remote}) on the loopback interface:
+the same scores and trained weights as the local reward, dynamic batching across clients, bad
+requests answered without stopping the server, the token, the size bound, and a server that dies
+mid-run (retries, then a clear error with the checkpoints intact, and an exact resume)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+
+import httpx
+import pytest
+import torch
+
+from genalign.core.experiment import RewardConfig
+from genalign.rewards import load_reward
+from genalign.rewards.remote import RemoteReward, RewardServiceError, decode_images, encode_images
+from genalign.rewards.service import BackgroundServer
+from genalign.shapes.world import all_prompts, sample_example
+
+
+def _shapes_batch(n: int, seed: int = 0):
+    """Rendered shapes-world images of n prompts across the tasks (the exact evaluator passes them),
+    every third one blank (it fails), with a little noise."""
+    metas = all_prompts()[::7][:n]
+    images = []
+    g = torch.Generator().manual_seed(seed)
+    for i, meta in enumerate(metas):
+        image = torch.from_numpy(sample_example(meta, seed=i)[0]).permute(2, 0, 1).float()
+        if i % 3 == 2:
+            image = image * 0  # nothing drawn: fails
+        images.append((image + 0.01 * torch.rand(image.shape, generator=g)).clamp(0, 1))
+    return torch.stack(images), [m["prompt"] for m in metas]
+
+
+@pytest.fixture(scope="module")
+def gold():
+    return load_reward(RewardConfig(name="shapes_gold"))
+
+
+def test_encodings_round_trip():
+    images = torch.rand(3, 3, 8, 6)
+    assert torch.equal(decode_images(encode_images(images, "float32")), images)  # exact
+    eight_bit = (images * 255).round() / 255
+    for encoding in ("uint8", "png"):
+        torch.testing.assert_close(decode_images(encode_images(images, encoding)), eight_bit, rtol=0, atol=1e-6)
+
+
+def test_served_scores_equal_local_ones_and_requests_are_batched(gold):
+    images, prompts = _shapes_batch(12)
+    local, local_sub = gold(images, prompts)
+    assert 0 < float(local.mean()) < 1  # the batch has passes and failures
+    with BackgroundServer(gold, max_batch=32, max_wait=0.3) as url:
+        remote = RemoteReward(url, retries=0)
+        scores, sub = remote(images, prompts)
+        assert torch.equal(scores, local) and torch.equal(sub["shapes_strict"], local_sub["shapes_strict"])
+        assert remote.label == "shapes_gold" and not remote.differentiable
+        # four clients at once: each gets its own scores, and the server scored them together
+        results: dict[int, torch.Tensor] = {}
+
+        def client(k: int) -> None:
+            results[k] = RemoteReward(url, retries=0)(images[3 * k : 3 * k + 3], prompts[3 * k : 3 * k + 3])[0]
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert torch.equal(torch.cat([results[k] for k in range(4)]), local)
+        health = httpx.get(url + "/health").json()
+        assert health["requests"] == 5 and health["images"] == 24 and health["largest_batch"] > 3
+
+
+def test_bad_requests_are_answered_and_the_server_stays_up(gold):
+    images, prompts = _shapes_batch(2)
+    good = {"images": encode_images(images, "uint8"), "prompts": prompts, "metadata": None}
+    raw = {"format": "uint8", "shape": [2, 32, 32, 3], "data": base64.b64encode(b"\0" * 10).decode()}
+    with BackgroundServer(gold, max_request_bytes=200_000) as url:
+        cases = {
+            "not json": (b"{", "not JSON"),
+            "unknown field": (json.dumps({**good, "extra": 1}).encode(), "unknown field"),
+            "wrong shape": (json.dumps({**good, "images": {**good["images"], "shape": [2, 3, 32, 32]}}).encode(), "shape"),
+            "short data": (json.dumps({**good, "images": raw}).encode(), "bytes of data"),
+            "bad png": (json.dumps({**good, "images": {"format": "png", "data": ["aGVsbG8=", "aGVsbG8="]}}).encode(),
+                        "could not be decoded"),
+            "one prompt for two": (json.dumps({**good, "prompts": prompts[:1]}).encode(), "2 images but 1 prompts"),
+            "unknown prompt": (json.dumps({**good, "prompts": ["a photo of a dragon", prompts[1]]}).encode(), "dragon"),
+        }
+        for name, (body, message) in cases.items():
+            answer = httpx.post(url + "/score", content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 400 and message in answer.json()["error"], name
+        big = httpx.post(url + "/score", content=b"x" * 300_000)
+        assert big.status_code == 413
+        answer = httpx.post(url + "/score", json=good)  # still serving
+        assert answer.status_code == 200 and len(answer.json()["scores"]) == 2
+        with pytest.raises(RewardServiceError, match="refused the request .*dragon"):
+            RemoteReward(url, retries=2)(images, ["a photo of a dragon", prompts[1]])
+
+
+def test_token(gold, monkeypatch):
+    images, prompts = _shapes_batch(2)
+    with BackgroundServer(gold, token="s3cret") as url:
+        assert httpx.get(url + "/health").status_code == 401
+        with pytest.raises(RewardServiceError, match="401"):
+            RemoteReward(url, retries=0)
+        monkeypatch.setenv("GENALIGN_REWARD_TOKEN", "s3cret")
+        remote = load_reward(RewardConfig(name="remote", options={"url": url}))
+        assert torch.equal(remote(images, prompts)[0], gold(images, prompts)[0])
+
+
+def test_a_dead_server_is_retried_then_a_clear_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RewardServiceError, match=r"did not answer after 3 tries .*ConnectError"):
+        RemoteReward(f"http://127.0.0.1:{port}", retries=2, backoff=0.01)
+
+
+def _train(tmp_path, name, reward, steps, resume=None, **run):
+    import yaml
+
+    from genalign.core.experiment import load_experiment
+    from genalign.finetuners import config_classes
+    from genalign.launch import run_experiment
+
+    config = yaml.safe_load(open("configs/shapes/flow_grpo_fast.yaml"))
+    config["reward"] = reward
+    config["method"].update(minibatches=1, samples_per_prompt=2)  # a rollout of 4 images every step
+    config["run"].update(steps=steps, batch_size=2, output_dir=str(tmp_path / name), checkpoint_every=1, **run)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_experiment(load_experiment(path, config_classes()), resume)
+    from safetensors.torch import load_file
+
+    return load_file(str(tmp_path / name / "final" / "pytorch_lora_weights.safetensors"))
+
+
+class _DiesAfter:
+    """The exact evaluator that takes the server down on its n+1-th batch (a crash mid-run)."""
+
+    def __init__(self, reward, n):
+        self.reward, self.n, self.calls, self.server = reward, n, 0, None
+        self.label = reward.label
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls > self.n:
+            self.server.server.should_exit = True
+            raise RuntimeError("the reward process died")
+        return self.reward(*args)
+
+
+def test_training_on_the_served_reward_equals_local_and_survives_a_dead_server(gold, tmp_path, monkeypatch):
+    """Flow-GRPO with an SDE window on the shapes model, 2 steps of a rollout each: trained on the
+    served exact evaluator it gives the local run's LoRA bit for bit; a server that dies at the
+    second rollout stops the run with RewardServiceError after its retries, the checkpoint of step
+    1 intact, and resuming against a new server on the same address gives the same LoRA again."""
+    monkeypatch.chdir(_root())
+    local = _train(tmp_path, "local", {"name": "shapes_gold"}, 2)
+    with BackgroundServer(gold) as url:
+        remote = {"name": "remote", "options": {"url": url, "retries": 1, "backoff": 0.05}}
+        served = _train(tmp_path, "served", remote, 2)
+    assert any(v.abs().sum() > 0 for k, v in local.items() if "lora_B" in k)  # it trained (B starts at 0)
+    assert local.keys() == served.keys() and all(torch.equal(local[k], served[k]) for k in local)
+    dying = _DiesAfter(gold, 1)
+    dying.server = BackgroundServer(dying)
+    url = dying.server.start()
+    port = int(url.rsplit(":", 1)[1])
+    remote = {"name": "remote", "options": {"url": url, "retries": 2, "backoff": 0.05}}
+    with pytest.raises(RewardServiceError, match="did not answer after 3 tries"):
+        _train(tmp_path, "crash", remote, 2)
+    dying.server.thread.join(timeout=30)
+    checkpoints = sorted(p.name for p in (tmp_path / "crash" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000001"] and (tmp_path / "crash" / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+    with BackgroundServer(gold, port=port):
+        resumed = _train(tmp_path, "crash", remote, 2, resume="latest")
+    assert all(torch.equal(local[k], resumed[k]) for k in local)
+
+
+def _root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
