@@ -126,6 +126,7 @@ class RemoteReward(RewardModel):
     summary = "a reward served by genalign serve-reward in another process (HTTP)"
     name = "remote"
     differentiable = False
+    overlaps = True  # scored elsewhere: methods score each rollout chunk while sampling the next
 
     def __init__(self, url: str, timeout: float = 120.0, retries: int = 3, backoff: float = 1.0,
                  encoding: str = "float32", token: str | None = None, device: str | torch.device = "cpu"):

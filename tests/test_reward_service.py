@@ -128,7 +128,8 @@ def _train(tmp_path, name, reward, steps, resume=None, **run):
 
     config = yaml.safe_load(open("configs/shapes/flow_grpo_fast.yaml"))
     config["reward"] = reward
-    config["method"].update(minibatches=1, samples_per_prompt=2)  # a rollout of 4 images every step
+    # a rollout of 4 images every step, in 2 chunks (a served reward scores the first while the second samples)
+    config["method"].update(minibatches=1, samples_per_prompt=2, sample_batch_size=2)
     config["run"].update(steps=steps, batch_size=2, output_dir=str(tmp_path / name), checkpoint_every=1, **run)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -139,7 +140,7 @@ def _train(tmp_path, name, reward, steps, resume=None, **run):
 
 
 class _DiesAfter:
-    """The exact evaluator that takes the server down on its n+1-th batch (a crash mid-run)."""
+    """The exact evaluator that takes the server down on its n+1-th call (a crash mid-run)."""
 
     def __init__(self, reward, n):
         self.reward, self.n, self.calls, self.server = reward, n, 0, None
@@ -165,7 +166,7 @@ def test_training_on_the_served_reward_equals_local_and_survives_a_dead_server(g
         served = _train(tmp_path, "served", remote, 2)
     assert any(v.abs().sum() > 0 for k, v in local.items() if "lora_B" in k)  # it trained (B starts at 0)
     assert local.keys() == served.keys() and all(torch.equal(local[k], served[k]) for k in local)
-    dying = _DiesAfter(gold, 1)
+    dying = _DiesAfter(gold, 2)  # two chunks a rollout: dies at the second rollout
     dying.server = BackgroundServer(dying)
     url = dying.server.start()
     port = int(url.rsplit(":", 1)[1])
@@ -184,3 +185,41 @@ def _root():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
+
+
+def test_overlapped_scores_score_each_chunk_while_the_next_samples(tiny_models):
+    """OverlappedScores as rollout's on_chunk: chunk 0 is being scored, on another thread, before
+    the rollout hands over chunk 1 (the rollout waits for that to happen, up to 10 s: a scorer that
+    only ran after the rollout would never let it through); the scores equal one call on all images."""
+    from genalign.core.experiment import BackboneConfig
+    from genalign.core.rollout import rollout
+    from genalign.finetuners.common import OverlappedScores
+    from genalign.pipelines import load_backbone
+
+    started = threading.Event()
+    threads = []
+
+    class Brightness:
+        overlaps = True
+
+        def __call__(self, images, prompts, metadata=None):
+            threads.append(threading.current_thread().name)
+            started.set()
+            return images.mean(dim=(1, 2, 3)), {}
+
+    backbone = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="none"), "cpu")
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    scorer = OverlappedScores(Brightness(), [p for p in prompts for _ in range(2)])
+    handed = []
+
+    def on_chunk(start, images):
+        if start > 0:
+            assert started.wait(10), "chunk 0 was not being scored while the rollout went on"
+        handed.append(start)
+        scorer(start, images)
+
+    r = rollout(backbone, prompts, 3, 1.0, 0.7, samples_per_prompt=2, generator=torch.Generator().manual_seed(0),
+                chunk_size=2, on_chunk=on_chunk)
+    scores = scorer.result()
+    assert handed == [0, 2, 4] and all(name.startswith("scoring") for name in threads) and len(threads) == 3
+    torch.testing.assert_close(scores, r.images.mean(dim=(1, 2, 3)))

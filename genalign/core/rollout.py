@@ -20,6 +20,7 @@ only when ``seeds`` is used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,12 +85,15 @@ def rollout(
     grad_last_k: int = 0,
     progress: bool = False,
     sde: str = "default",
+    on_chunk: Callable[[int, Tensor], None] | None = None,
 ) -> Rollout:
     """Sample ``samples_per_prompt`` images for each prompt (see the module docstring).
 
     seeds: one per prompt (shared noise) or one per image. negative_prompts: one per prompt.
     grad_last_k: gradients through the last K sampling steps and the decoder (``-1``: all; 0: none).
     sde: the form of the stochastic steps (``default``; ``cps`` or ``cps_gaussian`` for flow models).
+    on_chunk: called with (index of its first image, images) as soon as each chunk is decoded, before
+    the next is sampled (e.g. to have a served reward score it meanwhile).
     """
     k = samples_per_prompt
     repeated = repeat_prompts(prompts, k)
@@ -115,6 +119,8 @@ def rollout(
                           progress=progress, sde=sde)
             parts.append(part)
             images.append(backbone.decode(part.final).float().clamp(0, 1))
+            if on_chunk is not None:
+                on_chunk(start, images[-1])
     trajectory = parts[0] if len(parts) == 1 else _concatenate(parts, cond)
     stochastic = [i for i in range(num_steps) if any(bool((p.stds[i] > 0).any()) for p in parts)]
     return Rollout(repeated, cond, trajectory, torch.cat(images) if len(images) > 1 else images[0], stochastic)

@@ -134,3 +134,37 @@ class ShadowParameters:
             raise KeyError(f"shadow parameters missing from the checkpoint: {sorted(missing)[:5]}")
         for name in self.shadow:
             self.shadow[name] = shard_like(state[name].float(), self.shadow[name])  # sharded under FSDP
+
+
+class OverlappedScores:
+    """A rollout's chunks scored as they are decoded, in a background thread, while the sampler goes
+    on with the next chunk: for a reward whose ``overlaps`` is true (one served by another process,
+    ``reward: {name: remote}``), so the policy does not wait for it. Pass it as ``rollout``'s
+    ``on_chunk``; :meth:`result` gives the (B,) scores in image order, the same as one call on all
+    the images (each image's score does not depend on its batch)."""
+
+    def __init__(self, reward: Any, prompts: list[str], metadata: list[dict[str, Any]] | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.reward, self.prompts, self.metadata = reward, prompts, metadata
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
+        self.futures: list[Any] = []
+
+    @staticmethod
+    def wanted(reward: Any) -> bool:
+        return bool(getattr(reward, "overlaps", False))
+
+    def __call__(self, start: int, images: Tensor) -> None:
+        end = start + len(images)
+        metadata = None if self.metadata is None else self.metadata[start:end]
+        self.futures.append(self.pool.submit(self._score, images.detach(), self.prompts[start:end], metadata))
+
+    def _score(self, images: Tensor, prompts: list[str], metadata: Any) -> Tensor:
+        with torch.no_grad():
+            return self.reward(images, prompts, metadata)[0].detach().float().cpu()
+
+    def result(self) -> Tensor:
+        try:
+            return torch.cat([future.result() for future in self.futures])
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)

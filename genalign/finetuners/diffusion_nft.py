@@ -44,7 +44,7 @@ from genalign.core.distributed import gather_batch
 from genalign.core.rollout import rollout
 from genalign.core.types import Backbone, Conditioning, Reward
 from genalign.finetuners import register
-from genalign.finetuners.common import BackboneMethod, LossInParts, ShadowParameters
+from genalign.finetuners.common import BackboneMethod, LossInParts, OverlappedScores, ShadowParameters
 from genalign.finetuners.flow_grpo import group_advantages
 from genalign.finetuners.policy_gradient import read_prompt_metadata, zero_spread_share
 
@@ -166,9 +166,18 @@ class DiffusionNFT(LossInParts, BackboneMethod):
         c, s = self.config, self.sample_config
         grid = self.backbone.schedule.timesteps(s.num_steps).to(self.backbone.device)
         k = min(c.timesteps_per_sample, len(grid))
+        repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]  # as rollout orders them
+        metadata = None
+        if self.metadata:
+            missing = [p for p in repeated if p not in self.metadata]
+            if missing:
+                raise ConfigError(f"{self.name}: prompt {missing[0]!r} has no row in {c.prompt_metadata}")
+            metadata = [self.metadata[p] for p in repeated]
+        # a served reward scores each chunk while the next is sampled and v_old computed; the same scores
+        overlapped = OverlappedScores(self.reward, repeated, metadata) if OverlappedScores.wanted(self.reward) else None
         with self.old.swapped():  # the old policy samples and gives v_old at the training points
             r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, s.eta, samples_per_prompt=c.samples_per_prompt,
-                        generator=generator, chunk_size=c.sample_batch_size or None, sde=s.sde)
+                        generator=generator, chunk_size=c.sample_batch_size or None, sde=s.sde, on_chunk=overlapped)
             x0 = r.trajectory.final.float()
             picks = torch.stack([torch.randperm(len(grid), generator=generator)[:k] for _ in range(len(x0))], dim=1)
             timesteps = grid[picks.to(grid.device)]  # (K, B)
@@ -176,13 +185,10 @@ class DiffusionNFT(LossInParts, BackboneMethod):
             cond = Conditioning(r.cond.positive, None, r.cond.prompts)  # the conditional model is trained
             v_old = torch.stack([self.backbone.predict(self._noised(x0, noise[j], timesteps[j]), timesteps[j], cond).float()
                                  for j in range(k)])
-        metadata = None
-        if self.metadata:
-            missing = [p for p in r.prompts if p not in self.metadata]
-            if missing:
-                raise ConfigError(f"{self.name}: prompt {missing[0]!r} has no row in {c.prompt_metadata}")
-            metadata = [self.metadata[p] for p in r.prompts]
-        rewards = self.reward(r.images, r.prompts, metadata)[0].detach().float().cpu()
+        if overlapped is not None:
+            rewards = overlapped.result()
+        else:
+            rewards = self.reward(r.images, r.prompts, metadata)[0].detach().float().cpu()
         if not bool(torch.isfinite(rewards).all()):
             raise ValueError(f"{self.name}: the reward is not finite for some samples")
         # group statistics over the whole data-parallel batch, then this process's rows

@@ -51,7 +51,7 @@ from genalign.core.config import ConfigError, check, field
 from genalign.core.distributed import gather_batch
 from genalign.core.rollout import rollout
 from genalign.core.types import Backbone, Reward, Trajectory
-from genalign.finetuners.common import BackboneMethod, LossInParts
+from genalign.finetuners.common import BackboneMethod, LossInParts, OverlappedScores
 
 # ------------------------------------------------------------------ the objective (pure functions)
 
@@ -259,14 +259,16 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
     # ---------------------------------------------------------------- rollouts
 
     @torch.no_grad()
-    def _sample(self, prompts: list[str], generator: torch.Generator) -> tuple[Trajectory, Tensor, list[int]]:
+    def _sample(self, prompts: list[str], generator: torch.Generator,
+                on_chunk: Any = None) -> tuple[Trajectory, Tensor, list[int]]:
         """``samples_per_prompt`` stochastic trajectories per prompt (consecutive), sampled and decoded
-        in chunks of ``sample_batch_size`` images: the trajectory (means and stds are not kept: the
-        loss recomputes them), the images (B, 3, H, W) in [0, 1] and the steps that have noise."""
+        in chunks of ``sample_batch_size`` images (each passed to ``on_chunk``): the trajectory (means
+        and stds are not kept: the loss recomputes them), the images (B, 3, H, W) in [0, 1] and the
+        steps that have noise."""
         s = self.sample_config
         r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, self.rollout_eta(generator),
                     samples_per_prompt=self.config.samples_per_prompt, shared_noise=self.config.same_initial_noise,
-                    generator=generator, chunk_size=self.config.sample_batch_size, sde=s.sde)
+                    generator=generator, chunk_size=self.config.sample_batch_size, sde=s.sde, on_chunk=on_chunk)
         if not r.stochastic_steps:
             raise ConfigError(f"{self.name}: no stochastic step in the rollouts; raise sample.eta")
         empty = torch.zeros(0)
@@ -285,11 +287,16 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
     @torch.no_grad()
     def _new_rollout(self, prompts: list[str], generator: torch.Generator) -> None:
         c = self.config
-        trajectory, images, stochastic = self._sample(prompts, generator)
         repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]  # as _sample orders them
         assert self.reward is not None
         metadata = [self._metadata_row(p) for p in repeated] if self.metadata else None
-        rewards = self.reward(images, repeated, metadata)[0].detach().float().cpu()
+        # a served reward scores each chunk while the next is sampled; the scores are the same
+        overlapped = OverlappedScores(self.reward, repeated, metadata) if OverlappedScores.wanted(self.reward) else None
+        trajectory, images, stochastic = self._sample(prompts, generator, overlapped)
+        if overlapped is not None:
+            rewards = overlapped.result()
+        else:
+            rewards = self.reward(images, repeated, metadata)[0].detach().float().cpu()
         bad = (~torch.isfinite(rewards)).nonzero()
         if len(bad):
             raise ValueError(f"{self.name}: the reward is not finite ({float(rewards[bad[0]])}) for {repeated[bad[0]]!r}")
