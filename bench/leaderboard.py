@@ -1,6 +1,6 @@
 """The shapes leaderboard: every shipped shapes config trained under several seeds to equal
 reward-query budgets, each scored against its base on held-out prompts, pooled with its standard
-error; resumable. The whole story is in ``genalign/shapes/leaderboard.py``.
+error; resumable. The whole story is in ``genalign/leaderboard.py``.
 
     .venv/bin/python bench/leaderboard.py --docs docs                     # all configs: many CPU hours
     .venv/bin/python bench/leaderboard.py --configs configs/shapes/diffusion_nft.yaml --seeds 0 --budgets 160 320 --per-task 10
@@ -8,7 +8,7 @@ error; resumable. The whole story is in ``genalign/shapes/leaderboard.py``.
 
 import sys
 
-from genalign.shapes.leaderboard import main
+from genalign.leaderboard import main
 
 if __name__ == "__main__":
     sys.exit(main())

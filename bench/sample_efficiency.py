@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from genalign.shapes.leaderboard import queries_per_step
+from genalign.leaderboard import queries_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY = {"sd": "models/shapes/sd", "sd3": "models/shapes/sd3"}

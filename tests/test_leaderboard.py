@@ -1,4 +1,4 @@
-"""The shapes leaderboard (genalign.shapes.leaderboard, bench/leaderboard.py): its pooling and
+"""The shapes leaderboard (genalign.leaderboard, bench/leaderboard.py): its pooling and
 budgets by hand, and a toy run end to end: gains paired against the cached base equal the
 evaluator's own paired comparison, a second run trains nothing, the docs block is replaced."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from genalign.shapes import leaderboard
-from genalign.shapes.leaderboard import budget_steps, export_interval, pooled, queries_per_step, within_minutes
+from genalign import leaderboard
+from genalign.leaderboard import budget_steps, export_interval, pooled, queries_per_step, within_minutes
 
 
 def test_budgets_and_pooling_by_hand():
