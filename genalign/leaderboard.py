@@ -55,6 +55,7 @@ class Settings:
     guidance_scale: float = 2.0
     split: str = "heldout"
     clip: str = "models/shapes/clip"
+    trl: bool = False
     out: str = "runs/leaderboard"
     records: str = "bench/leaderboard"
     device: str = "cpu"
@@ -183,8 +184,6 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
     """Train and evaluate what is missing; return every number the report needs."""
     import yaml
 
-    from genalign.shapes.scoring import paired_gain
-
     out, records = Path(s.out), Path(s.records)
     methods: dict[str, Any] = {}
     for config_path in s.configs:
@@ -195,9 +194,6 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
         every = export_interval(list(steps.values()))
         family, path = config["backbone"].get("family", "sd"), config["backbone"]["path"]
         reward = (config.get("reward") or {}).get("name", "-")
-        with_proxy = reward == "clip"
-        base = {e: evaluate(family, path, None, e, s, records / "base" / family / _eval_name(s, e), with_proxy)
-                for e in s.eval_seeds}
         runs: dict[int, list[dict[str, Any]]] = {}
         for seed in s.seeds:
             record = records / "runs" / name / f"seed{seed}"
@@ -205,25 +201,71 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
             if train_run(config_path, seed, max(steps.values()), every, out / "runs" / name / f"seed{seed}",
                          record / "points.json", per_step):
                 log(f"{name} seed {seed}: trained {max(steps.values())} steps in {(time.monotonic() - started) / 60:.1f} min")
-            points = json.loads((record / "points.json").read_text())
-            for point in points:
-                point["gains"], point["per_task"], point["proxy_gain"] = {}, {}, {}
-                for e in s.eval_seeds:
-                    cache = record / "evals" / f"step-{point['step']:06d}-{_eval_name(s, e)}"
-                    tuned = evaluate(family, path, point["weights"], e, s, cache, with_proxy)
-                    if tuned["tags"] != base[e]["tags"]:
-                        raise ValueError(f"{point['weights']}: evaluated on other prompts than the base")
-                    gain = paired_gain(base[e]["verdicts"], tuned["verdicts"], tuned["tags"])
-                    point["gains"][e] = gain["gain"]
-                    point["per_task"][e] = gain["per_task"]
-                    if with_proxy:
-                        point["proxy_gain"][e] = tuned["proxy_reward"] - base[e]["proxy_reward"]
-            runs[seed] = points
-            last = points[-1]
-            log(f"{name} seed {seed}: gain {sum(last['gains'].values()) / len(last['gains']):+.3f} at "
-                f"{last['queries']:.0f} queries")
+            runs[seed] = json.loads((record / "points.json").read_text())
+        base = score_runs(name, family, path, reward == "clip", runs, records, s, log)
         methods[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
+    if s.trl:
+        runs = {seed: trl_run(seed, s, out, records, log) for seed in s.seeds}
+        steps = {q: math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets}
+        base = score_runs(TRL_NAME, "sd", TRL_MODEL, False, runs, records, s, log)
+        methods[TRL_NAME] = summarise(TRL_NAME, "bench/trl_ddpo.py: TRL 0.23.1 DDPOTrainer, configs/shapes/ddpo.yaml settings", "sd",
+                                      "shapes_gold", TRL_QUERIES_PER_EPOCH, steps, runs, base, s)
     return {"settings": asdict(s), "date": time.strftime("%Y-%m-%d"), "machine": machine(), "methods": methods}
+
+
+def score_runs(name: str, family: str, path: str, with_proxy: bool, runs: dict[int, list[dict[str, Any]]],
+               records: Path, s: Settings, log: Any) -> dict[int, dict[str, Any]]:
+    """Each run point's paired gain over the base (per evaluation seed, per task; the proxy's gain
+    when asked), in place; returns the base's evaluations."""
+    from genalign.shapes.scoring import paired_gain
+
+    base = {e: evaluate(family, path, None, e, s, records / "base" / family / _eval_name(s, e), with_proxy)
+            for e in s.eval_seeds}
+    for seed, points in runs.items():
+        for point in points:
+            point["gains"], point["per_task"], point["proxy_gain"] = {}, {}, {}
+            for e in s.eval_seeds:
+                cache = records / "runs" / name / f"seed{seed}" / "evals" / f"step-{point['step']:06d}-{_eval_name(s, e)}"
+                tuned = evaluate(family, path, point["weights"], e, s, cache, with_proxy)
+                if tuned["tags"] != base[e]["tags"]:
+                    raise ValueError(f"{point['weights']}: evaluated on other prompts than the base")
+                gain = paired_gain(base[e]["verdicts"], tuned["verdicts"], tuned["tags"])
+                point["gains"][e] = gain["gain"]
+                point["per_task"][e] = gain["per_task"]
+                if with_proxy:
+                    point["proxy_gain"][e] = tuned["proxy_reward"] - base[e]["proxy_reward"]
+        last = points[-1]
+        log(f"{name} seed {seed}: gain {sum(last['gains'].values()) / len(last['gains']):+.3f} at "
+            f"{last['queries']:.0f} queries")
+    return base
+
+
+TRL_NAME, TRL_MODEL, TRL_QUERIES_PER_EPOCH = "trl_ddpo", "models/shapes/sd", 16
+
+
+def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[dict[str, Any]]:
+    """TRL's DDPOTrainer (bench/trl_ddpo.py, its own environment) at configs/shapes/ddpo.yaml's settings,
+    one run per budget (it exports no intermediate weights): the points of a seed."""
+    import subprocess
+    import sys
+
+    record = records / "runs" / TRL_NAME / f"seed{seed}" / "points.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    points = []
+    for q in s.budgets:
+        epochs = math.ceil(q / TRL_QUERIES_PER_EPOCH)
+        folder = out / "runs" / "trl_ddpo" / f"seed{seed}" / f"epochs{epochs}"
+        shutil.rmtree(folder, ignore_errors=True)
+        subprocess.run([sys.executable, "bench/trl_ddpo.py", "train", "--epochs", str(epochs), "--seed", str(seed),
+                        "--train-out", str(folder)], check=True)
+        trained = json.loads((folder / "epochs.json").read_text())
+        points.append({"step": epochs, "queries": trained[-1]["queries"], "minutes": trained[-1]["seconds"] / 60,
+                       "weights": str(folder / "final")})
+        log(f"{TRL_NAME} seed {seed}: {epochs} epochs in {points[-1]['minutes']:.1f} min")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(points, indent=1) + "\n")
+    return points
 
 
 def summarise(name: str, config_path: str, family: str, reward: str, per_step: float, steps: dict[int, int],
@@ -423,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="heldout", choices=("heldout", "train"),
                    help="score on the held-out prompts (report) or the training ones (choose settings on these)")
     p.add_argument("--clip", default="models/shapes/clip", help="the CLIP proxy scored beside the gold for CLIP-trained methods")
+    p.add_argument("--trl", action="store_true", help="also TRL 0.23.1's DDPOTrainer (bench/trl_ddpo.py; its own "
+                   "environment, made on first use) at configs/shapes/ddpo.yaml's settings, the outside reference")
     p.add_argument("--out", default="runs/leaderboard", help="the runs: weights and metrics")
     p.add_argument("--records", default="bench/leaderboard",
                    help="what the numbers come from (kept in git): runs' points, evaluations, leaderboard.json")
@@ -437,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("budgets are reward queries: give positive numbers")
     s = Settings(configs=configs, seeds=args.seeds, budgets=budgets, minutes=sorted(set(args.minutes)),
                  per_task=args.per_task, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps,
-                 guidance_scale=args.guidance_scale, split=args.split, clip=args.clip, out=args.out, records=args.records,
+                 guidance_scale=args.guidance_scale, split=args.split, clip=args.clip, trl=args.trl, out=args.out,
+                 records=args.records,
                  device=args.device)
     results = measure(s)
     records = Path(s.records)

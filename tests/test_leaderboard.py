@@ -81,3 +81,34 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     assert "| `toy_grpo` | sd3 | shapes_gold |" in text
     for name in ("leaderboard_queries.png", "leaderboard_minutes.png", "leaderboard_tasks.png"):
         assert (docs / "img" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trl_runs_join_the_table_through_their_driver(tmp_path, monkeypatch):
+    """--trl: one TRL run per budget through bench/trl_ddpo.py (here a stand-in that writes what the
+    driver writes: epochs.json and a LoRA in final/, a fresh one, i.e. the base); its points carry
+    the epochs, the driver's query count and minutes, and pair with the SD base like any run."""
+    import subprocess
+
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+
+    monkeypatch.chdir(leaderboard.Path(__file__).resolve().parents[1])
+    calls = []
+
+    def driver(command, check):
+        out = leaderboard.Path(command[command.index("--train-out") + 1])
+        epochs = int(command[command.index("--epochs") + 1])
+        calls.append((epochs, int(command[command.index("--seed") + 1])))
+        load_backbone(BackboneConfig(family="sd", path="models/shapes/sd", finetune="lora", lora_rank=4), "cpu").save_lora(
+            out / "final")
+        (out / "epochs.json").write_text(json.dumps([{"epoch": epochs, "queries": 16 * epochs, "seconds": 6.0 * epochs}]))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", driver)
+    s = leaderboard.Settings(configs=[], seeds=[3], budgets=[16, 32], per_task=1, eval_seeds=[1], eval_steps=2,
+                             trl=True, out=str(tmp_path / "out"), records=str(tmp_path / "records"))
+    results = leaderboard.measure(s, log=lambda *a: None)
+    assert calls == [(1, 3), (2, 3)]
+    trl = results["methods"]["trl_ddpo"]
+    assert [(p["step"], p["queries"], p["minutes"]) for p in trl["runs"]["3"]] == [(1, 16, 0.1), (2, 32, 0.2)]
+    assert trl["budgets"]["32"]["gain"] == 0.0 and trl["family"] == "sd"  # a fresh LoRA is the base
