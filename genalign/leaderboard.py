@@ -9,7 +9,9 @@ the same prompts and seeds (``genalign.shapes.scoring.paired_gain``). A run's ga
 the mean over evaluation seeds; a method's gain is the mean over training seeds with the standard
 error over them (it holds the training noise and the evaluation's). Budgets are equal in reward
 queries (images the training reward scored, from the config's batch shape) and, separately, in
-training minutes (the last export within the minutes).
+training minutes (the last export within the minutes; a run with none within them counts as its base,
+gain 0). ``--trl`` adds TRL 0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside
+reference (one run per budget: it exports nothing on the way).
 
 Two folders: ``out`` (default ``runs/leaderboard``) holds the runs (weights, metrics), and
 ``records`` (default ``bench/leaderboard``, kept in git) the small files the numbers come from: each
