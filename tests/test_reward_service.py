@@ -223,3 +223,41 @@ def test_overlapped_scores_score_each_chunk_while_the_next_samples(tiny_models):
     scores = scorer.result()
     assert handed == [0, 2, 4] and all(name.startswith("scoring") for name in threads) and len(threads) == 3
     torch.testing.assert_close(scores, r.images.mean(dim=(1, 2, 3)))
+
+
+class _Brightness:
+    """A reward whose score is the mean pixel (with the sub-score a weighted sum would give)."""
+
+    overlaps = False
+
+    def __call__(self, images, prompts, metadata=None):
+        scores = images.mean(dim=(1, 2, 3))
+        return scores, {"brightness": scores}
+
+
+class _ServedBrightness(_Brightness):
+    overlaps = True  # scored chunk by chunk on the scoring thread, as a served reward is
+
+
+def test_d3po_and_online_dpo_pairs_are_the_same_when_scored_while_sampling(tiny_models):
+    from types import SimpleNamespace
+
+    from genalign.core.experiment import BackboneConfig, SampleConfig
+    from genalign.finetuners.d3po import D3PO, D3POConfig
+    from genalign.finetuners.preference_data import online_pairs
+    from genalign.pipelines import load_backbone
+
+    backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora", lora_rank=4), "cpu")
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    batches = []
+    for reward in (_Brightness(), _ServedBrightness()):
+        experiment = SimpleNamespace(method=D3POConfig(samples_per_prompt=2, sample_batch_size=2),
+                                     sample=SampleConfig(num_steps=3, guidance_scale=2.0, eta=1.0))
+        d3po = D3PO.build(experiment, backbone, reward)
+        batches.append(d3po.collect(prompts, torch.Generator().manual_seed(0)))
+    assert torch.equal(batches[0].preference, batches[1].preference)
+    assert torch.equal(batches[0].metrics["reward_mean"], batches[1].metrics["reward_mean"])
+    pairs = [online_pairs(backbone, reward, prompts, torch.Generator().manual_seed(0), 2, 3, 2.0, 1.0, chunk_size=2)
+             for reward in (_Brightness(), _ServedBrightness())]
+    assert torch.equal(pairs[0].x0_w, pairs[1].x0_w) and torch.equal(pairs[0].x0_l, pairs[1].x0_l)
+    assert torch.equal(pairs[0].metrics["reward_w"], pairs[1].metrics["reward_w"])

@@ -159,12 +159,19 @@ class OverlappedScores:
         metadata = None if self.metadata is None else self.metadata[start:end]
         self.futures.append(self.pool.submit(self._score, images.detach(), self.prompts[start:end], metadata))
 
-    def _score(self, images: Tensor, prompts: list[str], metadata: Any) -> Tensor:
+    def _score(self, images: Tensor, prompts: list[str], metadata: Any) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
-            return self.reward(images, prompts, metadata)[0].detach().float().cpu()
+            scores, subscores = self.reward(images, prompts, metadata)
+        return scores.detach().float().cpu(), {k: v.detach().float().cpu() for k, v in subscores.items()}
 
-    def result(self) -> Tensor:
+    def results(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """The scores (B,) and the sub-scores, in image order, as one reward call would give them."""
         try:
-            return torch.cat([future.result() for future in self.futures])
+            parts = [future.result() for future in self.futures]
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        return (torch.cat([scores for scores, _ in parts]),
+                {k: torch.cat([sub[k] for _, sub in parts]) for k in parts[0][1]})
+
+    def result(self) -> Tensor:
+        return self.results()[0]

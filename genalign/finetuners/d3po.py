@@ -39,7 +39,7 @@ from genalign.core.rollout import rollout as core_rollout
 from genalign.core.sampler import log_probs_of
 from genalign.core.types import Backbone, Reward, Trajectory
 from genalign.finetuners import register
-from genalign.finetuners.common import BackboneMethod, LossInParts
+from genalign.finetuners.common import BackboneMethod, LossInParts, OverlappedScores
 
 # ------------------------------------------------------------------ the objective (pure functions)
 
@@ -78,12 +78,13 @@ def all_pairs(num_prompts: int, samples_per_prompt: int) -> tuple[Tensor, Tensor
 
 @torch.no_grad()
 def rollout(backbone: Backbone, prompts: list[str], samples_per_prompt: int, sample_config: Any,
-            generator: torch.Generator) -> tuple[Trajectory, Tensor]:
+            generator: torch.Generator, chunk_size: int | None = None, on_chunk: Any = None) -> tuple[Trajectory, Tensor]:
     """k stochastic trajectories per prompt (consecutive) from one shared initial noise; their
-    final images (B * k, 3, H, W) in [0, 1]."""
+    final images (B * k, 3, H, W) in [0, 1] (sampled ``chunk_size`` images at a time, each chunk
+    passed to ``on_chunk``)."""
     s = sample_config
     r = core_rollout(backbone, prompts, s.num_steps, s.guidance_scale, s.eta, samples_per_prompt=samples_per_prompt,
-                     shared_noise=True, generator=generator, sde=s.sde)
+                     shared_noise=True, generator=generator, sde=s.sde, chunk_size=chunk_size, on_chunk=on_chunk)
     return r.trajectory, r.images
 
 
@@ -193,6 +194,8 @@ class D3POConfig:
         0.1, help="the ratio is clamped to [1 - c, 1 + c] (official config: 0.1; its train.py hard-codes 0.2)")
     timestep_fraction: float = field(1.0, help="fraction of the denoising steps trained per batch (paper: 1.0)")
     samples_per_prompt: int = field(2, help="trajectories per prompt from the same initial noise; all pairs are used")
+    sample_batch_size: int = field(0, help="images per sampling call during rollouts (0: the whole rollout at once; "
+                                           "a served reward scores each while the next samples)")
     preferences: Literal["reward", "labels"] = field(
         "reward", help="reward: compare reward scores; labels: human labels of pairs from `genalign d3po sample`")
     pareto: bool = field(False, help="reward preferences: compare a weighted sum's member scores by Pareto dominance")
@@ -205,6 +208,7 @@ class D3POConfig:
         check(0 < self.clip_range < 1, f"clip_range must be in (0, 1), got {self.clip_range}")
         check(0 < self.timestep_fraction <= 1, f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         check(self.samples_per_prompt >= 2, f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        check(self.sample_batch_size >= 0, f"sample_batch_size must be >= 0, got {self.sample_batch_size}")
         check(self.preferences == "reward" or bool(self.pairs_dir and self.labels),
               "preferences: labels needs method.pairs_dir and method.labels")
 
@@ -256,9 +260,9 @@ class D3PO(LossInParts, BackboneMethod):
 
     # ---------------------------------------------------------------- rollouts
 
-    def _scores(self, images: Tensor, prompts: list[str]) -> Tensor:
+    def _scores(self, images: Tensor, prompts: list[str], overlapped: OverlappedScores | None = None) -> Tensor:
         assert self.reward is not None
-        scores, subscores = self.reward(images, prompts)
+        scores, subscores = overlapped.results() if overlapped is not None else self.reward(images, prompts)
         if not self.config.pareto:
             return scores
         members = getattr(self.reward, "rewards", None)
@@ -287,10 +291,12 @@ class D3PO(LossInParts, BackboneMethod):
         if self.labels:
             trajectory, a, b, preference, metrics = self._labelled(prompts)
         else:
-            trajectory, images = rollout(self.backbone, prompts, self.config.samples_per_prompt, self.sample_config,
-                                         generator)
             repeated = [p for p in prompts for _ in range(self.config.samples_per_prompt)]
-            scores = self._scores(images, repeated)
+            # a served reward scores each chunk while the next is sampled: the same scores
+            overlapped = OverlappedScores(self.reward, repeated) if OverlappedScores.wanted(self.reward) else None
+            trajectory, images = rollout(self.backbone, prompts, self.config.samples_per_prompt, self.sample_config,
+                                         generator, self.config.sample_batch_size or None, overlapped)
+            scores = self._scores(images, repeated, overlapped)
             a, b = all_pairs(len(prompts), self.config.samples_per_prompt)
             preference = preferences_from_scores(scores[a], scores[b], self.config.tie_margin)
             total = scores if scores.ndim == 1 else scores.sum(1)

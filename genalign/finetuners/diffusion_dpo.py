@@ -109,6 +109,8 @@ class DiffusionDPOConfig:
         "error", help="offline pairs: a row with a label outside {0, 0.5, 1} or an image that does not decode "
                       "stops the run (error, naming the row) or is reported and skipped (skip)")
     samples_per_prompt: int = field(2, help="online pairs: images per prompt; the best and worst make the pair")
+    sample_batch_size: int = field(0, help="online pairs: images per sampling call (0: all at once; a served "
+                                           "reward scores each while the next samples)")
     pairs_from: Literal["reference", "policy"] = field(
         "reference", help="online pairs: sample from the starting model (off-policy, as offline DPO) or the current one")
     min_reward_gap: float = field(0.0, help="online pairs: drop pairs whose reward gap is <= this (ties)")
@@ -128,6 +130,7 @@ class DiffusionDPOConfig:
     def __post_init__(self) -> None:
         check(self.beta > 0, f"beta must be > 0, got {self.beta}")
         check(self.samples_per_prompt >= 2, f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        check(self.sample_batch_size >= 0, f"sample_batch_size must be >= 0, got {self.sample_batch_size}")
         check(0 <= self.reference_update_rate <= 1, f"reference_update_rate must be in [0, 1], got {self.reference_update_rate}")
         check(0 <= self.reference_anchor <= 1, f"reference_anchor must be in [0, 1], got {self.reference_anchor}")
         check(self.reference_anchor == 0 or self.reference_update_rate > 0,
@@ -218,7 +221,7 @@ class DiffusionDPO(BackboneMethod):
         s = self.sample_config
         pairs = online_pairs(self.backbone, self.reward, items, generator, self.config.samples_per_prompt,
                              s.num_steps, s.guidance_scale, s.eta, self.config.pairs_from == "reference",
-                             self.config.min_reward_gap)
+                             self.config.min_reward_gap, self.config.sample_batch_size or None)
         self.buffer, self.buffer_uses = pairs, 1
         return pairs
 

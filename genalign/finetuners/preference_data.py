@@ -21,6 +21,7 @@ from torch import Tensor
 from genalign.core.config import ConfigError
 from genalign.core.rollout import rollout
 from genalign.core.types import Backbone, Conditioning, Reward
+from genalign.finetuners.common import OverlappedScores
 
 
 @dataclass
@@ -59,15 +60,19 @@ def online_pairs(
     eta: float = 0.0,
     from_reference: bool = False,
     min_gap: float = 0.0,
+    chunk_size: int | None = None,
 ) -> PairBatch:
     """Sample ``samples_per_prompt`` images per prompt (from the reference model or the current
-    policy), score them with ``reward`` and keep each prompt's best and worst as a pair."""
+    policy, ``chunk_size`` at a time), score them with ``reward`` (a served one scores each chunk
+    while the next samples) and keep each prompt's best and worst as a pair."""
     prompts = list(prompts)
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]  # as rollout orders them
+    overlapped = OverlappedScores(reward, repeated) if OverlappedScores.wanted(reward) else None
     with backbone.reference() if from_reference else nullcontext():
         r = rollout(backbone, prompts, num_steps, guidance_scale, eta, samples_per_prompt=samples_per_prompt,
-                    generator=generator)
-    repeated, cond, images = r.prompts, r.cond, r.images
-    scores, _ = reward(images, repeated)
+                    generator=generator, chunk_size=chunk_size, on_chunk=overlapped)
+    cond, images = r.cond, r.images
+    scores = overlapped.result().to(images.device) if overlapped is not None else reward(images, repeated)[0]
     winners, losers, keep = rank_pairs(scores.to(images.device), samples_per_prompt, min_gap)
     winners, losers = winners[keep], losers[keep]
     kept = keep.nonzero().squeeze(1).tolist()
