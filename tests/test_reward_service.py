@@ -261,3 +261,23 @@ def test_d3po_and_online_dpo_pairs_are_the_same_when_scored_while_sampling(tiny_
              for reward in (_Brightness(), _ServedBrightness())]
     assert torch.equal(pairs[0].x0_w, pairs[1].x0_w) and torch.equal(pairs[0].x0_l, pairs[1].x0_l)
     assert torch.equal(pairs[0].metrics["reward_w"], pairs[1].metrics["reward_w"])
+
+
+def test_serve_reward_reads_a_name_or_a_config_file(tmp_path):
+    """genalign serve-reward's target: a reward name with --path / --option, or a YAML file whose
+    reward section (a mapping or a weighted-sum list) is served; a file without one is an error."""
+    import argparse
+
+    from genalign.cli.serve import reward_configs
+    from genalign.core.config import ConfigError
+
+    named = reward_configs(argparse.Namespace(target="shapes_gold", path=None, option=["score=strict"]))
+    assert [(c.name, c.options) for c in named] == [("shapes_gold", {"score": "strict"})]
+    config = tmp_path / "train.yaml"
+    config.write_text("reward:\n  - {name: clip, path: models/shapes/clip, weight: 2.0}\n  - {name: shapes_gold}\n"
+                      "method: {name: flow_grpo}\n")
+    listed = reward_configs(argparse.Namespace(target=str(config), path=None, option=[]))
+    assert [(c.name, c.weight, c.path) for c in listed] == [("clip", 2.0, "models/shapes/clip"), ("shapes_gold", 1.0, None)]
+    (tmp_path / "empty.yaml").write_text("method: {name: ddpo}\n")
+    with pytest.raises(ConfigError, match="no reward section"):
+        reward_configs(argparse.Namespace(target=str(tmp_path / "empty.yaml"), path=None, option=[]))

@@ -39,7 +39,9 @@ def reward_configs(args: argparse.Namespace) -> list[Any]:
 
     if args.target.endswith((".yaml", ".yml")) or Path(args.target).is_file():
         data = yaml.safe_load(Path(args.target).read_text())
-        section = data.get("reward", data) if isinstance(data, dict) else None
+        # a training config's reward section, or a file that is one reward mapping ({name: ...})
+        section = (data.get("reward") if "reward" in data else data if "name" in data else None) \
+            if isinstance(data, dict) else None
         rewards = [section] if isinstance(section, dict) else section
         if not isinstance(rewards, list) or not rewards:
             raise ConfigError(f"{args.target}: no reward section (a mapping with name, or a list of them)")
