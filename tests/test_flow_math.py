@@ -184,3 +184,22 @@ def test_schedules_step_with_cps_and_refuse_it_where_it_does_not_apply(tiny_mode
     sd = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="none"), "cpu")
     with pytest.raises(ValueError, match="flow-model sampler"):
         rollout(sd, ["a red circle"], 2, 1.0, 1.0, sde="cps")
+
+
+@pytest.mark.parametrize("sde", ["default", "cps", "cps_gaussian"])
+def test_low_precision_steps_log_the_probability_training_recomputes(tiny_models, sde):
+    """bf16 latents: the log-prob a sampling step records (of the sample as rounded to bf16) is the
+    one the training pass recomputes from that sample, for each kind of stochastic step (with CPS's
+    surrogate the rounding must not switch it to the Gaussian density)."""
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+
+    schedule = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="none"), "cpu").schedule
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(torch.bfloat16)
+    v = torch.randn(2, 4, 8, 8, generator=g).to(torch.bfloat16)
+    t = schedule.timesteps(4)[1]
+    sampled = schedule.step(x, v, t, 4, 0.8, generator=g, sde=sde)
+    again = schedule.step(x, v, t, 4, 0.8, prev_sample=sampled.prev_sample, sde=sde)
+    assert sampled.prev_sample.dtype == torch.bfloat16
+    torch.testing.assert_close(sampled.log_prob, again.log_prob, rtol=1e-5, atol=1e-6)

@@ -37,6 +37,15 @@ def _as_batch_broadcast(value: float | Tensor, like: Tensor) -> Tensor:
     return value.view(-1, *([1] * (like.ndim - 1)))
 
 
+def surrogate_log_prob(sample: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
+    """The official CPS surrogate -(sample - mean)^2, averaged over non-batch dims -> ``[B]`` (the
+    Gaussian's exponent without 1 / (2 std^2) and constants; 0 where ``std == 0``, a deterministic step)."""
+    std = torch.as_tensor(std, dtype=sample.dtype, device=sample.device).expand_as(sample)
+    value = -((sample.detach() - mean) ** 2)
+    value = torch.where(std == 0, torch.zeros_like(value), value)
+    return value.mean(dim=tuple(range(1, sample.ndim)))
+
+
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
     """Log N(sample; mean, std^2) per element, averaged over non-batch dims -> ``[B]``.
 
@@ -345,8 +354,7 @@ def flow_cps_step(
         return prev_sample, density, mean, std
     if log_prob != "surrogate":
         raise ValueError(f"unknown CPS log_prob {log_prob!r} (surrogate or gaussian)")
-    surrogate = -((prev_sample.detach() - mean) ** 2).mean(dim=tuple(range(1, mean.ndim)))
-    return prev_sample, surrogate, mean, std
+    return prev_sample, surrogate_log_prob(prev_sample, mean, std), mean, std
 
 
 def flow_inversion_step(x: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:

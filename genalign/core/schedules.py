@@ -8,6 +8,8 @@ flow-matching schedules implement the same methods.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,14 +86,16 @@ class NoiseSchedule(Protocol):
         """Uniform training timesteps, shape (B,)."""
 
 
-def _in_dtype(step: StepResult, dtype: torch.dtype, given: Tensor | None) -> StepResult:
-    """Cast an fp32 step to the latents' dtype; the log-prob is of the sample as rounded."""
+def _in_dtype(step: StepResult, dtype: torch.dtype, given: Tensor | None,
+              log_prob_of: Callable[[Tensor, Tensor, Tensor], Tensor] = sampling.gaussian_log_prob) -> StepResult:
+    """Cast an fp32 step to the latents' dtype; the log-prob (``log_prob_of``: the one the step
+    computed, Gaussian or CPS's surrogate) is of the sample as rounded."""
     if dtype == torch.float32:
         return step
     if given is not None:
         return StepResult(given, step.log_prob, step.mean.to(dtype), step.std.to(dtype))
     prev = step.prev_sample.to(dtype)
-    log_prob = sampling.gaussian_log_prob(prev.float(), step.mean, step.std)
+    log_prob = log_prob_of(prev.float(), step.mean, step.std)
     return StepResult(prev, log_prob, step.mean.to(dtype), step.std.to(dtype))
 
 
@@ -321,7 +325,9 @@ class FlowSchedule:
             out = sampling.flow_cps_step(x_t.float(), model_output.float(), sigma.to(x_t.device),
                                          sigma_next.to(x_t.device), eta, prev32, generator, noise32,
                                          log_prob="gaussian" if sde == "cps_gaussian" else "surrogate")
-            return _in_dtype(StepResult(*out), x_t.dtype, given=prev_sample)
+            surrogate = sde == "cps"
+            return _in_dtype(StepResult(*out), x_t.dtype, given=prev_sample,
+                             log_prob_of=sampling.surrogate_log_prob if surrogate else sampling.gaussian_log_prob)
         if sde != "default":
             raise ValueError(f"unknown flow sde {sde!r} (default, cps or cps_gaussian)")
         sigma_max = self.sigmas(num_steps)[1][1]
