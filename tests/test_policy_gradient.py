@@ -483,6 +483,9 @@ def test_flow_grpo_on_cps_rollouts(tiny_models, family):
     assert grpo.loss(batch)[1]["ratio"].item() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ConfigError, match="with sample.sde: cps"):
         FlowGRPO.build(SimpleNamespace(method=FlowGRPOConfig(), sample=sample), backbone, _BrightnessReward())
+    with pytest.raises(ConfigError, match="use sample.sde: cps_gaussian"):
+        FlowGRPO.build(SimpleNamespace(method=FlowGRPOConfig(beta=0.0, ratio_norm=True), sample=sample), backbone,
+                       _BrightnessReward())
 
 
 # ------------------------------------------------------------------ GRPO-Guard

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from genalign.core.experiment import RewardConfig
+from genalign.finetuners.common import OverlappedScores
 from genalign.rewards import load_reward
 from genalign.rewards.remote import RemoteReward, RewardServiceError, decode_images, encode_images
 from genalign.rewards.service import BackgroundServer
@@ -223,6 +224,7 @@ def test_overlapped_scores_score_each_chunk_while_the_next_samples(tiny_models):
     scores = scorer.result()
     assert handed == [0, 2, 4] and all(name.startswith("scoring") for name in threads) and len(threads) == 3
     torch.testing.assert_close(scores, r.images.mean(dim=(1, 2, 3)))
+    assert not scorer.thread.is_alive()
 
 
 class _Brightness:
@@ -281,3 +283,22 @@ def test_serve_reward_reads_a_name_or_a_config_file(tmp_path):
     (tmp_path / "empty.yaml").write_text("method: {name: ddpo}\n")
     with pytest.raises(ConfigError, match="no reward section"):
         reward_configs(argparse.Namespace(target=str(tmp_path / "empty.yaml"), path=None, option=[]))
+
+
+def test_a_failed_chunk_stops_the_rollout_and_its_error_is_raised():
+    """The scoring of chunk 0 fails: handing over the next chunk raises that error (the sampler
+    stops there), and so does results()."""
+    class Fails:
+        overlaps = True
+
+        def __call__(self, images, prompts, metadata=None):
+            raise RewardServiceError("the server is gone")
+
+    scorer = OverlappedScores.for_reward(Fails(), ["a", "b", "c", "d"])
+    scorer(0, torch.rand(2, 3, 4, 4))
+    scorer.thread.join(timeout=0.5)  # the worker has taken chunk 0 and failed (it waits for more)
+    with pytest.raises(RewardServiceError, match="gone"):
+        scorer(2, torch.rand(2, 3, 4, 4))
+    with pytest.raises(RewardServiceError, match="gone"):
+        scorer.results()
+    assert OverlappedScores.for_reward(_Brightness(), ["a"]) is None  # a local reward is scored in place

@@ -9,7 +9,6 @@ flow-matching schedules implement the same methods.
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from dataclasses import dataclass
 from typing import Any, Protocol
 

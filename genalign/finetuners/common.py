@@ -137,41 +137,73 @@ class ShadowParameters:
 
 
 class OverlappedScores:
-    """A rollout's chunks scored as they are decoded, in a background thread, while the sampler goes
+    """A rollout's chunks scored as they are decoded, on a background thread, while the sampler goes
     on with the next chunk: for a reward whose ``overlaps`` is true (one served by another process,
     ``reward: {name: remote}``), so the policy does not wait for it. Pass it as ``rollout``'s
-    ``on_chunk``; :meth:`result` gives the (B,) scores in image order, the same as one call on all
-    the images (each image's score does not depend on its batch)."""
+    ``on_chunk``; :meth:`results` gives the (B,) scores and the sub-scores in image order, the same as
+    one call on all the images (each image's score does not depend on its batch). A chunk whose
+    scoring failed stops the rollout at the next chunk with that error; :meth:`close` (also on
+    leaving a ``with`` block) lets the thread go (a daemon: it never holds the process at exit)."""
 
     def __init__(self, reward: Any, prompts: list[str], metadata: list[dict[str, Any]] | None = None):
-        from concurrent.futures import ThreadPoolExecutor
+        import queue
+        import threading
 
         self.reward, self.prompts, self.metadata = reward, prompts, metadata
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
-        self.futures: list[Any] = []
+        self.jobs: queue.Queue[tuple[Tensor, list[str], Any] | None] = queue.Queue()
+        self.done: list[tuple[Tensor, dict[str, Tensor]]] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="scoring", daemon=True)
+        self.thread.start()
 
-    @staticmethod
-    def wanted(reward: Any) -> bool:
-        return bool(getattr(reward, "overlaps", False))
+    @classmethod
+    def for_reward(cls, reward: Any, prompts: list[str], metadata: list[dict[str, Any]] | None = None
+                   ) -> OverlappedScores | None:
+        """An instance when ``reward`` is scored elsewhere (``reward.overlaps``), else None."""
+        return cls(reward, prompts, metadata) if getattr(reward, "overlaps", False) else None
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None:
+                continue  # drain: nothing more is scored after a failure
+            images, prompts, metadata = job
+            try:
+                with torch.no_grad():
+                    scores, subscores = self.reward(images, prompts, metadata)
+                self.done.append((scores.detach().float().cpu(),
+                                  {k: v.detach().float().cpu() for k, v in subscores.items()}))
+            except BaseException as err:  # noqa: BLE001 - raised in the rollout's thread
+                self.error = err
 
     def __call__(self, start: int, images: Tensor) -> None:
+        if self.error is not None:
+            raise self.error
         end = start + len(images)
         metadata = None if self.metadata is None else self.metadata[start:end]
-        self.futures.append(self.pool.submit(self._score, images.detach(), self.prompts[start:end], metadata))
-
-    def _score(self, images: Tensor, prompts: list[str], metadata: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.no_grad():
-            scores, subscores = self.reward(images, prompts, metadata)
-        return scores.detach().float().cpu(), {k: v.detach().float().cpu() for k, v in subscores.items()}
+        self.jobs.put((images.detach(), self.prompts[start:end], metadata))
 
     def results(self) -> tuple[Tensor, dict[str, Tensor]]:
         """The scores (B,) and the sub-scores, in image order, as one reward call would give them."""
-        try:
-            parts = [future.result() for future in self.futures]
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        return (torch.cat([scores for scores, _ in parts]),
-                {k: torch.cat([sub[k] for _, sub in parts]) for k in parts[0][1]})
+        self.jobs.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if not self.done:
+            raise RuntimeError("no rollout chunk was handed over to score")
+        return (torch.cat([scores for scores, _ in self.done]),
+                {k: torch.cat([sub[k] for _, sub in self.done]) for k in self.done[0][1]})
 
     def result(self) -> Tensor:
         return self.results()[0]
+
+    def close(self) -> None:
+        """Stop after the chunk being scored, without waiting for it."""
+        self.error = self.error or RuntimeError("closed")
+        self.jobs.put(None)
+
+    def __enter__(self) -> OverlappedScores:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.thread.is_alive():
+            self.close()

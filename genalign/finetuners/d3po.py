@@ -26,6 +26,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -265,10 +266,10 @@ class D3PO(LossInParts, BackboneMethod):
         scores, subscores = overlapped.results() if overlapped is not None else self.reward(images, prompts)
         if not self.config.pareto:
             return scores
-        members = getattr(self.reward, "rewards", None)
-        if not members:
+        # the members' scores: every sub-score but the total's (a served weighted sum's too)
+        names = [k for k in subscores if k not in (getattr(self.reward, "name", None), getattr(self.reward, "label", None))]
+        if len(names) < 2:
             raise ConfigError("pareto preferences need several rewards (a list under reward:)")
-        names = [k for k in subscores if k != getattr(self.reward, "name", None)]
         return torch.stack([subscores[n] for n in names], dim=1)  # (B, K)
 
     def _labelled(self, prompts: list[str]) -> tuple[Trajectory, Tensor, Tensor, Tensor, dict[str, Tensor]]:
@@ -293,10 +294,10 @@ class D3PO(LossInParts, BackboneMethod):
         else:
             repeated = [p for p in prompts for _ in range(self.config.samples_per_prompt)]
             # a served reward scores each chunk while the next is sampled: the same scores
-            overlapped = OverlappedScores(self.reward, repeated) if OverlappedScores.wanted(self.reward) else None
-            trajectory, images = rollout(self.backbone, prompts, self.config.samples_per_prompt, self.sample_config,
-                                         generator, self.config.sample_batch_size or None, overlapped)
-            scores = self._scores(images, repeated, overlapped)
+            with OverlappedScores.for_reward(self.reward, repeated) or nullcontext() as overlapped:
+                trajectory, images = rollout(self.backbone, prompts, self.config.samples_per_prompt, self.sample_config,
+                                             generator, self.config.sample_batch_size or None, overlapped)
+                scores = self._scores(images, repeated, overlapped)
             a, b = all_pairs(len(prompts), self.config.samples_per_prompt)
             preference = preferences_from_scores(scores[a], scores[b], self.config.tie_margin)
             total = scores if scores.ndim == 1 else scores.sum(1)

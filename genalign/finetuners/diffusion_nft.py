@@ -33,6 +33,7 @@ as it is computed).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,8 +175,8 @@ class DiffusionNFT(LossInParts, BackboneMethod):
                 raise ConfigError(f"{self.name}: prompt {missing[0]!r} has no row in {c.prompt_metadata}")
             metadata = [self.metadata[p] for p in repeated]
         # a served reward scores each chunk while the next is sampled and v_old computed; the same scores
-        overlapped = OverlappedScores(self.reward, repeated, metadata) if OverlappedScores.wanted(self.reward) else None
-        with self.old.swapped():  # the old policy samples and gives v_old at the training points
+        overlapped = OverlappedScores.for_reward(self.reward, repeated, metadata)
+        with overlapped or nullcontext(), self.old.swapped():  # the old policy samples and gives v_old there
             r = rollout(self.backbone, prompts, s.num_steps, s.guidance_scale, s.eta, samples_per_prompt=c.samples_per_prompt,
                         generator=generator, chunk_size=c.sample_batch_size or None, sde=s.sde, on_chunk=overlapped)
             x0 = r.trajectory.final.float()
@@ -185,9 +186,9 @@ class DiffusionNFT(LossInParts, BackboneMethod):
             cond = Conditioning(r.cond.positive, None, r.cond.prompts)  # the conditional model is trained
             v_old = torch.stack([self.backbone.predict(self._noised(x0, noise[j], timesteps[j]), timesteps[j], cond).float()
                                  for j in range(k)])
-        if overlapped is not None:
-            rewards = overlapped.result()
-        else:
+            if overlapped is not None:
+                rewards = overlapped.result()
+        if overlapped is None:
             rewards = self.reward(r.images, r.prompts, metadata)[0].detach().float().cpu()
         if not bool(torch.isfinite(rewards).all()):
             raise ValueError(f"{self.name}: the reward is not finite for some samples")

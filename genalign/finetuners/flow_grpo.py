@@ -189,6 +189,9 @@ class FlowGRPO(PolicyGradientMethod):
             raise ConfigError("flow_grpo: kl_variance=sigma scales the KL by the plain flow SDE's s_t; with sample.sde: "
                               "cps set method.kl_variance: step (the KL between the CPS steps) or beta 0 (as the "
                               "official fast configs)")
+        if config.ratio_norm and sample_config.sde == "cps":
+            raise ConfigError("flow_grpo: ratio_norm (GRPO-Guard) corrects a Gaussian log-ratio by (mu - mu_old)^2 / (2 s^2); "
+                              "CPS's surrogate log-prob has no 1 / (2 s^2): use sample.sde: cps_gaussian with it")
         self.rollouts_done = 0  # the progressive SDE window's clock
         self.window_start = -1
         if config.sde_window and config.sde_window > sample_config.num_steps - 1:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -291,12 +292,12 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         assert self.reward is not None
         metadata = [self._metadata_row(p) for p in repeated] if self.metadata else None
         # a served reward scores each chunk while the next is sampled; the scores are the same
-        overlapped = OverlappedScores(self.reward, repeated, metadata) if OverlappedScores.wanted(self.reward) else None
-        trajectory, images, stochastic = self._sample(prompts, generator, overlapped)
-        if overlapped is not None:
-            rewards = overlapped.result()
-        else:
-            rewards = self.reward(images, repeated, metadata)[0].detach().float().cpu()
+        with OverlappedScores.for_reward(self.reward, repeated, metadata) or nullcontext() as overlapped:
+            trajectory, images, stochastic = self._sample(prompts, generator, overlapped)
+            if overlapped is not None:
+                rewards = overlapped.result()
+            else:
+                rewards = self.reward(images, repeated, metadata)[0].detach().float().cpu()
         bad = (~torch.isfinite(rewards)).nonzero()
         if len(bad):
             raise ValueError(f"{self.name}: the reward is not finite ({float(rewards[bad[0]])}) for {repeated[bad[0]]!r}")

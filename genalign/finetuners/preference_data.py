@@ -67,12 +67,12 @@ def online_pairs(
     while the next samples) and keep each prompt's best and worst as a pair."""
     prompts = list(prompts)
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]  # as rollout orders them
-    overlapped = OverlappedScores(reward, repeated) if OverlappedScores.wanted(reward) else None
-    with backbone.reference() if from_reference else nullcontext():
+    overlapped = OverlappedScores.for_reward(reward, repeated)
+    with overlapped or nullcontext(), backbone.reference() if from_reference else nullcontext():
         r = rollout(backbone, prompts, num_steps, guidance_scale, eta, samples_per_prompt=samples_per_prompt,
                     generator=generator, chunk_size=chunk_size, on_chunk=overlapped)
+        scores = overlapped.result().to(r.images.device) if overlapped is not None else reward(r.images, repeated)[0]
     cond, images = r.cond, r.images
-    scores = overlapped.result().to(images.device) if overlapped is not None else reward(images, repeated)[0]
     winners, losers, keep = rank_pairs(scores.to(images.device), samples_per_prompt, min_gap)
     winners, losers = winners[keep], losers[keep]
     kept = keep.nonzero().squeeze(1).tolist()
