@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -68,9 +69,13 @@ def encode_images(images: Tensor, encoding: str) -> dict[str, Any]:
     raise ValueError(f"unknown image encoding {encoding!r}; one of {', '.join(ENCODINGS)}")
 
 
-def decode_images(payload: Mapping[str, Any], max_images: int = 4096) -> Tensor:
+MAX_SIDE = 8192  # pixels: a larger image is refused before it is decoded
+
+
+def decode_images(payload: Mapping[str, Any], max_images: int = 4096, max_bytes: int = 2**31) -> Tensor:
     """The images of a request as float (B, 3, H, W) in [0, 1]; :class:`RewardInputError` on anything
-    malformed (unknown format, a shape that does not match the data, an undecodable PNG)."""
+    malformed (unknown format, a shape that does not match the data, an undecodable PNG) or too
+    large (a side over ``MAX_SIDE``, or more than ``max_bytes`` once decoded to float32)."""
     if not isinstance(payload, Mapping):
         raise RewardInputError("images must be an object with format and data")
     unknown = set(payload) - {"format", "shape", "data"}
@@ -85,12 +90,19 @@ def decode_images(payload: Mapping[str, Any], max_images: int = 4096) -> Tensor:
         data = payload.get("data")
         if not isinstance(data, list) or not data or len(data) > max_images:
             raise RewardInputError(f"png images: data must be a list of 1 to {max_images} base64 strings")
-        arrays = []
+        arrays, decoded = [], 0
         for i, item in enumerate(data):
             try:
-                with Image.open(io.BytesIO(base64.b64decode(item, validate=True))) as image:
+                with Image.open(io.BytesIO(base64.b64decode(item, validate=True))) as image:  # lazy: the header only
+                    width, height = image.size
+                    decoded += 12 * width * height  # float32 RGB
+                    if max(width, height) > MAX_SIDE or decoded > max_bytes:
+                        raise RewardInputError(f"png image {i} ({width} x {height}) makes the request larger than "
+                                               f"this server decodes ({max_bytes} bytes as float32, sides <= {MAX_SIDE})")
                     arrays.append(np.asarray(image.convert("RGB")))
-            except (ValueError, TypeError, UnidentifiedImageError, OSError) as err:
+            except RewardInputError:
+                raise
+            except (ValueError, TypeError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
                 raise RewardInputError(f"png image {i} could not be decoded: {err}") from err
         if len({a.shape for a in arrays}) > 1:
             raise RewardInputError(f"png images of different sizes in one request: {sorted({a.shape for a in arrays})}")
@@ -99,17 +111,21 @@ def decode_images(payload: Mapping[str, Any], max_images: int = 4096) -> Tensor:
     if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)):
         raise RewardInputError(f"{kind} images: shape must be 4 positive integers; got {shape!r}")
     channels = shape[1] if kind == "float32" else shape[3]
-    if channels != 3 or shape[0] > max_images:
+    sides = shape[2:] if kind == "float32" else shape[1:3]
+    if channels != 3 or shape[0] > max_images or max(sides) > MAX_SIDE:
         layout = "(B, 3, H, W)" if kind == "float32" else "(B, H, W, 3)"
-        raise RewardInputError(f"{kind} images: shape must be {layout} with B <= {max_images}; got {shape}")
+        raise RewardInputError(f"{kind} images: shape must be {layout} with B <= {max_images} and sides <= {MAX_SIDE}; "
+                               f"got {shape}")
+    if 4 * math.prod(shape) > max_bytes:
+        raise RewardInputError(f"{kind} images of shape {shape} are more than this server decodes ({max_bytes} bytes)")
     try:
         raw = base64.b64decode(payload.get("data", ""), validate=True)
     except (ValueError, TypeError) as err:
         raise RewardInputError(f"{kind} images: data is not base64: {err}") from err
     size = 4 if kind == "float32" else 1
-    if len(raw) != size * int(np.prod(shape)):
+    if len(raw) != size * math.prod(shape):
         raise RewardInputError(f"{kind} images: {len(raw)} bytes of data for shape {shape} "
-                               f"({size * int(np.prod(shape))} expected)")
+                               f"({size * math.prod(shape)} expected)")
     if kind == "float32":
         images = torch.from_numpy(np.frombuffer(raw, dtype="<f4").reshape(shape).copy())
         if not torch.isfinite(images).all():

@@ -15,7 +15,10 @@ Endpoints (FastAPI on uvicorn):
 Bad requests (malformed JSON, unknown fields, wrong shapes, undecodable images, inputs the reward
 refuses) are answered 400 with ``{"error": ...}`` and never stop the server; a batch that fails is
 scored again request by request, so one bad request does not fail its neighbours. Bodies larger than
-``max_request_bytes`` are refused (413) before they are read whole. With a token, requests without
+``max_request_bytes`` are refused (413) before they are read whole, and images that would decode to
+more than 4x that (float32) or have a side over 8192 are refused (400) before they are decoded. The
+reward never sees more than ``max_batch`` images at once (its memory bound); a client that has gone
+(timed out) is not scored. With a token, requests without
 ``Authorization: Bearer <token>`` are refused (401). Listens on 127.0.0.1 unless told otherwise.
 """
 
@@ -27,6 +30,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +51,7 @@ class _Request:
     prompts: list[str]
     metadata: list[dict[str, Any]] | None
     future: asyncio.Future = field(repr=False)
+    disconnected: Any = None  # async () -> bool: the client gave up (timed out); not scored then
 
 
 @dataclass
@@ -59,24 +64,27 @@ class Counters:
 
 
 class Batcher:
-    """Collects requests into batches of up to ``max_batch`` images (waiting at most ``max_wait``
-    seconds after the first) and scores each batch in one worker thread."""
+    """Collects requests into batches of at most ``max_batch`` images (waiting at most ``max_wait``
+    seconds after the first; a request of more images is scored alone, ``max_batch`` at a time) and
+    scores each batch in one worker thread. Requests whose client has gone are not scored."""
 
     def __init__(self, reward: RewardModel, max_batch: int, max_wait: float, counters: Counters):
         self.reward, self.max_batch, self.max_wait, self.counters = reward, max_batch, max_wait, counters
         self.queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self.carry: _Request | None = None  # the request that did not fit in the last batch starts the next
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
-    async def submit(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None) -> Any:
+    async def submit(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None,
+                     disconnected: Any = None) -> Any:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Request(images, prompts, metadata, future))
+        await self.queue.put(_Request(images, prompts, metadata, future, disconnected))
         return await future
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            size = len(batch[0].prompts)
+            first, self.carry = self.carry or await self.queue.get(), None
+            batch, size = [first], len(first.prompts)
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
                 left = deadline - loop.time()
@@ -86,8 +94,12 @@ class Batcher:
                     nxt = await asyncio.wait_for(self.queue.get(), left)
                 except asyncio.TimeoutError:
                     break
+                if size + len(nxt.prompts) > self.max_batch:
+                    self.carry = nxt
+                    break
                 batch.append(nxt)
                 size += len(nxt.prompts)
+            batch = [r for r in batch if not r.future.done() and not (r.disconnected and await r.disconnected())]
             for group in _groups(batch):
                 try:
                     results = await loop.run_in_executor(self.worker, self._score, group)
@@ -110,10 +122,16 @@ class Batcher:
         images = torch.cat([r.images for r in group])
         prompts = [p for r in group for p in r.prompts]
         metadata = None if group[0].metadata is None else [m for r in group for m in r.metadata or []]
+        parts = []
         with torch.no_grad():
-            scores, subscores = self.reward(images, prompts, metadata)
-        self.counters.batches += 1
-        self.counters.largest_batch = max(self.counters.largest_batch, len(prompts))
+            for start in range(0, len(prompts), self.max_batch):  # never more than max_batch at once
+                end = start + self.max_batch
+                parts.append(self.reward(images[start:end], prompts[start:end],
+                                         None if metadata is None else metadata[start:end]))
+                self.counters.batches += 1
+                self.counters.largest_batch = max(self.counters.largest_batch, len(prompts[start:end]))
+        scores = torch.cat([scores for scores, _ in parts])
+        subscores = {k: torch.cat([sub[k] for _, sub in parts]) for k in parts[0][1]}
         out, start = [], 0
         for r in group:
             end = start + len(r.prompts)
@@ -132,7 +150,7 @@ def _groups(batch: list[_Request]) -> list[list[_Request]]:
     return list(groups.values())
 
 
-def parse_request(body: bytes, max_images: int) -> tuple[Tensor, list[str], list[dict[str, Any]] | None]:
+def parse_request(body: bytes, max_images: int, max_bytes: int = 2**31) -> tuple[Tensor, list[str], list[dict[str, Any]] | None]:
     """A request body as (images, prompts, metadata); :class:`RewardInputError` says what is wrong."""
     try:
         data = json.loads(body)
@@ -145,7 +163,7 @@ def parse_request(body: bytes, max_images: int) -> tuple[Tensor, list[str], list
         raise RewardInputError(f"unknown field(s) {sorted(unknown)}; a request has {sorted(FIELDS)}")
     if "images" not in data or "prompts" not in data:
         raise RewardInputError("a request needs images and prompts")
-    images = decode_images(data["images"], max_images)
+    images = decode_images(data["images"], max_images, max_bytes)
     prompts, metadata = data["prompts"], data.get("metadata")
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise RewardInputError("prompts must be a list of strings")
@@ -161,9 +179,20 @@ def make_app(reward: RewardModel, max_batch: int = 16, max_wait: float = 0.01, t
     counters = Counters()
     state: dict[str, Any] = {}
 
+    def stopped(task: asyncio.Task) -> None:  # the batcher died: say so to every waiting and later request
+        if not task.cancelled() and task.exception() is not None:
+            state["dead"] = task.exception()
+            batcher = state["batcher"]
+            while not batcher.queue.empty():
+                request = batcher.queue.get_nowait()
+                if not request.future.done():
+                    request.future.set_exception(RuntimeError(f"the batcher stopped: {state['dead']!r}"))
+
+    @asynccontextmanager
     async def lifespan(app: Any) -> Any:
         state["batcher"] = Batcher(reward, max_batch, max_wait, counters)
         task = asyncio.create_task(state["batcher"].run())
+        task.add_done_callback(stopped)
         yield
         task.cancel()
         state["batcher"].worker.shutdown(wait=False, cancel_futures=True)
@@ -200,14 +229,17 @@ def make_app(reward: RewardModel, max_batch: int = 16, max_wait: float = 0.01, t
             body += chunk
             if len(body) > max_request_bytes:
                 return refuse(413, f"the body is over {max_request_bytes} bytes, the most this server takes")
-        try:
-            images, prompts, metadata = parse_request(bytes(body), max_images=4 * max_batch + 4096)
+        if "dead" in state:
+            return refuse(500, f"the batcher stopped: {state['dead']!r}")
+        try:  # decoding is CPU work: off the event loop, so batching and /health go on meanwhile
+            images, prompts, metadata = await asyncio.to_thread(parse_request, bytes(body), 4 * max_batch + 4096,
+                                                                4 * max_request_bytes)
         except RewardInputError as err:
             return refuse(400, str(err))
         counters.requests += 1
         counters.images += len(prompts)
         try:
-            return await state["batcher"].submit(images, prompts, metadata)
+            return await state["batcher"].submit(images, prompts, metadata, request.is_disconnected)
         except (RewardInputError, ValueError, KeyError) as err:  # inputs this reward refuses
             return refuse(400, f"{type(err).__name__}: {err}")
         except Exception as err:  # noqa: BLE001 - the reward failed; the server stays up

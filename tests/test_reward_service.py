@@ -71,6 +71,11 @@ def test_served_scores_equal_local_ones_and_requests_are_batched(gold):
         assert torch.equal(torch.cat([results[k] for k in range(4)]), local)
         health = httpx.get(url + "/health").json()
         assert health["requests"] == 5 and health["images"] == 24 and health["largest_batch"] > 3
+    with BackgroundServer(gold, max_batch=5, max_wait=0.3) as url:  # the reward never sees more than 5
+        scores, _ = RemoteReward(url, retries=0)(images, prompts)
+        assert torch.equal(scores, local)
+        health = httpx.get(url + "/health").json()
+        assert health["largest_batch"] == 5 and health["batches"] == 3  # 12 images: 5 + 5 + 2
 
 
 def test_bad_requests_are_answered_and_the_server_stays_up(gold):
@@ -93,6 +98,16 @@ def test_bad_requests_are_answered_and_the_server_stays_up(gold):
             assert answer.status_code == 400 and message in answer.json()["error"], name
         big = httpx.post(url + "/score", content=b"x" * 300_000)
         assert big.status_code == 413
+        huge = {"format": "uint8", "shape": [1, 2**32, 2**32, 3], "data": ""}  # its size overflows int64
+        answer = httpx.post(url + "/score", json={**good, "prompts": prompts[:1], "images": huge})
+        assert answer.status_code == 400 and "sides <=" in answer.json()["error"]
+        from PIL import Image
+
+        buffer = __import__("io").BytesIO()
+        Image.new("RGB", (9000, 10)).save(buffer, format="PNG")  # a few hundred bytes, a side over 8192
+        bomb = {"format": "png", "data": [base64.b64encode(buffer.getvalue()).decode()]}
+        answer = httpx.post(url + "/score", json={**good, "prompts": prompts[:1], "images": bomb})
+        assert answer.status_code == 400 and "larger than this server decodes" in answer.json()["error"]
         answer = httpx.post(url + "/score", json=good)  # still serving
         assert answer.status_code == 200 and len(answer.json()["scores"]) == 2
         with pytest.raises(RewardServiceError, match="refused the request .*dragon"):

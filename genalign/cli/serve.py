@@ -61,10 +61,15 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     from genalign.rewards import build_reward
     from genalign.rewards.service import make_app
 
+    if args.max_wait_ms < 0 or args.max_request_mb <= 0:
+        raise ConfigError("--max-wait-ms must be >= 0 and --max-request-mb > 0")
     reward = build_reward(reward_configs(args), device(args.device))
     token = os.environ.get(args.token_env) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print(f"warning: serving on {args.host} without a token (set {args.token_env})")
+    elif args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} over plain HTTP: the token travels unencrypted (use a trusted "
+              "network or a TLS proxy in front)")
     app = make_app(reward, args.max_batch, args.max_wait_ms / 1000, token, int(args.max_request_mb * 2**20))
     url = f"http://{args.host}:{args.port}"
     print(f"serving reward {reward.label} on {url} (batches of up to {args.max_batch} images"
