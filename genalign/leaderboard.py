@@ -7,7 +7,8 @@ run gives the whole learning curve). Each export is scored by the exact evaluato
 prompts at several evaluation seeds and paired, image by image, with the base model's verdicts on
 the same prompts and seeds (``genalign.shapes.scoring.paired_gain``). A run's gain at a budget is
 the mean over evaluation seeds; a method's gain is the mean over training seeds with the standard
-error over them (it holds the training noise and the evaluation's). Budgets are equal in reward
+error over them (the training noise and the evaluation's sampling noise per run; every run is
+scored on the same prompts and evaluation seeds, so it is the error given this evaluation set). Budgets are equal in reward
 queries (images the training reward scored, from the config's batch shape) and, separately, in
 training minutes (the last export within the minutes; a run with none within them counts as its base,
 gain 0). ``--trl`` adds TRL 0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside
@@ -112,13 +113,38 @@ def within_minutes(points: Sequence[dict[str, Any]], minutes: float) -> dict[str
 # ------------------------------------------------------------------ training and evaluation (cached)
 
 
-def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path, record: Path,
-              per_step: float) -> list[dict[str, Any]] | None:
-    """Train ``config_path`` at ``run.seed = seed`` for ``steps`` steps in ``folder``, exporting every
-    ``every``, and write its points (step, reward queries, minutes, weights folder) to ``record``;
-    returns them, or None when ``record`` already held them (nothing trained)."""
+def fingerprint(*parts: Any) -> str:
+    """What a record was made from (a config's text, the steps, the seed ...): a changed one is redone."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+
+
+def read_points(record: Path, made_from: str) -> list[dict[str, Any]] | None:
+    """A run's recorded points, or None (and its stale evaluations removed) when there is no record
+    or it was made from something else (an edited config, other budgets)."""
     if record.is_file():
-        return None
+        data = json.loads(record.read_text())
+        if data.get("fingerprint") == made_from:
+            return data["points"]
+    shutil.rmtree(record.parent / "evals", ignore_errors=True)
+    return None
+
+
+def write_points(record: Path, made_from: str, points: list[dict[str, Any]]) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"fingerprint": made_from, "points": points}, indent=1) + "\n")
+
+
+def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path, record: Path,
+              per_step: float) -> bool:
+    """Train ``config_path`` at ``run.seed = seed`` for ``steps`` steps in ``folder``, exporting every
+    ``every``, and write its points (step, reward queries, minutes, weights folder) to ``record``,
+    unless ``record`` already holds them for this config text, seed, steps and interval. Returns
+    whether it trained."""
+    made_from = fingerprint(Path(config_path).read_text(), seed, steps, every)
+    if read_points(record, made_from) is not None:
+        return False
     from genalign.core.experiment import load_experiment
     from genalign.finetuners import config_classes
     from genalign.launch import run_experiment
@@ -132,9 +158,20 @@ def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path,
         meta = json.loads((where / "export.json").read_text())
         points.append({"step": meta["step"], "queries": meta["step"] * per_step,
                        "minutes": meta["train_seconds"] / 60, "weights": str(where)})
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(points, indent=1) + "\n")
-    return points
+    write_points(record, made_from, points)
+    return True
+
+
+def resolved(config_path: str) -> dict[str, Any]:
+    """A config as the trainer reads it, every default filled in (for the batch shape)."""
+    from dataclasses import asdict as fields_of
+
+    from genalign.core.experiment import load_experiment
+    from genalign.finetuners import config_classes
+
+    config = load_experiment(config_path, config_classes())
+    return {"method": {"name": config.method_name, **fields_of(config.method)}, "run": fields_of(config.run),
+            "backbone": fields_of(config.backbone), "reward": [fields_of(r) for r in config.reward]}
 
 
 _BACKBONES: dict[tuple[str, str, str], Any] = {}  # one loaded base a model: LoRAs are loaded and unloaded
@@ -179,31 +216,32 @@ def evaluate(family: str, path: str, weights: str | None, eval_seed: int, s: Set
 
 def _eval_name(s: Settings, eval_seed: int) -> str:
     split = "" if s.split == "heldout" else f"-{s.split}"
-    return f"eval-seed{eval_seed}-p{s.per_task}-n{s.eval_steps}-g{s.guidance_scale:g}{split}.json"
+    device = "" if s.device == "cpu" else f"-{s.device.replace(':', '')}"  # numerics differ by device
+    return f"eval-seed{eval_seed}-p{s.per_task}-n{s.eval_steps}-g{s.guidance_scale:g}{split}{device}.json"
 
 
 def measure(s: Settings, log: Any = print) -> dict[str, Any]:
     """Train and evaluate what is missing; return every number the report needs."""
-    import yaml
-
     out, records = Path(s.out), Path(s.records)
     methods: dict[str, Any] = {}
-    for config_path in s.configs:
-        config = yaml.safe_load(Path(config_path).read_text())
-        name = Path(config_path).stem
+    names = [Path(c).stem for c in s.configs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two configs of the same name among {s.configs}: their records would mix")
+    for config_path, name in zip(s.configs, names):
+        config = resolved(config_path)
         per_step = queries_per_step(config)
         steps = budget_steps(per_step, s.budgets)
         every = export_interval(list(steps.values()))
-        family, path = config["backbone"].get("family", "sd"), config["backbone"]["path"]
-        reward = (config.get("reward") or {}).get("name", "-")
+        family, path = config["backbone"]["family"], config["backbone"]["path"]
+        reward = "+".join(r["name"] for r in config["reward"]) or "-"
         runs: dict[int, list[dict[str, Any]]] = {}
         for seed in s.seeds:
-            record = records / "runs" / name / f"seed{seed}"
+            record = records / "runs" / name / f"seed{seed}" / "points.json"
             started = time.monotonic()
             if train_run(config_path, seed, max(steps.values()), every, out / "runs" / name / f"seed{seed}",
-                         record / "points.json", per_step):
+                         record, per_step):
                 log(f"{name} seed {seed}: trained {max(steps.values())} steps in {(time.monotonic() - started) / 60:.1f} min")
-            runs[seed] = json.loads((record / "points.json").read_text())
+            runs[seed] = json.loads(record.read_text())["points"]
         base = score_runs(name, family, path, reward == "clip", runs, records, s, log)
         methods[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
     if s.trl:
@@ -221,8 +259,8 @@ def score_runs(name: str, family: str, path: str, with_proxy: bool, runs: dict[i
     when asked), in place; returns the base's evaluations."""
     from genalign.shapes.scoring import paired_gain
 
-    base = {e: evaluate(family, path, None, e, s, records / "base" / family / _eval_name(s, e), with_proxy)
-            for e in s.eval_seeds}
+    folder = records / "base" / f"{family}-{Path(path).name}-{fingerprint(path)[:8]}"
+    base = {e: evaluate(family, path, None, e, s, folder / _eval_name(s, e), with_proxy) for e in s.eval_seeds}
     for seed, points in runs.items():
         for point in points:
             point["gains"], point["per_task"], point["proxy_gain"] = {}, {}, {}
@@ -252,11 +290,13 @@ def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[
     import sys
 
     record = records / "runs" / TRL_NAME / f"seed{seed}" / "points.json"
-    if record.is_file():
-        return json.loads(record.read_text())
+    all_epochs = sorted({math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets})
+    made_from = fingerprint("trl_ddpo", seed, all_epochs)
+    known = read_points(record, made_from)
+    if known is not None:
+        return known
     points = []
-    for q in s.budgets:
-        epochs = math.ceil(q / TRL_QUERIES_PER_EPOCH)
+    for epochs in all_epochs:
         folder = out / "runs" / "trl_ddpo" / f"seed{seed}" / f"epochs{epochs}"
         shutil.rmtree(folder, ignore_errors=True)
         subprocess.run([sys.executable, "bench/trl_ddpo.py", "train", "--epochs", str(epochs), "--seed", str(seed),
@@ -265,8 +305,7 @@ def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[
         points.append({"step": epochs, "queries": trained[-1]["queries"], "minutes": trained[-1]["seconds"] / 60,
                        "weights": str(folder / "final")})
         log(f"{TRL_NAME} seed {seed}: {epochs} epochs in {points[-1]['minutes']:.1f} min")
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(points, indent=1) + "\n")
+    write_points(record, made_from, points)
     return points
 
 
@@ -299,6 +338,7 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
     for q, step in steps.items():
         points = by_step.get(step, [])
         if not points:
+            print(f"warning: {name} has no export at step {step} ({q} reward queries): left out of the table")
             continue
         per_seed = [at(p) for p in points]
         gain, error = pooled(per_seed)

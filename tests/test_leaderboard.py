@@ -76,6 +76,12 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     assert leaderboard.main(args) == 0
     again = json.loads((tmp_path / "records" / "leaderboard.json").read_text())["methods"]["toy_grpo"]
     assert again["budgets"] == m["budgets"] and again["curve"] == m["curve"]
+    # an edited config is trained again (and its old evaluations are not reused)
+    config["run"]["lr"] = 0.04
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        leaderboard.main(args)
+    assert not (tmp_path / "records" / "runs" / "toy_grpo" / "seed0" / "evals").exists()
     text = (docs / "results.md").read_text()
     assert text.startswith("# Results\n\nkept above\n") and text.count(leaderboard.MARK_BEGIN) == 1
     assert "| `toy_grpo` | sd3 | shapes_gold |" in text

@@ -243,7 +243,7 @@ class Trainer:
         acc, run = self.accelerator, self.run
         self._start(resume)
         history: list[dict[str, float]] = []
-        self.launched = time.monotonic()
+        self.launched, self.not_training = time.monotonic(), 0.0  # export.json's clock: training time only
         deadline = self.launched + 60 * run.max_minutes if run.max_minutes else None
         bar = tqdm(total=run.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
         with bar, self.stop_signals:
@@ -291,23 +291,28 @@ class Trainer:
     def _finish(self) -> None:
         """The final checkpoint, sample grid and export (of the EMA weights when kept)."""
         acc = self.accelerator
+        started = time.monotonic()
         self.save_checkpoint()
         self.write_samples("final")
+        self.not_training = getattr(self, "not_training", 0.0) + time.monotonic() - started
         self.export(self.output_dir / "final")
         if self.run.tracker != "none":
             acc.end_training()
 
     def export(self, folder: Path) -> None:
         """The weights in the backbone's own format (the EMA's when kept), with ``export.json``: the
-        step and the seconds of training since this launch began (``run.export_every``'s learning curves)."""
+        step and the seconds of training since this launch began, not counting exports, the final
+        checkpoint and sample grid (``run.export_every``'s learning curves)."""
         acc = self.accelerator
+        started = time.monotonic()
+        seconds = started - getattr(self, "launched", started) - getattr(self, "not_training", 0.0)
         if acc.is_main_process or self.sharded:  # sharded: all gather, main writes
             with averaged_weights(self.ema, self.params):
                 self.finetuner.export(folder)
         if acc.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
-            seconds = time.monotonic() - getattr(self, "launched", time.monotonic())
             (folder / "export.json").write_text(json.dumps({"step": self.step, "train_seconds": round(seconds, 2)}) + "\n")
+        self.not_training = getattr(self, "not_training", 0.0) + time.monotonic() - started
 
 
 __all__ = ["CheckpointWriteError", "DataSource", "NonFiniteError", "PromptSource", "TrainResult", "Trainer", "TrainingInterrupted",
