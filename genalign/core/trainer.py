@@ -88,6 +88,7 @@ class Trainer:
         self.run = run
         self.sample_config = sample or SampleConfig()
         self.output_dir = Path(run.output_dir)
+        self.launched, self.not_training = time.monotonic(), 0.0  # export.json's clock (reset by train())
         self.accelerator = accelerator or make_accelerator(run)
         acc = self.accelerator
         # the training items: prompts, or the method's own data (rows, pairs)
@@ -294,7 +295,7 @@ class Trainer:
         started = time.monotonic()
         self.save_checkpoint()
         self.write_samples("final")
-        self.not_training = getattr(self, "not_training", 0.0) + time.monotonic() - started
+        self.not_training += time.monotonic() - started
         self.export(self.output_dir / "final")
         if self.run.tracker != "none":
             acc.end_training()
@@ -305,14 +306,14 @@ class Trainer:
         checkpoint and sample grid (``run.export_every``'s learning curves)."""
         acc = self.accelerator
         started = time.monotonic()
-        seconds = started - getattr(self, "launched", started) - getattr(self, "not_training", 0.0)
+        seconds = started - self.launched - self.not_training
         if acc.is_main_process or self.sharded:  # sharded: all gather, main writes
             with averaged_weights(self.ema, self.params):
                 self.finetuner.export(folder)
         if acc.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "export.json").write_text(json.dumps({"step": self.step, "train_seconds": round(seconds, 2)}) + "\n")
-        self.not_training = getattr(self, "not_training", 0.0) + time.monotonic() - started
+        self.not_training += time.monotonic() - started
 
 
 __all__ = ["CheckpointWriteError", "DataSource", "NonFiniteError", "PromptSource", "TrainResult", "Trainer", "TrainingInterrupted",
