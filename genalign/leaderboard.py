@@ -3,7 +3,8 @@
 Every given shapes config (default: each ``configs/shapes/*.yaml``) is trained under several
 training seeds to the largest reward-query budget, exporting its weights at every budget's step
 (``run.export_every``: with a constant learning rate each export is the run stopped there, so one
-run gives the whole learning curve). Each export is scored by the exact evaluator on held-out
+run gives the whole learning curve). Each budget's export (every export of a run trained on a proxy,
+whose curve between budgets shows over-optimisation) is scored by the exact evaluator on held-out
 prompts at several evaluation seeds and paired, image by image, with the base model's verdicts on
 the same prompts and seeds (``genalign.shapes.scoring.paired_gain``). A run's gain at a budget is
 the mean over evaluation seeds; a method's gain is the mean over training seeds with the standard
@@ -44,6 +45,7 @@ from genalign.shapes.world import TASKS
 
 MARK_BEGIN = "<!-- leaderboard: begin (written by bench/leaderboard.py; edits here are overwritten) -->"
 MARK_END = "<!-- leaderboard: end -->"
+PROXY_REWARDS = ("clip", "ensemble")  # trained on a proxy: the CLIP proxy is scored beside the gold
 
 
 @dataclass
@@ -111,6 +113,17 @@ def within_minutes(points: Sequence[dict[str, Any]], minutes: float) -> dict[str
 
 
 # ------------------------------------------------------------------ training and evaluation (cached)
+
+
+def scored_points(points: Sequence[dict[str, Any]], budget_steps: Any, minutes: Sequence[float]) -> list[dict[str, Any]]:
+    """The exports a run is scored at: each reward-query budget's step and the last export within
+    each minute budget."""
+    keep = set(budget_steps)
+    for m in minutes:
+        chosen = within_minutes(points, m)
+        if chosen is not None:
+            keep.add(chosen["step"])
+    return [p for p in points if p["step"] in keep]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -242,7 +255,10 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
                          record, per_step):
                 log(f"{name} seed {seed}: trained {max(steps.values())} steps in {(time.monotonic() - started) / 60:.1f} min")
             runs[seed] = json.loads(record.read_text())["points"]
-        base = score_runs(name, family, path, reward == "clip", runs, records, s, log)
+        with_proxy = reward in PROXY_REWARDS
+        if not with_proxy:  # only a proxy-trained run's curve between budgets is read (over-optimisation)
+            runs = {seed: scored_points(points, steps.values(), s.minutes) for seed, points in runs.items()}
+        base = score_runs(name, family, path, with_proxy, runs, records, s, log)
         methods[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
     if s.trl:
         runs = {seed: trl_run(seed, s, out, records, log) for seed in s.seeds}
@@ -450,8 +466,8 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
             ax.plot(xs, [0.0] + [c["gain"] for c in m["curve"]], marker="o", ms=3, label="gold (exact evaluator)")
             twin = ax.twinx()
             twin.plot(xs, [0.0] + [c["proxy_gain"] for c in m["curve"]], marker="s", ms=3, color="tab:red",
-                      label="proxy (CLIP reward)")
-            ax.set_title(method, fontsize=9)
+                      label=f"proxy ({Path(results['settings']['clip']).name})")
+            ax.set_title(f"{method} (trained on {m['reward']})", fontsize=9)
             ax.set_xlabel("reward queries")
             ax.set_ylabel("gold gain")
             twin.set_ylabel("proxy gain", color="tab:red")
@@ -537,4 +553,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["Settings", "budget_steps", "export_interval", "main", "measure", "plot", "pooled", "queries_per_step",
-           "table", "within_minutes", "write_docs"]
+           "scored_points", "table", "within_minutes", "write_docs"]

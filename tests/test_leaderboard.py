@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from genalign import leaderboard
-from genalign.leaderboard import budget_steps, export_interval, pooled, queries_per_step, within_minutes
+from genalign.leaderboard import (budget_steps, export_interval, pooled, queries_per_step, scored_points,
+                                  within_minutes)
 
 
 def test_budgets_and_pooling_by_hand():
@@ -28,6 +29,9 @@ def test_budgets_and_pooling_by_hand():
     assert pooled([0.25]) == (0.25, 0.0)
     points = [{"step": 1, "minutes": 0.5}, {"step": 2, "minutes": 1.1}, {"step": 3, "minutes": 1.6}]
     assert within_minutes(points, 1.5)["step"] == 2 and within_minutes(points, 0.4) is None
+    points.append({"step": 4, "minutes": 2.2})
+    assert [p["step"] for p in scored_points(points, [4], [])] == [4]
+    assert [p["step"] for p in scored_points(points, [2, 4], [1.7, 0.2])] == [2, 3, 4]  # 1.7 min: step 3; 0.2: none
 
 
 def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
