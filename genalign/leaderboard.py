@@ -126,6 +126,14 @@ def scored_points(points: Sequence[dict[str, Any]], budget_steps: Any, minutes: 
     return [p for p in points if p["step"] in keep]
 
 
+def orphaned(points: Sequence[dict[str, Any]], evals: Path, s: Settings) -> bool:
+    """Whether a recorded run cannot be scored: a point whose weights are gone (a fresh checkout) and
+    whose evaluations are not all in ``evals``."""
+    return any(not Path(p["weights"]).is_dir()
+               and not all((evals / f"step-{p['step']:06d}-{_eval_name(s, e)}").is_file() for e in s.eval_seeds)
+               for p in points)
+
+
 def fingerprint(*parts: Any) -> str:
     """What a record was made from (a config's text, the steps, the seed ...): a changed one is redone."""
     import hashlib
@@ -247,18 +255,25 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
         every = export_interval(list(steps.values()))
         family, path = config["backbone"]["family"], config["backbone"]["path"]
         reward = "+".join(r["name"] for r in config["reward"]) or "-"
-        runs: dict[int, list[dict[str, Any]]] = {}
-        for seed in s.seeds:
-            record = records / "runs" / name / f"seed{seed}" / "points.json"
-            started = time.monotonic()
-            if train_run(config_path, seed, max(steps.values()), every, out / "runs" / name / f"seed{seed}",
-                         record, per_step):
-                log(f"{name} seed {seed}: trained {max(steps.values())} steps in {(time.monotonic() - started) / 60:.1f} min")
-            runs[seed] = json.loads(record.read_text())["points"]
         with_proxy = reward in PROXY_REWARDS
-        if not with_proxy:  # only a proxy-trained run's curve between budgets is read (over-optimisation)
-            runs = {seed: scored_points(points, steps.values(), s.minutes) for seed, points in runs.items()}
-        base = score_runs(name, family, path, with_proxy, runs, records, s, log)
+        runs: dict[int, list[dict[str, Any]]] = {}
+        for seed in s.seeds:  # each run is scored as soon as it is trained: its records are whole when committed
+            record = records / "runs" / name / f"seed{seed}" / "points.json"
+            folder = out / "runs" / name / f"seed{seed}"
+            for attempt in range(2):
+                started = time.monotonic()
+                if train_run(config_path, seed, max(steps.values()), every, folder, record, per_step):
+                    log(f"{name} seed {seed}: trained {max(steps.values())} steps in {(time.monotonic() - started) / 60:.1f} min")
+                points = json.loads(record.read_text())["points"]
+                if not with_proxy:  # only a proxy-trained run's curve between budgets is read (over-optimisation)
+                    points = scored_points(points, steps.values(), s.minutes)
+                if not attempt and orphaned(points, record.parent / "evals", s):
+                    log(f"{name} seed {seed}: its weights are gone and not every evaluation is on record: trained again")
+                    record.unlink()
+                    continue
+                break
+            base = score_runs(name, family, path, with_proxy, {seed: points}, records, s, log)
+            runs[seed] = points
         methods[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
     if s.trl:
         runs = {seed: trl_run(seed, s, out, records, log) for seed in s.seeds}

@@ -80,6 +80,12 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     assert leaderboard.main(args) == 0
     again = json.loads((tmp_path / "records" / "leaderboard.json").read_text())["methods"]["toy_grpo"]
     assert again["budgets"] == m["budgets"] and again["curve"] == m["curve"]
+    # a run on record whose weights are gone and one of whose evaluations is missing is trained again
+    evals = tmp_path / "records" / "runs" / "toy_grpo" / "seed1" / "evals"
+    sorted(evals.glob("step-000002-*.json"))[0].unlink()
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        leaderboard.main(args)
+    assert not (evals.parent / "points.json").exists() and (tmp_path / "records" / "runs" / "toy_grpo" / "seed0" / "points.json").exists()
     # an edited config is trained again (and its old evaluations are not reused)
     config["run"]["lr"] = 0.04
     path.write_text(yaml.safe_dump(config))
