@@ -249,7 +249,7 @@ class Trainer:
         bar = tqdm(total=run.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
         with bar, self.stop_signals:
             while self.step < run.steps:
-                if deadline is not None and any_process(acc, time.monotonic() > deadline):
+                if deadline is not None and any_process(acc, time.monotonic() - self.not_training > deadline):
                     acc.print(f"run.max_minutes={run.max_minutes} reached at step {self.step}; saving and exporting")
                     break
                 metrics = self.train_step()

@@ -163,7 +163,13 @@ class Backbone(Protocol):
 
 @runtime_checkable
 class Reward(Protocol):
-    """Score images against prompts; higher is better."""
+    """Score images against prompts; higher is better.
+
+    Two optional attributes, read through :func:`reward_label` and :func:`scored_elsewhere` (a
+    plain callable with ``differentiable`` is a whole reward): ``label``, the name of its own
+    sub-score (``RewardModel.label``), and ``overlaps``, true when it is scored by another process,
+    so that methods score each rollout chunk while sampling the next (``rewards/remote.py``).
+    """
 
     differentiable: bool
 
@@ -171,6 +177,16 @@ class Reward(Protocol):
         self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """images (B, 3, H, W) in [0, 1] -> (scores (B,), named sub-scores each (B,))."""
+
+
+def reward_label(reward: Reward) -> str | None:
+    """The name of ``reward``'s own sub-score (its total's), or None for a reward that names none."""
+    return getattr(reward, "label", None) or getattr(reward, "name", None)
+
+
+def scored_elsewhere(reward: Reward) -> bool:
+    """Whether ``reward`` is scored by another process (its ``overlaps``; False when it says nothing)."""
+    return bool(getattr(reward, "overlaps", False))
 
 
 class FineTuner(ABC):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from genalign.core.rollout import rollout
 from genalign.core.sharding import local_part, reshard, shard_like
-from genalign.core.types import Backbone, FineTuner
+from genalign.core.types import Backbone, FineTuner, scored_elsewhere
 
 
 def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
@@ -160,7 +160,7 @@ class OverlappedScores:
     def for_reward(cls, reward: Any, prompts: list[str], metadata: list[dict[str, Any]] | None = None
                    ) -> OverlappedScores | None:
         """An instance when ``reward`` is scored elsewhere (``reward.overlaps``), else None."""
-        return cls(reward, prompts, metadata) if getattr(reward, "overlaps", False) else None
+        return cls(reward, prompts, metadata) if scored_elsewhere(reward) else None
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:

@@ -38,7 +38,7 @@ from torch import Tensor
 from genalign.core.config import ConfigError, check, field
 from genalign.core.rollout import rollout as core_rollout
 from genalign.core.sampler import log_probs_of
-from genalign.core.types import Backbone, Reward, Trajectory
+from genalign.core.types import Backbone, Reward, Trajectory, reward_label
 from genalign.finetuners import register
 from genalign.finetuners.common import BackboneMethod, LossInParts, OverlappedScores
 
@@ -267,7 +267,7 @@ class D3PO(LossInParts, BackboneMethod):
         if not self.config.pareto:
             return scores
         # the members' scores: every sub-score but the total's (a served weighted sum's too)
-        names = [k for k in subscores if k not in (getattr(self.reward, "name", None), getattr(self.reward, "label", None))]
+        names = [k for k in subscores if k not in (getattr(self.reward, "name", None), reward_label(self.reward))]
         if len(names) < 2:
             raise ConfigError("pareto preferences need several rewards (a list under reward:)")
         return torch.stack([subscores[n] for n in names], dim=1)  # (B, K)

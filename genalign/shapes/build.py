@@ -46,6 +46,7 @@ class BuildConfig:
     sd_steps: int = 1500
     flow_steps: int = 4000
     clip_steps: int = 800
+    flow_lr: float = 1e-3
     lr: float = 2e-3
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
@@ -56,9 +57,9 @@ def world_words() -> list[str]:
     return sorted({w for meta in all_prompts() for w in meta["prompt"].split()})
 
 
-def make_dataset(size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """``size`` training images (N, 3, 32, 32) in [-1, 1] and their captions (train split)."""
-    stream = training_examples(seed=seed, split="train")
+def make_dataset(size: int, seed: int, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+    """``size`` training images (N, 3, 32, 32) in [-1, 1] and their captions (of ``split``'s prompts)."""
+    stream = training_examples(seed=seed, split=split)
     images, captions = [], []
     for _ in range(size):
         image, caption, _ = next(stream)
@@ -190,9 +191,11 @@ def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
 
 
 def train_sd(latents: torch.Tensor, captions: list[str], tokenizer: Any, config: BuildConfig,
-             log: dict[str, Any]) -> tuple[Any, Any]:
+             log: dict[str, Any], unet: Any = None, text_encoder: Any = None) -> tuple[Any, Any]:
+    """Train the SD model's UNet and text encoder (new ones, or go on training the given ones)."""
     torch.manual_seed(config.seed + 1)
-    unet, text_encoder = make_unet(), make_text_encoder(len(tokenizer))
+    unet = unet.train() if unet is not None else make_unet()
+    text_encoder = text_encoder.train() if text_encoder is not None else make_text_encoder(len(tokenizer))
     scheduler = sd_scheduler()
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
@@ -220,9 +223,10 @@ def train_sd(latents: torch.Tensor, captions: list[str], tokenizer: Any, config:
 
 
 def train_flow(latents: torch.Tensor, captions: list[str], pipe: Any, config: BuildConfig,
-               log: dict[str, Any]) -> Any:
+               log: dict[str, Any], transformer: Any = None) -> Any:
+    """Train the flow transformer on frozen text embeddings (a new one, or go on training the given one)."""
     torch.manual_seed(config.seed + 2)
-    transformer = make_transformer()
+    transformer = transformer.train() if transformer is not None else make_transformer()
     unique = sorted(set(captions)) + [""]
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=unique, prompt_2=None, prompt_3=None, device="cpu",
@@ -245,7 +249,7 @@ def train_flow(latents: torch.Tensor, captions: list[str], pipe: Any, config: Bu
                            pooled_projections=pooled[rows]).sample
         return ((pred.float() - (noise - x0)) ** 2).mean()
 
-    _train("flow", list(transformer.parameters()), config.flow_steps, 1e-3, loss_fn, config.seed + 2, log)
+    _train("flow", list(transformer.parameters()), config.flow_steps, config.flow_lr, loss_fn, config.seed + 2, log)
     return transformer.eval()
 
 
