@@ -12,8 +12,7 @@ import torch
 import yaml
 
 from genalign import leaderboard
-from genalign.leaderboard import (budget_steps, export_interval, pooled, queries_per_step, scored_points,
-                                  within_minutes)
+from genalign.leaderboard import budget_steps, export_interval, pooled, queries_per_step, scored_points, within_minutes
 
 
 def test_budgets_and_pooling_by_hand():
