@@ -407,7 +407,7 @@ def table(results: dict[str, Any]) -> list[str]:
     budgets = [str(q) for q in s["budgets"]]
     minutes = [f"{m:g}" for m in s["minutes"]]
     head = ["method (config)", "backbone", "training reward", *(f"gain at {int(q):,} queries" for q in budgets),
-            *(f"gain in {m} min" for m in minutes), "min a run (largest budget)"]
+            *(f"gain in {m} min" for m in minutes), "min a run (largest budget)", "3 SE at the largest budget"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["methods"].items():
         cells = [f"`{name}`", m["family"], m["reward"]]
@@ -419,6 +419,8 @@ def table(results: dict[str, Any]) -> list[str]:
             cells.append(_cell(b["gain"], b["standard_error"], len(b["per_seed"])) if b else "-")
         last = m["budgets"].get(budgets[-1]) if budgets else None
         cells.append(f"{last['minutes']:.1f}" if last else "-")
+        cells.append("-" if not last else "yes" if last["standard_error"] > 0 and len(last["per_seed"]) >= 3
+                     and last["gain"] >= 3 * last["standard_error"] else "no")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -510,6 +512,25 @@ def report(results: dict[str, Any], plots: Sequence[Path], relative_to: Path) ->
     return "\n".join(lines)
 
 
+README_BEGIN = "<!-- leaderboard table: begin (written by bench/leaderboard.py --readme) -->"
+README_END = "<!-- leaderboard table: end -->"
+
+
+def write_readme(results: dict[str, Any], readme: Path) -> None:
+    """The table (and its date and machine) between the README's leaderboard markers."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no leaderboard markers: put the lines\n{README_BEGIN}\n{README_END}\n"
+                         "where the table goes")
+    s = results["settings"]
+    block = [README_BEGIN, "", f"{results['date']}, {results['machine']}; training seeds {s['seeds']}, "
+             f"{s['per_task']} held-out prompts a task at evaluation seeds {s['eval_seeds']}, gain over the base "
+             "paired image by image (standard error over training seeds; SE: how many of them):", "",
+             *table(results), "", README_END]
+    head, rest = text.split(README_BEGIN, 1)
+    readme.write_text(head + "\n".join(block) + rest.split(README_END, 1)[1])
+
+
 def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
     """Plots under ``docs/img/`` and the block in ``docs/results.md`` (replaced, or added at the end)."""
     plots = plot(results, docs / "img")
@@ -544,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--records", default="bench/leaderboard",
                    help="what the numbers come from (kept in git): runs' points, evaluations, leaderboard.json")
     p.add_argument("--docs", default=None, help="write results.md's block and img/*.png here (e.g. docs)")
+    p.add_argument("--readme", default=None, help="write the table between this README's leaderboard markers")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     configs = args.configs or sorted(str(c) for c in Path("configs/shapes").glob("*.yaml"))
@@ -563,9 +585,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     (records / "leaderboard.json").write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(table(results)))
     written = write_docs(results, Path(args.docs)) if args.docs else plot(results, records)
+    if args.readme:
+        write_readme(results, Path(args.readme))
+        written.append(Path(args.readme))
     print(f"wrote {records / 'leaderboard.json'} and {', '.join(str(w) for w in written)}")
     return 0
 
 
 __all__ = ["Settings", "budget_steps", "export_interval", "main", "measure", "plot", "pooled", "queries_per_step",
-           "scored_points", "table", "within_minutes", "write_docs"]
+           "scored_points", "table", "within_minutes", "write_docs", "write_readme"]

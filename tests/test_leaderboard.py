@@ -47,7 +47,8 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     (docs / "results.md").write_text("# Results\n\nkept above\n")
     args = ["--configs", str(path), "--seeds", "0", "1", "--budgets", "8", "16", "--per-task", "2",
             "--eval-seeds", "1", "--eval-steps", "2", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "records"),
-            "--docs", str(docs)]
+            "--docs", str(docs), "--readme", str(docs / "README.md")]
+    (docs / "README.md").write_text(f"# Tool\n\n{leaderboard.README_BEGIN}\nold table\n{leaderboard.README_END}\nkept below\n")
     assert leaderboard.main(args) == 0
     results = json.loads((tmp_path / "records" / "leaderboard.json").read_text())
     m = results["methods"]["toy_grpo"]
@@ -94,6 +95,10 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     text = (docs / "results.md").read_text()
     assert text.startswith("# Results\n\nkept above\n") and text.count(leaderboard.MARK_BEGIN) == 1
     assert "| `toy_grpo` | sd3 | shapes_gold |" in text
+    readme = (docs / "README.md").read_text()
+    assert "old table" not in readme and readme.endswith(f"{leaderboard.README_END}\nkept below\n")
+    row = next(line for line in readme.splitlines() if line.startswith("| `toy_grpo`"))
+    assert row.endswith("| no |")  # two seeds: the bar needs three
     for name in ("leaderboard_queries.png", "leaderboard_minutes.png", "leaderboard_tasks.png"):
         assert (docs / "img" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -127,3 +132,19 @@ def test_trl_runs_join_the_table_through_their_driver(tmp_path, monkeypatch):
     trl = results["methods"]["trl_ddpo"]
     assert [(p["step"], p["queries"], p["minutes"]) for p in trl["runs"]["3"]] == [(1, 16, 0.1), (2, 32, 0.2)]
     assert trl["budgets"]["32"]["gain"] == 0.0 and trl["family"] == "sd"  # a fresh LoRA is the base
+
+
+def test_the_table_says_which_methods_clear_three_standard_errors():
+    def method(per_seed):
+        gain, error = pooled(per_seed)
+        return {"family": "sd", "reward": "shapes_gold", "minutes": {},
+                "budgets": {"800": {"gain": gain, "standard_error": error, "per_seed": per_seed, "minutes": 2.0}}}
+
+    results = {"settings": {"budgets": [800], "minutes": []},
+               "methods": {"clear": method([0.05, 0.06, 0.07]),      # 0.06 / 0.0058: 10.4 SE
+                           "noisy": method([0.0, 0.06, 0.12]),       # 0.06 / 0.0346: 1.7 SE
+                           "two_seeds": method([0.05, 0.06])}}
+    rows = {line.split(" | ")[0][3:-1]: line for line in leaderboard.table(results)[2:]}
+    assert rows["clear"].endswith("| yes |") and "10.4 SE; 3 seeds" in rows["clear"]
+    assert rows["noisy"].endswith("| no |") and "1.7 SE" in rows["noisy"]
+    assert rows["two_seeds"].endswith("| no |")
