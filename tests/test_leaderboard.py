@@ -148,3 +148,29 @@ def test_the_table_says_which_methods_clear_three_standard_errors():
     assert rows["clear"].endswith("| yes |") and "10.4 SE; 3 seeds" in rows["clear"]
     assert rows["noisy"].endswith("| no |") and "1.7 SE" in rows["noisy"]
     assert rows["two_seeds"].endswith("| no |")
+
+
+def test_shards_split_the_configs_and_leave_the_report_to_a_whole_run(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_measure(s, log=print):
+        seen.append(list(s.configs))
+        return {"settings": asdict(s), "date": "d", "machine": "m", "methods": {}}
+
+    from dataclasses import asdict
+
+    monkeypatch.setattr(leaderboard, "measure", fake_measure)
+    monkeypatch.setattr(leaderboard, "plot", lambda results, folder: [])
+    configs = ["a.yaml", "b.yaml", "c.yaml"]
+    common = ["--configs", *configs, "--records", str(tmp_path)]
+    assert leaderboard.main([*common, "--shard", "0/2"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert leaderboard.main([*common, "--shard", "1/2", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [["a.yaml", "c.yaml"], ["b.yaml"]]
+    for bad in (["--shard", "2/2"], ["--shard", "x"], ["--shard", "0/2", "--docs", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            leaderboard.main([*common, *bad])
