@@ -270,6 +270,57 @@ def tiny_flux_pipeline(prediction_type: str = "flow", seed: int = 0, guidance_em
     )
 
 
+def build_qwen_tokenizer() -> Any:
+    """A byte-level Qwen2 tokenizer with no merges (every byte a token) and Qwen's chat tokens."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import Qwen2TokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, bos_token=None, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def tiny_qwenimage_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
+    """Qwen-Image: a one-layer Qwen2.5-VL text model (its vision tower tiny and unused), a
+    MMDiT of two blocks, a two-level Qwen-Image VAE (factor 2, 4 latent channels) and Qwen-Image's scheduler
+    (dynamic exponential shift, terminal sigma 0.02); 16 px images (``genalign.json``)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()
+    special = {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **special),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_HIDDEN,
+                           fullatt_block_indexes=[0]),
+        **special,
+    ))
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(2, 2, 4),
+    )
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
+    # Qwen-Image's scheduler_config.json
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    pipe.genalign_defaults = {"resolution": 16}
+    return pipe
+
+
 def tiny_layouts() -> dict[str, Any]:
     """Every backbone family's ``genalign tiny`` layouts (``DiffusersBackbone.tiny_layouts``);
     imports every backbone module."""
@@ -286,4 +337,7 @@ def save_tiny(family: str, folder: str | Path, prediction_type: str = "epsilon",
     pipe = layouts[family](prediction_type, seed)
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
+    defaults = getattr(pipe, "genalign_defaults", None)
+    if defaults:  # what the model's own config cannot say (backbone.checkpoint_defaults reads it)
+        (folder / "genalign.json").write_text(json.dumps(defaults) + "\n")
     return folder

@@ -84,12 +84,15 @@ def test_value_model_shapes_and_prompt_features():
     assert torch.equal(prompt_features(pooled), pooled.positive["pooled"])
     tokens = Conditioning({"prompt_embeds": torch.randn(2, 5, 7)})
     torch.testing.assert_close(prompt_features(tokens), tokens.positive["prompt_embeds"].mean(1))
+    masked = Conditioning({"prompt_embeds": torch.tensor([[[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]]]),
+                           "mask": torch.tensor([[1, 1, 0]])})
+    torch.testing.assert_close(prompt_features(masked), torch.tensor([[2.0, 3.0]]))  # the padding is left out
     assert float(value_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))) == pytest.approx(2.5)
 
 
-def _acflow(tiny_models, **overrides):
+def _acflow(tiny_models, family="sd3", **overrides):
     torch.manual_seed(0)
-    backbone = load_backbone(BackboneConfig(family="sd3", path=tiny_models("sd3", "flow"), finetune="lora"), "cpu")
+    backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(family, "flow"), finetune="lora"), "cpu")
     config = ACFlowConfig(**{"critic_warmup": 1, "samples_per_prompt": 2, "critic_batch": 16, "critic_inputs": "latent",
                              **overrides})
     return ACFlow(config, backbone, _Brightness(), SampleConfig(num_steps=3, guidance_scale=1.0))
@@ -139,8 +142,9 @@ def test_the_critic_learns_the_value_of_intermediate_states(tiny_models):
     assert error(0.8) > error(0.2)  # noisier states say less about the outcome
 
 
-def test_warmup_trains_only_the_critic_then_the_actor_learns(tiny_models):
-    ac = _acflow(tiny_models, critic_warmup=1, alpha=0.5)
+@pytest.mark.parametrize("family", ["sd3", "qwenimage"])
+def test_warmup_trains_only_the_critic_then_the_actor_learns(tiny_models, family):
+    ac = _acflow(tiny_models, family, critic_warmup=1, alpha=0.5)
     critic_before = [p.detach().clone() for p in ac.learner.model.parameters()]
     batch = ac.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
     assert batch.actor is None and batch.metrics["warmup"] == 1.0

@@ -31,11 +31,18 @@ from genalign.finetuners.common import BackboneMethod
 
 
 def prompt_features(cond: Conditioning) -> Tensor:
-    """(B, D) features of the prompts: ``pooled`` if the conditioning has it, else the token mean."""
+    """(B, D) features of the prompts: ``pooled`` if the conditioning has it, else the token mean
+    (over the tokens its ``mask`` keeps, where prompts are padded to one length: Qwen-Image)."""
     if "pooled" in cond.positive:
         return cond.positive["pooled"].float()
     embeds = cond.positive["prompt_embeds"].float()
-    return embeds.mean(dim=1) if embeds.ndim == 3 else embeds
+    if embeds.ndim != 3:
+        return embeds
+    mask = cond.positive.get("mask")
+    if mask is None:
+        return embeds.mean(dim=1)
+    weights = mask.to(embeds.device, embeds.dtype).unsqueeze(-1)
+    return (embeds * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
 def timestep_embedding(t: Tensor, dim: int = 64) -> Tensor:
