@@ -290,7 +290,12 @@ def tiny_qwenimage_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any
     """Qwen-Image: a one-layer Qwen2.5-VL text model (its vision tower tiny and unused), a
     MMDiT of two blocks, a two-level Qwen-Image VAE (factor 2, 4 latent channels) and Qwen-Image's scheduler
     (dynamic exponential shift, terminal sigma 0.02); 16 px images (``genalign.json``)."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
