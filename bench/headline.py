@@ -94,7 +94,8 @@ def long_run(args: argparse.Namespace) -> dict[str, Any]:
         points = []
         for where in sorted((folder / "exports").glob("step-*")) + [folder / "final"]:
             meta = json.loads((where / "export.json").read_text())
-            points.append({"step": meta["step"], "minutes": meta["train_seconds"] / 60, "weights": str(where)})
+            points.append({"step": meta["step"], "minutes": meta["train_seconds"] / 60,
+                           "cpu_minutes": meta["train_cpu_seconds"] / 60, "weights": str(where)})
         write_points(record, made_from, points)
     config = load_experiment(args.config, config_classes())
     family, path = config.backbone.family, config.backbone.path
@@ -102,7 +103,7 @@ def long_run(args: argparse.Namespace) -> dict[str, Any]:
     curve = []
     for point in points:
         print(f"{name}: scoring step {point['step']} ({point['minutes']:.1f} min)")
-        curve.append({"step": point["step"], "minutes": point["minutes"],
+        curve.append({"step": point["step"], "minutes": point["minutes"], "cpu_minutes": point["cpu_minutes"],
                       "gold": scores(family, path, point["weights"], records / "evals" / f"step-{point['step']:06d}", args)})
     result = {"config": args.config, "family": family, "path": path, "seed": args.seed, "minutes": args.minutes,
               "date": time.strftime("%Y-%m-%d"), "base": base, "curve": curve,

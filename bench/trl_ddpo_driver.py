@@ -96,7 +96,7 @@ def train(args: argparse.Namespace) -> None:
     reward_fn, log = _gold_reward()
     trainer = _trainer(args, reward_fn, _prompt_fn(args), str(out / "trl-logs"))
     epochs, step = [], 0
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for epoch in range(args.epochs):
         if args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
             break
@@ -104,7 +104,7 @@ def train(args: argparse.Namespace) -> None:
         step = trainer.step(epoch, step)
         rewards = log[seen:]
         epochs.append({"epoch": epoch + 1, "reward_mean": sum(rewards) / len(rewards), "queries": len(log),
-                       "seconds": time.perf_counter() - start})
+                       "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - start_cpu})
         print(json.dumps(epochs[-1]), flush=True)
     trainer.sd_pipeline.save_pretrained(str(out / "final"))
     (out / "epochs.json").write_text(json.dumps(epochs, indent=1) + "\n")

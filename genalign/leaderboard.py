@@ -12,7 +12,9 @@ error over them (the training noise and the evaluation's sampling noise per run;
 scored on the same prompts and evaluation seeds, so it is the error given this evaluation set). Budgets are equal in reward
 queries (images the training reward scored, from the config's batch shape) and, separately, in
 training minutes (the last export within the minutes; a run with none within them counts as its base,
-gain 0). ``--trl`` adds TRL 0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside
+gain 0). Minutes are CPU minutes: the training process's CPU time over all its threads, exports
+left out (``export.json``'s ``train_cpu_seconds``), the same whatever else the machine runs; the
+wall-clock minutes are kept beside them. ``--trl`` adds TRL 0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside
 reference (one run per budget: it exports nothing on the way).
 
 Two folders: ``out`` (default ``runs/leaderboard``) holds the runs (weights, metrics), and
@@ -111,7 +113,7 @@ def pooled(per_seed: Sequence[float]) -> tuple[float, float]:
 
 
 def within_minutes(points: Sequence[dict[str, Any]], minutes: float) -> dict[str, Any] | None:
-    """The last export of a run whose training time is within ``minutes`` (None: none is)."""
+    """The last export of a run whose training time (CPU minutes) is within ``minutes`` (None: none is)."""
     inside = [p for p in points if p["minutes"] <= minutes + 1e-9]
     return max(inside, key=lambda p: p["step"]) if inside else None
 
@@ -189,7 +191,8 @@ def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path,
     for where in sorted((folder / "exports").glob("step-*")) + [folder / "final"]:
         meta = json.loads((where / "export.json").read_text())
         points.append({"step": meta["step"], "queries": meta["step"] * per_step,
-                       "minutes": meta["train_seconds"] / 60, "weights": str(where)})
+                       "minutes": meta["train_cpu_seconds"] / 60, "wall_minutes": meta["train_seconds"] / 60,
+                       "weights": str(where)})
     write_points(record, made_from, points)
     return True
 
@@ -343,7 +346,8 @@ def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[
         subprocess.run([sys.executable, "bench/trl_ddpo.py", "train", "--epochs", str(epochs), "--seed", str(seed),
                         "--train-out", str(folder)], check=True)
         trained = json.loads((folder / "epochs.json").read_text())
-        points.append({"step": epochs, "queries": trained[-1]["queries"], "minutes": trained[-1]["seconds"] / 60,
+        points.append({"step": epochs, "queries": trained[-1]["queries"], "minutes": trained[-1]["cpu_seconds"] / 60,
+                       "wall_minutes": trained[-1]["seconds"] / 60,
                        "weights": str(folder / "final")})
         log(f"{TRL_NAME} seed {seed}: {epochs} epochs in {points[-1]['minutes']:.1f} min")
     write_points(record, made_from, points)
@@ -415,7 +419,7 @@ def table(results: dict[str, Any]) -> list[str]:
     budgets = [str(q) for q in s["budgets"]]
     minutes = [f"{m:g}" for m in s["minutes"]]
     head = ["method (config)", "backbone", "training reward", *(f"gain at {int(q):,} queries" for q in budgets),
-            *(f"gain in {m} min" for m in minutes), "min a run (largest budget)", "3 SE at the largest budget"]
+            *(f"gain in {m} min" for m in minutes), "CPU min a run (largest budget)", "3 SE at the largest budget"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["methods"].items():
         cells = [f"`{name}`", m["family"], m["reward"]]
@@ -450,7 +454,7 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
     methods = results["methods"]
     written = []
     for x, label, name in (("queries", "reward queries", "leaderboard_queries.png"),
-                           ("minutes", "training minutes (CPU)", "leaderboard_minutes.png")):
+                           ("minutes", "CPU minutes of training", "leaderboard_minutes.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method, m in methods.items():
             xs = [0.0] + [c[x] for c in m["curve"]]

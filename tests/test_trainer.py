@@ -274,7 +274,29 @@ def test_export_every_writes_the_run_stopped_there(tmp_path):
     final = load_file(str(tmp_path / "long" / "final" / "model.safetensors"))["weight"]
     assert not torch.equal(at_4, final)
     meta = json.loads((tmp_path / "long" / "exports" / "step-000002" / "export.json").read_text())
-    assert meta["step"] == 2 and meta["train_seconds"] >= 0
+    assert meta["step"] == 2 and meta["train_seconds"] >= 0 and meta["train_cpu_seconds"] >= 0
     assert json.loads((tmp_path / "long" / "final" / "export.json").read_text())["step"] == 6
     with pytest.raises(ConfigError, match="export_every must be >= 0"):
         _run(tmp_path, export_every=-1)
+
+
+def test_the_training_clock_leaves_out_paused_work_and_counts_cpu_apart_from_waiting():
+    """Wall and CPU seconds by hand: 0.2 s of this process's CPU counted, 0.2 s more inside paused()
+    left out of both clocks, and 0.2 s asleep counted by the wall clock only."""
+    import time
+
+    from genalign.core.trainer import TrainingClock
+
+    def spin(cpu_seconds):
+        until = time.process_time() + cpu_seconds
+        while time.process_time() < until:
+            pass
+
+    clock = TrainingClock()
+    spin(0.2)
+    with clock.paused():
+        spin(0.2)
+    time.sleep(0.2)
+    wall, cpu = clock.seconds()
+    assert cpu == pytest.approx(0.2, abs=0.05)
+    assert wall >= 0.4 - 0.01 and wall - cpu >= 0.19  # the sleep, on the wall clock only

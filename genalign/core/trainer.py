@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ class Trainer:
         self.run = run
         self.sample_config = sample or SampleConfig()
         self.output_dir = Path(run.output_dir)
-        self.launched, self.not_training = time.monotonic(), 0.0  # export.json's clock (reset by train())
+        self.clock = TrainingClock()  # export.json's clock (restarted by train())
         self.accelerator = accelerator or make_accelerator(run)
         acc = self.accelerator
         # the training items: prompts, or the method's own data (rows, pairs)
@@ -244,12 +245,11 @@ class Trainer:
         acc, run = self.accelerator, self.run
         self._start(resume)
         history: list[dict[str, float]] = []
-        self.launched, self.not_training = time.monotonic(), 0.0  # export.json's clock: training time only
-        deadline = self.launched + 60 * run.max_minutes if run.max_minutes else None
+        self.clock = TrainingClock()  # export.json's clock: training time only
         bar = tqdm(total=run.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
         with bar, self.stop_signals:
             while self.step < run.steps:
-                if deadline is not None and any_process(acc, time.monotonic() - self.not_training > deadline):
+                if run.max_minutes and any_process(acc, self.clock.seconds()[0] > 60 * run.max_minutes):
                     acc.print(f"run.max_minutes={run.max_minutes} reached at step {self.step}; saving and exporting")
                     break
                 metrics = self.train_step()
@@ -292,10 +292,9 @@ class Trainer:
     def _finish(self) -> None:
         """The final checkpoint, sample grid and export (of the EMA weights when kept)."""
         acc = self.accelerator
-        started = time.monotonic()
-        self.save_checkpoint()
-        self.write_samples("final")
-        self.not_training += time.monotonic() - started
+        with self.clock.paused():
+            self.save_checkpoint()
+            self.write_samples("final")
         self.export(self.output_dir / "final")
         if self.run.tracker != "none":
             acc.end_training()
@@ -303,18 +302,42 @@ class Trainer:
     def export(self, folder: Path) -> None:
         """The weights in the backbone's own format (the EMA's when kept), with ``export.json``: the
         step and the seconds of training since this launch began, not counting exports, the final
-        checkpoint and sample grid (``run.export_every``'s learning curves)."""
+        checkpoint and sample grid (``run.export_every``'s learning curves): wall-clock
+        (``train_seconds``) and this process's CPU time, every thread's (``train_cpu_seconds``: the
+        same on a busy machine as on an idle one)."""
         acc = self.accelerator
-        started = time.monotonic()
-        seconds = started - self.launched - self.not_training
-        if acc.is_main_process or self.sharded:  # sharded: all gather, main writes
-            with averaged_weights(self.ema, self.params):
-                self.finetuner.export(folder)
-        if acc.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "export.json").write_text(json.dumps({"step": self.step, "train_seconds": round(seconds, 2)}) + "\n")
-        self.not_training += time.monotonic() - started
+        wall, cpu = self.clock.seconds()
+        with self.clock.paused():
+            if acc.is_main_process or self.sharded:  # sharded: all gather, main writes
+                with averaged_weights(self.ema, self.params):
+                    self.finetuner.export(folder)
+            if acc.is_main_process:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "export.json").write_text(json.dumps(
+                    {"step": self.step, "train_seconds": round(wall, 2), "train_cpu_seconds": round(cpu, 2)}) + "\n")
 
 
-__all__ = ["CheckpointWriteError", "DataSource", "NonFiniteError", "PromptSource", "TrainResult", "Trainer", "TrainingInterrupted",
+class TrainingClock:
+    """Seconds of training since it started, wall-clock and this process's CPU time (all its
+    threads), leaving out what ran inside :meth:`paused` (exports, the final checkpoint)."""
+
+    def __init__(self) -> None:
+        self.started = (time.monotonic(), time.process_time())
+        self.paused_for = [0.0, 0.0]
+
+    def seconds(self) -> tuple[float, float]:
+        now = (time.monotonic(), time.process_time())
+        return now[0] - self.started[0] - self.paused_for[0], now[1] - self.started[1] - self.paused_for[1]
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        began = (time.monotonic(), time.process_time())
+        try:
+            yield
+        finally:
+            self.paused_for[0] += time.monotonic() - began[0]
+            self.paused_for[1] += time.process_time() - began[1]
+
+
+__all__ = ["CheckpointWriteError", "DataSource", "NonFiniteError", "PromptSource", "TrainResult", "Trainer", "TrainingClock", "TrainingInterrupted",
            "check_distributed_type", "loss_and_backward", "make_accelerator", "step_generator"]
