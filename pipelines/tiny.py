@@ -326,6 +326,37 @@ def tiny_qwenimage_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any
     return pipe
 
 
+QWEN_CHAT_TEMPLATE = (  # Qwen's chat format, enough for a user turn and the generation prompt
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_zimage_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
+    """Z-Image: a two-layer Qwen3 text model with Qwen's chat template, a one-layer single-stream
+    DiT (one refiner layer each side), the FLUX-style VAE (factor 2, 4 channels) and Z-Image's
+    scheduler (static shift 3); 16 px images (``genalign.json``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=TEXT_HIDDEN, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64],
+    )
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(0.1159),
+                          text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.genalign_defaults = {"resolution": 16}
+    return pipe
+
+
 def tiny_layouts() -> dict[str, Any]:
     """Every backbone family's ``genalign tiny`` layouts (``DiffusersBackbone.tiny_layouts``);
     imports every backbone module."""

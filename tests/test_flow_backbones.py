@@ -1,4 +1,4 @@
-"""SD3, FLUX and Qwen-Image backbones on tiny models: pipeline parity, SDE rollouts, LoRA, inversion, training."""
+"""SD3, FLUX, Qwen-Image and Z-Image backbones on tiny models: pipeline parity, SDE rollouts, LoRA, inversion, training."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from genalign.pipelines import load_backbone
 
 PROMPTS = ["a photo of a red circle", "two blue squares"]
 # tiny checkpoint -> backbone family
-FAMILY = {"sd3": "sd3", "flux": "flux", "flux-schnell": "flux", "qwenimage": "qwenimage"}
+FAMILY = {"sd3": "sd3", "flux": "flux", "flux-schnell": "flux", "qwenimage": "qwenimage", "zimage": "zimage"}
 
 
 def _load(tiny_models, tiny, **kwargs):
@@ -31,6 +31,11 @@ def _pipeline_latents(backbone, latents, steps, guidance):
         out = pipe(PROMPTS, latents=pipe._pack_latents(latents, b, c, h, w), num_inference_steps=steps, height=size,
                    width=size, output_type="latent", **cfg).images
         return pipe._unpack_latents(out, size, size, backbone.vae_scale_factor)[:, :, 0]
+    if backbone.config.family == "zimage":  # its guidance g is cond + g (cond - uncond): genalign's w - 1
+        size = backbone.resolution
+        # (a copy: ZImagePipeline writes the chat-templated prompts into the list it is given)
+        return pipe(list(PROMPTS), latents=latents, num_inference_steps=steps, guidance_scale=guidance - 1,
+                    height=size, width=size, output_type="latent").images
     if hasattr(pipe, "_pack_latents"):
         b, c, h, w = latents.shape
         packed = pipe._pack_latents(latents, b, c, h, w)
@@ -45,7 +50,7 @@ def _pipeline_latents(backbone, latents, steps, guidance):
 @pytest.mark.parametrize(
     "tiny,steps,guidance",
     [("sd3", 8, 4.0), ("flux", 4, 3.5), ("flux-schnell", 1, 1.0), ("flux-schnell", 4, 1.0), ("qwenimage", 4, 4.0),
-     ("qwenimage", 4, 1.0)],
+     ("qwenimage", 4, 1.0), ("zimage", 4, 4.0), ("zimage", 4, 1.0)],
 )
 def test_ode_sampler_reproduces_the_diffusers_pipeline(tiny_models, tiny, steps, guidance):
     backbone = _load(tiny_models, tiny, finetune="none")
@@ -61,7 +66,7 @@ def test_ode_sampler_reproduces_the_diffusers_pipeline(tiny_models, tiny, steps,
     assert timesteps[0] == 1000.0 and len(timesteps) == steps
 
 
-@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage"])
 def test_sde_rollouts_log_probs_and_last_k_gradients(tiny_models, tiny):
     backbone = _load(tiny_models, tiny, finetune="lora")
     cond = backbone.encode_prompts(PROMPTS[:1], guidance=False)
@@ -79,7 +84,7 @@ def test_sde_rollouts_log_probs_and_last_k_gradients(tiny_models, tiny):
     assert torch.isfinite(again.log_probs).all() and (again.final - ode).abs().mean() > 1e-3  # really stochastic
 
 
-@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage"])
 def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_latents(tiny_models, tmp_path, tiny):
     backbone = _load(tiny_models, tiny, finetune="lora", lora_rank=4, lora_alpha=4.0)
     with torch.no_grad():
@@ -128,7 +133,7 @@ def test_flux_sizes_must_fit_the_packing(tiny_models):
         backbone.latent_shape(18, 16)
 
 
-@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage"])
 def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_path, tiny):
     """ToyDenoising only calls the Backbone contract (encode, schedule noising/target, predict)."""
     from tests.toy import ToyDenoising
@@ -150,7 +155,7 @@ def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_pa
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage"])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, tiny):
     grads = {}
     path = tiny_models(tiny)
