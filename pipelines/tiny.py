@@ -357,6 +357,46 @@ def tiny_zimage_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
     return pipe
 
 
+def tiny_flux2_klein_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
+    """FLUX.2 [klein]: a three-layer Qwen3 causal LM with Qwen's chat template (its three layers'
+    states side by side are the prompt, as [klein] stacks layers 9, 18 and 27), one double- and one
+    single-stream block, a two-level FLUX.2 VAE (factor 2, 4 channels, 2x2 patches normalised by its
+    batch-norm statistics) and a dynamically shifted scheduler; 16 px images (``genalign.json``)."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=3 * TEXT_HIDDEN, timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16,
+    )
+    with torch.no_grad():  # statistics that are not the identity, so that the normalisation is exercised
+        vae.bn.running_mean.copy_(0.2 * torch.randn(16))
+        vae.bn.running_var.copy_(0.5 + torch.rand(16))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=False)
+    pipe.genalign_defaults = {"resolution": 16, "text_encoder_out_layers": [1, 2, 3]}
+    return pipe
+
+
 def tiny_layouts() -> dict[str, Any]:
     """Every backbone family's ``genalign tiny`` layouts (``DiffusersBackbone.tiny_layouts``);
     imports every backbone module."""

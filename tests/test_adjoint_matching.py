@@ -98,7 +98,8 @@ def test_lean_adjoint_of_a_linear_drift_matches_its_closed_form():
 # ------------------------------------------------------------------ on real backbones
 
 
-@pytest.mark.parametrize("family,prediction", [("sd3", "flow"), ("qwenimage", "flow"), ("zimage", "flow"), ("sd", "epsilon")])
+@pytest.mark.parametrize("family,prediction", [("sd3", "flow"), ("qwenimage", "flow"), ("zimage", "flow"),
+                                                    ("flux2-klein", "flow"), ("sd", "epsilon")])
 def test_lean_adjoint_at_the_start_is_the_gradient_through_the_sampling_chain(tiny_models, family, prediction):
     """Before fine-tuning (control 0) the lean adjoint is the true adjoint: a_0 equals
     -lambda d r(X_1) / d X_0 through every SDE step with its noise held fixed."""

@@ -126,7 +126,7 @@ def test_updates_raise_the_positive_samples_likelihood_and_the_old_policy_follow
     assert state["optimizer_steps"] == 1 and torch.equal(state["old"][name], nft.old.shadow[name])
 
 
-@pytest.mark.parametrize("family", [("flux", "flow"), ("qwenimage", "flow"), ("zimage", "flow"), ("sd", "epsilon"),
+@pytest.mark.parametrize("family", [("flux", "flow"), ("qwenimage", "flow"), ("zimage", "flow"), ("flux2-klein", "flow"), ("sd", "epsilon"),
                                     ("sd", "v_prediction")])
 def test_other_backbones_train_through_their_clean_estimate(tiny_models, family):
     """FLUX (flow), and SD's epsilon and v parameterisations (their clean estimate and noise give the

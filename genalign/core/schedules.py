@@ -230,9 +230,10 @@ class FlowSchedule:
     def __init__(
         self,
         scheduler_config: dict[str, Any] | Any,
-        mu: float | None = None,
+        mu: float | Callable[[int], float] | None = None,
         linspace_sigmas: bool = False,
         logit_normal: tuple[float, float] = (0.0, 1.0),
+        training_mu_steps: int = 50,
     ):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -242,7 +243,8 @@ class FlowSchedule:
         self._scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
         self.num_train_timesteps: int = self._scheduler.config.num_train_timesteps
         self.shift: float = float(self._scheduler.config.shift)
-        self.mu = mu
+        self.mu = mu  # a function of the step count where the shift depends on it (FLUX.2's empirical mu)
+        self.training_mu_steps = training_mu_steps  # such a mu's step count for training timesteps
         self.linspace_sigmas = linspace_sigmas
         self.logit_normal = logit_normal
         if self._scheduler.config.use_dynamic_shifting and mu is None:
@@ -257,12 +259,16 @@ class FlowSchedule:
             import numpy as np
 
             custom = np.linspace(1.0, 1 / num_steps, num_steps) if self.linspace_sigmas else None
-            self._scheduler.set_timesteps(num_steps, sigmas=custom, mu=self.mu)
+            self._scheduler.set_timesteps(num_steps, sigmas=custom, mu=self.mu_at(num_steps))
             self._cache[num_steps] = (self._scheduler.timesteps.clone().float(), self._scheduler.sigmas.clone().float())
         return self._cache[num_steps]
 
     def timesteps(self, num_steps: int) -> Tensor:
         return self.sigmas(num_steps)[0].clone()
+
+    def mu_at(self, num_steps: int) -> float | None:
+        """The dynamic shift's mu for an ``num_steps``-step run (None: a static shift)."""
+        return self.mu(num_steps) if callable(self.mu) else self.mu
 
     def _index(self, timestep: Tensor, num_steps: int) -> Tensor:
         """Schedule index of each timestep (scalar -> 0-d, [B] -> [B]); the smallest gap between
@@ -358,11 +364,12 @@ class FlowSchedule:
     def sample_training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
         """Logit-normal sigmas (SD3 paper, Sec. 3.1; mean 0, std 1 by default), shifted as the
         sampling schedule is (static ``shift``, or FLUX's ``mu`` time shift, i.e. a shift of
-        exp(mu), when the config uses dynamic shifting), as model timesteps ``sigma * 1000``."""
+        exp(mu), when the config uses dynamic shifting; a step-dependent mu at ``training_mu_steps``,
+        the pipeline's default step count), as model timesteps ``sigma * 1000``."""
         mean, std = self.logit_normal
         u = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
         if self._scheduler.config.use_dynamic_shifting:
-            sigma = self._scheduler.time_shift(self.mu, 1.0, u)
+            sigma = self._scheduler.time_shift(self.mu_at(self.training_mu_steps), 1.0, u)
         else:
             sigma = self.shift * u / (1 + (self.shift - 1) * u)
         return sigma * self.num_train_timesteps
