@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from genalign.leaderboard import Settings, evaluate, fingerprint, read_points, write_points  # noqa: E402
+from genalign.leaderboard import Settings, evaluate, fingerprint, read_points, write_block, write_points  # noqa: E402
 
 MARK_BEGIN = "<!-- headline: begin (written by bench/headline.py; edits here are overwritten) -->"
 MARK_END = "<!-- headline: end -->"
@@ -298,14 +298,7 @@ def report(args: argparse.Namespace) -> list[Path]:
         lines.append(f"![{path.stem}]({path.relative_to(docs).as_posix()})")
     lines += ["", MARK_END]
     target = docs / "results.md"
-    text = target.read_text() if target.is_file() else "# Results\n"
-    block = "\n".join(lines)
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    target.write_text(text)
+    write_block(target, "\n".join(lines), MARK_BEGIN, MARK_END)
     return [target, *written]
 
 

@@ -539,23 +539,27 @@ def write_readme(results: dict[str, Any], readme: Path) -> None:
              f"{s['per_task']} held-out prompts a task at evaluation seeds {s['eval_seeds']}, gain over the base "
              "paired image by image (standard error over training seeds; SE: how many of them):", "",
              *table(results), "", README_END]
-    head, rest = text.split(README_BEGIN, 1)
-    readme.write_text(head + "\n".join(block) + rest.split(README_END, 1)[1])
+    write_block(readme, "\n".join(block), README_BEGIN, README_END)
 
 
 def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
     """Plots under ``docs/img/`` and the block in ``docs/results.md`` (replaced, or added at the end)."""
     plots = plot(results, docs / "img")
-    block = report(results, plots, docs)
     target = docs / "results.md"
+    write_block(target, report(results, plots, docs), MARK_BEGIN, MARK_END)
+    return [target, *plots]
+
+
+def write_block(target: Path, block: str, begin: str, end: str) -> None:
+    """``block`` (which starts with ``begin`` and ends with ``end``) in place of the text between
+    those markers in ``target``, or added at its end (a new page when there is none)."""
     text = target.read_text() if target.is_file() else "# Results\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     target.write_text(text)
-    return [target, *plots]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -625,4 +629,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["Settings", "budget_steps", "export_interval", "main", "measure", "plot", "pooled", "queries_per_step",
-           "scored_points", "table", "within_minutes", "write_docs", "write_readme"]
+           "scored_points", "table", "within_minutes", "write_block", "write_docs", "write_readme"]

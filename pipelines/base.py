@@ -75,6 +75,9 @@ class DiffusersBackbone:
     detected_from_pipeline: ClassVar[bool] = True
     # the pipeline's T5 tokenizers: they read max_sequence_length tokens, CLIP's their model_max_length
     t5_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer_3",)
+    denoiser_component: ClassVar[str] = "unet"  # the pipeline's component that is trained
+    # prompt tokens read when neither the config nor the checkpoint's genalign.json says (None: the tokenizer's)
+    default_sequence_length: ClassVar[int | None] = None
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -156,7 +159,7 @@ class DiffusersBackbone:
 
     @property
     def unwrapped_denoiser(self) -> nn.Module:
-        return self.pipe.unet
+        return getattr(self.pipe, self.denoiser_component)
 
     @property
     def parameterisation(self) -> str:
@@ -204,12 +207,49 @@ class DiffusersBackbone:
     def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
+    @staticmethod
+    def _negatives(prompts: Sequence[str], negative_prompts: Sequence[str] | None, guidance: bool,
+                   default: str = "") -> list[str]:
+        """The negative prompts to encode with ``prompts`` (one each; ``default`` when none are given;
+        none without guidance), for families that encode both in one call."""
+        if not guidance:
+            return []
+        negatives = list(negative_prompts) if negative_prompts else [default] * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        return negatives
+
+    def _token_shift_schedule(self) -> NoiseSchedule:
+        """FLUX's flow schedule (also Qwen-Image's): ``linspace(1, 1/N, N)`` sigmas shifted with ``mu``
+        interpolated from the image's token count between the scheduler config's base and max shift."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        from genalign.core.schedules import FlowSchedule
+
+        config = self.pipe.scheduler.config
+        _, h, w = self.latent_shape()
+        self._schedule_tokens = (h // 2) * (w // 2)  # 2x2 patches
+        mu = calculate_shift(self._schedule_tokens, config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        return FlowSchedule(config, mu=mu, linspace_sigmas=True)
+
+    def _check_schedule_size(self, h: int, w: int) -> None:
+        """Latents of the size the token-count shift was set for (:meth:`_token_shift_schedule`)."""
+        if (h // 2) * (w // 2) != self._schedule_tokens:
+            raise ValueError(
+                f"{self.summary.split(' (')[0]}: the sigma shift (mu) was set for {self.resolution}px images "
+                f"({self._schedule_tokens} tokens); these latents are {h * self.vae_scale_factor}x"
+                f"{w * self.vae_scale_factor}px: set backbone.resolution to sample at another size"
+            )
+
     # ------------------------------------------------------------------ the contract
 
     @property
     def max_sequence_length(self) -> int | None:
-        """T5 tokens of the prompt (SD3, FLUX): the config's, else the checkpoint's genalign.json."""
-        return self.config.max_sequence_length or self.defaults.get("max_sequence_length")
+        """Prompt tokens read (SD3's and FLUX's T5, the LLM encoders of Qwen-Image, Z-Image, FLUX.2): the
+        config's, else the checkpoint's genalign.json, else the family's default."""
+        return self.config.max_sequence_length or self.defaults.get("max_sequence_length") or self.default_sequence_length
 
     @property
     def vae_scale_factor(self) -> int:

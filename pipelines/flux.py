@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import FluxPipeline
-from torch import Tensor, nn
+from torch import Tensor
 
-from genalign.core.schedules import FlowSchedule, NoiseSchedule
+from genalign.core.schedules import NoiseSchedule
 from genalign.core.types import Conditioning
 from genalign.pipelines import register
 from genalign.pipelines.base import DiffusersBackbone
@@ -27,6 +27,7 @@ from genalign.pipelines.base import DiffusersBackbone
 class FluxBackbone(DiffusersBackbone):
     summary = "FLUX.1 [dev] / [schnell] (flow matching, guidance-distilled)"
     pipeline_class: ClassVar[type] = FluxPipeline
+    denoiser_component: ClassVar[str] = "transformer"
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -44,12 +45,8 @@ class FluxBackbone(DiffusersBackbone):
     lora_keys_to_diffusers: ClassVar[bool] = False
     # T5 tokens: 512 for [dev], 256 for [schnell] (as diffusers' FLUX docs and BFL's code use them)
     t5_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer_2",)
-    default_sequence_length: ClassVar[int] = 512
-    default_sequence_length_schnell: ClassVar[int] = 256
-
-    @property
-    def unwrapped_denoiser(self) -> nn.Module:
-        return self.pipe.transformer
+    t5_tokens_dev: ClassVar[int] = 512
+    t5_tokens_schnell: ClassVar[int] = 256
 
     @property
     def resolution(self) -> int:
@@ -68,23 +65,8 @@ class FluxBackbone(DiffusersBackbone):
         """FLUX [dev] embeds its guidance scale; [schnell] has no guidance input."""
         return bool(self.unwrapped_denoiser.config.guidance_embeds)
 
-    def image_tokens(self, height: int | None = None, width: int | None = None) -> int:
-        _, h, w = self.latent_shape(height, width)
-        return (h // 2) * (w // 2)
-
     def _make_schedule(self) -> NoiseSchedule:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        config = self.pipe.scheduler.config
-        self._schedule_tokens = self.image_tokens()
-        mu = calculate_shift(
-            self._schedule_tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return FlowSchedule(config, mu=mu, linspace_sigmas=True)
+        return self._token_shift_schedule()
 
     @torch.no_grad()
     def _encode_prompts(
@@ -92,7 +74,7 @@ class FluxBackbone(DiffusersBackbone):
     ) -> Conditioning:
         prompts = list(prompts)
         longest = self.max_sequence_length or (
-            self.default_sequence_length if self.guidance_embedded else self.default_sequence_length_schnell
+            self.t5_tokens_dev if self.guidance_embedded else self.t5_tokens_schnell
         )
         max_length = min(longest, self.pipe.tokenizer_2.model_max_length)
         embeds, pooled, text_ids = self.pipe.encode_prompt(
@@ -105,12 +87,7 @@ class FluxBackbone(DiffusersBackbone):
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         x_t, timestep, positive, dtype = self._inputs(x_t, timestep, cond)
         batch, channels, h, w = x_t.shape
-        if (h // 2) * (w // 2) != self._schedule_tokens:
-            raise ValueError(
-                f"FLUX's sigma shift (mu) was set for {self.resolution}px images ({self._schedule_tokens} tokens); "
-                f"these latents are {h * self.vae_scale_factor}x{w * self.vae_scale_factor}px: set "
-                f"backbone.resolution to sample at another size"
-            )
+        self._check_schedule_size(h, w)
         packed = self.pipeline_class._pack_latents(x_t, batch, channels, h, w)
         image_ids = self.pipeline_class._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, dtype)
         guidance = None

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import Flux2KleinPipeline
-from torch import Tensor, nn
+from torch import Tensor
 
 from genalign.core.schedules import FlowSchedule, NoiseSchedule
 from genalign.core.types import Conditioning
@@ -35,6 +35,7 @@ OUT_LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers
 class Flux2KleinBackbone(DiffusersBackbone):
     summary = "FLUX.2 [klein] (flow matching, Qwen3 prompt states, patchified normalised latents)"
     pipeline_class: ClassVar[type] = Flux2KleinPipeline
+    denoiser_component: ClassVar[str] = "transformer"
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -52,14 +53,6 @@ class Flux2KleinBackbone(DiffusersBackbone):
     lora_keys_to_diffusers: ClassVar[bool] = False
     t5_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)  # reads max_sequence_length tokens
     default_sequence_length: ClassVar[int] = 512
-
-    @property
-    def unwrapped_denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def max_sequence_length(self) -> int:
-        return super().max_sequence_length or self.default_sequence_length
 
     @property
     def out_layers(self) -> tuple[int, ...]:
@@ -100,9 +93,7 @@ class Flux2KleinBackbone(DiffusersBackbone):
     ) -> Conditioning:
         prompts = list(prompts)
         guidance = guidance and not self.pipe.config.is_distilled
-        negatives = (list(negative_prompts) if negative_prompts else [""] * len(prompts)) if guidance else []
-        if guidance and len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        negatives = self._negatives(prompts, negative_prompts, guidance, "")
         embeds, text_ids = self.pipe.encode_prompt(prompt=prompts + negatives, device=self.device,
                                                    max_sequence_length=self.max_sequence_length,
                                                    text_encoder_out_layers=self.out_layers)

@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import QwenImagePipeline
-from torch import Tensor, nn
+from torch import Tensor
 
-from genalign.core.schedules import FlowSchedule, NoiseSchedule
+from genalign.core.schedules import NoiseSchedule
 from genalign.core.types import Conditioning
 from genalign.pipelines import register
 from genalign.pipelines.base import DiffusersBackbone
@@ -34,6 +34,7 @@ NEGATIVE_PROMPT = " "  # the pipeline's documented empty negative prompt
 class QwenImageBackbone(DiffusersBackbone):
     summary = "Qwen-Image (MMDiT flow matching, Qwen2.5-VL prompt states, true CFG with norm rescale)"
     pipeline_class: ClassVar[type] = QwenImagePipeline
+    denoiser_component: ClassVar[str] = "transformer"
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -51,14 +52,6 @@ class QwenImageBackbone(DiffusersBackbone):
     default_sequence_length: ClassVar[int] = 1024  # the pipeline's tokenizer_max_length (and its cap)
 
     @property
-    def unwrapped_denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def max_sequence_length(self) -> int:
-        return super().max_sequence_length or self.default_sequence_length
-
-    @property
     def vae_scale_factor(self) -> int:
         return int(self.pipe.vae_scale_factor)
 
@@ -74,32 +67,15 @@ class QwenImageBackbone(DiffusersBackbone):
     def latent_multiple(self) -> int:
         return 2 * self.vae_scale_factor
 
-    def image_tokens(self, height: int | None = None, width: int | None = None) -> int:
-        _, h, w = self.latent_shape(height, width)
-        return (h // 2) * (w // 2)
-
     def _make_schedule(self) -> NoiseSchedule:
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        config = self.pipe.scheduler.config
-        self._schedule_tokens = self.image_tokens()
-        mu = calculate_shift(
-            self._schedule_tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return FlowSchedule(config, mu=mu, linspace_sigmas=True)
+        return self._token_shift_schedule()
 
     @torch.no_grad()
     def _encode_prompts(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
         prompts = list(prompts)
-        negatives = (list(negative_prompts) if negative_prompts else [NEGATIVE_PROMPT] * len(prompts)) if guidance else []
-        if guidance and len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        negatives = self._negatives(prompts, negative_prompts, guidance, NEGATIVE_PROMPT)
         # one call: positive and negative padded to one length, so that they batch together
         embeds, mask = self.pipe.encode_prompt(prompt=prompts + negatives, device=self.device, num_images_per_prompt=1,
                                                max_sequence_length=self.max_sequence_length)
@@ -124,12 +100,7 @@ class QwenImageBackbone(DiffusersBackbone):
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         x_t, timestep, positive, dtype = self._inputs(x_t, timestep, cond)
         batch, channels, h, w = x_t.shape
-        if (h // 2) * (w // 2) != self._schedule_tokens:
-            raise ValueError(
-                f"Qwen-Image's sigma shift (mu) was set for {self.resolution}px images ({self._schedule_tokens} tokens); "
-                f"these latents are {h * self.vae_scale_factor}x{w * self.vae_scale_factor}px: set "
-                f"backbone.resolution to sample at another size"
-            )
+        self._check_schedule_size(h, w)
         packed = self.pipeline_class._pack_latents(x_t, batch, channels, h, w)
         if guidance_scale == 1.0 or cond.negative is None:
             out = self._denoise_packed(packed, timestep, positive, h, w)

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import StableDiffusion3Pipeline
-from torch import Tensor, nn
+from torch import Tensor
 
 from genalign.core.experiment import BackboneConfig
 from genalign.core.schedules import FlowSchedule, NoiseSchedule
@@ -27,6 +27,7 @@ class StableDiffusion3Backbone(DiffusersBackbone):
     summary = "Stable Diffusion 3 / 3.5 (MMDiT flow matching)"
 
     pipeline_class: ClassVar[type] = StableDiffusion3Pipeline
+    denoiser_component: ClassVar[str] = "transformer"
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -46,10 +47,6 @@ class StableDiffusion3Backbone(DiffusersBackbone):
         if config.drop_t5 or "text_encoder_3" in absent_components(config.path):
             return {"text_encoder_3": None, "tokenizer_3": None}
         return {}
-
-    @property
-    def unwrapped_denoiser(self) -> nn.Module:
-        return self.pipe.transformer
 
     def _make_schedule(self) -> NoiseSchedule:
         return FlowSchedule(self.pipe.scheduler.config)

@@ -332,21 +332,28 @@ QWEN_CHAT_TEMPLATE = (  # Qwen's chat format, enough for a user turn and the gen
 )
 
 
+def _tiny_qwen3(model_class: Any, tokenizer: Any, layers: int) -> Any:
+    """A Qwen3 text model (``Qwen3Model`` or ``Qwen3ForCausalLM``) of ``layers`` tiny layers."""
+    from transformers import Qwen3Config
+
+    return model_class(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def tiny_zimage_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
     """Z-Image: a two-layer Qwen3 text model with Qwen's chat template, a one-layer single-stream
     DiT (one refiner layer each side), the FLUX-style VAE (factor 2, 4 channels) and Z-Image's
     scheduler (static shift 3); 16 px images (``genalign.json``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
     torch.manual_seed(seed)
     tokenizer = build_qwen_tokenizer()
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    text_encoder = Qwen3Model(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = _tiny_qwen3(Qwen3Model, tokenizer, layers=2)
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, cap_feat_dim=TEXT_HIDDEN, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64],
@@ -368,16 +375,12 @@ def tiny_flux2_klein_pipeline(prediction_type: str = "flow", seed: int = 0) -> A
         Flux2KleinPipeline,
         Flux2Transformer2DModel,
     )
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = build_qwen_tokenizer()
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = _tiny_qwen3(Qwen3ForCausalLM, tokenizer, layers=3)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
         joint_attention_dim=3 * TEXT_HIDDEN, timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2),

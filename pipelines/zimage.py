@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import ZImagePipeline
-from torch import Tensor, nn
+from torch import Tensor
 
 from genalign.core.schedules import FlowSchedule, NoiseSchedule
 from genalign.core.types import Conditioning
@@ -33,6 +33,7 @@ from genalign.pipelines.base import DiffusersBackbone
 class ZImageBackbone(DiffusersBackbone):
     summary = "Z-Image / Z-Image-Turbo (single-stream DiT flow matching, Qwen3 prompt states)"
     pipeline_class: ClassVar[type] = ZImagePipeline
+    denoiser_component: ClassVar[str] = "transformer"
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -46,14 +47,6 @@ class ZImageBackbone(DiffusersBackbone):
     lora_keys_to_diffusers: ClassVar[bool] = False
     t5_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)  # reads max_sequence_length tokens
     default_sequence_length: ClassVar[int] = 512  # the pipeline's default
-
-    @property
-    def unwrapped_denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def max_sequence_length(self) -> int:
-        return super().max_sequence_length or self.default_sequence_length
 
     @property
     def resolution(self) -> int:
@@ -86,9 +79,7 @@ class ZImageBackbone(DiffusersBackbone):
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
         prompts = list(prompts)
-        negatives = (list(negative_prompts) if negative_prompts else [""] * len(prompts)) if guidance else []
-        if guidance and len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        negatives = self._negatives(prompts, negative_prompts, guidance, "")
         states = self.pipe._encode_prompt(prompt=prompts + negatives, device=self.device,
                                           max_sequence_length=self.max_sequence_length)
         longest = max(s.shape[0] for s in states)
