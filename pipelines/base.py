@@ -195,6 +195,7 @@ class DiffusersBackbone:
                 tokenizer = getattr(self.pipe, name, None)
                 if tokenizer is None:
                     continue
+                tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's (FLUX.2 [dev]'s Pixtral)
                 limit = ((self.max_sequence_length or tokenizer.model_max_length) if name in self.t5_tokenizers
                          else tokenizer.model_max_length)
                 length = len(tokenizer(prompt, truncation=False, verbose=False)["input_ids"])

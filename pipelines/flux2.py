@@ -1,17 +1,18 @@
-"""FLUX.2 [klein] (Black Forest Labs 2026): Flux2Transformer2DModel on the FLUX.2 VAE's patchified,
-batch-norm-normalised latents, with three layers of a Qwen3 model side by side as the prompt
-(diffusers' Flux2KleinPipeline).
+"""FLUX.2 [dev] and [klein] (Black Forest Labs 2025-26): Flux2Transformer2DModel on the FLUX.2 VAE's
+patchified, batch-norm-normalised latents, with three layers of the text model side by side as
+the prompt (diffusers' Flux2Pipeline: Mistral Small 3.1 behind its processor, layers 10, 20, 30;
+Flux2KleinPipeline: Qwen3, layers 9, 18, 27; a checkpoint's ``genalign.json`` may say otherwise).
 
-As the pipeline does it: each prompt goes through the tokenizer's chat template (thinking off) and
-is padded to ``max_sequence_length`` (512), and the hidden states of ``text_encoder_out_layers``
-(9, 18, 27; a checkpoint's ``genalign.json`` may say otherwise) are concatenated per token, with 4-D
-(t, h, w, l) text and image position ids; the flow runs on the VAE latents cut into 2x2 patches and
-normalised by the VAE's batch-norm running statistics, which is this backbone's latent space
-``(B, 4C, H / 16, W / 16)`` (``decode`` / ``encode`` undo and apply it); sigmas are
-``linspace(1, 1/N, N)`` shifted with FLUX.2's empirical ``mu``, a function of the token count and
-of N (training timesteps use the mu of the pipeline's default 50 steps); the transformer is given
-sigma and no guidance embedding. Guidance is plain CFG with the negative prompt ``""``, off for a
-step-distilled checkpoint (``is_distilled``), as the pipeline ignores it there.
+As the pipelines do it: each prompt goes through the chat template ([dev]: with FLUX.2's system
+message; [klein]: thinking off) and is padded to ``max_sequence_length`` (512), and the chosen layers'
+states are concatenated per token, with 4-D (t, h, w, l) text and image position ids; the flow runs
+on the VAE latents cut into 2x2 patches and normalised by the VAE's batch-norm running statistics,
+which is this backbone's latent space ``(B, 4C, H / 16, W / 16)`` (``decode`` / ``encode`` undo and
+apply it); sigmas are ``linspace(1, 1/N, N)`` shifted with FLUX.2's empirical ``mu``, a function of
+the token count and of N (training timesteps use the mu of the pipelines' default 50 steps); the
+transformer is given sigma. Guidance: [dev] is guidance-distilled and embeds ``guidance_scale`` (no
+CFG; train with the guidance you sample with, 4 in the pipeline); [klein] base uses plain CFG with the
+negative prompt ``""``; a step-distilled [klein] (``is_distilled``) takes none, as its pipeline ignores it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from torch import Tensor
 
 from genalign.core.schedules import FlowSchedule, NoiseSchedule
@@ -28,20 +29,19 @@ from genalign.core.types import Conditioning
 from genalign.pipelines import register
 from genalign.pipelines.base import DiffusersBackbone
 
-OUT_LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers
 
-
-@register("flux2-klein")
-class Flux2KleinBackbone(DiffusersBackbone):
-    summary = "FLUX.2 [klein] (flow matching, Qwen3 prompt states, patchified normalised latents)"
-    pipeline_class: ClassVar[type] = Flux2KleinPipeline
+@register("flux2")
+class Flux2Backbone(DiffusersBackbone):
+    summary = "FLUX.2 [dev] (flow matching, guidance-distilled, Mistral Small 3.1 prompt states)"
+    pipeline_class: ClassVar[type] = Flux2Pipeline
     denoiser_component: ClassVar[str] = "transformer"
+    text_encoder_out_layers: ClassVar[tuple[int, ...]] = (10, 20, 30)  # the pipeline's default
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
-        from genalign.pipelines.tiny import tiny_flux2_klein_pipeline
+        from genalign.pipelines.tiny import tiny_flux2_pipeline
 
-        return {"flux2-klein": lambda prediction_type, seed: tiny_flux2_klein_pipeline(prediction_type, seed)}
+        return {"flux2": lambda prediction_type, seed: tiny_flux2_pipeline(prediction_type, seed)}
 
     # The double-stream blocks' attention projections and MLPs and the single-stream blocks' fused
     # input projection (Flow-Factory's FLUX.2 targets).
@@ -56,7 +56,7 @@ class Flux2KleinBackbone(DiffusersBackbone):
 
     @property
     def out_layers(self) -> tuple[int, ...]:
-        return tuple(self.defaults.get("text_encoder_out_layers", OUT_LAYERS))
+        return tuple(self.defaults.get("text_encoder_out_layers", self.text_encoder_out_layers))
 
     @property
     def resolution(self) -> int:
@@ -92,7 +92,7 @@ class Flux2KleinBackbone(DiffusersBackbone):
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
     ) -> Conditioning:
         prompts = list(prompts)
-        guidance = guidance and not self.pipe.config.is_distilled
+        guidance = guidance and self.takes_cfg
         negatives = self._negatives(prompts, negative_prompts, guidance, "")
         embeds, text_ids = self.pipe.encode_prompt(prompt=prompts + negatives, device=self.device,
                                                    max_sequence_length=self.max_sequence_length,
@@ -102,17 +102,28 @@ class Flux2KleinBackbone(DiffusersBackbone):
         negative = {"prompt_embeds": embeds[rows:], "text_ids": text_ids[rows:]} if guidance else None
         return Conditioning(positive, negative, prompts)
 
-    def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
-        if self.pipe.config.is_distilled:  # a step-distilled model takes no guidance (the pipeline ignores it)
-            guidance_scale = 1.0
-        return super().predict(x_t, timestep, cond, guidance_scale)
+    @property
+    def guidance_embedded(self) -> bool:
+        """[dev] embeds its guidance scale; [klein] has no guidance input."""
+        return bool(self.unwrapped_denoiser.config.guidance_embeds)
 
-    def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    @property
+    def takes_cfg(self) -> bool:
+        """Classifier-free guidance: [klein] base only (not a guidance-embedding or step-distilled model)."""
+        return not self.guidance_embedded and not self.pipe.config.get("is_distilled", False)
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
+        if self.guidance_embedded:
+            x_t, timestep, positive, _ = self._inputs(x_t, timestep, cond)
+            return self._denoise(x_t, timestep, positive, torch.full((x_t.shape[0],), float(guidance_scale)))
+        return super().predict(x_t, timestep, cond, guidance_scale if self.takes_cfg else 1.0)
+
+    def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: Tensor | None = None) -> Tensor:
         batch, channels, h, w = x.shape
         out = self.denoiser(
             hidden_states=self.pipeline_class._pack_latents(x),  # (B, h w, C), row-major as the ids
             timestep=t.to(x.dtype) / 1000,
-            guidance=None,
+            guidance=None if guidance is None else guidance.to(self.device, torch.float32),
             encoder_hidden_states=cond["prompt_embeds"],
             txt_ids=cond["text_ids"].long(),
             img_ids=self.pipeline_class._prepare_latent_ids(x).to(x.device),
@@ -139,3 +150,16 @@ class Flux2KleinBackbone(DiffusersBackbone):
         latents = self.pipeline_class._patchify_latents(dist.mode() if generator is None else dist.sample(generator))
         mean, std = self._bn_stats(latents)
         return ((latents - mean) / std).to(self.dtype)
+
+
+@register("flux2-klein")
+class Flux2KleinBackbone(Flux2Backbone):
+    summary = "FLUX.2 [klein] (flow matching, Qwen3 prompt states, CFG unless step-distilled)"
+    pipeline_class: ClassVar[type] = Flux2KleinPipeline
+    text_encoder_out_layers: ClassVar[tuple[int, ...]] = (9, 18, 27)
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        from genalign.pipelines.tiny import tiny_flux2_klein_pipeline
+
+        return {"flux2-klein": lambda prediction_type, seed: tiny_flux2_klein_pipeline(prediction_type, seed)}

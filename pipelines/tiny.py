@@ -370,10 +370,7 @@ def tiny_flux2_klein_pipeline(prediction_type: str = "flow", seed: int = 0) -> A
     single-stream block, a two-level FLUX.2 VAE (factor 2, 4 channels, 2x2 patches normalised by its
     batch-norm statistics) and a dynamically shifted scheduler; 16 px images (``genalign.json``)."""
     from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
         Flux2KleinPipeline,
-        Flux2Transformer2DModel,
     )
     from transformers import Qwen3ForCausalLM
 
@@ -381,10 +378,22 @@ def tiny_flux2_klein_pipeline(prediction_type: str = "flow", seed: int = 0) -> A
     tokenizer = build_qwen_tokenizer()
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     text_encoder = _tiny_qwen3(Qwen3ForCausalLM, tokenizer, layers=3)
+    transformer, vae, scheduler = _tiny_flux2_parts(guidance_embeds=False)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=False)
+    pipe.genalign_defaults = {"resolution": 16, "text_encoder_out_layers": [1, 2, 3]}
+    return pipe
+
+
+def _tiny_flux2_parts(guidance_embeds: bool) -> tuple[Any, Any, Any]:
+    """FLUX.2's transformer (one or two double- and single-stream blocks over 3 stacked 32-wide text
+    layers), its VAE (factor 2, 4 channels, non-trivial batch-norm statistics) and scheduler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
         joint_attention_dim=3 * TEXT_HIDDEN, timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2),
-        guidance_embeds=False,
+        guidance_embeds=guidance_embeds,
     )
     vae = AutoencoderKLFlux2(
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
@@ -393,9 +402,41 @@ def tiny_flux2_klein_pipeline(prediction_type: str = "flow", seed: int = 0) -> A
     with torch.no_grad():  # statistics that are not the identity, so that the normalisation is exercised
         vae.bn.running_mean.copy_(0.2 * torch.randn(16))
         vae.bn.running_var.copy_(0.5 + torch.rand(16))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer, is_distilled=False)
+    return transformer, vae, FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+
+
+MISTRAL_CHAT_TEMPLATE = (  # Mistral Small 3's [SYSTEM_PROMPT] / [INST] format for text-only turns
+    "{% for message in messages %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}[/SYSTEM_PROMPT]{% else %}[INST]"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def tiny_flux2_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
+    """FLUX.2 [dev]: a three-layer Mistral3 (its Pixtral vision tower tiny and unused) behind a
+    PixtralProcessor with Mistral's chat format, and the [klein] layout's guidance-embedding transformer,
+    VAE and scheduler; 16 px images (``genalign.json``)."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()  # any byte-level tokenizer: the processor adds Mistral's tokens
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]})
+    processor = PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=16,
+                                 spatial_merge_size=1, chat_template=MISTRAL_CHAT_TEMPLATE, image_token="[IMG]",
+                                 image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=1024),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, patch_size=16, image_size=64),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1,
+    ))
+    transformer, vae, scheduler = _tiny_flux2_parts(guidance_embeds=True)
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=processor,
+                         transformer=transformer)
     pipe.genalign_defaults = {"resolution": 16, "text_encoder_out_layers": [1, 2, 3]}
     return pipe
 

@@ -1,4 +1,4 @@
-"""SD3, FLUX, FLUX.2 [klein], Qwen-Image and Z-Image backbones on tiny models: pipeline parity, SDE rollouts, LoRA, inversion, training."""
+"""SD3, FLUX, FLUX.2 [dev] and [klein], Qwen-Image and Z-Image backbones on tiny models: pipeline parity, SDE rollouts, LoRA, inversion, training."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from genalign.pipelines import load_backbone
 PROMPTS = ["a photo of a red circle", "two blue squares"]
 # tiny checkpoint -> backbone family
 FAMILY = {"sd3": "sd3", "flux": "flux", "flux-schnell": "flux", "qwenimage": "qwenimage", "zimage": "zimage",
-          "flux2-klein": "flux2-klein"}
+          "flux2": "flux2", "flux2-klein": "flux2-klein"}
 
 
 def _load(tiny_models, tiny, **kwargs):
@@ -32,11 +32,13 @@ def _pipeline_latents(backbone, latents, steps, guidance):
         out = pipe(PROMPTS, latents=pipe._pack_latents(latents, b, c, h, w), num_inference_steps=steps, height=size,
                    width=size, output_type="latent", **cfg).images
         return pipe._unpack_latents(out, size, size, backbone.vae_scale_factor)[:, :, 0]
-    if backbone.config.family == "flux2-klein":  # it returns the VAE's latents: back to the patchified, normalised ones
+    if backbone.config.family in ("flux2", "flux2-klein"):
         size = backbone.resolution
         out = pipe(prompt=list(PROMPTS), latents=latents, num_inference_steps=steps, guidance_scale=guidance, height=size,
                    width=size, output_type="latent", text_encoder_out_layers=backbone.out_layers).images
-        mean, std = backbone._bn_stats(out)
+        if out.ndim == 3:  # [dev] returns the packed latents (B, h w, C)
+            return out.permute(0, 2, 1).reshape(latents.shape)
+        mean, std = backbone._bn_stats(out)  # [klein] the VAE's: back to the patchified, normalised ones
         return (pipe._patchify_latents(out) - mean) / std
     if backbone.config.family == "zimage":  # its guidance g is cond + g (cond - uncond): genalign's w - 1
         size = backbone.resolution
@@ -58,7 +60,8 @@ def _pipeline_latents(backbone, latents, steps, guidance):
     "tiny,steps,guidance",
     [("sd3", 8, 4.0), ("flux", 4, 3.5), ("flux-schnell", 1, 1.0), ("flux-schnell", 4, 1.0), ("qwenimage", 4, 4.0),
      ("qwenimage", 4, 1.0), ("zimage", 4, 4.0), ("zimage", 4, 1.0),
-     ("flux2-klein", 4, 4.0), ("flux2-klein", 4, 1.0), ("flux2-klein", 8, 4.0)],  # FLUX.2's mu depends on N
+     ("flux2-klein", 4, 4.0), ("flux2-klein", 4, 1.0), ("flux2-klein", 8, 4.0),  # FLUX.2's mu depends on N
+     ("flux2", 4, 4.0)],
 )
 def test_ode_sampler_reproduces_the_diffusers_pipeline(tiny_models, tiny, steps, guidance):
     backbone = _load(tiny_models, tiny, finetune="none")
@@ -74,7 +77,7 @@ def test_ode_sampler_reproduces_the_diffusers_pipeline(tiny_models, tiny, steps,
     assert timesteps[0] == 1000.0 and len(timesteps) == steps
 
 
-@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein"])
+@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2"])
 def test_sde_rollouts_log_probs_and_last_k_gradients(tiny_models, tiny):
     backbone = _load(tiny_models, tiny, finetune="lora")
     cond = backbone.encode_prompts(PROMPTS[:1], guidance=False)
@@ -92,7 +95,7 @@ def test_sde_rollouts_log_probs_and_last_k_gradients(tiny_models, tiny):
     assert torch.isfinite(again.log_probs).all() and (again.final - ode).abs().mean() > 1e-3  # really stochastic
 
 
-@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein"])
+@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2"])
 def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_latents(tiny_models, tmp_path, tiny):
     backbone = _load(tiny_models, tiny, finetune="lora", lora_rank=4, lora_alpha=4.0)
     with torch.no_grad():
@@ -101,7 +104,7 @@ def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_latents(ti
     guidance = 3.0
     latents = initial_noise(backbone, 2, torch.Generator().manual_seed(3))
     with torch.no_grad():
-        cond = backbone.encode_prompts(PROMPTS, guidance=tiny != "flux")
+        cond = backbone.encode_prompts(PROMPTS, guidance=tiny not in ("flux", "flux2"))
         ours = sample(backbone, cond, 4, guidance, latents=latents).final
         with backbone.reference():
             base = sample(backbone, cond, 4, guidance, latents=latents).final
@@ -141,7 +144,7 @@ def test_flux_sizes_must_fit_the_packing(tiny_models):
         backbone.latent_shape(18, 16)
 
 
-@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein"])
+@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2"])
 def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_path, tiny):
     """ToyDenoising only calls the Backbone contract (encode, schedule noising/target, predict)."""
     from tests.toy import ToyDenoising
@@ -154,7 +157,7 @@ def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_pa
     with torch.no_grad():
         before = finetuner.loss(held_out)[0].item()
     # (the tiny FLUX.2 starts slower: measured -0.2% after 12 steps, -12% after 40)
-    steps = 40 if tiny == "flux2-klein" else 12
+    steps = 40 if tiny.startswith("flux2") else 12
     run = RunConfig(output_dir=str(tmp_path), steps=steps, batch_size=8, lr=1e-2, tracker="none",
                     prompts=PROMPTS, checkpoint_every=0)
     result = Trainer(finetuner, run).train()
