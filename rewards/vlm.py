@@ -120,6 +120,19 @@ def _by_shape(images: Sequence[Tensor], process: Callable[[Tensor], list[Any]]) 
     return results
 
 
+def expand_image_tokens(texts: Sequence[str], image_token: str, tokens_per_image: Sequence[int]) -> list[str]:
+    """Each image's placeholder in the chat texts repeated to its token count, images in reading order
+    (what the processors do before tokenising)."""
+    counts = iter(tokens_per_image)
+    expanded = []
+    for text in texts:
+        parts = text.split(image_token)
+        expanded.append(parts[0] + "".join(image_token * next(counts) + part for part in parts[1:]))
+    if next(counts, None) is not None:
+        raise ValueError("the chat template dropped image placeholders")
+    return expanded
+
+
 @dataclass(frozen=True)
 class QwenPixels:
     """``Qwen2VLImageProcessor`` (also Qwen2.5-VL's) on tensors.
@@ -320,15 +333,7 @@ class VisionLanguageModel:
         ]
 
     def _expand_image_tokens(self, texts: list[str], tokens_per_image: list[int]) -> list[str]:
-        """Each image's placeholder repeated to its token count, images in reading order."""
-        counts = iter(tokens_per_image)
-        expanded = []
-        for text in texts:
-            parts = text.split(self.image_token)
-            expanded.append(parts[0] + "".join(self.image_token * next(counts) + part for part in parts[1:]))
-        if next(counts, None) is not None:
-            raise ValueError("the chat template dropped image placeholders")
-        return expanded
+        return expand_image_tokens(texts, self.image_token, tokens_per_image)
 
     def answer_logprobs(self, questions: Sequence[str], images: Sequence[Sequence[Tensor]], pixels: Pixels,
                         answer_ids: Sequence[int], sequence: str | None = None) -> Tensor:
