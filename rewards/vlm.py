@@ -335,24 +335,58 @@ class VisionLanguageModel:
     def _expand_image_tokens(self, texts: list[str], tokens_per_image: list[int]) -> list[str]:
         return expand_image_tokens(texts, self.image_token, tokens_per_image)
 
-    def answer_logprobs(self, questions: Sequence[str], images: Sequence[Sequence[Tensor]], pixels: Pixels,
-                        answer_ids: Sequence[int], sequence: str | None = None) -> Tensor:
-        """log P(answer) (B,), fp32: questions[b] asked about images[b] (each (3, H, W) in [0, 1]);
-        the answer's probability is the sum over ``answer_ids`` at the first answer position, or with
-        ``sequence`` (an answer string) the mean log-probability of its tokens and the end-of-sequence
-        token after the generation prompt and a space (t2v_metrics' LLaVA form, ``"Yes</s>"``)."""
+    def prompt_texts(self, questions: Sequence[str], images: Sequence[Sequence[Tensor]], pixels: Pixels,
+                     prefixes: Sequence[str] | None = None) -> tuple[list[str], dict[str, Tensor], list[int]]:
+        """The chat texts (image placeholders expanded, each followed by its answer prefix, if any),
+        the vision inputs and each image's token count."""
         per_question = {len(group) for group in images}
         if len(per_question) != 1:
             raise ValueError("every question needs the same number of images")
         vision_inputs, tokens_per_image = pixels([image for group in images for image in group])
         vision_inputs["pixel_values"] = vision_inputs["pixel_values"].to(self.dtype)
         texts = self._expand_image_tokens(self.chat_texts(questions, per_question.pop()), tokens_per_image)
-        # as the processor's apply_chat_template: no second BOS when the template writes one
-        bos = self.tokenizer.bos_token
-        add_special = not (bos is not None and texts[0].startswith(bos))
+        if prefixes is not None:
+            texts = [text + prefix for text, prefix in zip(texts, prefixes, strict=True)]
+        return texts, vision_inputs, tokens_per_image
+
+    @torch.no_grad()
+    def generate(self, questions: Sequence[str], images: Sequence[Sequence[Tensor]], pixels: Pixels,
+                 max_new_tokens: int) -> list[str]:
+        """Each question's greedy answer (special tokens dropped)."""
+        texts, vision_inputs, _ = self.prompt_texts(questions, images, pixels)
+        tokens = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
+                                add_special_tokens=self._add_special(texts)).to(self.device)
+        # Qwen's 3-D positions need to know which tokens are image tokens (as the processor returns)
+        extra = ({"mm_token_type_ids": (tokens["input_ids"] == self.image_token_id).long()}
+                 if "image_grid_thw" in vision_inputs else {})
+        out = self.model.generate(**tokens, **vision_inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(out[:, tokens["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def answer_logprobs(self, questions: Sequence[str], images: Sequence[Sequence[Tensor]], pixels: Pixels,
+                        answer_ids: Sequence[int], sequence: str | None = None,
+                        prefixes: Sequence[str] | None = None) -> Tensor:
+        """log P(answer) (B,), fp32: questions[b] asked about images[b] (each (3, H, W) in [0, 1]);
+        the answer's probability is the sum over ``answer_ids`` at the first answer position (after
+        ``prefixes[b]``, the start of the answer, if given), or with ``sequence`` (an answer string)
+        the mean log-probability of its tokens and the end-of-sequence token after the generation
+        prompt and a space (t2v_metrics' LLaVA form, ``"Yes</s>"``)."""
         if sequence is not None:
-            return self._sequence_logprobs(texts, sequence, add_special, vision_inputs, tokens_per_image)
-        tokens = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add_special).to(self.device)
+            texts, vision_inputs, tokens_per_image = self.prompt_texts(questions, images, pixels, prefixes)
+            return self._sequence_logprobs(texts, sequence, self._add_special(texts), vision_inputs, tokens_per_image)
+        return self.next_token_logprobs(questions, images, pixels, prefixes)[:, list(answer_ids)].logsumexp(-1)
+
+    def _add_special(self, texts: Sequence[str]) -> bool:
+        """As the processor's apply_chat_template: no second BOS when the template writes one."""
+        bos = self.tokenizer.bos_token
+        return not (bos is not None and texts[0].startswith(bos))
+
+    def next_token_logprobs(self, questions: Sequence[str], images: Sequence[Sequence[Tensor]], pixels: Pixels,
+                            prefixes: Sequence[str] | None = None) -> Tensor:
+        """(B, V) fp32 log-probabilities of the token after each chat prompt (and its prefix)."""
+        texts, vision_inputs, tokens_per_image = self.prompt_texts(questions, images, pixels, prefixes)
+        tokens = self.tokenizer(texts, padding=True, return_tensors="pt",
+                                add_special_tokens=self._add_special(texts)).to(self.device)
         input_ids, mask = tokens["input_ids"], tokens["attention_mask"]  # (B, L)
         is_image = input_ids == self.image_token_id
         if int(is_image.sum()) != sum(tokens_per_image):
@@ -364,8 +398,7 @@ class VisionLanguageModel:
         positions = torch.arange(mask.shape[1], device=mask.device)
         last = (mask * positions).argmax(-1)  # (B,)
         logits = self.model.get_output_embeddings()(hidden[torch.arange(len(last), device=last.device), last])
-        logprobs = logits.float().log_softmax(-1)  # (B, V)
-        return logprobs[:, list(answer_ids)].logsumexp(-1)
+        return logits.float().log_softmax(-1)
 
     def _sequence_logprobs(self, texts: list[str], answer: str, add_special: bool, vision_inputs: dict[str, Tensor],
                            tokens_per_image: list[int]) -> Tensor:
