@@ -36,9 +36,16 @@ def run_experiment(config: Any, resume: str | None = None) -> Any:
         from genalign.rewards import build_reward
 
         reward = build_reward(config.reward, accelerator.device)
+        if backbone is not None and backbone.takes_images:  # editing: rewards see each prompt's source image
+            from genalign.rewards.combine import WithSourceImages
+
+            reward = WithSourceImages(reward, backbone.source_images)
     method = METHODS.get(config.method_name)
     finetuner = method.build(config, backbone, reward, **method_encoders(config, accelerator.device))
-    items = finetuner.training_data() or run.load_prompts()  # the method's own data, e.g. offline pairs
+    items = finetuner.training_data()  # the method's own data, e.g. offline pairs
+    if not items:  # an editing model's instructions default to those of its backbone.source_images
+        edits = list(backbone.source_images) if backbone is not None and backbone.takes_images else []
+        items = edits if edits and not (run.prompts or run.prompt_file) else run.load_prompts()
     trainer = Trainer(finetuner, run, config.sample, items, resolved_config=config.to_dict(),
                       accelerator=accelerator)
     result = trainer.train(resume=resume)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from genalign.core.experiment import BackboneConfig
+from genalign.core.images import check_images, read_source_images
 from genalign.core.loading import WeightsNotFoundError, from_pretrained_or_explain
 from genalign.core.schedules import DiffusionSchedule, NoiseSchedule
 from genalign.core.types import Conditioning
@@ -78,6 +79,8 @@ class DiffusersBackbone:
     denoiser_component: ClassVar[str] = "unet"  # the pipeline's component that is trained
     # prompt tokens read when neither the config nor the checkpoint's genalign.json says (None: the tokenizer's)
     default_sequence_length: ClassVar[int | None] = None
+    # editing models (FLUX.1 Kontext, Qwen-Image-Edit): prompts are instructions on a source image
+    takes_images: ClassVar[bool] = False
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -107,6 +110,11 @@ class DiffusersBackbone:
                 self.unwrapped_denoiser.to(torch.float32)
         if config.gradient_checkpointing:
             self.unwrapped_denoiser.enable_gradient_checkpointing()
+        self.source_images: dict[str, Tensor] = {}
+        if config.source_images:
+            if not self.takes_images:
+                raise ValueError(f"backbone.source_images: {config.family} is a text-to-image model, not an editing one")
+            self.set_source_images(read_source_images(config.source_images))
 
     # ------------------------------------------------------------------ loading
 
@@ -166,11 +174,42 @@ class DiffusersBackbone:
         return self.schedule.prediction_type
 
     def encode_prompts(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True,
+        images: Tensor | None = None,
     ) -> Conditioning:
-        """Checked prompts (:meth:`check_prompts`) encoded by the family's text encoder(s)."""
+        """Checked prompts (:meth:`check_prompts`) encoded by the family's text encoder(s); editing
+        models also encode each prompt's source image (``images``, else the one it was given by
+        :meth:`set_source_images` or ``backbone.source_images``)."""
         self.check_prompts(prompts)
-        return self._encode_prompts(prompts, negative_prompts, guidance)
+        if not self.takes_images:
+            if images is not None:
+                raise ValueError(f"{self.config.family} is a text-to-image model: it takes no source images")
+            return self._encode_prompts(prompts, negative_prompts, guidance)
+        images = check_images(self.source_images_for(prompts) if images is None else images, len(prompts))
+        return self._encode_edit(prompts, negative_prompts, guidance, images.to(self.device, torch.float32))
+
+    def set_source_images(self, images: dict[str, Tensor]) -> None:
+        """The source image (3, H, W) in [0, 1] each instruction prompt edits (added to those known), so
+        that every method, rollout and evaluation encodes it with the prompt."""
+        if not self.takes_images:
+            raise ValueError(f"{self.config.family} is a text-to-image model: it takes no source images")
+        for prompt, image in images.items():
+            check_images(image[None] if isinstance(image, Tensor) else image, 1, f"the source image of {prompt!r}")
+            self.source_images[prompt] = image.float().cpu()
+
+    def source_images_for(self, prompts: Sequence[str]) -> Tensor:
+        missing = [p for p in prompts if p not in self.source_images]
+        if missing:
+            raise ValueError(f"{self.config.family} edits a source image, and prompt {missing[0]!r} has none: set "
+                             "backbone.source_images (a JSONL of prompt / source_image rows) or pass images")
+        sizes = {tuple(self.source_images[p].shape) for p in prompts}
+        if len(sizes) > 1:
+            raise ValueError(f"the source images of one batch must share a size; got {sorted(sizes)}")
+        return torch.stack([self.source_images[p] for p in prompts])
+
+    def _encode_edit(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, guidance: bool,
+                     images: Tensor) -> Conditioning:
+        raise NotImplementedError
 
     def _encode_prompts(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, guidance: bool

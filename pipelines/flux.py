@@ -90,6 +90,8 @@ class FluxBackbone(DiffusersBackbone):
         self._check_schedule_size(h, w)
         packed = self.pipeline_class._pack_latents(x_t, batch, channels, h, w)
         image_ids = self.pipeline_class._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, dtype)
+        tokens = packed.shape[1]
+        packed, image_ids = self._with_context(packed, image_ids, positive)
         guidance = None
         if self.guidance_embedded:
             guidance = torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
@@ -102,6 +104,11 @@ class FluxBackbone(DiffusersBackbone):
             txt_ids=positive["text_ids"][0],
             img_ids=image_ids,
             return_dict=False,
-        )[0]
+        )[0][:, :tokens]
         f = self.vae_scale_factor
         return self.pipeline_class._unpack_latents(out, h * f, w * f, f)
+
+    def _with_context(self, packed: Tensor, image_ids: Tensor, positive: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The token sequence the transformer reads and its ids: the noisy latents' alone here; editing
+        models append their source image's (whose outputs are dropped)."""
+        return packed, image_ids

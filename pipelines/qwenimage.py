@@ -88,14 +88,20 @@ class QwenImageBackbone(DiffusersBackbone):
 
     def _denoise_packed(self, packed: Tensor, timestep: Tensor, cond: dict[str, Tensor], h: int, w: int) -> Tensor:
         mask = cond["mask"]
+        tokens, shapes = packed.shape[1], [(1, h // 2, w // 2)]
+        if "image_latents" in cond:  # editing: the source image's tokens follow, a second image in img_shapes
+            source = cond["image_latents"].to(packed.dtype)
+            batch, channels, sh, sw = source.shape
+            packed = torch.cat([packed, self.pipeline_class._pack_latents(source, batch, channels, sh, sw)], 1)
+            shapes.append((1, sh // 2, sw // 2))
         return self.denoiser(
             hidden_states=packed,
             timestep=timestep.to(packed.dtype) / 1000,  # the pipeline's convention: sigma
             encoder_hidden_states=cond["prompt_embeds"],
             encoder_hidden_states_mask=None if bool(mask.bool().all()) else mask,
-            img_shapes=[[(1, h // 2, w // 2)]] * packed.shape[0],
+            img_shapes=[shapes] * packed.shape[0],
             return_dict=False,
-        )[0]
+        )[0][:, :tokens]
 
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         x_t, timestep, positive, dtype = self._inputs(x_t, timestep, cond)

@@ -326,6 +326,44 @@ def tiny_qwenimage_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any
     return pipe
 
 
+def tiny_qwenimage_edit_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
+    """Qwen-Image-Edit: tiny Qwen-Image with a Qwen2.5-VL text encoder that sees the source image
+    (vision tower of one block, patch 14, and its processor: at most 56 x 56 pixels); the source is
+    resized to 32 x 32 (``genalign.json``'s ``source_area``; the pipeline's is 1024 x 1024)."""
+    from diffusers import QwenImageEditPipeline
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    base = tiny_qwenimage_pipeline(prediction_type, seed)
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    ids = tokenizer.convert_tokens_to_ids
+    special = {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **special),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_HIDDEN,
+                           fullatt_block_indexes=[0], initializer_range=0.2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"), **special,
+    ))
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56),
+                                 tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                                 chat_template=QWEN_CHAT_TEMPLATE)
+    pipe = QwenImageEditPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=text_encoder,
+                                 tokenizer=tokenizer, processor=processor, transformer=base.transformer)
+    pipe.genalign_defaults = {"resolution": 16, "source_area": 32 * 32}
+    return pipe
+
+
 QWEN_CHAT_TEMPLATE = (  # Qwen's chat format, enough for a user turn and the generation prompt
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -447,6 +485,14 @@ def tiny_layouts() -> dict[str, Any]:
     from genalign.pipelines import BACKBONES
 
     return {name: build for cls in BACKBONES.all().values() for name, build in cls.tiny_layouts().items()}
+
+
+def tiny_flux_kontext_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
+    """FLUX.1 Kontext: the tiny FLUX [dev] components in a FluxKontextPipeline."""
+    from diffusers import FluxKontextPipeline
+
+    pipe = tiny_flux_pipeline(prediction_type, seed, guidance_embeds=True)
+    return FluxKontextPipeline(**{k: v for k, v in pipe.components.items() if v is not None})
 
 
 def save_tiny(family: str, folder: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:

@@ -151,3 +151,30 @@ class RenoMix(WeightedSum):
             members.append(load_reward(member, device))
             member_weights.append(float(weights.get(name, weight)))
         return cls(members, member_weights)
+
+
+class WithSourceImages(RewardModel):
+    """The reward of an editing model's run: each metadata row gets its prompt's ``source_image``
+    ((3, H, W) in [0, 1], the image the instruction edits, from the backbone), so that a reward can
+    compare before and after (e.g. ``vlm_compare`` with ``reference: source_image``); rows that carry
+    one keep theirs. Scores, sub-scores and differentiability are the wrapped reward's."""
+
+    name = "with_source_images"
+
+    def __init__(self, reward: Any, source_images: Mapping[str, Tensor]):
+        super().__init__(getattr(reward, "device", "cpu"))
+        self.reward, self.source_images = reward, source_images
+        self.differentiable = bool(reward.differentiable)  # type: ignore[misc]
+        self.overlaps = bool(getattr(reward, "overlaps", False))
+
+    @property
+    def label(self) -> str:
+        return getattr(self.reward, "label", None) or getattr(self.reward, "name", self.name)
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[
+            Tensor, dict[str, Tensor]]:
+        rows = [dict(row) for row in metadata] if metadata is not None else [{} for _ in prompts]
+        for row, prompt in zip(rows, prompts):
+            if "source_image" not in row and prompt in self.source_images:
+                row["source_image"] = self.source_images[prompt]
+        return self.reward(images, prompts, rows)

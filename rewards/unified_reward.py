@@ -238,6 +238,7 @@ class UnifiedRewardPair(UnifiedReward):
     summary = "UnifiedReward pairwise: does the image beat a reference image (its published prompt)"
     name = "unified_reward_pair"
     pairwise = True
+    reference_key = "reference_image"
 
     def images(self, images: Tensor, metadata: Metadata) -> list[list[Tensor]]:
         return VLMCompare.images(self, images, metadata)  # type: ignore[arg-type]

@@ -23,7 +23,9 @@ Qwen2.5-VL or LLaVA checkpoint; required). Options of both forms:
 ``{name: vlm_compare, path: ..., options: {criterion: ...}}`` asks the model about the image and a
 reference image given per sample as ``metadata[i]["reference_image"]``, a (3, H, W) tensor in
 [0, 1]; the question's ``{criterion}`` is ``options.criterion``. It needs a multi-image model
-(the Qwen2-VL family).
+(the Qwen2-VL family). ``options.reference: source_image`` compares with ``metadata[i]["source_image"]``
+instead: an editing model's source image, which runs of editing backbones add to every row (with a
+template asking whether the first image is the second edited as instructed).
 
 The score is read from ONE forward pass over the chat-formatted question with the generation prompt
 appended: the softmax at the last prompt position, i.e. the first answer token (not ``generate``),
@@ -37,7 +39,7 @@ official image processors on a real photo is asserted in ``tests/test_reward_vlm
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -529,22 +531,34 @@ class VLMCompare(VQAScore):
 
     name = "vlm_compare"
     default_template: str | None = COMPARE_TEMPLATE
-    known_options = (*VQAScore.known_options, "criterion")
+    known_options = (*VQAScore.known_options, "criterion", "reference")
     template_fields = ("prompt", "criterion")
     families = QWEN_FAMILIES  # two images per question: LLaVA-1.5 was trained on one
+    reference_key = "reference_image"  # options.reference: source_image compares an edit with its source
+
+    @classmethod
+    def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> VQAScore:
+        options = dict(config.options)
+        key = str(options.pop("reference", "reference_image"))
+        if key not in ("reference_image", "source_image"):
+            raise ConfigError(f"reward {config.name}: options.reference is reference_image or source_image, got {key!r}")
+        reward = super().from_config(replace(config, options=options), device)
+        reward.reference_key = key
+        return reward
 
     def images(self, images: Tensor, metadata: Metadata) -> list[list[Tensor]]:
+        key = self.reference_key
         if metadata is None:
-            raise RewardInputError(f"{self.name} needs metadata rows with a 'reference_image'")
+            raise RewardInputError(f"{self.name} needs metadata rows with a '{key}'")
         pairs = []
         for image, row in zip(images, metadata):
-            reference = row.get("reference_image")
+            reference = row.get(key)
             if not isinstance(reference, Tensor) or reference.ndim != 3 or reference.shape[0] != 3:
                 shape = tuple(reference.shape) if isinstance(reference, Tensor) else type(reference).__name__
-                raise RewardInputError(f"{self.name}: metadata 'reference_image' must be a (3, H, W) tensor in [0, 1]; "
+                raise RewardInputError(f"{self.name}: metadata '{key}' must be a (3, H, W) tensor in [0, 1]; "
                                        f"got {shape}")
             reference = reference.to(self.device, torch.float32)
             if reference.numel() and (reference.min() < -1e-3 or reference.max() > 1 + 1e-3):
-                raise RewardInputError(f"{self.name}: metadata 'reference_image' must be in [0, 1]")
+                raise RewardInputError(f"{self.name}: metadata '{key}' must be in [0, 1]")
             pairs.append([image, reference])
         return pairs

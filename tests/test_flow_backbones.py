@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -12,25 +13,57 @@ from genalign.core.sampler import initial_noise, invert, log_probs_of, sample
 from genalign.core.trainer import Trainer
 from genalign.pipelines import load_backbone
 
+
+def to_pil(image):
+    from PIL import Image
+
+    return Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy())
+
 PROMPTS = ["a photo of a red circle", "two blue squares"]
 # tiny checkpoint -> backbone family
 FAMILY = {"sd3": "sd3", "flux": "flux", "flux-schnell": "flux", "qwenimage": "qwenimage", "zimage": "zimage",
-          "flux2": "flux2", "flux2-klein": "flux2-klein"}
+          "flux2": "flux2", "flux2-klein": "flux2-klein", "flux-kontext": "flux-kontext",
+          "qwenimage-edit": "qwenimage-edit"}
+
+
+def _sources(size: int) -> torch.Tensor:
+    """The editing models' source images of PROMPTS: fixed random images (2, 3, size, size) in [0, 1]."""
+    return torch.rand(len(PROMPTS), 3, size, size, generator=torch.Generator().manual_seed(77))
+
+
+def _with_sources(backbone):
+    """Editing backbones get a source image for each of PROMPTS, so every test runs them unchanged."""
+    if backbone.takes_images:
+        backbone.set_source_images(dict(zip(PROMPTS, _sources(backbone.resolution))))
+    return backbone
 
 
 def _load(tiny_models, tiny, **kwargs):
-    return load_backbone(BackboneConfig(family=FAMILY[tiny], path=tiny_models(tiny), **kwargs))
+    return _with_sources(load_backbone(BackboneConfig(family=FAMILY[tiny], path=tiny_models(tiny), **kwargs)))
 
 
 def _pipeline_latents(backbone, latents, steps, guidance):
     """Run the diffusers pipeline from the same noise; FLUX's takes and returns packed latents."""
     pipe = backbone.pipe
-    if backbone.config.family == "qwenimage":  # true CFG needs a negative prompt; latents carry a frame axis
+    if backbone.config.family in ("qwenimage", "qwenimage-edit"):  # true CFG needs a negative prompt
         b, c, h, w = latents.shape
         size = backbone.resolution
         cfg = {"negative_prompt": [" "] * len(PROMPTS), "true_cfg_scale": guidance} if guidance != 1.0 else {}
-        out = pipe(PROMPTS, latents=pipe._pack_latents(latents, b, c, h, w), num_inference_steps=steps, height=size,
-                   width=size, output_type="latent", **cfg).images
+        packed = pipe._pack_latents(latents, b, c, h, w)
+        if backbone.config.family == "qwenimage-edit":
+            # one PIL source image and prompt a call, as documented (given a list, the pipeline resizes the
+            # VAE's images but not the VLM's); its source area shrunk to the tiny model's
+            from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+
+            area, original = backbone.source_area, module.calculate_dimensions
+            with mock.patch.object(module, "calculate_dimensions", lambda _, ratio: original(area, ratio)):
+                cfg = {"negative_prompt": " ", "true_cfg_scale": guidance} if guidance != 1.0 else {}
+                out = torch.cat([pipe(prompt=prompt, image=to_pil(source), latents=packed[i : i + 1],
+                                      num_inference_steps=steps, height=size, width=size, output_type="latent",
+                                      **cfg).images for i, (prompt, source) in enumerate(zip(PROMPTS, _sources(size)))])
+        else:
+            out = pipe(prompt=PROMPTS, latents=packed, num_inference_steps=steps, height=size, width=size,
+                       output_type="latent", **cfg).images
         return pipe._unpack_latents(out, size, size, backbone.vae_scale_factor)[:, :, 0]
     if backbone.config.family in ("flux2", "flux2-klein"):
         size = backbone.resolution
@@ -49,8 +82,12 @@ def _pipeline_latents(backbone, latents, steps, guidance):
         b, c, h, w = latents.shape
         packed = pipe._pack_latents(latents, b, c, h, w)
         size = backbone.resolution
-        out = pipe(PROMPTS, latents=packed, num_inference_steps=steps, guidance_scale=guidance, height=size,
-                   width=size, max_sequence_length=pipe.tokenizer_2.model_max_length, output_type="latent").images
+        # FLUX.1 Kontext: the source images as they are (tensors in [0, 1]), no resize to its preferred sizes
+        edit = ({"image": _sources(size), "_auto_resize": False, "max_area": size * size}
+                if backbone.config.family == "flux-kontext" else {})
+        out = pipe(prompt=PROMPTS, latents=packed, num_inference_steps=steps, guidance_scale=guidance, height=size,
+                   width=size, max_sequence_length=pipe.tokenizer_2.model_max_length, output_type="latent",
+                   **edit).images
         return pipe._unpack_latents(out, size, size, backbone.vae_scale_factor)
     return pipe(PROMPTS, latents=latents, num_inference_steps=steps, guidance_scale=guidance,
                 output_type="latent").images
@@ -61,7 +98,7 @@ def _pipeline_latents(backbone, latents, steps, guidance):
     [("sd3", 8, 4.0), ("flux", 4, 3.5), ("flux-schnell", 1, 1.0), ("flux-schnell", 4, 1.0), ("qwenimage", 4, 4.0),
      ("qwenimage", 4, 1.0), ("zimage", 4, 4.0), ("zimage", 4, 1.0),
      ("flux2-klein", 4, 4.0), ("flux2-klein", 4, 1.0), ("flux2-klein", 8, 4.0),  # FLUX.2's mu depends on N
-     ("flux2", 4, 4.0)],
+     ("flux2", 4, 4.0), ("flux-kontext", 4, 2.5), ("qwenimage-edit", 4, 4.0), ("qwenimage-edit", 4, 1.0)],
 )
 def test_ode_sampler_reproduces_the_diffusers_pipeline(tiny_models, tiny, steps, guidance):
     backbone = _load(tiny_models, tiny, finetune="none")
@@ -77,7 +114,7 @@ def test_ode_sampler_reproduces_the_diffusers_pipeline(tiny_models, tiny, steps,
     assert timesteps[0] == 1000.0 and len(timesteps) == steps
 
 
-@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2"])
+@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit"])
 def test_sde_rollouts_log_probs_and_last_k_gradients(tiny_models, tiny):
     backbone = _load(tiny_models, tiny, finetune="lora")
     cond = backbone.encode_prompts(PROMPTS[:1], guidance=False)
@@ -95,7 +132,7 @@ def test_sde_rollouts_log_probs_and_last_k_gradients(tiny_models, tiny):
     assert torch.isfinite(again.log_probs).all() and (again.final - ode).abs().mean() > 1e-3  # really stochastic
 
 
-@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2"])
+@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit"])
 def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_latents(tiny_models, tmp_path, tiny):
     backbone = _load(tiny_models, tiny, finetune="lora", lora_rank=4, lora_alpha=4.0)
     with torch.no_grad():
@@ -104,7 +141,7 @@ def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_latents(ti
     guidance = 3.0
     latents = initial_noise(backbone, 2, torch.Generator().manual_seed(3))
     with torch.no_grad():
-        cond = backbone.encode_prompts(PROMPTS, guidance=tiny not in ("flux", "flux2"))
+        cond = backbone.encode_prompts(PROMPTS, guidance=tiny not in ("flux", "flux2", "flux-kontext"))
         ours = sample(backbone, cond, 4, guidance, latents=latents).final
         with backbone.reference():
             base = sample(backbone, cond, 4, guidance, latents=latents).final
@@ -144,14 +181,14 @@ def test_flux_sizes_must_fit_the_packing(tiny_models):
         backbone.latent_shape(18, 16)
 
 
-@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2"])
+@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit"])
 def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_path, tiny):
     """ToyDenoising only calls the Backbone contract (encode, schedule noising/target, predict)."""
     from tests.toy import ToyDenoising
 
     family, path = FAMILY.get(tiny, tiny), tiny_models(tiny)
     torch.manual_seed(0)
-    backbone = load_backbone(BackboneConfig(family=family, path=path, finetune="lora", lora_rank=4))
+    backbone = _with_sources(load_backbone(BackboneConfig(family=family, path=path, finetune="lora", lora_rank=4)))
     finetuner = ToyDenoising(ToyDenoising.Config(num_steps=2), backbone)
     held_out = finetuner.collect(PROMPTS * 8, torch.Generator().manual_seed(123))
     with torch.no_grad():
@@ -168,14 +205,14 @@ def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_pa
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein"])
+@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux-kontext", "qwenimage-edit"])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, tiny):
     grads = {}
     path = tiny_models(tiny)
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same LoRA init both times
-        backbone = load_backbone(BackboneConfig(family=FAMILY.get(tiny, tiny), path=path,
-                                                finetune="lora", gradient_checkpointing=checkpointing))
+        backbone = _with_sources(load_backbone(BackboneConfig(family=FAMILY.get(tiny, tiny), path=path,
+                                                              finetune="lora", gradient_checkpointing=checkpointing)))
         with backbone.training():
             assert backbone.unwrapped_denoiser.is_gradient_checkpointing == checkpointing
             cond = backbone.encode_prompts(PROMPTS, guidance=False)
@@ -240,3 +277,50 @@ def test_qwenimage_guidance_is_true_cfg_with_the_norm_rescale_and_decodes_as_the
         again = backbone.decode(backbone.encode(ours))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert again.shape == ours.shape and (again - ours).abs().mean() < 0.2  # a random VAE: only the layout is exact
+
+
+def test_editing_backbones_take_each_prompts_source_image(tiny_models, tmp_path):
+    from PIL import Image
+
+    backbone = _load(tiny_models, "flux-kontext", finetune="none")
+    size = backbone.resolution
+    latents = initial_noise(backbone, 2, torch.Generator().manual_seed(6))
+    sources = _sources(size)
+    with torch.no_grad():
+        given = sample(backbone, backbone.encode_prompts(PROMPTS, images=sources), 3, 2.5, latents=latents).final
+        known = sample(backbone, backbone.encode_prompts(PROMPTS), 3, 2.5, latents=latents).final
+        other = sample(backbone, backbone.encode_prompts(PROMPTS, images=sources.flip(0)), 3, 2.5,
+                       latents=latents).final
+    torch.testing.assert_close(given, known)
+    assert (other - given).abs().mean() > 1e-3  # the source image is read
+    with pytest.raises(ValueError, match="has none"):
+        backbone.encode_prompts(["a prompt without a source"])
+    with pytest.raises(ValueError, match="source images"):
+        backbone.encode_prompts(PROMPTS, images=sources[:1])
+    with pytest.raises(ValueError, match="multiples of 4"):
+        backbone.encode_prompts(PROMPTS, images=torch.rand(2, 3, size + 2, size))
+    # the dataset form: JSONL rows of prompt / source image file, loaded with the backbone
+    rows = []
+    for index, (prompt, image) in enumerate(zip(PROMPTS, sources)):
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / f"{index}.png")
+        rows.append(f'{{"prompt": "{prompt}", "source_image": "{index}.png"}}')
+    (tmp_path / "edits.jsonl").write_text("\n".join(rows) + "\n")
+    from_file = load_backbone(BackboneConfig(family="flux-kontext", path=tiny_models("flux-kontext"), finetune="none",
+                                             source_images=str(tmp_path / "edits.jsonl")))
+    torch.testing.assert_close(from_file.source_images[PROMPTS[1]], (sources[1] * 255).round() / 255)
+    text_to_image = _load(tiny_models, "flux", finetune="none")
+    with pytest.raises(ValueError, match="no source images"):
+        text_to_image.encode_prompts(PROMPTS, images=sources)
+    with pytest.raises(ValueError, match="not an editing one"):
+        load_backbone(BackboneConfig(family="flux", path=tiny_models("flux"), source_images=str(tmp_path / "edits.jsonl")))
+
+
+def test_qwen_image_edit_prompt_states_see_the_source_image(tiny_models):
+    backbone = _load(tiny_models, "qwenimage-edit", finetune="none")
+    sources = _sources(backbone.resolution)
+    one = backbone.encode_prompts(PROMPTS, guidance=True, images=sources)
+    other = backbone.encode_prompts(PROMPTS, guidance=True, images=sources.flip(0))
+    assert (one.positive["prompt_embeds"][0] - other.positive["prompt_embeds"][0]).abs().max() > 1e-3
+    # the negative prompt is encoded with the same source, and carries the same source tokens
+    assert torch.equal(one.negative["image_latents"], one.positive["image_latents"])
+    assert (one.negative["prompt_embeds"][0] - other.negative["prompt_embeds"][0]).abs().max() > 1e-3

@@ -408,3 +408,29 @@ def test_loading_errors(checkpoints):
         load_reward(RewardConfig(name="vlm", path=folder, options={"output": "logit"}))
     with pytest.raises(ConfigError, match="Qwen2-VL family"):
         load_reward(RewardConfig(name="vlm", path=checkpoints("llava"), options={"max_pixels": 1000}))
+
+
+def test_compare_with_the_source_image_of_an_edit(checkpoints):
+    """``reference: source_image`` reads the row's source image; WithSourceImages adds it per prompt."""
+    from genalign.rewards.combine import WithSourceImages
+
+    folder = checkpoints("qwen2_vl")
+    images = random_images(2, NATIVE_QWEN, seed=8)
+    sources = random_images(2, NATIVE_QWEN, seed=9)
+    template = 'Here are two images. Is the first image the second one edited as follows: "{prompt}"?'
+    by_reference = load_reward(RewardConfig(name="vlm_compare", path=folder, options={"template": template}))
+    by_source = load_reward(RewardConfig(name="vlm_compare", path=folder,
+                                         options={"template": template, "reference": "source_image"}))
+    wrapped = WithSourceImages(by_source, dict(zip(PROMPTS[:2], sources)))
+    assert wrapped.differentiable and wrapped.label == "vlm_compare"
+    with torch.no_grad():
+        expected, _ = by_reference(images, PROMPTS[:2], [{"reference_image": s} for s in sources])
+        direct, _ = by_source(images, PROMPTS[:2], [{"source_image": s} for s in sources])
+        through, subs = wrapped(images, PROMPTS[:2])
+    torch.testing.assert_close(direct, expected)
+    torch.testing.assert_close(through, expected)
+    assert set(subs) == {"vlm_compare"}
+    with pytest.raises(ValueError, match="source_image"):
+        by_source(images, PROMPTS[:2], [{"reference_image": s} for s in sources])
+    with pytest.raises(ConfigError, match="reference"):
+        load_reward(RewardConfig(name="vlm_compare", path=folder, options={"reference": "target"}))

@@ -32,7 +32,7 @@ from genalign.core.config import (
 
 @dataclass
 class BackboneConfig:
-    family: str = field("sd", help="model family: sd (1.x/2.x), sdxl, sd-turbo, sdxl-turbo, sd3, flux, flux2, flux2-klein, qwenimage, zimage")
+    family: str = field("sd", help="model family: sd (1.x/2.x), sdxl, sd-turbo, sdxl-turbo, sd3, flux, flux-kontext, flux2, flux2-klein, qwenimage, qwenimage-edit, zimage")
     path: str = field("", help="diffusers checkpoint: a hub id or a local folder")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="weights dtype of the frozen parts")
     revision: str | None = field(None, help="hub revision (branch, tag or commit)")
@@ -51,6 +51,10 @@ class BackboneConfig:
     drop_t5: bool = field(False, help="SD3: load without the T5-XXL text encoder (about 10 GB less; weaker prompts)")
     max_sequence_length: int | None = field(
         None, help="T5 tokens of SD3/FLUX prompts; default: the checkpoint's genalign.json, else diffusers' (256/512)"
+    )
+    source_images: str | None = field(
+        None, help="editing models: JSONL rows {prompt, source_image: image file (relative to the JSONL)}, the "
+                   "image each instruction edits"
     )
 
     def __post_init__(self) -> None:

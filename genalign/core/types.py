@@ -116,8 +116,15 @@ class Backbone(Protocol):
         """(C, h, w) of the latents for an image of the given size (default: the model's)."""
 
     def encode_prompts(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
-    ) -> Conditioning: ...
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True,
+        images: Tensor | None = None,
+    ) -> Conditioning:
+        """Prompts (and, for editing models, their source images (B, 3, H, W) in [0, 1]; without
+        them, the images the backbone was given for those prompts) as the denoiser's conditioning."""
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether prompts are edit instructions on a source image (FLUX.1 Kontext, Qwen-Image-Edit)."""
 
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """Model output at x_t (B, C, H, W), classifier-free guided when ``guidance_scale != 1``."""
