@@ -16,10 +16,12 @@ def add_commands(groups: dict[str, Any]) -> None:
     p = shapes.add_parser("build", help="train the world's tiny SD, SD3 and CLIP models from scratch (seeded)")
     p.add_argument("--out", default="models/shapes")
     p.add_argument("--seed", type=int, default=None)
-    for name in ("dataset_size", "batch_size", "vae_steps", "sd_steps", "flow_steps", "clip_steps"):
+    for name in ("dataset_size", "batch_size", "vae_steps", "sd_steps", "flow_steps", "clip_steps", "edit_steps",
+                 "edit_dataset_size", "edit_batch_size"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=positive_int, default=None)
     p.add_argument("--stages", type=lambda text: tuple(text.split(",")), default=None,
-                   help="comma-separated subset of sd,flow,clip (later stages alone reuse the saved sd/)")
+                   help="comma-separated subset of sd,flow,clip,edit (later stages alone reuse the saved sd/; edit: the "
+                        "FLUX.1 Kontext editing model, kontext/, only when named)")
     p.set_defaults(func=cmd_shapes_build)
 
     p = shapes.add_parser("prompts", help="write shapes-world prompts as a GenEval metadata file")

@@ -17,6 +17,7 @@ decay, batch 64, bf16 autocast; a shallow VAE because deep latents learned about
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -50,7 +51,12 @@ class BuildConfig:
     lr: float = 2e-3
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
-    stages: tuple[str, ...] = ("sd", "flow", "clip")  # later stages alone reuse the saved sd/
+    stages: tuple[str, ...] = ("sd", "flow", "clip")  # later stages alone reuse the saved sd/; "edit" on request
+    edit_dataset_size: int = 16_000
+    edit_steps: int = 2500
+    edit_batch_size: int = 48
+    edit_lr: float = 1e-3
+    edit_sets: tuple[int, int] = (512, 256)  # train / held-out edits written beside the editing model
 
 
 def world_words() -> list[str]:
@@ -332,9 +338,14 @@ def build(config: BuildConfig) -> dict[str, Any]:
         CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                            image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out / "clip")
 
+    if "edit" in config.stages:
+        _build_edit(config, out, vae, log)
     log["seconds"] = round(time.time() - started, 1)
-    previous = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
-    (out / "build.json").write_text(json.dumps({**previous, **log}, indent=2))
+    if "edit" in config.stages:  # the editing model's own log, beside it
+        (out / "kontext" / "build.json").write_text(json.dumps(log, indent=2))
+    if set(config.stages) - {"edit"}:
+        previous = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
+        (out / "build.json").write_text(json.dumps({**previous, **log}, indent=2))
     return log
 
 
@@ -357,3 +368,130 @@ def _build_flow(config: BuildConfig, out: Path, vae: Any, text_encoder: Any, tok
     sd3.register_modules(transformer=sd3.transformer)
     sd3.to(torch.float16).save_pretrained(out / "sd3", safe_serialization=True)
     (out / "sd3" / "genalign.json").write_text(json.dumps({"max_sequence_length": T5_TOKENS}) + "\n")
+
+
+# --------------------------------------------------------------------------- the editing model
+
+EDIT_TOKENS = 24  # "a red circle and a blue square then move the circle left of the square" + BOS/EOS fits
+
+
+def make_edit_transformer() -> Any:
+    """FLUX.1's transformer at toy size (2 double-stream, 4 single-stream blocks, width 128), no
+    guidance embedding: the Kontext layout reads the source latents' tokens after the noisy ones."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=TEXT_HIDDEN, pooled_projection_dim=TEXT_HIDDEN, guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
+def make_edit_pipeline(vae: Any, seed: int) -> Any:
+    """A FluxKontextPipeline of new text encoders (a CLIP text model for the pooled vector, a T5
+    encoder for the tokens, one word-level tokenizer for both) and transformer, on the SD model's VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from genalign.pipelines.tiny import build_clip_tokenizer
+    from genalign.shapes.editing import edit_words
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(words=sorted(set(world_words()) | set(edit_words())), max_length=EDIT_TOKENS)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=EDIT_TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=32, d_ff=4 * TEXT_HIDDEN,
+                                 num_layers=2, num_heads=4, relative_attention_num_buckets=16, pad_token_id=1,
+                                 eos_token_id=1, decoder_start_token_id=0))
+    vae = copy.deepcopy(vae)
+    vae.register_to_config(shift_factor=0.0)  # FLUX's pipelines shift the latents: none here
+    return FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=clip,
+                               tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
+                               transformer=make_edit_transformer())
+
+
+def make_edit_dataset(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``size`` train-split edits: source and target images (N, 3, 32, 32) in [-1, 1], prompts."""
+    from genalign.shapes.editing import edit_examples, render_pair
+
+    stream = edit_examples("train", seed)
+    sources, targets, prompts = [], [], []
+    for _ in range(size):
+        example = next(stream)
+        source, target = render_pair(example)
+        sources.append(torch.from_numpy(source).permute(2, 0, 1))
+        targets.append(torch.from_numpy(target).permute(2, 0, 1))
+        prompts.append(example.prompt)
+    return torch.stack(sources) * 2 - 1, torch.stack(targets) * 2 - 1, prompts
+
+
+def train_edit(pipe: Any, sources: torch.Tensor, targets: torch.Tensor, prompts: list[str], config: BuildConfig,
+               log: dict[str, Any]) -> None:
+    """Flow matching of target latents given the source latents and the prompt, through genalign's
+    FLUX.1 Kontext backbone (its packing and position ids); the transformer and both text encoders
+    are trained together."""
+    from genalign.core.experiment import BackboneConfig
+    from genalign.core.types import Conditioning
+    from genalign.pipelines.flux_kontext import FluxKontextBackbone
+
+    backbone = FluxKontextBackbone(pipe, BackboneConfig(family="flux-kontext", finetune="full"))
+    pipe.text_encoder.requires_grad_(True).train()
+    pipe.text_encoder_2.requires_grad_(True).train()
+    pipe.transformer.train()
+    source_latents = encode_latents(pipe.vae, sources)
+    target_latents = encode_latents(pipe.vae, targets)
+    unique = sorted(set(prompts))
+    row = {p: i for i, p in enumerate(unique)}
+    token_ids = pipe.tokenizer(unique, padding="max_length", max_length=EDIT_TOKENS, truncation=True,
+                               return_tensors="pt").input_ids
+    prompt_rows = torch.tensor([row[p] for p in prompts])
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(prompts), (config.edit_batch_size,), generator=g)
+        ids = token_ids[prompt_rows[idx]]
+        pooled = pipe.text_encoder(ids).pooler_output
+        embeds = pipe.text_encoder_2(ids)[0]
+        text_ids = torch.zeros(len(idx), embeds.shape[1], 3)
+        cond = Conditioning({"prompt_embeds": embeds, "pooled": pooled, "text_ids": text_ids,
+                             "image_latents": source_latents[idx]})
+        x0 = target_latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal, shift 1
+        s = sigma.view(-1, 1, 1, 1)
+        pred = backbone.predict((1 - s) * x0 + s * noise, sigma * 1000, cond)
+        return ((pred.float() - (noise - x0)) ** 2).mean()
+
+    params = [*pipe.transformer.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
+    _train("edit", params, config.edit_steps, config.edit_lr, loss_fn, config.seed + 5, log)
+    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval().requires_grad_(False)
+
+
+def write_edit_sets(folder: Path, per_split: dict[str, int], seed: int = 0) -> None:
+    """``{split}.jsonl`` of prompt / source_image rows and the source PNGs (backbone.source_images'
+    format), with each edit's target image for reference."""
+    from PIL import Image
+
+    from genalign.shapes.editing import edit_set, render_pair
+
+    for split, count in per_split.items():
+        images = folder / split
+        images.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for index, example in enumerate(edit_set(split, count, seed)):
+            source, target = render_pair(example)
+            for name, image in (("source", source), ("target", target)):
+                Image.fromarray((image * 255).round().astype(np.uint8)).save(images / f"{index:04d}-{name}.png")
+            rows.append(json.dumps({"prompt": example.prompt, "source_image": f"{split}/{index:04d}-source.png",
+                                    "target_image": f"{split}/{index:04d}-target.png", "kind": example.kind}))
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def _build_edit(config: BuildConfig, out: Path, vae: Any, log: dict[str, Any]) -> None:
+    pipe = make_edit_pipeline(vae, config.seed + 5)
+    sources, targets, prompts = make_edit_dataset(config.edit_dataset_size, config.seed + 5)
+    train_edit(pipe, sources, targets, prompts, config, log)
+    folder = out / "kontext"
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    write_edit_sets(folder / "edits", dict(zip(("train", "heldout"), config.edit_sets)))

@@ -69,3 +69,48 @@ class ShapesGold(RewardModel):
         fractions, strict = self._clauses(images, list(prompts), metadata)
         sub.update({"shapes_clauses": fractions.to(scores.device), "shapes_strict": strict.to(scores.device)})
         return scores, sub
+
+
+@register("shapes_edit_gold")
+class ShapesEditGold(RewardModel):
+    """The editing task's exact evaluator (:func:`genalign.shapes.editing.edit_checks`): the share of
+    the edit's checks that hold (``options.score: strict``: all of them), judged against each row's
+    ``metadata["source_image"]`` (what runs of editing backbones pass). Not differentiable."""
+
+    summary = "the shapes editing task's exact evaluator: edit applied, nothing else changed"
+    name = "shapes_edit_gold"
+    differentiable = False
+
+    def __init__(self, score: str = "checks", device: str | torch.device = "cpu"):
+        if score not in ("checks", "strict"):
+            raise ValueError(f"shapes_edit_gold: options.score must be 'checks' or 'strict', got {score!r}")
+        super().__init__(device)
+        self.mode = score
+
+    @classmethod
+    def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> ShapesEditGold:
+        check_options(config.name, config.options, ("score",))
+        return cls(config.options.get("score", "checks"), device)
+
+    def _scores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
+        from genalign.shapes.editing import edit_score
+
+        if metadata is None or any("source_image" not in row for row in metadata):
+            raise ValueError("shapes_edit_gold needs each row's metadata 'source_image' (runs of editing backbones "
+                             "add it)")
+        shares, strict = [], []
+        for image, prompt, row in zip(images.detach().float().cpu(), prompts, metadata):
+            share, ok = edit_score(image, row["source_image"], prompt)
+            shares.append(share)
+            strict.append(float(ok))
+        return torch.tensor(shares), torch.tensor(strict)
+
+    def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
+        shares, strict = self._scores(images, prompts, metadata)
+        return (shares if self.mode == "checks" else strict).to(images.device)
+
+    def __call__(self, images: Tensor, prompts: Any, metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
+        scores, sub = super().__call__(images, prompts, metadata)
+        shares, strict = self._scores(images, list(prompts), metadata)
+        sub.update({"edit_checks": shares.to(scores.device), "edit_strict": strict.to(scores.device)})
+        return scores, sub
