@@ -81,6 +81,7 @@ class DiffusersBackbone:
     default_sequence_length: ClassVar[int | None] = None
     # editing models (FLUX.1 Kontext, Qwen-Image-Edit): prompts are instructions on a source image
     takes_images: ClassVar[bool] = False
+    latent_patch: ClassVar[int] = 1  # latents packed p x p into one token outside the denoiser (FLUX-style: 2)
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -297,7 +298,13 @@ class DiffusersBackbone:
 
     @property
     def resolution(self) -> int:
-        return self.config.resolution or self.unwrapped_denoiser.config.sample_size * self.vae_scale_factor
+        """backbone.resolution, else the checkpoint's genalign.json ``resolution``, else the native size."""
+        return self.config.resolution or self.defaults.get("resolution") or self.native_resolution
+
+    @property
+    def native_resolution(self) -> int:
+        """The size the family's pipeline generates by default."""
+        return self.unwrapped_denoiser.config.sample_size * self.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
@@ -305,8 +312,9 @@ class DiffusersBackbone:
 
     @property
     def latent_multiple(self) -> int:
-        """Image sizes must be multiples of this (the VAE factor; FLUX's 2x2 packing doubles it)."""
-        return self.vae_scale_factor
+        """Image sizes must be multiples of this: the VAE factor times the side of the latent patches
+        packed into one token (``latent_patch``: FLUX-style 2x2 packing doubles it)."""
+        return self.latent_patch * self.vae_scale_factor
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         height, width = height or self.resolution, width or self.resolution

@@ -28,6 +28,7 @@ class FluxBackbone(DiffusersBackbone):
     summary = "FLUX.1 [dev] / [schnell] (flow matching, guidance-distilled)"
     pipeline_class: ClassVar[type] = FluxPipeline
     denoiser_component: ClassVar[str] = "transformer"
+    latent_patch: ClassVar[int] = 2  # 2x2 latent patches a token, packed here
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -49,16 +50,12 @@ class FluxBackbone(DiffusersBackbone):
     t5_tokens_schnell: ClassVar[int] = 256
 
     @property
-    def resolution(self) -> int:
-        return self.config.resolution or self.pipe.vae.config.sample_size
+    def native_resolution(self) -> int:
+        return self.pipe.vae.config.sample_size
 
     @property
     def latent_channels(self) -> int:
         return self.unwrapped_denoiser.config.in_channels // 4
-
-    @property
-    def latent_multiple(self) -> int:
-        return 2 * self.vae_scale_factor
 
     @property
     def guidance_embedded(self) -> bool:

@@ -35,6 +35,7 @@ class Flux2Backbone(DiffusersBackbone):
     summary = "FLUX.2 [dev] (flow matching, guidance-distilled, Mistral Small 3.1 prompt states)"
     pipeline_class: ClassVar[type] = Flux2Pipeline
     denoiser_component: ClassVar[str] = "transformer"
+    latent_patch: ClassVar[int] = 2  # 2x2 latent patches a token, packed here
     text_encoder_out_layers: ClassVar[tuple[int, ...]] = (10, 20, 30)  # the pipeline's default
 
     @classmethod
@@ -59,17 +60,12 @@ class Flux2Backbone(DiffusersBackbone):
         return tuple(self.defaults.get("text_encoder_out_layers", self.text_encoder_out_layers))
 
     @property
-    def resolution(self) -> int:
-        return (self.config.resolution or self.defaults.get("resolution")
-                or self.pipe.default_sample_size * self.vae_scale_factor)
+    def native_resolution(self) -> int:
+        return self.pipe.default_sample_size * self.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
         return int(self.unwrapped_denoiser.config.in_channels)
-
-    @property
-    def latent_multiple(self) -> int:
-        return 2 * self.vae_scale_factor
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         height, width = height or self.resolution, width or self.resolution

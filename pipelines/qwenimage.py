@@ -35,6 +35,7 @@ class QwenImageBackbone(DiffusersBackbone):
     summary = "Qwen-Image (MMDiT flow matching, Qwen2.5-VL prompt states, true CFG with norm rescale)"
     pipeline_class: ClassVar[type] = QwenImagePipeline
     denoiser_component: ClassVar[str] = "transformer"
+    latent_patch: ClassVar[int] = 2  # 2x2 latent patches a token, packed here
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -56,16 +57,12 @@ class QwenImageBackbone(DiffusersBackbone):
         return int(self.pipe.vae_scale_factor)
 
     @property
-    def resolution(self) -> int:
-        return self.config.resolution or self.defaults.get("resolution") or self.pipe.default_sample_size * self.vae_scale_factor
+    def native_resolution(self) -> int:
+        return self.pipe.default_sample_size * self.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
         return self.unwrapped_denoiser.config.in_channels // 4
-
-    @property
-    def latent_multiple(self) -> int:
-        return 2 * self.vae_scale_factor
 
     def _make_schedule(self) -> NoiseSchedule:
         return self._token_shift_schedule()

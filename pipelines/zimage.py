@@ -34,6 +34,7 @@ class ZImageBackbone(DiffusersBackbone):
     summary = "Z-Image / Z-Image-Turbo (single-stream DiT flow matching, Qwen3 prompt states)"
     pipeline_class: ClassVar[type] = ZImagePipeline
     denoiser_component: ClassVar[str] = "transformer"
+    latent_patch: ClassVar[int] = 2  # 2x2 latent patches a token, packed here
 
     @classmethod
     def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
@@ -49,16 +50,12 @@ class ZImageBackbone(DiffusersBackbone):
     default_sequence_length: ClassVar[int] = 512  # the pipeline's default
 
     @property
-    def resolution(self) -> int:
-        return self.config.resolution or self.defaults.get("resolution") or 1024  # the pipeline's default size
+    def native_resolution(self) -> int:
+        return 1024  # the pipeline's default size
 
     @property
     def latent_channels(self) -> int:
         return int(self.unwrapped_denoiser.config.in_channels)
-
-    @property
-    def latent_multiple(self) -> int:
-        return 2 * self.vae_scale_factor
 
     def _make_schedule(self) -> NoiseSchedule:
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
