@@ -1,4 +1,4 @@
-"""The shapes editing task's measured gain: Flow-GRPO (configs/shapes/kontext_flow_grpo.yaml) on the
+"""The shapes editing task's measured gain: Flow-GRPO (configs/shapes_edit/flow_grpo.yaml) on the
 tiny FLUX.1 Kontext model, under several training seeds, each scored against the base on held-out
 edits (models/shapes/kontext/edits/heldout.jsonl, the same instructions, source images and noise
 seeds for both; training seed s uses evaluation seed s + 1), with the exact evaluator (strict: every
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "configs/shapes/kontext_flow_grpo.yaml"
+CONFIG = "configs/shapes_edit/flow_grpo.yaml"
 MODEL = "models/shapes/kontext"
 
 
