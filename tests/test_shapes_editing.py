@@ -139,3 +139,35 @@ def test_edit_stage_builds_a_kontext_model_that_loads_with_its_source_images(tmp
     assert images.shape == (2, 3, 32, 32)
     assert not (tmp_path / "build.json").exists()  # an edit-only build leaves the world's build log alone
     assert json.loads((folder / "build.json").read_text())["edit"]["steps"] == 3
+
+
+def test_an_editing_run_defaults_its_prompts_to_the_edits_and_its_reward_sees_the_sources(tiny_models, tmp_path):
+    """`genalign train` of a FLUX.1 Kontext model on shapes_edit_gold: the prompts come from
+    backbone.source_images, the reward (which refuses rows without a source image) gets them."""
+    import yaml
+    from PIL import Image
+
+    from genalign.cli import main
+
+    examples = edit_set("train", 4, seed=5)
+    rows = []
+    for index, example in enumerate(examples):
+        source, _ = render_pair(example)
+        small = Image.fromarray((source * 255).round().astype(np.uint8)).resize((16, 16))  # the tiny model's size
+        small.save(tmp_path / f"{index}.png")
+        rows.append(json.dumps({"prompt": example.prompt, "source_image": f"{index}.png"}))
+    (tmp_path / "edits.jsonl").write_text("\n".join(rows) + "\n")
+    config = {
+        "backbone": {"family": "flux-kontext", "path": tiny_models("flux-kontext"), "lora_rank": 4,
+                     "source_images": str(tmp_path / "edits.jsonl")},
+        "reward": {"name": "shapes_edit_gold"},
+        "method": {"name": "flow_grpo", "samples_per_prompt": 2, "minibatches": 1},
+        "sample": {"num_steps": 3, "guidance_scale": 1.0, "eta": 0.7},
+        "run": {"output_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "tracker": "none",
+                "checkpoint_every": 0},
+    }
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "exp.yaml")]) == 0
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all("reward_mean" in h for h in history)  # scored: the sources reached it
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
