@@ -356,8 +356,10 @@ def test_caption_dropout_and_vae_posterior_latents(tiny_models, pick_a_pic):
 def test_the_official_inversion_dpo_objective_cannot_leave_a_fresh_lora(tiny_models):
     """objective: official (MIGHTYEZ/Inversion-DPO train_ddim.py: +beta/2 inside the sigmoid, the policy
     at the reference's guidance): from a zero-initialised LoRA the policy's predictions equal the
-    reference's, D_w = D_l = 0, the loss is log 2 and every gradient is exactly 0; the derived
-    objective (policy at guidance 1) has a non-zero gradient on the same batch."""
+    reference's, D_w = D_l = 0, the loss is log 2 and every gradient is 0, up to the rounding of the
+    policy's batch (winners and losers together) against the reference's (each alone): measured
+    |D| ~1e-13, largest gradient 5e-8 against the derived objective's 5e-3 (policy at guidance 1) on
+    the same batch. (Exactly 0 under transformers 5.24 / accelerate 1.15; 5.25 / 1.16 round differently.)"""
     grads = {}
     for objective in ("official", "derived"):
         torch.manual_seed(0)
@@ -371,10 +373,10 @@ def test_the_official_inversion_dpo_objective_cannot_leave_a_fresh_lora(tiny_mod
         loss.backward()
         params = dpo.named_trainable_parameters().values()
         grads[objective] = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
-        if objective == "official":
-            assert float(metrics["deviation_w"]) == float(metrics["deviation_l"]) == 0.0
+        if objective == "official":  # equal up to the rounding of batches of other sizes (~1e-13)
+            assert abs(float(metrics["deviation_w"])) < 1e-10 and abs(float(metrics["deviation_l"])) < 1e-10
             assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
-    assert grads["official"] == 0.0 and grads["derived"] > 1e-6
+    assert grads["official"] < 1e-4 * grads["derived"] and grads["derived"] > 1e-6
     with pytest.raises(ConfigError, match="policy_guidance does nothing"):
         InversionDPOConfig(objective="official", policy_guidance=3.0)
     with pytest.raises(ConfigError, match="timestep_weighting does nothing"):
