@@ -286,6 +286,22 @@ def build_qwen_tokenizer() -> Any:
     return tokenizer
 
 
+def _tiny_qwen25vl(tokenizer: Any, vision: dict[str, Any], **tokens: int) -> Any:
+    """Qwen-Image's text encoder at toy size: a one-layer Qwen2.5-VL of width TEXT_HIDDEN with a
+    one-block vision tower (``vision``: more of its config); ``tokens``: its image token ids."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    special = {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **special),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_HIDDEN,
+                           fullatt_block_indexes=[0], **vision),
+        **tokens, **special,
+    ))
+
+
 def tiny_qwenimage_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
     """Qwen-Image: a one-layer Qwen2.5-VL text model (its vision tower tiny and unused), a
     MMDiT of two blocks, a two-level Qwen-Image VAE (factor 2, 4 latent channels) and Qwen-Image's scheduler
@@ -296,19 +312,10 @@ def tiny_qwenimage_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any
         QwenImagePipeline,
         QwenImageTransformer2DModel,
     )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     tokenizer = build_qwen_tokenizer()
-    special = {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **special),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_HIDDEN,
-                           fullatt_block_indexes=[0]),
-        **special,
-    ))
+    text_encoder = _tiny_qwen25vl(tokenizer, {})
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
         joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(2, 2, 4),
@@ -331,13 +338,7 @@ def tiny_qwenimage_edit_pipeline(prediction_type: str = "flow", seed: int = 0) -
     (vision tower of one block, patch 14, and its processor: at most 56 x 56 pixels); the source is
     resized to 32 x 32 (``genalign.json``'s ``source_area``; the pipeline's is 1024 x 1024)."""
     from diffusers import QwenImageEditPipeline
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     base = tiny_qwenimage_pipeline(prediction_type, seed)
     torch.manual_seed(seed)
@@ -345,16 +346,9 @@ def tiny_qwenimage_edit_pipeline(prediction_type: str = "flow", seed: int = 0) -
     tokenizer.add_special_tokens({"additional_special_tokens": [
         "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
     ids = tokenizer.convert_tokens_to_ids
-    special = {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **special),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_HIDDEN,
-                           fullatt_block_indexes=[0], initializer_range=0.2),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"), **special,
-    ))
+    text_encoder = _tiny_qwen25vl(tokenizer, {"initializer_range": 0.2}, image_token_id=ids("<|image_pad|>"),
+                                  video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                                  vision_end_token_id=ids("<|vision_end|>"))
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56),
                                  tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
                                  chat_template=QWEN_CHAT_TEMPLATE)

@@ -97,3 +97,21 @@ def pytest_sessionfinish(session, exitstatus):
     if written:
         print("\nthe tests wrote into the source tree (write under tmp_path instead):\n  " + "\n  ".join(written[:20]))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """VLM family (qwen2_vl, qwen2_5_vl, llava) -> folder of a tiny random checkpoint with its
+    processor (tests/test_reward_vlm.py builds them), built on first use."""
+    from tests.test_reward_vlm import save_tiny_llava, save_tiny_qwen
+
+    folders: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in folders:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            folders[family] = save_tiny_llava(folder) if family == "llava" else save_tiny_qwen(folder, family)
+        return folders[family]
+
+    return get
+

@@ -22,23 +22,9 @@ from genalign.rewards.unified_reward import (
     final_score,
     pair_verdict,
 )
-from tests.test_reward_vlm import NATIVE_QWEN, random_images, save_tiny_llava, save_tiny_qwen, to_pil
+from tests.test_reward_vlm import NATIVE_QWEN, random_images, to_pil
 
 PROMPTS = ["a red cube", "two green spheres on a wooden table"]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """family -> folder of a tiny checkpoint with its processor (tests/test_reward_vlm.py's), built once."""
-    folders: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in folders:
-            folder = tmp_path_factory.mktemp(f"tiny-{family}")
-            folders[family] = save_tiny_llava(folder) if family == "llava" else save_tiny_qwen(folder, family)
-        return folders[family]
-
-    return get
 
 
 def test_prompts_are_the_published_ones_byte_for_byte():

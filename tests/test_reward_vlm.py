@@ -128,20 +128,6 @@ def save_tiny_llava(folder: Path) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """family -> folder of a tiny checkpoint with its processor, built on first use."""
-    folders: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in folders:
-            folder = tmp_path_factory.mktemp(f"tiny-{family}")
-            folders[family] = save_tiny_llava(folder) if family == "llava" else save_tiny_qwen(folder, family)
-        return folders[family]
-
-    return get
-
-
 def random_images(count: int, size: tuple[int, int], seed: int) -> torch.Tensor:
     """uint8-valued images (count, 3, H, W) in [0, 1], so that PIL sees exactly the same pixels."""
     generator = torch.Generator().manual_seed(seed)

@@ -28,24 +28,49 @@ def _metadata_by_prompt() -> dict[str, dict[str, Any]]:
     return {meta["prompt"]: meta for meta in all_prompts()}
 
 
-@register("shapes_gold")
-class ShapesGold(RewardModel):
-    summary = "the shapes world's exact evaluator: share of GenEval clauses satisfied"
-    name = "shapes_gold"
-    differentiable = False
+class ExactReward(RewardModel):
+    """An exact evaluator as a reward: ``scores`` gives each image's share of checks and its strict
+    verdict; ``options.score`` picks which one is the reward (both are sub-scores)."""
 
-    def __init__(self, score: str = "clauses", device: str | torch.device = "cpu"):
-        if score not in ("clauses", "strict"):
-            raise ValueError(f"shapes_gold: options.score must be 'clauses' or 'strict', got {score!r}")
+    differentiable = False
+    modes: tuple[str, str] = ("share", "strict")  # the option's names of the share and of the strict verdict
+    sub_names: tuple[str, str] = ("share", "strict")
+
+    def __init__(self, score: str | None = None, device: str | torch.device = "cpu"):
+        score = score or self.modes[0]
+        if score not in self.modes:
+            raise ValueError(f"{self.name}: options.score must be {' or '.join(map(repr, self.modes))}, got {score!r}")
         super().__init__(device)
         self.mode = score
 
     @classmethod
-    def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> ShapesGold:
+    def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> ExactReward:
         check_options(config.name, config.options, ("score",))
-        return cls(config.options.get("score", "clauses"), device)
+        return cls(config.options.get("score"), device)
 
-    def _clauses(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
+    def scores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
+        """(share of the checks that hold, all of them hold) per image."""
+        raise NotImplementedError
+
+    def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
+        shares, strict = self.scores(images, prompts, metadata)
+        return (shares if self.mode == self.modes[0] else strict).to(images.device)
+
+    def __call__(self, images: Tensor, prompts: Any, metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
+        scores, sub = super().__call__(images, prompts, metadata)
+        shares, strict = self.scores(images, list(prompts), metadata)
+        sub.update({self.sub_names[0]: shares.to(scores.device), self.sub_names[1]: strict.to(scores.device)})
+        return scores, sub
+
+
+@register("shapes_gold")
+class ShapesGold(ExactReward):
+    summary = "the shapes world's exact evaluator: share of GenEval clauses satisfied"
+    name = "shapes_gold"
+    modes = ("clauses", "strict")
+    sub_names = ("shapes_clauses", "shapes_strict")
+
+    def scores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
         known = _metadata_by_prompt()
         if metadata is None:
             missing = [p for p in prompts if p not in known]
@@ -60,39 +85,19 @@ class ShapesGold(RewardModel):
             strict.append(float(all(results)))
         return torch.tensor(fractions), torch.tensor(strict)
 
-    def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
-        fractions, strict = self._clauses(images, prompts, metadata)
-        return (fractions if self.mode == "clauses" else strict).to(images.device)
-
-    def __call__(self, images: Tensor, prompts: Any, metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
-        scores, sub = super().__call__(images, prompts, metadata)
-        fractions, strict = self._clauses(images, list(prompts), metadata)
-        sub.update({"shapes_clauses": fractions.to(scores.device), "shapes_strict": strict.to(scores.device)})
-        return scores, sub
-
 
 @register("shapes_edit_gold")
-class ShapesEditGold(RewardModel):
+class ShapesEditGold(ExactReward):
     """The editing task's exact evaluator (:func:`genalign.shapes.editing.edit_checks`): the share of
     the edit's checks that hold (``options.score: strict``: all of them), judged against each row's
-    ``metadata["source_image"]`` (what runs of editing backbones pass). Not differentiable."""
+    ``metadata["source_image"]`` (what runs of editing backbones pass)."""
 
     summary = "the shapes editing task's exact evaluator: edit applied, nothing else changed"
     name = "shapes_edit_gold"
-    differentiable = False
+    modes = ("checks", "strict")
+    sub_names = ("edit_checks", "edit_strict")
 
-    def __init__(self, score: str = "checks", device: str | torch.device = "cpu"):
-        if score not in ("checks", "strict"):
-            raise ValueError(f"shapes_edit_gold: options.score must be 'checks' or 'strict', got {score!r}")
-        super().__init__(device)
-        self.mode = score
-
-    @classmethod
-    def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> ShapesEditGold:
-        check_options(config.name, config.options, ("score",))
-        return cls(config.options.get("score", "checks"), device)
-
-    def _scores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
+    def scores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
         from genalign.shapes.editing import edit_score
 
         if metadata is None or any("source_image" not in row for row in metadata):
@@ -104,13 +109,3 @@ class ShapesEditGold(RewardModel):
             shares.append(share)
             strict.append(float(ok))
         return torch.tensor(shares), torch.tensor(strict)
-
-    def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
-        shares, strict = self._scores(images, prompts, metadata)
-        return (shares if self.mode == "checks" else strict).to(images.device)
-
-    def __call__(self, images: Tensor, prompts: Any, metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
-        scores, sub = super().__call__(images, prompts, metadata)
-        shares, strict = self._scores(images, list(prompts), metadata)
-        sub.update({"edit_checks": shares.to(scores.device), "edit_strict": strict.to(scores.device)})
-        return scores, sub
