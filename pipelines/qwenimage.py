@@ -85,12 +85,8 @@ class QwenImageBackbone(DiffusersBackbone):
 
     def _denoise_packed(self, packed: Tensor, timestep: Tensor, cond: dict[str, Tensor], h: int, w: int) -> Tensor:
         mask = cond["mask"]
-        tokens, shapes = packed.shape[1], [(1, h // 2, w // 2)]
-        if "image_latents" in cond:  # editing: the source image's tokens follow, a second image in img_shapes
-            source = cond["image_latents"].to(packed.dtype)
-            batch, channels, sh, sw = source.shape
-            packed = torch.cat([packed, self.pipeline_class._pack_latents(source, batch, channels, sh, sw)], 1)
-            shapes.append((1, sh // 2, sw // 2))
+        tokens = packed.shape[1]
+        packed, shapes = self._with_context(packed, [(1, h // 2, w // 2)], cond)
         return self.denoiser(
             hidden_states=packed,
             timestep=timestep.to(packed.dtype) / 1000,  # the pipeline's convention: sigma
@@ -99,6 +95,12 @@ class QwenImageBackbone(DiffusersBackbone):
             img_shapes=[shapes] * packed.shape[0],
             return_dict=False,
         )[0][:, :tokens]
+
+    def _with_context(self, packed: Tensor, shapes: list[tuple[int, int, int]],
+                      cond: dict[str, Tensor]) -> tuple[Tensor, list[tuple[int, int, int]]]:
+        """The token sequence the transformer reads and its images' ``img_shapes``: the noisy latents'
+        alone here; editing models append their source image's (whose outputs are dropped)."""
+        return packed, shapes
 
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         x_t, timestep, positive, dtype = self._inputs(x_t, timestep, cond)

@@ -64,10 +64,18 @@ class QwenImageEditBackbone(QwenImageBackbone):
                                                max_sequence_length=self.max_sequence_length)
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        pixels = self.pipe.image_processor.preprocess(resized, height, width).unsqueeze(2)  # (B, 3, 1, H, W)
-        source = self.pipe._encode_vae_image(pixels.to(self.device, self.pipe.vae.dtype), generator=None)[:, :, 0]
+        pixels = self.pipe.image_processor.preprocess(resized, height, width)  # (B, 3, H, W) in [-1, 1]
+        source = self.encode((pixels + 1) / 2)  # the VAE's mode, normalised, as the pipeline ("argmax")
         rows = len(prompts)
         positive = {"prompt_embeds": embeds[:rows], "mask": mask[:rows], "image_latents": source}
         negative = ({"prompt_embeds": embeds[rows:], "mask": mask[rows:], "image_latents": source} if guidance
                     else None)
         return Conditioning(positive, negative, prompts)
+
+    def _with_context(self, packed: Tensor, shapes: list[tuple[int, int, int]],
+                      cond: dict[str, Tensor]) -> tuple[Tensor, list[tuple[int, int, int]]]:
+        """The source image's packed tokens after the noisy ones, a second image in ``img_shapes``."""
+        source = cond["image_latents"].to(packed.dtype)
+        batch, channels, h, w = source.shape
+        source_tokens = self.pipeline_class._pack_latents(source, batch, channels, h, w)
+        return torch.cat([packed, source_tokens], 1), [*shapes, (1, h // 2, w // 2)]

@@ -2,8 +2,8 @@
 reward models, activation checkpointing that works in eval mode.
 
 An adapter subclasses :class:`RewardModel`, sets ``name`` and ``differentiable`` and implements
-``score(images, prompts, metadata) -> scores (B,)``; extra named sub-scores come from
-``sub_scores``. Everything is on tensors; differentiable adapters never leave torch, so gradients
+``score(images, prompts, metadata) -> scores (B,)``; an adapter with extra named sub-scores
+computed in the same pass implements ``score_with_subscores`` instead. Everything is on tensors; differentiable adapters never leave torch, so gradients
 reach the pixels.
 """
 
@@ -70,17 +70,23 @@ class RewardModel:
         """(B,) scores of images (B, 3, H, W) in [0, 1] on ``self.device``; higher is better."""
         raise NotImplementedError
 
+    def score_with_subscores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[
+            Tensor, dict[str, Tensor]]:
+        """(B,) scores and extra named sub-scores, each (B,), from one pass (default: ``score``, none)."""
+        return self.score(images, prompts, metadata), {}
+
     def __call__(
         self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         check_inputs(images, prompts, metadata)
         grad = torch.is_grad_enabled() and self.differentiable
         with torch.set_grad_enabled(grad):
-            scores = self.score(images.to(self.device), list(prompts), metadata).float()
+            scores, extra = self.score_with_subscores(images.to(self.device), list(prompts), metadata)
+            scores = scores.float()
         if scores.shape != (images.shape[0],):
             raise RuntimeError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, "
                                f"expected ({images.shape[0]},)")
-        return scores, {self.label: scores}
+        return scores, {self.label: scores, **extra}
 
     @property
     def label(self) -> str:

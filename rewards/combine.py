@@ -19,6 +19,7 @@ from torch import Tensor
 
 from genalign.core.config import ConfigError, from_dict
 from genalign.core.experiment import RewardConfig
+from genalign.core.types import scored_elsewhere
 from genalign.rewards import load_reward, register
 from genalign.rewards.base import Metadata, RewardModel, check_inputs
 
@@ -161,15 +162,15 @@ class WithSourceImages(RewardModel):
 
     name = "with_source_images"
 
-    def __init__(self, reward: Any, source_images: Mapping[str, Tensor]):
-        super().__init__(getattr(reward, "device", "cpu"))
+    def __init__(self, reward: RewardModel, source_images: Mapping[str, Tensor]):
+        super().__init__(reward.device)
         self.reward, self.source_images = reward, source_images
-        self.differentiable = bool(reward.differentiable)  # type: ignore[misc]
-        self.overlaps = bool(getattr(reward, "overlaps", False))
+        self.differentiable = reward.differentiable  # type: ignore[misc]
+        self.overlaps = scored_elsewhere(reward)
 
     @property
     def label(self) -> str:
-        return getattr(self.reward, "label", None) or getattr(self.reward, "name", self.name)
+        return self.reward.label
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[
             Tensor, dict[str, Tensor]]:

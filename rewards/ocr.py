@@ -98,6 +98,7 @@ class GotOCR:
         self.mode = _resample_mode(image_processor.resample)
         self.mean, self.std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
         self.device, self.dtype = device, dtype
+        self.query = self._query_ids()
         if checkpointing:
             checkpoint_layers(m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer))
 
@@ -105,19 +106,19 @@ class GotOCR:
         """GotOcr2ImageProcessor on tensors: bicubic resize to its size, CLIP normalisation."""
         return normalize(_resize_like_uint8(images.float(), self.size, self.mode), self.mean, self.std).to(self.dtype)
 
-    def query_ids(self, count: int) -> Tensor:
-        """(count, L) token ids of GOT's plain OCR query with the image placeholders, as its processor
-        writes it (the same for every image)."""
+    def _query_ids(self) -> Tensor:
+        """(L,) token ids of GOT's plain OCR query with the image placeholders, as its processor writes
+        it (the same for every image: built once, from a blank image)."""
         from PIL import Image
 
         blank = Image.new("RGB", self.size[::-1])
         inputs = self.processor(images=[blank], return_tensors="pt", num_image_tokens=self.image_tokens)
-        return inputs["input_ids"].expand(count, -1).to(self.device)
+        return inputs["input_ids"][0].to(self.device)
 
     @torch.no_grad()
     def read(self, images: Tensor, max_new_tokens: int) -> list[str]:
         """The text GOT reads in each image (greedy)."""
-        ids = self.query_ids(len(images))
+        ids = self.query.expand(len(images), -1)
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=self.pixels(images),
                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.end_id,
                                   pad_token_id=self.tokenizer.pad_token_id or self.end_id)
@@ -125,7 +126,7 @@ class GotOCR:
 
     def text_logprobs(self, images: Tensor, texts: Sequence[str]) -> Tensor:
         """(B,) mean log P(text tokens, end of turn | image, query), fp32."""
-        query = self.query_ids(1)[0]
+        query = self.query
         answers = [self.tokenizer.encode(text, add_special_tokens=False) + [self.end_id] for text in texts]
         length = len(query) + max(len(answer) for answer in answers)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id

@@ -44,7 +44,7 @@ from genalign.core.config import ConfigError
 from genalign.core.experiment import RewardConfig
 from genalign.rewards import register
 from genalign.rewards.base import DTYPES, Metadata, RewardModel, check_options
-from genalign.rewards.vlm import QWEN_FAMILIES, Pixels, VisionLanguageModel, VLMCompare, load_vlm
+from genalign.rewards.vlm import QWEN_FAMILIES, Pixels, VisionLanguageModel, load_vlm, reference_pairs
 
 _CRITERIA = (
     "1. Alignment with the Caption: Assess how well this image aligns with the provided caption. Consider the "
@@ -141,7 +141,6 @@ class UnifiedReward(RewardModel):
         self.vlm, self.pixels, self.template, self.scoring = vlm, pixels, template, scoring
         self.max_new_tokens = max_new_tokens
         self.weights = dict(weights or dict.fromkeys(DIMENSIONS, 1.0))
-        self._dimension_scores: dict[str, Tensor] = {}  # the last call's acs sub-scores
         self.differentiable = self.pairwise and scoring == "expected"  # type: ignore[misc]
 
     @classmethod
@@ -188,31 +187,30 @@ class UnifiedReward(RewardModel):
         return self.vlm.generate(self.questions(prompts), self.images(images, metadata), self.pixels,
                                  self.max_new_tokens)
 
-    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[
-            Tensor, dict[str, Tensor]]:
-        scores, subs = super().__call__(images, prompts, metadata)
-        subs.update(self._dimension_scores)
-        return scores, subs
-
     def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
-        self._dimension_scores = {}
+        return self.score_with_subscores(images, prompts, metadata)[0]
+
+    def score_with_subscores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[
+            Tensor, dict[str, Tensor]]:
         if self.scoring == "expected":
-            return self.expected(images, prompts, metadata)
+            return self.expected(images, prompts, metadata), {}
         replies = self.replies(images, prompts, metadata)
         if self.template == "acs":
             return self.acs(replies)
-        return torch.tensor([final_score(reply) for reply in replies], device=self.device)
+        return torch.tensor([final_score(reply) for reply in replies], device=self.device), {}
 
-    def acs(self, replies: list[str]) -> Tensor:
+    def acs(self, replies: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted mean of the three dimensions and each dimension's scores (sub-scores)."""
         parsed = [acs_scores(reply) for reply in replies]
         total = torch.zeros(len(replies), device=self.device)
+        dimensions = {}
         for dimension in DIMENSIONS:
             found = [row[dimension] for row in parsed if dimension in row]
             fill = sum(found) / len(found) if found else 0.0  # Pref-GRPO: the batch's mean of the parsed ones
             values = torch.tensor([row.get(dimension, fill) for row in parsed], device=self.device)
-            self._dimension_scores[f"{self.label}_{dimension}"] = values
+            dimensions[f"{self.label}_{dimension}"] = values
             total = total + self.weights.get(dimension, 0.0) * values
-        return total / sum(self.weights.values())
+        return total / sum(self.weights.values()), dimensions
 
     @torch.no_grad()
     def expected(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
@@ -238,20 +236,19 @@ class UnifiedRewardPair(UnifiedReward):
     summary = "UnifiedReward pairwise: does the image beat a reference image (its published prompt)"
     name = "unified_reward_pair"
     pairwise = True
-    reference_key = "reference_image"
 
     def images(self, images: Tensor, metadata: Metadata) -> list[list[Tensor]]:
-        return VLMCompare.images(self, images, metadata)  # type: ignore[arg-type]
+        return reference_pairs(self.name, images, metadata, "reference_image", self.device)
 
-    def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
-        self._dimension_scores = {}
+    def score_with_subscores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[
+            Tensor, dict[str, Tensor]]:
         if self.scoring == "parse":
             replies = self.replies(images, prompts, metadata)
-            return torch.tensor([pair_verdict(reply) for reply in replies], device=self.device)
+            return torch.tensor([pair_verdict(reply) for reply in replies], device=self.device), {}
         prefix, ids = _answer_start(self.vlm, "Image", ["1", "2"])
         logprobs = self.vlm.next_token_logprobs(self.questions(prompts), self.images(images, metadata), self.pixels,
                                                 [prefix] * len(prompts))[:, ids]
-        return logprobs.softmax(-1)[:, 0]
+        return logprobs.softmax(-1)[:, 0], {}
 
 
 __all__ = ["UnifiedReward", "UnifiedRewardPair", "acs_scores", "final_score", "pair_verdict"]

@@ -547,18 +547,23 @@ class VLMCompare(VQAScore):
         return reward
 
     def images(self, images: Tensor, metadata: Metadata) -> list[list[Tensor]]:
-        key = self.reference_key
-        if metadata is None:
-            raise RewardInputError(f"{self.name} needs metadata rows with a '{key}'")
-        pairs = []
-        for image, row in zip(images, metadata):
-            reference = row.get(key)
-            if not isinstance(reference, Tensor) or reference.ndim != 3 or reference.shape[0] != 3:
-                shape = tuple(reference.shape) if isinstance(reference, Tensor) else type(reference).__name__
-                raise RewardInputError(f"{self.name}: metadata '{key}' must be a (3, H, W) tensor in [0, 1]; "
-                                       f"got {shape}")
-            reference = reference.to(self.device, torch.float32)
-            if reference.numel() and (reference.min() < -1e-3 or reference.max() > 1 + 1e-3):
-                raise RewardInputError(f"{self.name}: metadata '{key}' must be in [0, 1]")
-            pairs.append([image, reference])
-        return pairs
+        return reference_pairs(self.name, images, metadata, self.reference_key, self.device)
+
+
+def reference_pairs(name: str, images: Tensor, metadata: Metadata, key: str,
+                    device: torch.device) -> list[list[Tensor]]:
+    """[image, metadata[i][key]] per image, for questions about two images; the reference must be a
+    (3, H, W) tensor in [0, 1] (the reward ``name`` says so otherwise)."""
+    if metadata is None:
+        raise RewardInputError(f"{name} needs metadata rows with a '{key}'")
+    pairs = []
+    for image, row in zip(images, metadata):
+        reference = row.get(key)
+        if not isinstance(reference, Tensor) or reference.ndim != 3 or reference.shape[0] != 3:
+            shape = tuple(reference.shape) if isinstance(reference, Tensor) else type(reference).__name__
+            raise RewardInputError(f"{name}: metadata '{key}' must be a (3, H, W) tensor in [0, 1]; got {shape}")
+        reference = reference.to(device, torch.float32)
+        if reference.numel() and (reference.min() < -1e-3 or reference.max() > 1 + 1e-3):
+            raise RewardInputError(f"{name}: metadata '{key}' must be in [0, 1]")
+        pairs.append([image, reference])
+    return pairs

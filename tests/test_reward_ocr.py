@@ -115,12 +115,12 @@ def test_likelihood_is_the_official_teacher_forced_probability(folder):
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
 
 
-def test_tensor_preprocessing_matches_the_image_processor_on_a_photo(folder):
+def test_tensor_preprocessing_matches_the_image_processor_on_a_photo(folder, monkeypatch):
     from transformers import GotOcr2ImageProcessor
 
     photo, image = board_photo()
     reward = load_reward(RewardConfig(name="ocr", path=folder))
-    reward.ocr.size = (1024, 1024)  # GOT-OCR-2.0-hf's input size
+    monkeypatch.setattr(reward.ocr, "size", (1024, 1024))  # GOT-OCR-2.0-hf's input size (the model is shared)
     official = GotOcr2ImageProcessor(size={"height": 1024, "width": 1024})(images=[photo], return_tensors="pt")
     error = (reward.ocr.pixels(image[None]) - official["pixel_values"]).abs()
     assert error.max() < 0.03 and error.mean() < 0.006, (error.max(), error.mean())

@@ -126,6 +126,12 @@ class Backbone(Protocol):
     def takes_images(self) -> bool:
         """Whether prompts are edit instructions on a source image (FLUX.1 Kontext, Qwen-Image-Edit)."""
 
+    # editing models: the source image (3, H, W) in [0, 1] of each instruction prompt they were given
+    source_images: dict[str, Tensor]
+
+    def set_source_images(self, images: dict[str, Tensor]) -> None:
+        """Add source images by prompt (editing models; others refuse)."""
+
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """Model output at x_t (B, C, H, W), classifier-free guided when ``guidance_scale != 1``."""
 

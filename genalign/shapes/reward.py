@@ -53,14 +53,13 @@ class ExactReward(RewardModel):
         raise NotImplementedError
 
     def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
-        shares, strict = self.scores(images, prompts, metadata)
-        return (shares if self.mode == self.modes[0] else strict).to(images.device)
+        return self.score_with_subscores(images, prompts, metadata)[0]
 
-    def __call__(self, images: Tensor, prompts: Any, metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
-        scores, sub = super().__call__(images, prompts, metadata)
-        shares, strict = self.scores(images, list(prompts), metadata)
-        sub.update({self.sub_names[0]: shares.to(scores.device), self.sub_names[1]: strict.to(scores.device)})
-        return scores, sub
+    def score_with_subscores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[
+            Tensor, dict[str, Tensor]]:
+        shares, strict = (s.to(images.device) for s in self.scores(images, prompts, metadata))
+        chosen = shares if self.mode == self.modes[0] else strict
+        return chosen, {self.sub_names[0]: shares, self.sub_names[1]: strict}
 
 
 @register("shapes_gold")
