@@ -33,6 +33,7 @@ from torch import nn
 from genalign.shapes.world import IMAGE_SIZE, all_prompts, training_examples
 
 TEXT_HIDDEN = 128
+STAGES = ("sd", "flow", "clip", "edit", "text", "ocr")
 MAX_TOKENS = 16
 T5_TOKENS = 1  # the SD3 model has no T5: one zero token instead of diffusers' 256 (recorded in genalign.json)
 
@@ -51,12 +52,19 @@ class BuildConfig:
     lr: float = 2e-3
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
-    stages: tuple[str, ...] = ("sd", "flow", "clip")  # later stages alone reuse the saved sd/; "edit" on request
+    stages: tuple[str, ...] = ("sd", "flow", "clip")  # later stages alone reuse the saved sd/; edit, text, ocr on request
     edit_dataset_size: int = 16_000
     edit_steps: int = 2500
     edit_batch_size: int = 48
     edit_lr: float = 1e-3
     edit_sets: tuple[int, int] = (512, 256)  # train / held-out edits written beside the editing model
+    text_dataset_size: int = 12_000
+    text_steps: int = 1500
+    text_batch_size: int = 48
+    text_lr: float = 1e-3
+    ocr_steps: int = 3000
+    ocr_batch_size: int = 32
+    ocr_lr: float = 1e-3
 
 
 def world_words() -> list[str]:
@@ -88,6 +96,7 @@ def _train(
     loss_fn: Callable[[int, torch.Generator], torch.Tensor],
     seed: int,
     log: dict[str, Any],
+    autocast: bool = True,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -97,7 +106,7 @@ def _train(
     start, losses = time.time(), []
     bar = tqdm(range(steps), desc=f"shapes build: {name}")
     for step in bar:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(step, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.float().backward()
@@ -108,7 +117,7 @@ def _train(
         if step % 25 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
     log[name] = {"steps": steps, "seconds": round(time.time() - start, 1),
-                 "final_loss": float(np.mean(losses[-50:]))}
+                 "first_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-50:]))}
 
 
 # --------------------------------------------------------------------------- the models
@@ -311,8 +320,14 @@ def build(config: BuildConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log: dict[str, Any] = {"config": asdict(config)}
     started = time.time()
+    unknown = set(config.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown shapes build stages {sorted(unknown)}; known: {', '.join(STAGES)}")
+    own_models = {"edit": "kontext", "text": "text", "ocr": "text"}  # stages with a folder (and log) of their own
+    world = set(config.stages) - set(own_models)
     torch.manual_seed(config.seed)
-    images, captions = make_dataset(config.dataset_size, config.seed)
+    if world:
+        images, captions = make_dataset(config.dataset_size, config.seed)
     tokenizer = build_clip_tokenizer(words=world_words(), max_length=MAX_TOKENS)
 
     if "sd" in config.stages:
@@ -327,7 +342,8 @@ def build(config: BuildConfig) -> dict[str, Any]:
     sd = StableDiffusionPipeline.from_pretrained(out / "sd", dtype=torch.float32, safety_checker=None,
                                                  requires_safety_checker=False)
     vae, text_encoder, tokenizer = sd.vae.eval(), sd.text_encoder.eval(), sd.tokenizer
-    latents = encode_latents(vae, images)
+    if world:
+        latents = encode_latents(vae, images)
 
     if "flow" in config.stages:
         _build_flow(config, out, vae, text_encoder, tokenizer, latents, captions, log)
@@ -340,10 +356,16 @@ def build(config: BuildConfig) -> dict[str, Any]:
 
     if "edit" in config.stages:
         _build_edit(config, out, vae, log)
+    if "text" in config.stages:
+        _build_text(config, out, vae, log)
+    if "text" in config.stages or "ocr" in config.stages:
+        make_text_ocr(out / "text" / "ocr", config.seed + 7)
+        train_text_ocr(out / "text" / "ocr", config, log)
     log["seconds"] = round(time.time() - started, 1)
-    if "edit" in config.stages:  # the editing model's own log, beside it
-        (out / "kontext" / "build.json").write_text(json.dumps(log, indent=2))
-    if set(config.stages) - {"edit"}:
+    for folder in {own_models[stage] for stage in config.stages if stage in own_models}:  # their own logs
+        previous = json.loads((out / folder / "build.json").read_text()) if (out / folder / "build.json").is_file() else {}
+        (out / folder / "build.json").write_text(json.dumps({**previous, **log}, indent=2))
+    if world:
         previous = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
         (out / "build.json").write_text(json.dumps({**previous, **log}, indent=2))
     return log
@@ -387,28 +409,38 @@ def make_edit_transformer() -> Any:
     )
 
 
-def make_edit_pipeline(vae: Any, seed: int) -> Any:
-    """A FluxKontextPipeline of new text encoders (a CLIP text model for the pooled vector, a T5
-    encoder for the tokens, one word-level tokenizer for both) and transformer, on the SD model's VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+def make_flux_pipeline(vae: Any, seed: int, words: list[str], max_tokens: int, pipeline_class: type) -> Any:
+    """A FLUX-layout pipeline (``pipeline_class``: FluxPipeline or FluxKontextPipeline) of new text
+    encoders (a CLIP text model for the pooled vector, a T5 encoder for the tokens, one word-level
+    tokenizer of ``words`` for both) and transformer, on the SD model's VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from genalign.pipelines.tiny import build_clip_tokenizer
-    from genalign.shapes.editing import edit_words
 
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(words=sorted(set(world_words()) | set(edit_words())), max_length=EDIT_TOKENS)
+    tokenizer = build_clip_tokenizer(words=words, max_length=max_tokens)
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=EDIT_TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        num_attention_heads=4, max_position_embeddings=max_tokens, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=32, d_ff=4 * TEXT_HIDDEN,
                                  num_layers=2, num_heads=4, relative_attention_num_buckets=16, pad_token_id=1,
                                  eos_token_id=1, decoder_start_token_id=0))
     vae = copy.deepcopy(vae)
     vae.register_to_config(shift_factor=0.0)  # FLUX's pipelines shift the latents: none here
-    return FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=clip,
-                               tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
-                               transformer=make_edit_transformer())
+    return pipeline_class(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=clip,
+                          tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
+                          transformer=make_edit_transformer())
+
+
+def make_edit_pipeline(vae: Any, seed: int) -> Any:
+    """The editing model's FluxKontextPipeline (see :func:`make_flux_pipeline`)."""
+    from diffusers import FluxKontextPipeline
+
+    from genalign.shapes.editing import edit_words
+
+    return make_flux_pipeline(vae, seed, sorted(set(world_words()) | set(edit_words())), EDIT_TOKENS,
+                              FluxKontextPipeline)
 
 
 def make_edit_dataset(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -426,35 +458,33 @@ def make_edit_dataset(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
     return torch.stack(sources) * 2 - 1, torch.stack(targets) * 2 - 1, prompts
 
 
-def train_edit(pipe: Any, sources: torch.Tensor, targets: torch.Tensor, prompts: list[str], config: BuildConfig,
-               log: dict[str, Any]) -> None:
-    """Flow matching of target latents given the source latents and the prompt, through genalign's
-    FLUX.1 Kontext backbone (its packing and position ids); the transformer and both text encoders
-    are trained together."""
-    from genalign.core.experiment import BackboneConfig
+def train_flux(name: str, backbone: Any, targets: torch.Tensor, prompts: list[str], max_tokens: int, steps: int,
+               batch_size: int, lr: float, seed: int, log: dict[str, Any], sources: torch.Tensor | None = None) -> None:
+    """Flow matching of the target images' latents given the prompt (and the source image's latents,
+    for editing models), through genalign's FLUX backbone (its packing and position ids); the
+    transformer and both text encoders are trained together."""
     from genalign.core.types import Conditioning
-    from genalign.pipelines.flux_kontext import FluxKontextBackbone
 
-    backbone = FluxKontextBackbone(pipe, BackboneConfig(family="flux-kontext", finetune="full"))
+    pipe = backbone.pipe
     pipe.text_encoder.requires_grad_(True).train()
     pipe.text_encoder_2.requires_grad_(True).train()
     pipe.transformer.train()
-    source_latents = encode_latents(pipe.vae, sources)
+    source_latents = encode_latents(pipe.vae, sources) if sources is not None else None
     target_latents = encode_latents(pipe.vae, targets)
     unique = sorted(set(prompts))
     row = {p: i for i, p in enumerate(unique)}
-    token_ids = pipe.tokenizer(unique, padding="max_length", max_length=EDIT_TOKENS, truncation=True,
+    token_ids = pipe.tokenizer(unique, padding="max_length", max_length=max_tokens, truncation=True,
                                return_tensors="pt").input_ids
     prompt_rows = torch.tensor([row[p] for p in prompts])
 
     def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(prompts), (config.edit_batch_size,), generator=g)
+        idx = torch.randint(len(prompts), (batch_size,), generator=g)
         ids = token_ids[prompt_rows[idx]]
         pooled = pipe.text_encoder(ids).pooler_output
         embeds = pipe.text_encoder_2(ids)[0]
         text_ids = torch.zeros(len(idx), embeds.shape[1], 3)
-        cond = Conditioning({"prompt_embeds": embeds, "pooled": pooled, "text_ids": text_ids,
-                             "image_latents": source_latents[idx]})
+        context = {"image_latents": source_latents[idx]} if source_latents is not None else {}
+        cond = Conditioning({"prompt_embeds": embeds, "pooled": pooled, "text_ids": text_ids, **context})
         x0 = target_latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal, shift 1
@@ -463,9 +493,20 @@ def train_edit(pipe: Any, sources: torch.Tensor, targets: torch.Tensor, prompts:
         return ((pred.float() - (noise - x0)) ** 2).mean()
 
     params = [*pipe.transformer.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
-    _train("edit", params, config.edit_steps, config.edit_lr, loss_fn, config.seed + 5, log)
+    _train(name, params, steps, lr, loss_fn, seed, log)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         module.eval().requires_grad_(False)
+
+
+def train_edit(pipe: Any, sources: torch.Tensor, targets: torch.Tensor, prompts: list[str], config: BuildConfig,
+               log: dict[str, Any]) -> None:
+    """The editing model: target latents given the source latents and the prompt (FLUX.1 Kontext)."""
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines.flux_kontext import FluxKontextBackbone
+
+    backbone = FluxKontextBackbone(pipe, BackboneConfig(family="flux-kontext", finetune="full"))
+    train_flux("edit", backbone, targets, prompts, EDIT_TOKENS, config.edit_steps, config.edit_batch_size,
+               config.edit_lr, config.seed + 5, log, sources=sources)
 
 
 def write_edit_sets(folder: Path, per_split: dict[str, int], seed: int = 0) -> None:
@@ -495,3 +536,137 @@ def _build_edit(config: BuildConfig, out: Path, vae: Any, log: dict[str, Any]) -
     folder = out / "kontext"
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     write_edit_sets(folder / "edits", dict(zip(("train", "heldout"), config.edit_sets)))
+
+
+# --------------------------------------------------------------------------- the text task's models
+
+TEXT_TOKENS = 12  # 'a sign that reads "123"': a, sign, that, reads, ", 1, 2, 3, " and BOS / EOS
+OCR_SIZE = 64  # the tiny GOT-OCR reads 64 px (its processor upsamples the 32 px images): 16 image tokens
+GOT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>"]
+
+
+def make_text_pipeline(vae: Any, seed: int) -> Any:
+    """The text task's FluxPipeline (see :func:`make_flux_pipeline`); digits and quotes are the
+    tokenizer's single characters."""
+    from diffusers import FluxPipeline
+
+    from genalign.shapes.text import text_words
+
+    return make_flux_pipeline(vae, seed, text_words(), TEXT_TOKENS, FluxPipeline)
+
+
+def make_text_dataset(size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """``size`` train-split renders (N, 3, 32, 32) in [-1, 1] and their prompts."""
+    from genalign.shapes.text import text_examples
+
+    stream = text_examples("train", seed)
+    images, prompts = [], []
+    for _ in range(size):
+        image, prompt = next(stream)
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
+        prompts.append(prompt)
+    return torch.stack(images) * 2 - 1, prompts
+
+
+def make_got_tokenizer() -> Any:
+    """A byte-level BPE (GOT-OCR's Qwen tokenizer in small): trained on GOT's query text, every
+    digit a token of its own, GOT's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["system You should follow the instructions carefully and explain your answers in detail. user OCR: "
+              "assistant"] * 20
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=GOT_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def make_text_ocr(folder: Path, seed: int) -> None:
+    """A tiny GOT-OCR 2.0 (GotOcr2ForConditionalGeneration: SAM-style vision tower, two stride-2
+    convolutions, a Qwen2 decoder) with its processor, saved untrained in ``folder``."""
+    from transformers import GotOcr2Config, GotOcr2ForConditionalGeneration, GotOcr2ImageProcessor, GotOcr2Processor
+
+    tokenizer = make_got_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    patch = 4
+    config = GotOcr2Config(
+        vision_config=dict(hidden_size=64, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=OCR_SIZE, patch_size=patch, window_size=4, global_attn_indexes=[1], mlp_dim=128),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=True),
+        image_token_index=ids("<imgpad>"), image_seq_length=(OCR_SIZE // patch // 4) ** 2)
+    torch.manual_seed(seed)
+    GotOcr2ForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
+    GotOcr2Processor(image_processor=GotOcr2ImageProcessor(size={"height": OCR_SIZE, "width": OCR_SIZE}),
+                     tokenizer=tokenizer).save_pretrained(folder)
+
+
+def degrade(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """What generated text looks like beside its render (for training the OCR): a blur of random
+    width (sigma up to 1.2 px), a shift of up to a pixel, per-channel gains 0.5-1 (hue drift),
+    a dark offset and Gaussian noise; images (B, 3, H, W) in [0, 1]."""
+    batch = len(images)
+    sigma = torch.rand(batch, generator=g) * 1.2 + 1e-3
+    taps = torch.arange(-2, 3, dtype=torch.float32)
+    kernels = torch.exp(-taps[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernels = kernels / kernels.sum(1, keepdim=True)  # (B, 5)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
+    rows = (padded.unfold(-1, 5, 1) * kernels[:, None, None, None]).sum(-1)  # (B, 3, H + 4, W)
+    blurred = (rows.unfold(-2, 5, 1) * kernels[:, None, None, None]).sum(-1)  # (B, 3, H, W)
+    shifts = torch.randint(-1, 2, (batch, 2), generator=g).tolist()
+    shifted = torch.stack([torch.roll(b, (dy, dx), dims=(1, 2)) for b, (dy, dx) in zip(blurred, shifts)])
+    gains = 0.5 + 0.5 * torch.rand(batch, 3, 1, 1, generator=g)
+    offset = 0.1 * torch.rand(batch, 1, 1, 1, generator=g)
+    noise = torch.randn(images.shape, generator=g) * 0.08 * torch.rand(batch, 1, 1, 1, generator=g)
+    return (shifted * gains + offset + noise).clamp(0, 1)
+
+
+def train_text_ocr(folder: Path, config: BuildConfig, log: dict[str, Any]) -> None:
+    """Teacher-forced reading of renders of every 1-3 digit string (both splits: the OCR is the
+    reward's pretrained reader), degraded as generated images are (:func:`degrade`), through the ocr
+    reward's own path (GOT's query, the tensor preprocessing); saved over the untrained weights. In
+    fp32, lr 1e-3, 3,000 steps: measurements in docs/shapes.md ("Text rendering")."""
+    from genalign.rewards.ocr import GotOCR
+    from genalign.shapes.text import all_texts, render_text
+
+    texts = all_texts()
+    renders = torch.stack([torch.from_numpy(render_text(t)).permute(2, 0, 1) for t in texts])
+    ocr = GotOCR(str(folder), torch.device("cpu"), torch.float32)
+    ocr.model.requires_grad_(True).train()
+    params = [p for p in ocr.model.parameters() if p.requires_grad]
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(texts), (config.ocr_batch_size,), generator=g)
+        return -ocr.text_logprobs(degrade(renders[idx], g), [texts[i] for i in idx]).mean()
+
+    _train("ocr", params, config.ocr_steps, config.ocr_lr, loss_fn, config.seed + 7, log, autocast=False)
+    ocr.model.eval().requires_grad_(False)
+    ocr.model.save_pretrained(folder, safe_serialization=True)
+
+
+def write_text_prompts(folder: Path) -> None:
+    """``prompts_train.txt`` / ``prompts_heldout.txt``: every string of each split, one prompt a line."""
+    from genalign.shapes.text import prompt_for, split_texts
+
+    for split in ("train", "heldout"):
+        (folder / f"prompts_{split}.txt").write_text("".join(prompt_for(t) + "\n" for t in split_texts(split)))
+
+
+def _build_text(config: BuildConfig, out: Path, vae: Any, log: dict[str, Any]) -> None:
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines.flux import FluxBackbone
+
+    folder = out / "text"
+    pipe = make_text_pipeline(vae, config.seed + 6)
+    images, prompts = make_text_dataset(config.text_dataset_size, config.seed + 6)
+    backbone = FluxBackbone(pipe, BackboneConfig(family="flux", finetune="full"))
+    train_flux("text", backbone, images, prompts, TEXT_TOKENS, config.text_steps, config.text_batch_size,
+               config.text_lr, config.seed + 6, log)
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    write_text_prompts(folder)

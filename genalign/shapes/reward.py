@@ -108,3 +108,27 @@ class ShapesEditGold(ExactReward):
             shares.append(share)
             strict.append(float(ok))
         return torch.tensor(shares), torch.tensor(strict)
+
+
+@register("shapes_text_gold")
+class ShapesTextGold(ExactReward):
+    """The text task's exact reader (:func:`genalign.shapes.text.text_score`): 1 - the normalised
+    edit distance of the digits read to the prompt's quoted digits (``options.score: strict``: the
+    reading is exactly right); the target may be given as ``metadata["text"]``. The gold of the OCR
+    reward's runs on ``models/shapes/text``."""
+
+    summary = "the shapes text task's exact reader: 1 - normalised edit distance to the quoted digits"
+    name = "shapes_text_gold"
+    modes = ("characters", "strict")
+    sub_names = ("text_characters", "text_strict")
+
+    def scores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
+        from genalign.shapes.text import check_text, text_of, text_score
+
+        rows: list[Any] = list(metadata) if metadata is not None else [{}] * len(prompts)
+        shares, strict = [], []
+        for image, prompt, row in zip(images.detach().float().cpu(), prompts, rows):
+            share, ok = text_score(image, check_text(str(row["text"])) if row.get("text") else text_of(prompt))
+            shares.append(share)
+            strict.append(float(ok))
+        return torch.tensor(shares), torch.tensor(strict)
