@@ -11,8 +11,8 @@ image in ``img_shapes``); only the noisy tokens' outputs are kept. As ``QwenImag
 - true CFG with the norm rescale as Qwen-Image, the negative prompt (``" "`` unless given) encoded
   with the same source image and the same source tokens; ``mu`` counts the noisy tokens only.
 
-Qwen-Image-Edit-2509 / 2511 (``QwenImageEditPlusPipeline``: several source images, another template)
-are not covered. Each prompt's source image comes with ``encode_prompts(images=...)`` or from
+Qwen-Image-Edit-2509 / 2511 (``QwenImageEditPlusPipeline``): :mod:`genalign.pipelines.qwenimage_edit_plus`.
+Each prompt's source image comes with ``encode_prompts(images=...)`` or from
 ``backbone.source_images``.
 """
 

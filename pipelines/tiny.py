@@ -358,6 +358,19 @@ def tiny_qwenimage_edit_pipeline(prediction_type: str = "flow", seed: int = 0) -
     return pipe
 
 
+def tiny_qwenimage_edit_plus_pipeline(prediction_type: str = "flow", seed: int = 0) -> Any:
+    """Qwen-Image-Edit-2509 / 2511: the tiny Qwen-Image-Edit's components in a
+    QwenImageEditPlusPipeline; its VLM sees the source at 64 x 64 (``condition_area``; the
+    pipeline's 384 x 384), its VAE at 32 x 32 (``source_area``)."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    edit = tiny_qwenimage_edit_pipeline(prediction_type, seed)
+    pipe = QwenImageEditPlusPipeline(scheduler=edit.scheduler, vae=edit.vae, text_encoder=edit.text_encoder,
+                                     tokenizer=edit.tokenizer, processor=edit.processor, transformer=edit.transformer)
+    pipe.genalign_defaults = {"resolution": 16, "source_area": 32 * 32, "condition_area": 64 * 64}
+    return pipe
+
+
 QWEN_CHAT_TEMPLATE = (  # Qwen's chat format, enough for a user turn and the generation prompt
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -1,4 +1,6 @@
-"""SD3, FLUX, FLUX.2 [dev] and [klein], Qwen-Image and Z-Image backbones on tiny models: pipeline parity, SDE rollouts, LoRA, inversion, training."""
+"""SD3, FLUX, FLUX.2 [dev] and [klein], Qwen-Image, Z-Image and the editing backbones (FLUX.1 Kontext,
+Qwen-Image-Edit and -Edit-2509 / 2511) on tiny models: pipeline parity, SDE rollouts, LoRA, inversion,
+training."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ PROMPTS = ["a photo of a red circle", "two blue squares"]
 # tiny checkpoint -> backbone family
 FAMILY = {"sd3": "sd3", "flux": "flux", "flux-schnell": "flux", "qwenimage": "qwenimage", "zimage": "zimage",
           "flux2": "flux2", "flux2-klein": "flux2-klein", "flux-kontext": "flux-kontext",
-          "qwenimage-edit": "qwenimage-edit"}
+          "qwenimage-edit": "qwenimage-edit", "qwenimage-edit-plus": "qwenimage-edit-plus"}
+QWEN_EDITS = ("qwenimage-edit", "qwenimage-edit-plus")
 
 
 def _sources(size: int) -> torch.Tensor:
@@ -38,6 +41,24 @@ def _with_sources(backbone):
     return backbone
 
 
+def _tiny_source_areas(backbone):
+    """The Qwen edit pipelines' source areas (1024 x 1024; the Plus VLM's 384 x 384) set to the tiny model's."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    if backbone.config.family == "qwenimage-edit":
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+
+        area, original = backbone.source_area, module.calculate_dimensions
+        stack.enter_context(mock.patch.object(module, "calculate_dimensions", lambda _, ratio: original(area, ratio)))
+    else:
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+
+        stack.enter_context(mock.patch.object(module, "VAE_IMAGE_SIZE", backbone.source_area))
+        stack.enter_context(mock.patch.object(module, "CONDITION_IMAGE_SIZE", backbone.condition_area))
+    return stack
+
+
 def _load(tiny_models, tiny, **kwargs):
     return _with_sources(load_backbone(BackboneConfig(family=FAMILY[tiny], path=tiny_models(tiny), **kwargs)))
 
@@ -45,18 +66,16 @@ def _load(tiny_models, tiny, **kwargs):
 def _pipeline_latents(backbone, latents, steps, guidance):
     """Run the diffusers pipeline from the same noise; FLUX's takes and returns packed latents."""
     pipe = backbone.pipe
-    if backbone.config.family in ("qwenimage", "qwenimage-edit"):  # true CFG needs a negative prompt
+    if backbone.config.family in ("qwenimage", *QWEN_EDITS):  # true CFG needs a negative prompt
         b, c, h, w = latents.shape
         size = backbone.resolution
         cfg = {"negative_prompt": [" "] * len(PROMPTS), "true_cfg_scale": guidance} if guidance != 1.0 else {}
         packed = pipe._pack_latents(latents, b, c, h, w)
-        if backbone.config.family == "qwenimage-edit":
-            # one PIL source image and prompt a call, as documented (given a list, the pipeline resizes the
-            # VAE's images but not the VLM's); its source area shrunk to the tiny model's
-            from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
-
-            area, original = backbone.source_area, module.calculate_dimensions
-            with mock.patch.object(module, "calculate_dimensions", lambda _, ratio: original(area, ratio)):
+        if backbone.config.family in QWEN_EDITS:
+            # one PIL source image and prompt a call, as documented (given a list, Qwen-Image-Edit resizes the
+            # VAE's images but not the VLM's; the Plus pipeline takes batches of one); the source areas shrunk to
+            # the tiny model's
+            with _tiny_source_areas(backbone):
                 cfg = {"negative_prompt": " ", "true_cfg_scale": guidance} if guidance != 1.0 else {}
                 out = torch.cat([pipe(prompt=prompt, image=to_pil(source), latents=packed[i : i + 1],
                                       num_inference_steps=steps, height=size, width=size, output_type="latent",
@@ -98,7 +117,8 @@ def _pipeline_latents(backbone, latents, steps, guidance):
     [("sd3", 8, 4.0), ("flux", 4, 3.5), ("flux-schnell", 1, 1.0), ("flux-schnell", 4, 1.0), ("qwenimage", 4, 4.0),
      ("qwenimage", 4, 1.0), ("zimage", 4, 4.0), ("zimage", 4, 1.0),
      ("flux2-klein", 4, 4.0), ("flux2-klein", 4, 1.0), ("flux2-klein", 8, 4.0),  # FLUX.2's mu depends on N
-     ("flux2", 4, 4.0), ("flux-kontext", 4, 2.5), ("qwenimage-edit", 4, 4.0), ("qwenimage-edit", 4, 1.0)],
+     ("flux2", 4, 4.0), ("flux-kontext", 4, 2.5), ("qwenimage-edit", 4, 4.0), ("qwenimage-edit", 4, 1.0),
+     ("qwenimage-edit-plus", 4, 4.0), ("qwenimage-edit-plus", 4, 1.0)],
 )
 def test_ode_sampler_reproduces_the_diffusers_pipeline(tiny_models, tiny, steps, guidance):
     backbone = _load(tiny_models, tiny, finetune="none")
@@ -114,7 +134,8 @@ def test_ode_sampler_reproduces_the_diffusers_pipeline(tiny_models, tiny, steps,
     assert timesteps[0] == 1000.0 and len(timesteps) == steps
 
 
-@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit"])
+@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit",
+                                  "qwenimage-edit-plus"])
 def test_sde_rollouts_log_probs_and_last_k_gradients(tiny_models, tiny):
     backbone = _load(tiny_models, tiny, finetune="lora")
     cond = backbone.encode_prompts(PROMPTS[:1], guidance=False)
@@ -132,7 +153,8 @@ def test_sde_rollouts_log_probs_and_last_k_gradients(tiny_models, tiny):
     assert torch.isfinite(again.log_probs).all() and (again.final - ode).abs().mean() > 1e-3  # really stochastic
 
 
-@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit"])
+@pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit",
+                                  "qwenimage-edit-plus"])
 def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_latents(tiny_models, tmp_path, tiny):
     backbone = _load(tiny_models, tiny, finetune="lora", lora_rank=4, lora_alpha=4.0)
     with torch.no_grad():
@@ -181,7 +203,8 @@ def test_flux_sizes_must_fit_the_packing(tiny_models):
         backbone.latent_shape(18, 16)
 
 
-@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit"])
+@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit",
+                                  "qwenimage-edit-plus"])
 def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_path, tiny):
     """ToyDenoising only calls the Backbone contract (encode, schedule noising/target, predict)."""
     from tests.toy import ToyDenoising
@@ -205,7 +228,8 @@ def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_pa
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux-kontext", "qwenimage-edit"])
+@pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux-kontext", "qwenimage-edit",
+                                  "qwenimage-edit-plus"])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, tiny):
     grads = {}
     path = tiny_models(tiny)
