@@ -15,10 +15,13 @@ from scipy import ndimage
 from genalign.core.experiment import RewardConfig
 from genalign.rewards import load_reward
 from genalign.shapes.text import (
+    DIGITS,
     all_texts,
     evaluation_texts,
+    malformed,
     prompt_for,
     read_text,
+    render_segments,
     render_text,
     split_texts,
     text_of,
@@ -61,6 +64,19 @@ def test_a_glyph_that_is_no_digit_reads_as_a_question_mark():
     image[:, 18:] = 0  # an 8 without its right column (b, c) is an E: segments a, d, e, f, g
     assert read_text(image) == "?"
     assert read_text(np.concatenate([image[:, 5:], image[:, :5]], axis=1)) != "8"
+
+
+def test_glyphs_that_are_no_digit_are_drawn_where_digits_are_and_read_as_question_marks():
+    """The OCR reader's training strings with one glyph that is no digit: drawn by segments in the
+    digits' layout, and the exact reader reads them as labelled."""
+    assert np.array_equal(render_segments([DIGITS["4"], DIGITS["2"]]), render_text("42"))
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        slots, label = malformed(rng)
+        assert label.count("?") == 1 and len(label) == len(slots)
+        assert read_text(render_segments(slots)) == label
+    with pytest.raises(ValueError, match="segments a-g"):
+        render_segments(["abz"])
 
 
 def test_gold_scores_by_hand():

@@ -628,22 +628,40 @@ def degrade(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train_text_ocr(folder: Path, config: BuildConfig, log: dict[str, Any]) -> None:
-    """Teacher-forced reading of renders of every 1-3 digit string (both splits: the OCR is the
-    reward's pretrained reader), degraded as generated images are (:func:`degrade`), through the ocr
-    reward's own path (GOT's query, the tensor preprocessing); saved over the untrained weights. In
-    fp32, lr 1e-3, 3,000 steps: measurements in docs/shapes.md ("Text rendering")."""
+    """Teacher-forced reading of renders of 1-3 digit strings (every string of both splits: the OCR is
+    the reward's pretrained reader; the length uniform, as the generator's prompts), a quarter of them
+    with one glyph that is no digit, read ``?`` (a reader that names a digit for any glyph is a reward
+    the generator games: docs/shapes.md), degraded as generated images are (:func:`degrade`), through
+    the ocr reward's own path (GOT's query, the tensor preprocessing); saved over the untrained
+    weights. In fp32, lr 1e-3, 3,000 steps: measurements in docs/shapes.md ("Text rendering")."""
     from genalign.rewards.ocr import GotOCR
-    from genalign.shapes.text import all_texts, render_text
+    from genalign.shapes.text import MAX_DIGITS, all_texts, malformed, render_segments, render_text
 
-    texts = all_texts()
-    renders = torch.stack([torch.from_numpy(render_text(t)).permute(2, 0, 1) for t in texts])
+    def tensor(image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(image).permute(2, 0, 1)
+
+    by_length = [[t for t in all_texts() if len(t) == k] for k in range(1, MAX_DIGITS + 1)]
+    renders = [torch.stack([tensor(render_text(t)) for t in texts]) for texts in by_length]
+    rng = np.random.default_rng(config.seed + 7)
+    odd = [malformed(rng) for _ in range(4000)]
+    odd_renders = torch.stack([tensor(render_segments(slots)) for slots, _ in odd])
     ocr = GotOCR(str(folder), torch.device("cpu"), torch.float32)
     ocr.model.requires_grad_(True).train()
     params = [p for p in ocr.model.parameters() if p.requires_grad]
 
     def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(texts), (config.ocr_batch_size,), generator=g)
-        return -ocr.text_logprobs(degrade(renders[idx], g), [texts[i] for i in idx]).mean()
+        images, labels = [], []
+        for _ in range(config.ocr_batch_size):
+            if torch.rand((), generator=g) < 0.25:
+                pick = int(torch.randint(len(odd), (), generator=g))
+                images.append(odd_renders[pick])
+                labels.append(odd[pick][1])
+            else:
+                length = int(torch.randint(MAX_DIGITS, (), generator=g))
+                pick = int(torch.randint(len(by_length[length]), (), generator=g))
+                images.append(renders[length][pick])
+                labels.append(by_length[length][pick])
+        return -ocr.text_logprobs(degrade(torch.stack(images), g), labels).mean()
 
     _train("ocr", params, config.ocr_steps, config.ocr_lr, loss_fn, config.seed + 7, log, autocast=False)
     ocr.model.eval().requires_grad_(False)

@@ -92,8 +92,31 @@ def check_text(text: str) -> str:
 
 def render_text(text: str) -> np.ndarray:
     """Float image (H, W, 3) in [0, 1]: ``text``'s digits white on black, centred."""
-    grey = _segments_image([DIGITS[c] for c in check_text(text)], len(text))
+    return render_segments([DIGITS[c] for c in check_text(text)])
+
+
+def render_segments(slots: list[str]) -> np.ndarray:
+    """Float image (H, W, 3) of 1-3 glyph slots, each lit at the given segments (letters a-g), laid
+    out as a string of that many digits: glyphs that are no digit too."""
+    if not 1 <= len(slots) <= MAX_DIGITS or any(set(lit) - set(SEGMENTS) for lit in slots):
+        raise ValueError(f"1 to {MAX_DIGITS} slots of segments a-g, got {slots!r}")
+    grey = _segments_image(slots, len(slots))
     return np.repeat(grey[..., None], 3, axis=2)
+
+
+def malformed(rng: np.random.Generator) -> tuple[list[str], str]:
+    """A random 1-3 glyph string with one glyph that is no digit (random lit segments): its slots
+    and what the exact reader reads (``?`` there)."""
+    count = int(rng.integers(1, MAX_DIGITS + 1))
+    digits = [str(d) for d in rng.integers(0, 10, count)]
+    slots = [DIGITS[d] for d in digits]
+    while True:
+        lit = "".join(name for name in SEGMENTS if rng.random() < 0.5)
+        if lit and frozenset(lit) not in _PATTERNS:
+            break
+    bad = int(rng.integers(count))
+    slots[bad], digits[bad] = lit, "?"
+    return slots, "".join(digits)
 
 
 @functools.cache
