@@ -8,8 +8,9 @@ noise). Choose settings with ``--split train`` (the edits trained on), report ``
 
     python bench/shapes_edit.py --seeds 0 1 2            # trains what is missing, then scores
     python bench/shapes_edit.py --seeds 0 1 2 --docs docs # and writes the block in docs/results.md
-    python bench/shapes_edit.py --config configs/shapes_edit/diffusion_nft.yaml --runs runs/shapes-edit-nft \
-        --out bench/shapes_edit_nft --set run.lr=2e-3      # another method or setting
+    python bench/shapes_edit.py --config configs/shapes_edit/diffusion_nft.yaml      # another method
+    python bench/shapes_edit.py --config configs/shapes_edit/diffusion_nft.yaml --set run.lr=1e-3 \
+        --runs runs/shapes-edit-nft-lr1 --out bench/shapes_edit_nft_lr1 --split train  # a setting, on train
 
 Runs live under runs/shapes-edit/ (weights) and bench/shapes_edit/ (scores, JSON): it resumes.
 """
@@ -89,8 +90,9 @@ def pooled(values: list[float]) -> tuple[float, float]:
 
 
 def arguments(description: str, config: str, out: str, runs: str, per_group: int) -> argparse.ArgumentParser:
-    """The options both shapes-task benches take (this one and bench/shapes_text.py); ``default_config``
-    is set on the parsed arguments after parsing."""
+    """The options both shapes-task benches take (this one and bench/shapes_text.py). Each config trains
+    into its own folders (``--runs`` / ``--out`` default to ``runs`` / ``out`` for the default config,
+    suffixed with the config's name otherwise); runs with ``--set`` need folders of their own."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", default=config, help="the method's config")
@@ -102,8 +104,9 @@ def arguments(description: str, config: str, out: str, runs: str, per_group: int
                         help="scored items of each group (edit kind, text length)")
     parser.add_argument("--eval-steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=out)
-    parser.add_argument("--runs", default=runs)
+    parser.add_argument("--out", help=f"scores (JSON); default {out}, or {out}_<config name> for another config")
+    parser.add_argument("--runs", help=f"weights; default {runs}, or {runs}-<config name> for another config")
+    parser.set_defaults(default_config=config, default_out=out, default_runs=runs, default_per_group=per_group)
     parser.add_argument("--docs", help="write the results block into DOCS/results.md")
     return parser
 
@@ -121,6 +124,9 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]], groups: Sequen
     config = yaml.safe_load((ROOT / args.config).read_text())
     method, trained_steps = config["method"]["name"], args.steps or config["run"]["steps"]
     label = METHODS.get(method, method)
+    stem = "" if args.config == args.default_config else Path(args.config).stem
+    args.out = args.out or (f"{args.default_out}_{stem}" if stem else args.default_out)
+    args.runs = args.runs or (f"{args.default_runs}-{stem}" if stem else args.default_runs)
     out, runs = ROOT / args.out, ROOT / args.runs
     kinds = [r["group"] for r in rows]
     per_seed: dict[int, dict[str, Any]] = {}
@@ -170,8 +176,13 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]], groups: Sequen
         name = "" if (bench, method) == ("shapes_edit", "flow_grpo") else f" {method}"
         tag = bench.replace("_", " ")
         begin, end = f"<!-- {tag}{name}: begin ({script}) -->", f"<!-- {tag}{name}: end -->"
-        command = " ".join([f"python {script}", *(["--config", args.config] if args.config != args.default_config else []),
-                            *(["--set", *args.set] if args.set else []), "--seeds", *map(str, args.seeds)])
+        own_dirs = args.out != (f"{args.default_out}_{stem}" if stem else args.default_out)
+        command = " ".join([f"python {script}", *(["--config", args.config] if stem else []),
+                            *(["--set", *args.set] if args.set else []),
+                            *(["--runs", args.runs, "--out", args.out] if own_dirs else []),
+                            *(["--per-group", str(args.per_group)] if args.per_group != args.default_per_group else []),
+                            *(["--split", args.split] if args.split != "heldout" else []),
+                            "--seeds", *map(str, args.seeds)])
         block = begin + "\n" + (f"Measured {time.strftime('%Y-%m-%d')} on {machine()} by `{command}` ({trained_steps} "
                  f"training steps a seed, {len(rows)} {args.split} {what}, ODE {args.eval_steps} steps):\n\n"
                  + "\n".join(lines) + "\n") + end
@@ -182,7 +193,6 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]], groups: Sequen
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__ or "", "configs/shapes_edit/flow_grpo.yaml", "bench/shapes_edit", "runs/shapes-edit", 80)
     args = parser.parse_args(argv)
-    args.default_config = parser.get_default("config")
     rows = [{**r, "group": r["kind"]} for r in edits(args.split, args.per_group)]
     measure(args, rows, ("recolor", "move", "add"), score, ("checks", "strict"), "shapes_edit", "edits")
     return 0

@@ -52,7 +52,6 @@ def score(lora: Path | None, rows: list[dict[str, Any]], split: str, eval_seed: 
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__ or "", "configs/shapes_text/diffusion_nft.yaml", "bench/shapes_text", "runs/shapes-text", 60)
     args = parser.parse_args(argv)
-    args.default_config = parser.get_default("config")
     rows = texts(args.split, args.per_group)
     groups = sorted({r["group"] for r in rows})
     measure(args, rows, groups, score, ("characters", "strict"), "shapes_text", "strings")
