@@ -65,7 +65,13 @@ class QwenImageEditBackbone(QwenImageBackbone):
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         pixels = self.pipe.image_processor.preprocess(resized, height, width)  # (B, 3, H, W) in [-1, 1]
-        source = self.encode((pixels + 1) / 2)  # the VAE's mode, normalised, as the pipeline ("argmax")
+        return self._edit_conditioning(prompts, embeds, mask, pixels, guidance)
+
+    def _edit_conditioning(self, prompts: list[str], embeds: Tensor, mask: Tensor, pixels: Tensor,
+                           guidance: bool) -> Conditioning:
+        """The prompts' states (then the negatives', when ``guidance``) with the source images' latents:
+        ``pixels`` (B, 3, H, W) in [-1, 1] encoded to the VAE's mode, normalised, as the pipeline does."""
+        source = self.encode((pixels + 1) / 2)
         rows = len(prompts)
         positive = {"prompt_embeds": embeds[:rows], "mask": mask[:rows], "image_latents": source}
         negative = ({"prompt_embeds": embeds[rows:], "mask": mask[rows:], "image_latents": source} if guidance

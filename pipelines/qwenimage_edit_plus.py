@@ -67,9 +67,4 @@ class QwenImageEditPlusBackbone(QwenImageEditBackbone):
         for row, (e, _) in enumerate(rows):
             mask[row, : e.shape[1]] = 1
         pixels = self.pipe.image_processor.preprocess(pictures, height, width)  # (B, 3, H, W) in [-1, 1]
-        source = self.encode((pixels + 1) / 2)  # the VAE's mode, normalised, as the pipeline ("argmax")
-        count = len(prompts)
-        positive = {"prompt_embeds": embeds[:count], "mask": mask[:count], "image_latents": source}
-        negative = ({"prompt_embeds": embeds[count:], "mask": mask[count:], "image_latents": source} if guidance
-                    else None)
-        return Conditioning(positive, negative, prompts)
+        return self._edit_conditioning(prompts, embeds, mask, pixels, guidance)
