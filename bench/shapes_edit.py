@@ -125,8 +125,9 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]], groups: Sequen
     method, trained_steps = config["method"]["name"], args.steps or config["run"]["steps"]
     label = METHODS.get(method, method)
     stem = "" if args.config == args.default_config else Path(args.config).stem
-    args.out = args.out or (f"{args.default_out}_{stem}" if stem else args.default_out)
-    args.runs = args.runs or (f"{args.default_runs}-{stem}" if stem else args.default_runs)
+    default_out = f"{args.default_out}_{stem}" if stem else args.default_out
+    default_runs = f"{args.default_runs}-{stem}" if stem else args.default_runs
+    args.out, args.runs = args.out or default_out, args.runs or default_runs
     out, runs = ROOT / args.out, ROOT / args.runs
     kinds = [r["group"] for r in rows]
     per_seed: dict[int, dict[str, Any]] = {}
@@ -176,10 +177,10 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]], groups: Sequen
         name = "" if (bench, method) == ("shapes_edit", "flow_grpo") else f" {method}"
         tag = bench.replace("_", " ")
         begin, end = f"<!-- {tag}{name}: begin ({script}) -->", f"<!-- {tag}{name}: end -->"
-        own_dirs = args.out != (f"{args.default_out}_{stem}" if stem else args.default_out)
         command = " ".join([f"python {script}", *(["--config", args.config] if stem else []),
                             *(["--set", *args.set] if args.set else []),
-                            *(["--runs", args.runs, "--out", args.out] if own_dirs else []),
+                            *(["--runs", args.runs] if args.runs != default_runs else []),
+                            *(["--out", args.out] if args.out != default_out else []),
                             *(["--per-group", str(args.per_group)] if args.per_group != args.default_per_group else []),
                             *(["--split", args.split] if args.split != "heldout" else []),
                             "--seeds", *map(str, args.seeds)])

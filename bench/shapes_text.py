@@ -4,8 +4,7 @@
 reader (genalign/shapes/text.py: strict, the digits read are the prompt's; characters, 1 - the
 normalised edit distance) on held-out strings (two and three digits never trained on), the same
 prompts and noise seeds for both; training seed s uses evaluation seed s + 1. The gain is the mean
-over seeds of each seed's paired gain, with its standard error over seeds. The OCR reward is a proxy
-of the gold: both are printed for the trained strings.
+over seeds of each seed's paired gain, with its standard error over seeds.
 
     python bench/shapes_text.py --seeds 0 1 2             # trains what is missing, then scores
     python bench/shapes_text.py --seeds 0 1 2 --docs docs  # and writes the block in docs/results.md
@@ -28,9 +27,9 @@ MODEL = "models/shapes/text"
 
 
 def texts(split: str, per_length: int) -> list[dict[str, Any]]:
-    from genalign.shapes.text import evaluation_texts
+    from genalign.shapes.text import evaluation_texts, split_texts
 
-    lengths = (2, 3) if split == "heldout" else (1, 2, 3)
+    lengths = {len(t) for t in split_texts(split)}  # held out: two and three digits
     chosen = evaluation_texts(split, per_length * len(lengths), seed=0)
     return [{"text": t, "group": f"{len(t)} digits"} for t in chosen]
 
@@ -46,7 +45,8 @@ def score(lora: Path | None, rows: list[dict[str, Any]], split: str, eval_seed: 
     if lora is not None:
         backbone.load_lora(str(lora))
     images = generate(backbone, [prompt_for(r["text"]) for r in rows], steps, 1.0, eval_seed, batch_size=64)
-    return [(lambda s: (s[0], float(s[1])))(text_score(image, r["text"])) for image, r in zip(images, rows)]
+    scored = [text_score(image, r["text"]) for image, r in zip(images, rows)]
+    return [(share, float(ok)) for share, ok in scored]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -362,12 +362,12 @@ def build(config: BuildConfig) -> dict[str, Any]:
         make_text_ocr(out / "text" / "ocr", config.seed + 7)
         train_text_ocr(out / "text" / "ocr", config, log)
     log["seconds"] = round(time.time() - started, 1)
-    for folder in {own_models[stage] for stage in config.stages if stage in own_models}:  # their own logs
-        previous = json.loads((out / folder / "build.json").read_text()) if (out / folder / "build.json").is_file() else {}
-        (out / folder / "build.json").write_text(json.dumps({**previous, **log}, indent=2))
-    if world:
-        previous = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
-        (out / "build.json").write_text(json.dumps({**previous, **log}, indent=2))
+    # each model folder's own log (the world's models share out/build.json), merged with what was there
+    folders = {own_models[stage] for stage in config.stages if stage in own_models} | ({""} if world else set())
+    for folder in folders:
+        target = out / folder / "build.json"
+        previous = json.loads(target.read_text()) if target.is_file() else {}
+        target.write_text(json.dumps({**previous, **log}, indent=2))
     return log
 
 

@@ -66,22 +66,25 @@ def _grid() -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(coords, coords)
 
 
-def _coverage(x1: float, y1: float, x2: float, y2: float) -> np.ndarray:
-    """(H, W) share of each pixel inside the rectangle (4x supersampled)."""
+def _rectangle(x1: float, y1: float, x2: float, y2: float) -> np.ndarray:
+    """The supersampled (4H, 4W) mask of a rectangle in pixel coordinates."""
     xs, ys = _grid()
-    inside = ((xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)).astype(np.float32)
-    return inside.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+    return (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+
+
+def _coverage(mask: np.ndarray) -> np.ndarray:
+    """(H, W) share of each pixel a supersampled mask covers (the box filter of the renders)."""
+    return mask.astype(np.float32).reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
 
 
 def _segments_image(slots: list[str], count: int) -> np.ndarray:
     """(H, W) grey image of each slot's lit segments (a string of segment letters per slot)."""
-    xs, ys = _grid()
-    mask = np.zeros(xs.shape, dtype=bool)
+    mask = np.zeros(_grid()[0].shape, dtype=bool)
     for (ox, oy), lit in zip(slot_origins(count), slots):
         for name in lit:
             x1, y1, x2, y2 = SEGMENTS[name]
-            mask |= (xs >= ox + x1) & (xs < ox + x2) & (ys >= oy + y1) & (ys < oy + y2)
-    return mask.astype(np.float32).reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+            mask |= _rectangle(ox + x1, oy + y1, ox + x2, oy + y2)
+    return _coverage(mask)
 
 
 def check_text(text: str) -> str:
@@ -125,7 +128,7 @@ def _own_weights(count: int) -> np.ndarray:
     weights = np.zeros((count, len(OWN), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     for slot, (ox, oy) in enumerate(slot_origins(count)):
         for k, (x1, y1, x2, y2) in enumerate(OWN.values()):
-            cover = _coverage(ox + x1, oy + y1, ox + x2, oy + y2)
+            cover = _coverage(_rectangle(ox + x1, oy + y1, ox + x2, oy + y2))
             weights[slot, k] = cover / cover.sum()
     return weights
 
