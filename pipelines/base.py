@@ -81,6 +81,8 @@ class DiffusersBackbone:
     default_sequence_length: ClassVar[int | None] = None
     # editing models (FLUX.1 Kontext, Qwen-Image-Edit): prompts are instructions on a source image
     takes_images: ClassVar[bool] = False
+    # video models (Wan): latents (B, C, f, h, w), decode -> (B, F, 3, H, W)
+    video: ClassVar[bool] = False
     latent_patch: ClassVar[int] = 1  # latents packed p x p into one token outside the denoiser (FLUX-style: 2)
 
     @classmethod

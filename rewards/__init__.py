@@ -1,6 +1,8 @@
 """Reward-model adapters, one file each, fitting ``genalign.core.types.Reward``: images
 (B, 3, H, W) in [0, 1] + prompts (+ metadata) -> one score per image (higher is better) and named
-sub-scores; ``differentiable`` says whether gradients reach the pixels.
+sub-scores; ``differentiable`` says whether gradients reach the pixels. Videos (B, F, 3, H, W) are
+scored frame by frame by image adapters (``reward.frames``, ``reward.frame_reduce``) and whole by the
+temporal ones (``rewards/video.py``).
 
 Select them by name from a config: ``reward: {name: pickscore}`` or a list for a weighted sum;
 ``{name: ensemble, options: {aggregate: worst, members: [...]}}`` for conservative ensembles.
@@ -29,8 +31,13 @@ def register(name: str) -> Callable[[type[RewardModel]], type[RewardModel]]:
 
 
 def load_reward(config: RewardConfig, device: str | torch.device = "cpu") -> RewardModel:
-    """One adapter from its config."""
-    return REWARDS.get(config.name).from_config(config, device)
+    """One adapter from its config (with its frame choice for videos)."""
+    reward = REWARDS.get(config.name).from_config(config, device)
+    if config.frames is not None or config.frame_reduce != "mean":
+        if reward.takes_video:
+            raise ConfigError(f"reward {config.name} scores whole videos: reward.frames / frame_reduce do not apply")
+        reward.frames, reward.frame_reduce = config.frames, config.frame_reduce
+    return reward
 
 
 def load_rewards(configs: Sequence[RewardConfig], device: str | torch.device = "cpu") -> list[RewardModel]:

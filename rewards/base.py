@@ -29,10 +29,11 @@ class RewardInputError(ValueError):
 
 
 def check_inputs(images: Tensor, prompts: Sequence[str], metadata: Metadata) -> None:
-    """The contract: images (B, 3, H, W) float in [0, 1], B prompts, B metadata rows if any."""
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+    """The contract: images (B, 3, H, W) or videos (B, F, 3, H, W), float in [0, 1], B prompts, B
+    metadata rows if any."""
+    if not isinstance(images, Tensor) or images.ndim not in (4, 5) or images.shape[-3] != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise RewardInputError(f"rewards take images of shape (B, 3, H, W); got {shape}")
+        raise RewardInputError(f"rewards take images of shape (B, 3, H, W) or videos (B, F, 3, H, W); got {shape}")
     if not images.is_floating_point():
         raise RewardInputError(f"rewards take float images in [0, 1]; got dtype {images.dtype}")
     if isinstance(prompts, str):
@@ -50,11 +51,51 @@ def check_inputs(images: Tensor, prompts: Sequence[str], metadata: Metadata) -> 
             )
 
 
+FRAME_REDUCTIONS = ("mean", "min")
+
+
+def frame_indices(count: int, choice: int | Sequence[int] | None) -> list[int]:
+    """The frames of a ``count``-frame video an image reward scores: all (None); ``k`` evenly spaced
+    ones, the first and the last among them (k = 1: the middle one); or a list of indices (negative
+    ones count from the end)."""
+    if choice is None:
+        return list(range(count))
+    if isinstance(choice, int):
+        if not 1 <= choice <= count:
+            raise RewardInputError(f"reward frames={choice}: a video of {count} frames has 1 to {count}")
+        if choice == 1:
+            return [count // 2]
+        return torch.linspace(0, count - 1, choice).round().long().tolist()
+    index = [i + count if i < 0 else i for i in choice]
+    if not index or any(not 0 <= i < count for i in index):
+        raise RewardInputError(f"reward frames={list(choice)}: indices must lie in [-{count}, {count}) for {count} frames")
+    return index
+
+
+def reduce_frames(scores: Tensor, how: str) -> Tensor:
+    """(B, k) per-frame scores -> (B,): their mean, or their minimum (the worst frame)."""
+    if how == "mean":
+        return scores.mean(dim=1)
+    if how == "min":
+        return scores.min(dim=1).values
+    raise RewardInputError(f"frame_reduce must be one of {FRAME_REDUCTIONS}, got {how!r}")
+
+
 class RewardModel:
-    """Base of the adapters: ``reward(images, prompts, metadata) -> (scores (B,), sub-scores)``."""
+    """Base of the adapters: ``reward(images, prompts, metadata) -> (scores (B,), sub-scores)``.
+
+    Videos (B, F, 3, H, W) reach an image adapter frame by frame: the frames ``frames`` chooses
+    (:func:`frame_indices`) are scored as images with their video's prompt and metadata, and each
+    score and sub-score is reduced over them by ``frame_reduce`` (mean or min), gradients included
+    where the adapter is differentiable. An adapter that reads whole videos sets ``takes_video``.
+    """
 
     name: ClassVar[str] = "reward"
     differentiable: ClassVar[bool] = True
+    takes_video: ClassVar[bool] = False
+    # videos: which frames an image adapter scores, and how their scores combine (RewardConfig's)
+    frames: int | list[int] | None = None
+    frame_reduce: str = "mean"
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
@@ -79,6 +120,10 @@ class RewardModel:
         self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         check_inputs(images, prompts, metadata)
+        if images.ndim == 5 and not self.takes_video:
+            return self._score_frames(images, prompts, metadata)
+        if images.ndim == 4 and self.takes_video:
+            raise RewardInputError(f"reward {self.name} scores videos (B, F, 3, H, W); got images {tuple(images.shape)}")
         grad = torch.is_grad_enabled() and self.differentiable
         with torch.set_grad_enabled(grad):
             scores, extra = self.score_with_subscores(images.to(self.device), list(prompts), metadata)
@@ -87,6 +132,15 @@ class RewardModel:
             raise RuntimeError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, "
                                f"expected ({images.shape[0]},)")
         return scores, {self.label: scores, **extra}
+
+    def _score_frames(self, video: Tensor, prompts: Sequence[str], metadata: Metadata) -> tuple[Tensor, dict[str, Tensor]]:
+        index = frame_indices(video.shape[1], self.frames)
+        batch, k = video.shape[0], len(index)
+        frames = video[:, index].flatten(0, 1)  # (B k, 3, H, W), each video's frames together
+        rows = None if metadata is None else [row for row in metadata for _ in range(k)]
+        scores, extra = self(frames, [p for p in prompts for _ in range(k)], rows)
+        return (reduce_frames(scores.view(batch, k), self.frame_reduce),
+                {name: reduce_frames(value.view(batch, k), self.frame_reduce) for name, value in extra.items()})
 
     @property
     def label(self) -> str:

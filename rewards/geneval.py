@@ -71,6 +71,8 @@ class GenEvalReward(RewardModel):
         from genalign.rewards.base import check_inputs
 
         check_inputs(images, prompts, metadata)
+        if images.ndim == 5:  # a video: its frames, as every image reward scores them
+            return self._score_frames(images, prompts, metadata)
         verdicts = self.verdicts(images, metadata)
         clauses = torch.tensor([v.fraction for v in verdicts])
         strict = torch.tensor([float(v.correct) for v in verdicts])

@@ -208,6 +208,8 @@ class RemoteReward(RewardModel):
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
         check_inputs(images, prompts, metadata)
+        if images.ndim == 5:  # a video: its frames, as every image reward scores them
+            return self._score_frames(images, prompts, metadata)
         answer = self._score(images, prompts, metadata)
         scores = torch.tensor(answer["scores"], dtype=torch.float32, device=images.device)
         subscores = {name: torch.tensor(values, dtype=torch.float32, device=images.device)

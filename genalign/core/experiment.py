@@ -32,7 +32,7 @@ from genalign.core.config import (
 
 @dataclass
 class BackboneConfig:
-    family: str = field("sd", help="model family: sd (1.x/2.x), sdxl, sd-turbo, sdxl-turbo, sd3, flux, flux-kontext, flux2, flux2-klein, qwenimage, qwenimage-edit, qwenimage-edit-plus, zimage")
+    family: str = field("sd", help="model family: sd (1.x/2.x), sdxl, sd-turbo, sdxl-turbo, sd3, flux, flux-kontext, flux2, flux2-klein, qwenimage, qwenimage-edit, qwenimage-edit-plus, zimage, wan")
     path: str = field("", help="diffusers checkpoint: a hub id or a local folder")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="weights dtype of the frozen parts")
     revision: str | None = field(None, help="hub revision (branch, tag or commit)")
@@ -56,10 +56,19 @@ class BackboneConfig:
         None, help="editing models: JSONL rows {prompt, source_image: image file (relative to the JSONL)}, the "
                    "image each instruction edits"
     )
+    frames: int | None = field(
+        None, help="video models: frames a video in rollouts and samples (Wan: 4k + 1); default: the checkpoint's "
+                   "genalign.json, else the pipeline's (Wan: 81)"
+    )
+    expert: Literal["high", "low"] | None = field(
+        None, help="Wan 2.2 A14B: the expert trained (high: the high-noise transformer, low: transformer_2); the "
+                   "other stays frozen; default high"
+    )
 
     def __post_init__(self) -> None:
         check(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check(self.frames is None or self.frames >= 1, f"frames must be >= 1, got {self.frames}")
 
 
 @dataclass
@@ -74,6 +83,12 @@ class RewardConfig:
         False, help="recompute the reward model's activations in backward (differentiable rewards)"
     )
     options: dict[str, Any] = field(default_factory=dict, help="adapter-specific options")
+    frames: int | list[int] | None = field(
+        None, help="videos: the frames an image reward scores: k (evenly spaced, first and last included) or a "
+                   "list of indices (negative from the end); default every frame"
+    )
+    frame_reduce: Literal["mean", "min"] = field("mean", help="videos: an image reward's frame scores combined "
+                                                              "by their mean or their minimum (the worst frame)")
 
 
 @dataclass

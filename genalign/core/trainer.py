@@ -235,7 +235,10 @@ class Trainer:
             return None
         path = self.output_dir / "samples" / f"{tag}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(images.float().clamp(0, 1), path, nrow=min(len(prompts), 8))
+        if images.ndim == 5:  # videos: one row of frames each
+            save_image(images.float().clamp(0, 1).flatten(0, 1), path, nrow=images.shape[1])
+        else:
+            save_image(images.float().clamp(0, 1), path, nrow=min(len(prompts), 8))
         (path.with_suffix(".txt")).write_text("\n".join(prompts) + "\n")
         return path
 

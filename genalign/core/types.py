@@ -112,8 +112,9 @@ class Backbone(Protocol):
     def resolution(self) -> int:
         """The model's default image size in pixels."""
 
-    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
-        """(C, h, w) of the latents for an image of the given size (default: the model's)."""
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """(C, h, w) of the latents for an image of the given size (default: the model's); video
+        models (``video``): (C, f, h, w) for their ``frames``."""
 
     def encode_prompts(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True,
@@ -126,6 +127,10 @@ class Backbone(Protocol):
     def takes_images(self) -> bool:
         """Whether prompts are edit instructions on a source image (FLUX.1 Kontext, Qwen-Image-Edit)."""
 
+    @property
+    def video(self) -> bool:
+        """Whether it generates videos (Wan): latents (B, C, f, h, w), ``decode`` -> (B, F, 3, H, W)."""
+
     # editing models: the source image (3, H, W) in [0, 1] of each instruction prompt they were given
     source_images: dict[str, Tensor]
 
@@ -136,7 +141,7 @@ class Backbone(Protocol):
         """Model output at x_t (B, C, H, W), classifier-free guided when ``guidance_scale != 1``."""
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images (B, 3, H, W) in [0, 1], differentiable."""
+        """Latents -> images (B, 3, H, W) in [0, 1], differentiable; video models: videos (B, F, 3, H, W)."""
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] -> latents (the VAE mean, scaled)."""
@@ -189,7 +194,7 @@ class Reward(Protocol):
     def __call__(
         self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """images (B, 3, H, W) in [0, 1] -> (scores (B,), named sub-scores each (B,))."""
+        """images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1] -> (scores (B,), named sub-scores each (B,))."""
 
 
 def reward_label(reward: Reward) -> str | None:
@@ -224,7 +229,8 @@ class FineTuner(ABC):
 
     @abstractmethod
     def sample(self, prompts: list[str], generator: torch.Generator) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1] of the current model, for sample grids."""
+        """Images (B, 3, H, W) (video models: videos (B, F, 3, H, W)) in [0, 1] of the current model, for
+        sample grids."""
 
     # ---------------------------------------------------------------- hooks with defaults
 

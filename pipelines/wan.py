@@ -1,0 +1,241 @@
+"""Wan 2.1 / 2.2 text-to-video (Wan team 2025): WanTransformer3DModel (a DiT with cross-attention to
+UMT5 prompt states) on the video latents of the Wan VAE (diffusers' WanPipeline).
+
+Video is one more latent axis: latents are (B, C, f, h, w) with ``f = (frames - 1) / s_t + 1`` (the
+VAE's temporal factor s_t, 4 for Wan) and ``decode`` returns (B, F, 3, H, W) in [0, 1], the layout of
+the pipeline's ``output_type="pt"``; everything else (samplers, SDE log-probs, every flow method) is
+rank-generic. As the pipeline does it: prompts are cleaned, tokenised to ``max_sequence_length``
+(512), their UMT5 states cut to the real tokens and zero-padded back (no mask reaches the
+transformer); the transformer takes the model timestep ``sigma * 1000`` and predicts the flow
+velocity (noise - x0); guidance is ``uncond + w (cond - uncond)`` with the negative prompt ``""``
+unless given (Wan's model cards pass a long one: set ``sample.negative_prompt``).
+
+The sampler. Wan checkpoints ship UniPCMultistepScheduler (``flow_shift`` 3 for 480p, 5 for 720p), a
+multistep solver with no per-step density; genalign steps the flow ODE / SDE with Euler as for every
+flow model, on FlowMatchEulerDiscreteScheduler's sigmas at the checkpoint's shift (DanceGRPO and
+Pref-GRPO train Wan the same way, shift 3). Parity is with WanPipeline given that scheduler.
+
+Wan 2.2. T2V-A14B has two experts: ``transformer`` for timesteps >= ``boundary_ratio * 1000`` (high
+noise), ``transformer_2`` below. One is trained (``backbone.expert``: ``high`` by default, or
+``low``), as DiffSynth-Studio and musubi-tuner train them, and the other stays frozen; ``predict``
+sends each sample to the expert of its timestep (a batch may mix them), with one guidance scale for
+both (the pipeline's default when ``guidance_scale_2`` is not given). A LoRA of the low expert loads
+with ``load_lora_weights(..., load_into_transformer_2=True)``. TI2V-5B (``expand_timesteps``) takes
+one timestep per latent token, all equal for text-to-video. Image-to-video is not covered yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import WanPipeline
+from torch import Tensor, nn
+
+from genalign.core.experiment import BackboneConfig
+from genalign.core.schedules import FlowSchedule, NoiseSchedule
+from genalign.core.types import Conditioning
+from genalign.pipelines import register
+from genalign.pipelines.base import DiffusersBackbone, WeightsNotFoundError
+
+EXPERTS = {"high": "transformer", "low": "transformer_2"}
+
+
+@register("wan")
+class WanBackbone(DiffusersBackbone):
+    summary = "Wan 2.1 / 2.2 text-to-video (DiT flow matching on Wan-VAE video latents, UMT5 prompt states)"
+    pipeline_class: ClassVar[type] = WanPipeline
+    denoiser_component: ClassVar[str] = "transformer"
+    video: ClassVar[bool] = True
+    # self- and cross-attention projections of every block (diffusers' Wan LoRA loader reads these)
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_layers_kwarg: ClassVar[str] = "transformer_lora_layers"
+    lora_keys_to_diffusers: ClassVar[bool] = False
+    t5_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)  # reads max_sequence_length tokens
+    default_sequence_length: ClassVar[int] = 512  # the pipeline's default
+    default_frames: ClassVar[int] = 81  # the pipeline's default num_frames
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        return {"wan": lambda prediction_type, seed: tiny_wan_pipeline(seed),
+                "wan22": lambda prediction_type, seed: tiny_wan_pipeline(seed, experts=2),
+                "wan22-ti2v": lambda prediction_type, seed: tiny_wan_pipeline(seed, ti2v=True)}
+
+    def __init__(self, pipe: Any, config: BackboneConfig, device: str | torch.device = "cpu"):
+        two = getattr(pipe, "transformer_2", None) is not None and pipe.config.boundary_ratio is not None
+        expert = config.expert or "high"
+        if expert not in EXPERTS:
+            raise ValueError(f"backbone.expert must be 'high' or 'low', got {config.expert!r}")
+        if config.expert and not two:
+            raise ValueError("backbone.expert: this Wan checkpoint has one transformer (Wan 2.2 A14B has two)")
+        self.expert = expert if two else None
+        if two:
+            self.denoiser_component = EXPERTS[expert]  # the trained one; the other stays frozen
+        super().__init__(pipe, config, device)
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor_spatial)
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor_temporal)
+
+    @property
+    def latent_patch(self) -> int:  # type: ignore[override]
+        return int(self.unwrapped_denoiser.config.patch_size[1])
+
+    @property
+    def native_resolution(self) -> int:
+        return 480  # Wan 2.1's 480p models (square here; the pipeline's default is 480 x 832)
+
+    @property
+    def frames(self) -> int:
+        """Frames a video: backbone.frames, else the checkpoint's genalign.json, else the pipeline's 81;
+        ``frames - 1`` must be a multiple of the VAE's temporal factor."""
+        frames = int(self.config.frames or self.defaults.get("frames") or self.default_frames)
+        if frames < 1 or (frames - 1) % self.temporal_factor:
+            raise ValueError(f"backbone.frames={frames}: Wan needs frames - 1 divisible by {self.temporal_factor} "
+                             f"(e.g. {(frames - 1) // self.temporal_factor * self.temporal_factor + 1})")
+        return frames
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:  # type: ignore[override]
+        channels, h, w = super().latent_shape(height, width)
+        return (channels, (self.frames - 1) // self.temporal_factor + 1, h, w)
+
+    # ------------------------------------------------------------------ schedule and prompts
+
+    def _make_schedule(self) -> NoiseSchedule:
+        config = self.pipe.scheduler.config
+        if self.pipe.scheduler.__class__.__name__ == "FlowMatchEulerDiscreteScheduler":
+            return FlowSchedule(config)
+        if not config.get("use_flow_sigmas") or config.get("prediction_type") != "flow_prediction":
+            raise ValueError(f"Wan: unsupported scheduler {self.pipe.scheduler.__class__.__name__} (expected the flow "
+                             "UniPC scheduler Wan ships, or FlowMatchEulerDiscreteScheduler)")
+        return FlowSchedule({"num_train_timesteps": config.get("num_train_timesteps", 1000),
+                             "shift": float(config.get("flow_shift", 1.0))})
+
+    @torch.no_grad()
+    def _encode_prompts(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, guidance: bool = True
+    ) -> Conditioning:
+        prompts = list(prompts)
+        negatives = self._negatives(prompts, negative_prompts, guidance, "")
+        embeds, _ = self.pipe.encode_prompt(prompt=prompts + negatives, do_classifier_free_guidance=False,
+                                            max_sequence_length=self.max_sequence_length, device=self.device)
+        rows = len(prompts)
+        return Conditioning({"prompt_embeds": embeds[:rows]}, {"prompt_embeds": embeds[rows:]} if guidance else None,
+                            prompts)
+
+    # ------------------------------------------------------------------ the denoiser
+
+    @property
+    def boundary(self) -> float | None:
+        """Wan 2.2 A14B: the model timestep from which the high-noise expert denoises (None: one expert)."""
+        if self.expert is None:
+            return None
+        return float(self.pipe.config.boundary_ratio) * self.pipe.scheduler.config.num_train_timesteps
+
+    def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        if self.expert is None:
+            return self._call(self.denoiser, x, t, cond)
+        high = t >= self.boundary
+        trained = high if self.expert == "high" else ~high
+        other = getattr(self.pipe, EXPERTS["low" if self.expert == "high" else "high"])
+        if bool(trained.all()):
+            return self._call(self.denoiser, x, t, cond)
+        if not bool(trained.any()):
+            return self._call(other, x.to(other.dtype), t, cond).to(x.dtype)
+        out = torch.empty_like(x)
+        for module, rows in ((self.denoiser, trained), (other, ~trained)):
+            part = {k: v[rows] for k, v in cond.items()}
+            out[rows] = self._call(module, x[rows].to(module.dtype), t[rows], part).to(x.dtype)
+        return out
+
+    def _call(self, module: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        timestep = t.to(x.dtype) if x.is_floating_point() else t
+        if self.pipe.config.expand_timesteps:  # TI2V-5B: one timestep per latent token (2x2 patches)
+            _, _, f, h, w = x.shape
+            timestep = timestep[:, None].expand(-1, f * (h // 2) * (w // 2))
+        return module(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"].to(x.dtype),
+                      return_dict=False)[0]
+
+    # ------------------------------------------------------------------ the VAE
+
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        config = self.pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1)
+        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, C, f, h, w) latents -> (B, F, 3, H, W) video in [0, 1]."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        mean, std = self._latent_stats(latents)
+        video = vae.decode(latents * std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, F, 3, H, W) video in [0, 1] -> normalised latents (B, C, f, h, w) (the VAE mean, or a sample)."""
+        if images.ndim != 5:
+            raise ValueError(f"Wan encodes videos (B, F, 3, H, W); got {tuple(images.shape)}")
+        vae = self.pipe.vae
+        dist = vae.encode((images * 2 - 1).permute(0, 2, 1, 3, 4).to(self.device, vae.dtype)).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator)
+        mean, std = self._latent_stats(latents)
+        return ((latents - mean) / std).to(self.dtype)
+
+    def load_lora(self, path: str | Path) -> None:
+        """A diffusers-format Wan LoRA; for the low-noise expert of Wan 2.2 A14B it goes into ``transformer_2``."""
+        if not Path(path).exists():
+            raise WeightsNotFoundError(f"LoRA weights not found: {path}")
+        extra = {"load_into_transformer_2": True} if self.expert == "low" else {}
+        self.pipe.load_lora_weights(str(path), **extra)
+        self.pipe.to(self.device)
+
+
+def tiny_wan_pipeline(seed: int = 0, experts: int = 1, ti2v: bool = False) -> Any:
+    """A tiny random Wan from configs with the real classes: a two-layer UMT5 encoder on a
+    character-level tokenizer, a two-block WanTransformer3DModel (patches 1x2x2), a Wan VAE of
+    factor 2 in space and time (5 latent frames for 9 frames, 16 x 16 px: ``genalign.json``) and Wan's
+    flow UniPC scheduler (shift 3). ``experts=2``: Wan 2.2 A14B's layout (a second transformer below
+    ``boundary_ratio`` 0.875); ``ti2v``: TI2V-5B's (``expand_timesteps``, Wan 2.2's residual VAE on
+    2x2-patchified pixels, spatial factor 4)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from genalign.pipelines.tiny import TEXT_HIDDEN, build_t5_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+    def transformer() -> Any:
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, text_dim=TEXT_HIDDEN, freq_dim=16, ffn_dim=32, num_layers=2,
+                                     rope_max_seq_len=32)
+
+    stats = {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [1.5, 0.8, 1.2, 2.0]}
+    if ti2v:  # Wan 2.2's VAE: residual blocks on 2x2-patchified pixels (12 channels), factor 4 here (16 real)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+                               is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+                               scale_factor_temporal=2, scale_factor_spatial=4, **stats)
+    else:
+        vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                               scale_factor_temporal=2, scale_factor_spatial=2, **stats)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    extra: dict[str, Any] = {}
+    if experts == 2:
+        extra = {"transformer_2": transformer(), "boundary_ratio": 0.875}
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer(),
+                       scheduler=scheduler, expand_timesteps=ti2v, **extra)
+    pipe.genalign_defaults = {"resolution": 16, "frames": 9}
+    return pipe
