@@ -105,6 +105,12 @@ class DiffusersBackbone:
         self.denoiser: nn.Module = self.unwrapped_denoiser
         if config.attention == "xformers":
             self._enable_xformers()
+        for lever in ("tiling", "slicing"):
+            if getattr(config, f"vae_{lever}"):
+                enable = getattr(self.pipe.vae, f"enable_{lever}", None)
+                if enable is None:
+                    raise ValueError(f"backbone.vae_{lever}: {type(self.pipe.vae).__name__} has no {lever}")
+                enable()
         if config.finetune == "lora":
             self.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets or None, config.lora_dropout)
         elif config.finetune == "full":

@@ -102,7 +102,7 @@ class _Brightness:
     differentiable = False
 
     def __call__(self, images, prompts, metadata=None):
-        scores = images.float().mean(dim=(1, 2, 3))
+        scores = images.float().flatten(1).mean(1)
         return scores, {}
 
 
@@ -142,7 +142,7 @@ def test_the_critic_learns_the_value_of_intermediate_states(tiny_models):
     assert error(0.8) > error(0.2)  # noisier states say less about the outcome
 
 
-@pytest.mark.parametrize("family", ["sd3", "qwenimage", "zimage", "flux2-klein"])
+@pytest.mark.parametrize("family", ["sd3", "qwenimage", "zimage", "flux2-klein", "wan"])
 def test_warmup_trains_only_the_critic_then_the_actor_learns(tiny_models, family):
     ac = _acflow(tiny_models, family, critic_warmup=1, alpha=0.5)
     critic_before = [p.detach().clone() for p in ac.learner.model.parameters()]

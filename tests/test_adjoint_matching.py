@@ -99,7 +99,7 @@ def test_lean_adjoint_of_a_linear_drift_matches_its_closed_form():
 
 
 @pytest.mark.parametrize("family,prediction", [("sd3", "flow"), ("qwenimage", "flow"), ("zimage", "flow"),
-                                                    ("flux2-klein", "flow"), ("sd", "epsilon")])
+                                                    ("flux2-klein", "flow"), ("wan", "flow"), ("sd", "epsilon")])
 def test_lean_adjoint_at_the_start_is_the_gradient_through_the_sampling_chain(tiny_models, family, prediction):
     """Before fine-tuning (control 0) the lean adjoint is the true adjoint: a_0 equals
     -lambda d r(X_1) / d X_0 through every SDE step with its noise held fixed."""
@@ -178,7 +178,7 @@ class _MeanReward:
     differentiable = True
 
     def __call__(self, images, prompts, metadata=None):
-        scores = images.float().mean(dim=(1, 2, 3)) + images[:, 0].float().pow(2).mean(dim=(1, 2))
+        scores = images.float().flatten(1).mean(1) + images[:, 0].float().pow(2).flatten(1).mean(1)
         return scores, {}
 
 

@@ -74,7 +74,7 @@ class _BrightnessReward:
     differentiable = False
 
     def __call__(self, images, prompts, metadata=None):
-        scores = images.float().mean(dim=(1, 2, 3))
+        scores = images.float().flatten(1).mean(1)
         return scores, {"brightness": scores}
 
 
@@ -87,7 +87,7 @@ def _d3po(tiny_models, family, prediction, eta, **config):
     return D3PO.build(experiment, backbone, _BrightnessReward())
 
 
-@pytest.mark.parametrize("family,prediction,eta,lr", [("sd", "epsilon", 1.0, 1e-3), ("sd3", "flow", 0.7, 3e-3)])
+@pytest.mark.parametrize("family,prediction,eta,lr", [("sd", "epsilon", 1.0, 1e-3), ("sd3", "flow", 0.7, 3e-3), ("wan", "flow", 0.7, 3e-3)])
 def test_training_moves_the_preferred_samples_log_prob_up(tiny_models, family, prediction, eta, lr):
     """A few small optimizer steps on one batch of rollouts: the policy's log-ratio to the reference
     rises on the preferred samples' transitions and falls on the others (SDE rollouts on flow).

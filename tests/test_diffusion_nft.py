@@ -57,7 +57,7 @@ class _Brightness:
     differentiable = False
 
     def __call__(self, images, prompts, metadata=None):
-        scores = images.detach().float().mean(dim=(1, 2, 3)).cpu()
+        scores = images.detach().float().flatten(1).mean(1).cpu()
         return scores, {"brightness": scores}
 
 
@@ -126,7 +126,7 @@ def test_updates_raise_the_positive_samples_likelihood_and_the_old_policy_follow
     assert state["optimizer_steps"] == 1 and torch.equal(state["old"][name], nft.old.shadow[name])
 
 
-@pytest.mark.parametrize("family", [("flux", "flow"), ("qwenimage", "flow"), ("zimage", "flow"), ("flux2-klein", "flow"), ("sd", "epsilon"),
+@pytest.mark.parametrize("family", [("flux", "flow"), ("qwenimage", "flow"), ("zimage", "flow"), ("flux2-klein", "flow"), ("wan", "flow"), ("sd", "epsilon"),
                                     ("sd", "v_prediction")])
 def test_other_backbones_train_through_their_clean_estimate(tiny_models, family):
     """FLUX (flow), and SD's epsilon and v parameterisations (their clean estimate and noise give the

@@ -185,7 +185,7 @@ class _BrightnessReward:
     differentiable = False
 
     def __call__(self, images, prompts, metadata=None):
-        scores = images.float().mean(dim=(1, 2, 3))
+        scores = images.float().flatten(1).mean(1)
         return scores, {"brightness": scores}
 
 
@@ -195,7 +195,7 @@ def _experiment(config, sample_steps=4):
 
 
 @pytest.mark.parametrize("family,prediction", [("sd", "epsilon"), ("sd", "v_prediction"), ("sd3", "flow"), ("qwenimage", "flow"),
-                                                  ("zimage", "flow"), ("flux2-klein", "flow")])
+                                                  ("zimage", "flow"), ("flux2-klein", "flow"), ("wan", "flow")])
 def test_dpo_steps_lower_the_winners_error_relative_to_the_reference(tiny_models, family, prediction):
     """On a fixed batch of online pairs, a few optimizer steps make the policy's error margin
     (err_w - err_l) - (ref_err_w - ref_err_l) negative: the winner is denoised relatively better."""

@@ -25,7 +25,7 @@ PROMPTS = ["a photo of a red circle", "two blue squares"]
 # tiny checkpoint -> backbone family
 FAMILY = {"sd3": "sd3", "flux": "flux", "flux-schnell": "flux", "qwenimage": "qwenimage", "zimage": "zimage",
           "flux2": "flux2", "flux2-klein": "flux2-klein", "flux-kontext": "flux-kontext",
-          "qwenimage-edit": "qwenimage-edit", "qwenimage-edit-plus": "qwenimage-edit-plus"}
+          "qwenimage-edit": "qwenimage-edit", "qwenimage-edit-plus": "qwenimage-edit-plus", "wan": "wan"}
 QWEN_EDITS = ("qwenimage-edit", "qwenimage-edit-plus")
 
 
@@ -204,7 +204,7 @@ def test_flux_sizes_must_fit_the_packing(tiny_models):
 
 
 @pytest.mark.parametrize("tiny", ["sd", "sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit",
-                                  "qwenimage-edit-plus"])
+                                  "qwenimage-edit-plus", "wan"])
 def test_one_finetuner_trains_every_family_without_branching(tiny_models, tmp_path, tiny):
     """ToyDenoising only calls the Backbone contract (encode, schedule noising/target, predict)."""
     from tests.toy import ToyDenoising

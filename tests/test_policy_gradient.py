@@ -130,7 +130,7 @@ class _BrightnessReward:
     differentiable = False
 
     def __call__(self, images, prompts, metadata=None):
-        scores = images.detach().float().mean(dim=(1, 2, 3)).cpu()
+        scores = images.detach().float().flatten(1).mean(1).cpu()
         return scores, {"brightness": scores}
 
 
@@ -468,7 +468,7 @@ def test_flow_grpo_with_an_sde_window_trains_the_window_only(tiny_models):
         _method(tiny_models, FlowGRPO, FlowGRPOConfig(sde_window=4), "sd3", 0.7)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "wan"])
 def test_flow_grpo_on_cps_rollouts(tiny_models, family):
     """sample.sde: cps on each flow backbone: the rollouts' log-probs are recomputed exactly at the
     first update (ratio 1); the official code's sigma-scaled KL belongs to the plain SDE and is

@@ -36,7 +36,7 @@ class _Brightness:
     differentiable = True
 
     def __call__(self, images, prompts, metadata=None):
-        scores = images.mean(dim=(1, 2, 3))
+        scores = images.flatten(1).mean(1)
         return scores, {"brightness": scores}
 
 

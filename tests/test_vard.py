@@ -35,7 +35,7 @@ class _Brightness:
     differentiable = False
 
     def __call__(self, images, prompts, metadata=None):
-        scores = torch.from_numpy(images.detach().float().mean(dim=(1, 2, 3)).numpy().copy())
+        scores = torch.from_numpy(images.detach().float().flatten(1).mean(1).numpy().copy())
         return scores, {}
 
 
@@ -59,7 +59,7 @@ def _vard(tiny_models, family="sd", prediction="epsilon", encoder=None, guidance
                 encoder=encoder)
 
 
-@pytest.mark.parametrize("family,prediction,inputs", [("sd", "epsilon", "latent"), ("sd3", "flow", "latent"),
+@pytest.mark.parametrize("family,prediction,inputs", [("sd", "epsilon", "latent"), ("sd3", "flow", "latent"), ("wan", "flow", "latent"),
                                                       ("sd", "epsilon", "encoder"), ("sd3", "flow", "encoder")])
 def test_the_policy_step_reproduces_the_trajectory_and_training_raises_the_value(tiny_models, tiny_clip, family,
                                                                                  prediction, inputs):

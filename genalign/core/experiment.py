@@ -60,6 +60,9 @@ class BackboneConfig:
         None, help="video models: frames a video in rollouts and samples (Wan: 4k + 1); default: the checkpoint's "
                    "genalign.json, else the pipeline's (Wan: 81)"
     )
+    vae_tiling: bool = field(False, help="decode (and encode) in overlapping tiles: less memory for large images "
+                                        "and videos, e.g. decoding inside the reward (gradients still flow)")
+    vae_slicing: bool = field(False, help="decode a batch one sample at a time (less memory)")
     expert: Literal["high", "low"] | None = field(
         None, help="Wan 2.2 A14B: the expert trained (high: the high-noise transformer, low: transformer_2); the "
                    "other stays frozen; default high"

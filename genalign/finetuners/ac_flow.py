@@ -186,9 +186,9 @@ class ACFlow(ValueMethod):
         trajectory, rewards, shaped = self.scored_rollout(prompts, c.samples_per_prompt, c.shaping, generator)
         x1, cond = trajectory.final.float(), trajectory.cond
         k = c.timesteps_per_sample
-        x1_k, shaped_k = x1.repeat(k, 1, 1, 1), shaped.repeat(k)
+        x1_k, shaped_k = x1.repeat(k, *[1] * (x1.ndim - 1)), shaped.repeat(k)
         cond_k = cond.select(list(range(len(cond))) * k)
-        coupled = trajectory.latents[0].float().repeat(k, 1, 1, 1) if c.coupling == "trajectory" else None
+        coupled = trajectory.latents[0].float().repeat(k, *[1] * (x1.ndim - 1)) if c.coupling == "trajectory" else None
         x_t, timesteps, noise = self._noised(x1_k, generator, coupled)
 
         # the critic's values of these new states before it trains on them: its held-out error, and

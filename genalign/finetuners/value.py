@@ -107,12 +107,12 @@ def normalised_time(timesteps: Tensor, num_train_timesteps: int, like: Tensor) -
 
 class LatentFeatures:
     """Value inputs ``latent``: the state itself, its normalised time and the prompt features of its
-    conditioning, for :class:`ValueModel`. Cheap, but it has no prior: at the data sizes of a short
-    run it memorises trajectories (docs/results.md)."""
+    conditioning, for :class:`ValueModel`; a video's latent frames are stacked as channels. Cheap,
+    but it has no prior: at the data sizes of a short run it memorises trajectories (docs/results.md)."""
 
     def __init__(self, backbone: Any):
         self.num_train_timesteps: int = backbone.schedule.num_train_timesteps
-        self.channels = backbone.latent_shape()[0]
+        self.channels = math.prod(backbone.latent_shape()[:-2])  # (C, [f,] h, w): C f channels for video
         self.text_dim = prompt_features(backbone.encode_prompts([""], guidance=False)).shape[1]
 
     def head(self, width: int) -> nn.Module:
@@ -120,13 +120,13 @@ class LatentFeatures:
 
     def __call__(self, x: Tensor, timesteps: Tensor, cond: Conditioning) -> dict[str, Tensor]:
         t = normalised_time(timesteps, self.num_train_timesteps, x)
-        return {"x": x.float(), "t": t, "text": prompt_features(cond).to(x.device)}
+        return {"x": x.float().flatten(1, -3), "t": t, "text": prompt_features(cond).to(x.device)}
 
 
 class CleanEstimateFeatures:
     """Value inputs ``encoder``: a frozen image-text encoder (CLIP) on the decoded one-step clean
     estimate of the frozen reference model at the state (guided as the sampler is), and on the
-    prompt, for :class:`EmbeddingValueHead`. The features are a fixed function of the state (the
+    prompt, for :class:`EmbeddingValueHead` (a video: the mean of its frames' embeddings). The features are a fixed function of the state (the
     reference and the encoder never train), so replayed features stay valid, and gradients reach
     the state through the reference, the VAE decoder and the encoder; its prior is what lets it
     generalise from a few hundred trajectories (docs/results.md). The final state (t = 0) is its
@@ -163,7 +163,11 @@ class CleanEstimateFeatures:
             estimate = b.schedule.clean_estimate(x, output, timesteps.clamp(min=0))
             clean = torch.where(final.view(-1, *[1] * (x.ndim - 1)), clean, estimate.float())
         images = b.decode(clean.to(b.dtype)).float()
-        return {"image": self.encoder.image_embeds(images).float(), "text": self.text_embeds(cond.prompts).to(x.device),
+        if images.ndim == 5:  # a video: the mean of its frames' embeddings
+            embeds = self.encoder.image_embeds(images.flatten(0, 1)).float().view(*images.shape[:2], -1).mean(dim=1)
+        else:
+            embeds = self.encoder.image_embeds(images).float()
+        return {"image": embeds, "text": self.text_embeds(cond.prompts).to(x.device),
                 "t": t}
 
 
