@@ -53,16 +53,25 @@ def sample_prompts(backbone: Backbone, prompts: list[str], num_steps: int, guida
     return torch.cat(images), image_prompts
 
 
-def write_samples(out: Path, images: Tensor, prompts: list[str]) -> None:
-    """``NNNN.png`` per image, ``grid.png`` and ``prompts.tsv`` (file, prompt) in ``out``."""
+def write_samples(out: Path, images: Tensor, prompts: list[str], fps: int = 8) -> None:
+    """``NNNN.png`` per image (videos (B, F, 3, H, W): ``NNNN.gif``, looping at ``fps``), ``grid.png``
+    (videos: a row of frames each) and ``prompts.tsv`` (file, prompt) in ``out``."""
     from torchvision.utils import save_image
 
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for i, image in enumerate(images):
-        names.append(f"{i:04d}.png")
-        save_image(image, out / names[-1])
-    save_image(images, out / "grid.png", nrow=min(8, len(images)))
+        if images.ndim == 5:
+            names.append(f"{i:04d}.gif")
+            first, *rest = to_pil_images(image)
+            first.save(out / names[-1], save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
+        else:
+            names.append(f"{i:04d}.png")
+            save_image(image, out / names[-1])
+    if images.ndim == 5:
+        save_image(images.float().flatten(0, 1), out / "grid.png", nrow=images.shape[1])
+    else:
+        save_image(images, out / "grid.png", nrow=min(8, len(images)))
     (out / "prompts.tsv").write_text("".join(f"{n}\t{p}\n" for n, p in zip(names, prompts)))
 
 

@@ -119,6 +119,8 @@ class DiffusersBackbone:
                 self.unwrapped_denoiser.to(torch.float32)
         if config.gradient_checkpointing:
             self.unwrapped_denoiser.enable_gradient_checkpointing()
+        if config.frames is not None and not self.video:
+            raise ValueError(f"backbone.frames: {config.family} makes images, not videos")
         self.source_images: dict[str, Tensor] = {}
         if config.source_images:
             if not self.takes_images:

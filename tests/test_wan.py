@@ -300,3 +300,20 @@ def test_flow_grpo_trains_wan_from_a_config_with_frame_and_video_rewards(tiny_mo
     assert backbone.pipe.vae.use_tiling is False
     backbone.load_lora(run / "final")
     assert any("lora" in name for name, _ in backbone.pipe.transformer.named_parameters())
+
+
+def test_the_sample_cli_writes_looping_gifs_at_the_frames_asked(tiny_models, tmp_path):
+    from PIL import Image
+
+    from genalign.cli import main
+
+    out = tmp_path / "videos"
+    args = ["sample", "--backbone", tiny_models("wan", "flow"), "--family", "wan", "--prompt", PROMPTS[0],
+            "--prompt", PROMPTS[1], "--steps", "2", "--frames", "5", "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    with Image.open(out / "0000.gif") as gif:
+        assert gif.n_frames == 5 and gif.size == (16, 16) and gif.info["loop"] == 0
+    assert Image.open(out / "grid.png").size == (5 * 18 + 2, 2 * 18 + 2)
+    assert (out / "prompts.tsv").read_text().splitlines()[1] == f"0001.gif\t{PROMPTS[1]}"
+    with pytest.raises(ValueError, match="makes images, not videos"):
+        load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), frames=5))

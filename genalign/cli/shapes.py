@@ -18,12 +18,14 @@ def add_commands(groups: dict[str, Any]) -> None:
     p.add_argument("--seed", type=int, default=None)
     for name in ("dataset_size", "batch_size", "vae_steps", "sd_steps", "flow_steps", "clip_steps", "edit_steps",
                  "edit_dataset_size", "edit_batch_size", "text_steps", "text_dataset_size", "text_batch_size",
-                 "ocr_steps", "ocr_batch_size"):
+                 "ocr_steps", "ocr_batch_size", "video_steps", "video_dataset_size", "video_batch_size",
+                 "video_vae_steps"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=positive_int, default=None)
     p.add_argument("--stages", type=lambda text: tuple(text.split(",")), default=None,
-                   help="comma-separated subset of sd,flow,clip,edit,text,ocr (later stages alone reuse the saved sd/; "
-                        "only when named: edit, the FLUX.1 Kontext editing model, kontext/; text, the text task's FLUX "
-                        "model and its GOT-OCR reader, text/; ocr, that reader alone, text/ocr/)")
+                   help="comma-separated subset of sd,flow,clip,edit,text,ocr,video (later stages alone reuse the saved "
+                        "sd/; only when named: edit, the FLUX.1 Kontext editing model, kontext/; text, the text task's "
+                        "FLUX model and its GOT-OCR reader, text/; ocr, that reader alone, text/ocr/; video, the "
+                        "moving-shapes world's Wan 2.1 model, video/)")
     p.set_defaults(func=cmd_shapes_build)
 
     p = shapes.add_parser("prompts", help="write shapes-world prompts as a GenEval metadata file")

@@ -33,7 +33,7 @@ from torch import nn
 from genalign.shapes.world import IMAGE_SIZE, all_prompts, training_examples
 
 TEXT_HIDDEN = 128
-STAGES = ("sd", "flow", "clip", "edit", "text", "ocr")
+STAGES = ("sd", "flow", "clip", "edit", "text", "ocr", "video")
 MAX_TOKENS = 16
 T5_TOKENS = 1  # the SD3 model has no T5: one zero token instead of diffusers' 256 (recorded in genalign.json)
 
@@ -65,6 +65,12 @@ class BuildConfig:
     ocr_steps: int = 3000
     ocr_batch_size: int = 32
     ocr_lr: float = 1e-3
+    video_dataset_size: int = 4000
+    video_vae_steps: int = 500
+    video_vae_batch_size: int = 16
+    video_steps: int = 2000
+    video_batch_size: int = 48
+    video_lr: float = 1e-3
 
 
 def world_words() -> list[str]:
@@ -323,7 +329,7 @@ def build(config: BuildConfig) -> dict[str, Any]:
     unknown = set(config.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown shapes build stages {sorted(unknown)}; known: {', '.join(STAGES)}")
-    own_models = {"edit": "kontext", "text": "text", "ocr": "text"}  # stages with a folder (and log) of their own
+    own_models = {"edit": "kontext", "text": "text", "ocr": "text", "video": "video"}  # stages with a folder (and log) of their own
     world = set(config.stages) - set(own_models)
     torch.manual_seed(config.seed)
     if world:
@@ -361,6 +367,10 @@ def build(config: BuildConfig) -> dict[str, Any]:
     if "text" in config.stages or "ocr" in config.stages:
         make_text_ocr(out / "text" / "ocr", config.seed + 7)
         train_text_ocr(out / "text" / "ocr", config, log)
+    if "video" in config.stages:
+        from genalign.shapes.video_model import build_video
+
+        build_video(config, out, log)
     log["seconds"] = round(time.time() - started, 1)
     # each model folder's own log (the world's models share out/build.json), merged with what was there
     folders = {own_models[stage] for stage in config.stages if stage in own_models} | ({""} if world else set())

@@ -132,3 +132,27 @@ class ShapesTextGold(ExactReward):
             shares.append(share)
             strict.append(float(ok))
         return torch.tensor(shares), torch.tensor(strict)
+
+
+@register("shapes_video_gold")
+class ShapesVideoGold(ExactReward):
+    """The moving-shapes world's exact evaluator (:func:`genalign.shapes.video.video_checks`) on
+    videos (B, F, 3, H, W): the share of the prompt's five checks that hold (one object, its shape,
+    its colour(s), the motion or the colour change, smoothly / in place); ``options.score: strict``:
+    all of them. The gold of the video runs on ``models/shapes/video``."""
+
+    summary = "the moving-shapes world's exact evaluator: shape, colour, direction and smoothness per video"
+    name = "shapes_video_gold"
+    takes_video = True
+    modes = ("checks", "strict")
+    sub_names = ("video_checks", "video_strict")
+
+    def scores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[Tensor, Tensor]:
+        from genalign.shapes.video import video_score
+
+        shares, strict = [], []
+        for video, prompt in zip(images.detach().float().cpu(), prompts):
+            share, ok = video_score(video, prompt)
+            shares.append(share)
+            strict.append(float(ok))
+        return torch.tensor(shares), torch.tensor(strict)
