@@ -5,7 +5,11 @@
 #   LoRA + gradient checkpointing, in bf16 and fp16 (autocast; trained weights fp32), SDPA, then
 #   LoRA and LoRA + checkpointing with xformers in bf16 when xformers imports; then the same three
 #   methods on an SDXL-sized UNet (2.6B parameters, 128x128 latents = 1024 px, 2 prompts, bf16,
-#   SDPA), LoRA vs LoRA + checkpointing (full fine-tuning of SDXL is not a single-GPU recipe).
+#   SDPA), LoRA vs LoRA + checkpointing (full fine-tuning of SDXL is not a single-GPU recipe); then
+#   Flow-GRPO and DiffusionNFT on a Wan-2.1-1.3B-sized video transformer (60x60 latents x 9 latent
+#   frames = 480 px and 33 frames through Wan's VAE, one prompt, 2 videos, bf16), LoRA vs LoRA +
+#   checkpointing. On the CPU (2 cores, fp32, 16x16 x 2 latent frames, one prompt) Flow-GRPO's
+#   LoRA + checkpointing step measured the figure in bench/README.md ("Video").
 # Every configuration runs in its own process (bench/peak_memory.py); the tables are printed and
 # the JSON lands in bench/results/gpu/. Record the printed tables, with the date and the GPU, in
 # bench/README.md.
@@ -32,3 +36,6 @@ else
 fi
 "$PY" bench/peak_memory.py --device cuda --model sdxl --latent 128 --prompts 2 --num-steps 4 --dtype bfloat16 \
   --settings lora lora+gc --out "$OUT/peak_memory_sdxl_bfloat16_sdpa.json"
+"$PY" bench/peak_memory.py --device cuda --model wan13b --methods flow_grpo diffusion_nft --latent 60 \
+  --latent-frames 9 --prompts 1 --num-steps 4 --dtype bfloat16 --settings lora lora+gc \
+  --out "$OUT/peak_memory_wan13b_bfloat16_sdpa.json"

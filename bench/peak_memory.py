@@ -1,10 +1,15 @@
 """Peak memory of one training step per method: full fine-tuning, LoRA, and LoRA + gradient
-checkpointing, on an SD1.5- or SDXL-sized UNet with random weights (activations dominate).
+checkpointing, on an SD1.5- or SDXL-sized UNet, or a Wan-2.1-1.3B-sized video transformer, with random
+weights (activations dominate).
 
 The model (``--model``): SD1.5's UNet config (860M parameters, cross-attention 768) behind a
 one-layer 768-wide text encoder, or SDXL's (2.6B parameters, cross-attention 2048, the text-time
 embedding) behind one-layer 768- and 1280-wide encoders, with random weights and a two-block VAE
-(factor 2), so that the UNet is nearly all of it. Each (method, setting) runs in a fresh process:
+(factor 2), so that the UNet is nearly all of it; or (``--model wan13b``, methods ``flow_grpo`` and
+``diffusion_nft``) Wan 2.1 1.3B's transformer config (dim 1536, 30 blocks, ffn 8960, text width 4096)
+behind a one-layer UMT5 of width 4096 and the tiny Wan VAE (factor 2 in space and time), on
+``--latent`` x ``--latent`` latents of ``--latent-frames`` frames (Wan's real VAE: 480 px, 33 frames ->
+60 x 60 x 9). Each (method, setting) runs in a fresh process:
 build, collect one micro-batch, then measure the step (the trainer's loss + backward, gradient
 clipping and one AdamW step, which allocates the optimizer state). Peak:
 ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the resident
@@ -14,6 +19,8 @@ setting has its own process). Prints a table of the increments in GiB and writes
     .venv/bin/python bench/peak_memory.py                          # CPU: 32x32 latents, 2 prompts
     .venv/bin/python bench/peak_memory.py --device cuda --latent 64 --prompts 4 --dtype bfloat16
     .venv/bin/python bench/peak_memory.py --device cuda --model sdxl --latent 128 --prompts 2 --dtype bfloat16
+    .venv/bin/python bench/peak_memory.py --model wan13b --methods flow_grpo --settings lora+gc --latent 16 \
+        --latent-frames 2 --prompts 1                                 # CPU: a few frames
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from typing import Any
 import torch
 
 SETTINGS = {"full": ("full", False), "lora": ("lora", False), "lora+gc": ("lora", True)}
-METHODS = ("diffusion_dpo", "d3po", "ddpo")
+METHODS = ("diffusion_dpo", "d3po", "ddpo", "flow_grpo", "diffusion_nft")
+VIDEO_METHODS = ("flow_grpo", "diffusion_nft")
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow star"]
 
 
@@ -47,8 +55,43 @@ def _text_encoder(tokenizer: Any, hidden: int, projection: bool = False) -> Any:
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
+def wan_backbone(args: argparse.Namespace, finetune: str, checkpointing: bool) -> Any:
+    """Wan 2.1 1.3B's transformer (random weights) behind genalign's Wan backbone, with a one-layer
+    UMT5 of the real width and the tiny Wan VAE (16 latent channels)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines.tiny import build_t5_tokenizer
+    from genalign.pipelines.wan import WanBackbone
+
+    torch.manual_seed(0)
+    tokenizer = build_t5_tokenizer()
+    with torch.device(args.device):
+        transformer = WanTransformer3DModel(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=256, num_layers=1, num_heads=64,
+            relative_attention_num_buckets=32, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                               scale_factor_temporal=2, scale_factor_spatial=2, latents_mean=[0.0] * 16,
+                               latents_std=[1.0] * 16)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                         flow_shift=3.0))
+    pipe.to(dtype=getattr(torch, args.dtype))
+    config = BackboneConfig(family="wan", path="", finetune=finetune, lora_rank=8, lora_alpha=8, dtype=args.dtype,
+                            gradient_checkpointing=checkpointing, resolution=2 * args.latent,
+                            frames=2 * (args.latent_frames - 1) + 1, max_sequence_length=32)
+    return WanBackbone(pipe, config, args.device)
+
+
 def sized_backbone(args: argparse.Namespace, finetune: str, checkpointing: bool) -> Any:
     """The SD1.5- or SDXL-sized pipeline (random weights) behind genalign's backbone class."""
+    if args.model == "wan13b":
+        return wan_backbone(args, finetune, checkpointing)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from genalign.core.experiment import BackboneConfig
@@ -91,7 +134,7 @@ class _Brightness:
     differentiable = False
 
     def __call__(self, images: torch.Tensor, prompts: Any, metadata: Any = None) -> tuple[torch.Tensor, dict]:
-        scores = images.float().mean(dim=(1, 2, 3))
+        scores = images.float().flatten(1).mean(1)
         return scores, {}
 
 
@@ -99,6 +142,21 @@ def build_method(name: str, backbone: Any, args: argparse.Namespace) -> Any:
     from genalign.core.experiment import SampleConfig
 
     sample = SampleConfig(num_steps=args.num_steps, guidance_scale=2.0, eta=1.0)
+    if (name in VIDEO_METHODS) != (args.model == "wan13b"):
+        raise ValueError(f"--model {args.model} measures {'flow_grpo and diffusion_nft' if args.model == 'wan13b' else 'diffusion_dpo, d3po and ddpo'}")
+    if name == "flow_grpo":
+        from genalign.finetuners.flow_grpo import FlowGRPO, FlowGRPOConfig
+
+        sample = SampleConfig(num_steps=args.num_steps, guidance_scale=1.0, eta=0.7)
+        experiment = SimpleNamespace(method=FlowGRPOConfig(samples_per_prompt=2, minibatches=1, beta=0.0), sample=sample)
+        return FlowGRPO.build(experiment, backbone, _Brightness())
+    if name == "diffusion_nft":
+        from genalign.finetuners.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
+
+        sample = SampleConfig(num_steps=args.num_steps, guidance_scale=1.0, eta=0.0)
+        experiment = SimpleNamespace(method=DiffusionNFTConfig(samples_per_prompt=2, timesteps_per_sample=1),
+                                     sample=sample)
+        return DiffusionNFT.build(experiment, backbone, _Brightness())
     if name == "diffusion_dpo":
         from genalign.finetuners.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 
@@ -186,8 +244,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl"], help="the UNet's size (random weights)")
+    parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "wan13b"],
+                        help="the denoiser's size (random weights): SD1.5's or SDXL's UNet, Wan 2.1 1.3B's transformer")
     parser.add_argument("--latent", type=int, default=32, help="latent side (images are twice as wide)")
+    parser.add_argument("--latent-frames", type=int, default=2, help="wan13b: latent frames of a video")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--num-steps", type=int, default=2, help="sampling steps of the collected rollouts")
     parser.add_argument("--dtype", default="float32")
@@ -201,7 +261,12 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     results: dict[str, dict[str, Any]] = {}
-    common = ["--model", args.model, "--latent", str(args.latent), "--prompts", str(args.prompts),
+    if args.model == "wan13b" and args.methods == list(METHODS):
+        args.methods = list(VIDEO_METHODS)
+    if args.model != "wan13b" and args.methods == list(METHODS):
+        args.methods = [m for m in METHODS if m not in VIDEO_METHODS]
+    common = ["--model", args.model, "--latent", str(args.latent), "--latent-frames", str(args.latent_frames),
+              "--prompts", str(args.prompts),
               "--num-steps", str(args.num_steps), "--dtype", args.dtype, "--device", args.device,
               "--attention", args.attention]
     for method in args.methods:
@@ -214,8 +279,9 @@ def main() -> None:
             results[method][setting] = json.loads(run.stdout.strip().splitlines()[-1])
             print(f"{method:14s} {setting:8s} peak +{results[method][setting]['peak_increment_gib']:.2f} GiB "
                   f"({results[method][setting]['seconds']:.0f} s)", flush=True)
-    size = "SD1.5" if args.model == "sd15" else "SDXL"
-    print(f"\n{size}-sized UNet, {args.latent}x{args.latent} latents, {args.prompts} prompts, {args.dtype}, "
+    size = {"sd15": "SD1.5-sized UNet", "sdxl": "SDXL-sized UNet", "wan13b": "Wan-2.1-1.3B-sized transformer"}[args.model]
+    frames = f" x {args.latent_frames} frames" if args.model == "wan13b" else ""
+    print(f"\n{size}, {args.latent}x{args.latent}{frames} latents, {args.prompts} prompts, {args.dtype}, "
           f"{args.attention}, {args.device}: step peak above the loaded model, GiB (step seconds)")
     print("| method | " + " | ".join(args.settings) + " |")
     print("|---" * (len(args.settings) + 1) + "|")
@@ -224,7 +290,8 @@ def main() -> None:
                                            for s in args.settings) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "latent": args.latent, "prompts": args.prompts,
+    out.write_text(json.dumps({"model": args.model, "latent": args.latent, "latent_frames": args.latent_frames,
+                               "prompts": args.prompts,
                                "dtype": args.dtype, "attention": args.attention, "device": args.device,
                                "results": results},
                               indent=1) + "\n")

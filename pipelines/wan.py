@@ -21,7 +21,8 @@ noise), ``transformer_2`` below. One is trained (``backbone.expert``: ``high`` b
 sends each sample to the expert of its timestep (a batch may mix them), with one guidance scale for
 both (the pipeline's default when ``guidance_scale_2`` is not given). A LoRA of the low expert loads
 with ``load_lora_weights(..., load_into_transformer_2=True)``. TI2V-5B (``expand_timesteps``) takes
-one timestep per latent token, all equal for text-to-video. Image-to-video is not covered yet.
+one timestep per latent token, all equal for text-to-video. Image-to-video: ``wan-i2v``
+(:class:`WanImageToVideoBackbone`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import WanPipeline
+from diffusers import WanImageToVideoPipeline, WanPipeline
 from torch import Tensor, nn
 
 from genalign.core.experiment import BackboneConfig
@@ -199,13 +200,79 @@ class WanBackbone(DiffusersBackbone):
         self.pipe.to(self.device)
 
 
-def tiny_wan_pipeline(seed: int = 0, experts: int = 1, ti2v: bool = False) -> Any:
+@register("wan-i2v")
+class WanImageToVideoBackbone(WanBackbone):
+    """Wan 2.1 I2V and Wan 2.2 I2V-A14B (WanImageToVideoPipeline): the video starts from each prompt's
+    source image, given as an editing model's is (``backbone.source_images`` or ``images=``).
+
+    As the pipeline does it: the image is resized to the video's size and VAE-encoded as the first
+    frame of an otherwise black video; its normalised latents, behind a mask that marks the first
+    frame (one channel per frame of a latent frame), are concatenated to the noisy latents on the
+    channel axis at every step (the transformer reads C + s_t + C channels); Wan 2.1's transformer
+    also cross-attends to the CLIP vision tower's penultimate states of the image (its
+    ``image_processor`` on the image as 8-bit RGB). Guidance shares the image between the branches.
+    TI2V-5B's first-frame replacement (``expand_timesteps``) is not covered.
+    """
+
+    summary = "Wan 2.1 / 2.2 image-to-video (the first frame from a source image; CLIP image states for 2.1)"
+    pipeline_class: ClassVar[type] = WanImageToVideoPipeline
+    takes_images: ClassVar[bool] = True
+
+    @classmethod
+    def tiny_layouts(cls) -> dict[str, Callable[[str, int], Any]]:
+        return {"wan-i2v": lambda prediction_type, seed: tiny_wan_pipeline(seed, i2v=True),
+                "wan22-i2v": lambda prediction_type, seed: tiny_wan_pipeline(seed, experts=2, i2v=True)}
+
+    def __init__(self, pipe: Any, config: BackboneConfig, device: str | torch.device = "cpu"):
+        if pipe.config.expand_timesteps:
+            raise ValueError("wan-i2v: TI2V-5B's image-to-video (expand_timesteps) is not supported; its text-to-video "
+                             "runs as family wan")
+        super().__init__(pipe, config, device)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipe.vae.config.z_dim)
+
+    @torch.no_grad()
+    def _encode_edit(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, guidance: bool,
+                     images: Tensor) -> Conditioning:
+        from genalign.core.images import to_pil_images
+
+        text = self._encode_prompts(prompts, negative_prompts, guidance)
+        size = self.resolution
+        pixels = self.pipe.video_processor.preprocess(images, height=size, width=size).to(self.device, torch.float32)
+        video = torch.cat([pixels[:, :, None], pixels.new_zeros(len(prompts), 3, self.frames - 1, size, size)], dim=2)
+        vae = self.pipe.vae
+        latents = vae.encode(video.to(vae.dtype)).latent_dist.mode()
+        mean, std = self._latent_stats(latents)
+        latents = (latents - mean) / std
+        _, _, f, h, w = latents.shape
+        mask = torch.zeros(len(prompts), self.temporal_factor, f, h, w, dtype=latents.dtype, device=latents.device)
+        mask[:, :, 0] = 1  # the first frame is given (its temporal_factor slots: the first frame repeated)
+        extra = {"condition": torch.cat([mask, latents], dim=1)}
+        if self.unwrapped_denoiser.config.image_dim is not None:  # Wan 2.1: CLIP image states
+            encoder = self.pipe.image_encoder
+            inputs = self.pipe.image_processor(images=to_pil_images(images), return_tensors="pt").to(self.device)
+            extra["image_embeds"] = encoder(**inputs, output_hidden_states=True).hidden_states[-2]
+        positive = {**text.positive, **extra}
+        negative = {**text.negative, **extra} if text.negative is not None else None
+        return Conditioning(positive, negative, list(prompts))
+
+    def _call(self, module: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        image = cond.get("image_embeds")
+        return module(hidden_states=torch.cat([x, cond["condition"].to(x.dtype)], dim=1), timestep=t.to(x.dtype),
+                      encoder_hidden_states=cond["prompt_embeds"].to(x.dtype),
+                      encoder_hidden_states_image=None if image is None else image.to(x.dtype), return_dict=False)[0]
+
+
+def tiny_wan_pipeline(seed: int = 0, experts: int = 1, ti2v: bool = False, i2v: bool = False) -> Any:
     """A tiny random Wan from configs with the real classes: a two-layer UMT5 encoder on a
     character-level tokenizer, a two-block WanTransformer3DModel (patches 1x2x2), a Wan VAE of
     factor 2 in space and time (5 latent frames for 9 frames, 16 x 16 px: ``genalign.json``) and Wan's
     flow UniPC scheduler (shift 3). ``experts=2``: Wan 2.2 A14B's layout (a second transformer below
     ``boundary_ratio`` 0.875); ``ti2v``: TI2V-5B's (``expand_timesteps``, Wan 2.2's residual VAE on
-    2x2-patchified pixels, spatial factor 4)."""
+    2x2-patchified pixels, spatial factor 4); ``i2v``: WanImageToVideoPipeline's (10 input channels,
+    and for Wan 2.1 a CLIP vision tower of width 16)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -217,10 +284,14 @@ def tiny_wan_pipeline(seed: int = 0, experts: int = 1, ti2v: bool = False) -> An
         vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
 
+    image = i2v and experts == 1  # Wan 2.1 I2V reads CLIP image states; Wan 2.2 I2V-A14B does not
+
     def transformer() -> Any:
-        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                     out_channels=4, text_dim=TEXT_HIDDEN, freq_dim=16, ffn_dim=32, num_layers=2,
-                                     rope_max_seq_len=32)
+        # I2V: noisy latents, the first-frame mask (temporal factor 2: 2 channels) and the condition latents
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                     in_channels=4 + 2 + 4 if i2v else 4, out_channels=4, text_dim=TEXT_HIDDEN,
+                                     freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+                                     image_dim=16 if image else None, added_kv_proj_dim=16 if image else None)
 
     stats = {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [1.5, 0.8, 1.2, 2.0]}
     if ti2v:  # Wan 2.2's VAE: residual blocks on 2x2-patchified pixels (12 channels), factor 4 here (16 real)
@@ -235,7 +306,19 @@ def tiny_wan_pipeline(seed: int = 0, experts: int = 1, ti2v: bool = False) -> An
     extra: dict[str, Any] = {}
     if experts == 2:
         extra = {"transformer_2": transformer(), "boundary_ratio": 0.875}
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer(),
-                       scheduler=scheduler, expand_timesteps=ti2v, **extra)
+    if i2v:
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        vision = {}
+        if image:
+            vision = {"image_encoder": CLIPVisionModel(CLIPVisionConfig(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=8)), "image_processor": CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                      crop_size={"height": 32, "width": 32})}
+        pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer(),
+                                       scheduler=scheduler, **vision, **extra)
+    else:
+        pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer(),
+                           scheduler=scheduler, expand_timesteps=ti2v, **extra)
     pipe.genalign_defaults = {"resolution": 16, "frames": 9}
     return pipe

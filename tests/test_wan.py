@@ -317,3 +317,63 @@ def test_the_sample_cli_writes_looping_gifs_at_the_frames_asked(tiny_models, tmp
     assert (out / "prompts.tsv").read_text().splitlines()[1] == f"0001.gif\t{PROMPTS[1]}"
     with pytest.raises(ValueError, match="makes images, not videos"):
         load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), frames=5))
+
+
+# ------------------------------------------------------------------ image-to-video
+
+
+def _i2v_sources():
+    """Two 8-bit source images (exactly what a PIL image holds), 16 x 16."""
+    return (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(77)) * 255).round() / 255
+
+
+@pytest.mark.parametrize("tiny", ["wan-i2v", "wan22-i2v"])
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_image_to_video_reproduces_the_pipeline_from_each_prompts_source_image(tiny_models, tiny, guidance):
+    """WanImageToVideoPipeline, one prompt and its PIL source image a call (it takes one image a call),
+    against genalign's rollout of both prompts with their sources (Wan 2.1: CLIP image states too)."""
+    from genalign.core.images import to_pil_images
+
+    backbone = load_backbone(BackboneConfig(family="wan-i2v", path=tiny_models(tiny, "flow"), finetune="none"))
+    assert backbone.takes_images and backbone.video
+    sources = _i2v_sources()
+    backbone.set_source_images(dict(zip(PROMPTS, sources)))
+    latents = initial_noise(backbone, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond = backbone.encode_prompts(PROMPTS, guidance=guidance != 1.0)
+        assert ("image_embeds" in cond.positive) == (tiny == "wan-i2v")
+        ours = sample(backbone, cond, 4, guidance, latents=latents).final
+        with _euler(backbone.pipe) as pipe:
+            ref = torch.cat([pipe(prompt=prompt, image=image, latents=latents[i : i + 1].clone(), num_inference_steps=4,
+                                  guidance_scale=guidance, height=16, width=16, num_frames=9,
+                                  output_type="latent").frames
+                             for i, (prompt, image) in enumerate(zip(PROMPTS, to_pil_images(sources)))])
+    assert (ref - latents).abs().mean() > 0.1
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    other = sample(backbone, backbone.encode_prompts(PROMPTS, guidance=guidance != 1.0, images=sources.flip(0)), 4,
+                   guidance, latents=latents).final
+    assert (other - ours).abs().mean() > 1e-3  # the source image matters
+
+
+def test_image_to_video_lora_loads_in_diffusers_and_trains(tiny_models, tmp_path):
+    from tests.toy import ToyDenoising
+
+    backbone = load_backbone(BackboneConfig(family="wan-i2v", path=tiny_models("wan-i2v", "flow"), finetune="lora"))
+    backbone.set_source_images(dict(zip(PROMPTS, _i2v_sources())))
+    toy = ToyDenoising(ToyDenoising.Config(num_steps=2), backbone)
+    batch = toy.collect(PROMPTS * 2, torch.Generator().manual_seed(0))
+    loss, _ = toy.loss(batch)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.trainable_parameters())
+    with torch.no_grad():
+        for p in backbone.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    backbone.save_lora(tmp_path)
+    again = load_backbone(BackboneConfig(family="wan-i2v", path=tiny_models("wan-i2v", "flow"), finetune="none"))
+    again.load_lora(tmp_path)
+    again.set_source_images(dict(zip(PROMPTS, _i2v_sources())))
+    latents = initial_noise(backbone, 2, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mine = sample(backbone, backbone.encode_prompts(PROMPTS, guidance=False), 3, 1.0, latents=latents).final
+        loaded = sample(again, again.encode_prompts(PROMPTS, guidance=False), 3, 1.0, latents=latents).final
+    torch.testing.assert_close(loaded, mine, rtol=1e-5, atol=1e-5)

@@ -32,7 +32,7 @@ from genalign.core.config import (
 
 @dataclass
 class BackboneConfig:
-    family: str = field("sd", help="model family: sd (1.x/2.x), sdxl, sd-turbo, sdxl-turbo, sd3, flux, flux-kontext, flux2, flux2-klein, qwenimage, qwenimage-edit, qwenimage-edit-plus, zimage, wan")
+    family: str = field("sd", help="model family: sd (1.x/2.x), sdxl, sd-turbo, sdxl-turbo, sd3, flux, flux-kontext, flux2, flux2-klein, qwenimage, qwenimage-edit, qwenimage-edit-plus, zimage, wan, wan-i2v")
     path: str = field("", help="diffusers checkpoint: a hub id or a local folder")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="weights dtype of the frozen parts")
     revision: str | None = field(None, help="hub revision (branch, tag or commit)")

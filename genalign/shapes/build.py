@@ -66,9 +66,9 @@ class BuildConfig:
     ocr_batch_size: int = 32
     ocr_lr: float = 1e-3
     video_dataset_size: int = 4000
-    video_vae_steps: int = 500
+    video_vae_steps: int = 1000
     video_vae_batch_size: int = 16
-    video_steps: int = 2000
+    video_steps: int = 1500
     video_batch_size: int = 48
     video_lr: float = 1e-3
 
