@@ -366,6 +366,14 @@ class DiffusersBackbone:
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Wan-style VAEs (Qwen-Image's, Wan's): the per-channel ``latents_mean`` / ``latents_std`` of
+        its config, shaped (1, C, 1, 1, 1) like ``like``'s (B, C, F, h, w) latents."""
+        config = self.pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1)
+        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         vae = self.pipe.vae
         dist = vae.encode((images * 2 - 1).to(self.device, vae.dtype)).latent_dist

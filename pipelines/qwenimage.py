@@ -118,12 +118,6 @@ class QwenImageBackbone(DiffusersBackbone):
         f = self.vae_scale_factor
         return self.pipeline_class._unpack_latents(out, h * f, w * f, f)[:, :, 0]
 
-    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        config = self.pipe.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1)
-        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1)
-        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
-
     def decode(self, latents: Tensor) -> Tensor:
         vae = self.pipe.vae
         latents = latents.unsqueeze(2).to(vae.dtype)  # one frame

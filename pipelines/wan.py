@@ -167,12 +167,6 @@ class WanBackbone(DiffusersBackbone):
 
     # ------------------------------------------------------------------ the VAE
 
-    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        config = self.pipe.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1)
-        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1)
-        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
-
     def decode(self, latents: Tensor) -> Tensor:
         """(B, C, f, h, w) latents -> (B, F, 3, H, W) video in [0, 1]."""
         vae = self.pipe.vae

@@ -46,22 +46,6 @@ def consistency(embeddings: Tensor) -> Tensor:
     return ((with_first + with_previous) / 2).mean(dim=1)
 
 
-@register("flicker")
-class Flicker(RewardModel):
-    summary = "1 - mean |frame change| (VBench temporal flickering; no model)"
-    name = "flicker"
-    differentiable = True
-    takes_video = True
-
-    @classmethod
-    def from_config(cls, config: RewardConfig, device: str | torch.device = "cpu") -> Flicker:
-        check_options(config.name, config.options, ())
-        return cls(device)
-
-    def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
-        return 1 - frame_differences(images.float())
-
-
 @register("motion")
 class Motion(RewardModel):
     summary = "mean |frame change| (how much a video moves; no model)"
@@ -76,6 +60,15 @@ class Motion(RewardModel):
 
     def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
         return frame_differences(images.float())
+
+
+@register("flicker")
+class Flicker(Motion):
+    summary = "1 - mean |frame change| (VBench temporal flickering; no model)"
+    name = "flicker"
+
+    def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
+        return 1 - super().score(images, prompts, metadata)
 
 
 @register("frame_consistency")

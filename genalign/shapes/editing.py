@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from genalign.core.geneval import relative_position
-from genalign.shapes.evaluator import POSITION_THRESHOLD, Detection, detect
+from genalign.shapes.evaluator import POSITION_THRESHOLD, Checks, Detection, centre, detect
 from genalign.shapes.world import (
     COLORS,
     IMAGE_SIZE,
@@ -196,15 +196,10 @@ def render_pair(example: EditExample) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- the exact evaluator
 
 
-def _centre(d: Detection) -> tuple[float, float]:
-    x0, y0, x1, y1 = d.bbox
-    return ((x0 + x1) / 2, (y0 + y1) / 2)
-
-
 def _match(source: Detection, found: list[Detection]) -> Detection | None:
     """The edited image's object of the source object's shape nearest to where it was."""
     same = [d for d in found if d.shape == source.shape]
-    return min(same, key=lambda d: math.dist(_centre(d), _centre(source))) if same else None
+    return min(same, key=lambda d: math.dist(centre(d), centre(source))) if same else None
 
 
 def edit_checks(image: Any, source_image: Any, prompt: str) -> tuple[list[bool], str]:
@@ -213,13 +208,7 @@ def edit_checks(image: Any, source_image: Any, prompt: str) -> tuple[list[bool],
     instruction = parse_instruction(prompt)
     before, after = detect(source_image), detect(image)
     kind, shape = instruction["kind"], instruction["shape"]
-    checks: list[bool] = []
-    reasons: list[str] = []
-
-    def check(ok: bool, why: str) -> None:
-        checks.append(bool(ok))
-        if not ok:
-            reasons.append(why)
+    check = Checks()
 
     expected = len(before) + (kind == "add")
     check(len(after) == expected, f"{len(after)} objects, expected {expected}")
@@ -228,7 +217,7 @@ def edit_checks(image: Any, source_image: Any, prompt: str) -> tuple[list[bool],
         source = next((d for d in before if d.shape == shape), None)
         edited = _match(source, after) if source is not None else None
         check(edited is not None and edited.color == instruction["color"]
-              and math.dist(_centre(edited), _centre(source)) <= MAX_SHIFT,  # type: ignore[arg-type]
+              and math.dist(centre(edited), centre(source)) <= MAX_SHIFT,  # type: ignore[arg-type]
               f"the {shape} is not {instruction['color']} in its place")
     elif kind == "move":
         movers = [d for d in after if d.shape == shape]
@@ -247,9 +236,9 @@ def edit_checks(image: Any, source_image: Any, prompt: str) -> tuple[list[bool],
             continue
         kept = _match(source, [d for d in after if d is not edited])
         check(kept is not None and kept.color == source.color
-              and math.dist(_centre(kept), _centre(source)) <= MAX_SHIFT,
+              and math.dist(centre(kept), centre(source)) <= MAX_SHIFT,
               f"the {source.color} {source.shape} changed")
-    return checks, "; ".join(reasons) or "ok"
+    return check.outcome()
 
 
 def edit_score(image: Any, source_image: Any, prompt: str) -> tuple[float, bool]:

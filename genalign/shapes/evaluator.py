@@ -56,6 +56,29 @@ class Detection:
     area: int
 
 
+def centre(d: Detection) -> tuple[float, float]:
+    """The centre of a detection's box."""
+    x0, y0, x1, y1 = d.bbox
+    return ((x0 + x1) / 2, (y0 + y1) / 2)
+
+
+class Checks:
+    """Pass / fail checks in order and the reasons of those that fail (the editing and video
+    evaluators): ``check(ok, why)`` records one, ``outcome()`` gives (results, reasons or "ok")."""
+
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+        self.reasons: list[str] = []
+
+    def __call__(self, ok: bool, why: str) -> None:
+        self.results.append(bool(ok))
+        if not ok:
+            self.reasons.append(why)
+
+    def outcome(self) -> tuple[list[bool], str]:
+        return self.results, "; ".join(self.reasons) or "ok"
+
+
 def to_numpy_image(image: Any) -> np.ndarray:
     """(H, W, 3) float32 in [0, 1] from a float/uint8 array, a (3, H, W) tensor or a PIL image."""
     if hasattr(image, "detach"):  # torch tensor (3, H, W) in [0, 1]

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from genalign.shapes.evaluator import Detection, detect
+from genalign.shapes.evaluator import Checks, centre, detect
 from genalign.shapes.world import COLORS, IMAGE_SIZE, SHAPES, ShapeObject, render
 
 FRAMES = 9  # 4k + 1 for Wan's real VAE; 2k + 1 for the world's (temporal factor 2): 5 latent frames
@@ -169,29 +169,18 @@ def _frames(video: Any) -> list[Any]:
     return list(array)
 
 
-def _centre(d: Detection) -> tuple[float, float]:
-    x0, y0, x1, y1 = d.bbox
-    return ((x0 + x1) / 2, (y0 + y1) / 2)
-
-
 def video_checks(video: Any, prompt: str) -> tuple[list[bool], str]:
     """Which of the prompt's five checks hold for ``video``, and a reason naming the first that fails."""
     meta = parse_video_prompt(prompt)
     found = [detect(frame) for frame in _frames(video)]
     single = [f[0] for f in found if len(f) == 1]  # the frames that show one object
-    checks: list[bool] = []
-    reasons: list[str] = []
-
-    def check(ok: bool, why: str) -> None:
-        checks.append(bool(ok))
-        if not ok:
-            reasons.append(why)
+    check = Checks()
 
     counts = [len(f) for f in found]
     check(all(c == 1 for c in counts), f"objects per frame {counts}, expected one in each")
     shaped = sum(d.shape == meta["shape"] for d in single)
     check(shaped >= SHAPE_SHARE * len(found), f"a {meta['shape']} in {shaped} of {len(found)} frames")
-    centres = [_centre(d) for d in single]
+    centres = [centre(d) for d in single]
     if meta["kind"] == "motion":
         check(bool(single) and all(d.color == meta["color"] for d in single), f"not {meta['color']} throughout")
         dx, dy = DIRECTIONS[meta["direction"]]
@@ -211,7 +200,7 @@ def video_checks(video: Any, prompt: str) -> tuple[list[bool], str]:
         in_place = all(math.dist(c, centres[0]) <= MAX_DRIFT for c in centres)
         check(len(single) == len(found) and set(colours) <= {first, second} and switches == 1 and in_place,
               "not one colour change in place")
-    return checks, "; ".join(reasons) or "ok"
+    return check.outcome()
 
 
 def video_score(video: Any, prompt: str) -> tuple[float, bool]:
