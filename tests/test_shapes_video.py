@@ -116,3 +116,42 @@ def test_tensors_and_the_gold_reward():
     torch.testing.assert_close(strict(video[None], [motion])[0], torch.tensor([1.0]))
     with pytest.raises(RewardInputError, match="scores videos"):
         reward(video, [motion] * FRAMES)
+
+
+SHIPPED = __import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "shapes"
+
+
+def test_video_stages_build_a_wan_model_and_video_alone_reuses_the_saved_vae(tmp_path):
+    """Toy scale: video_vae then video writes a WanPipeline folder genalign loads as wan (32 px, 9
+    frames, 12 word-level prompt tokens) with its prompt files; the stage video alone trains on the
+    saved VAE and leaves it as it was."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from genalign.core.experiment import BackboneConfig
+    from genalign.core.sampler import initial_noise, sample
+    from genalign.pipelines import load_backbone
+    from genalign.shapes.build import BuildConfig, build
+
+    (tmp_path / "sd").symlink_to(SHIPPED / "sd")
+    small = dict(video_dataset_size=8, video_vae_steps=2, video_vae_batch_size=2, video_steps=2, video_batch_size=2)
+    build(BuildConfig(out=str(tmp_path), stages=("video_vae", "video"), **small))
+    folder = tmp_path / "video"
+    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    before = load_file(str(vae_file))
+    log = build(BuildConfig(out=str(tmp_path), stages=("video",), **{**small, "video_steps": 3}))
+    after = load_file(str(vae_file))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert log["video"]["steps"] == 3 and "video_vae" not in log
+    saved = json.loads((folder / "build.json").read_text())
+    assert saved["video"]["steps"] == 3 and saved["video_vae"]["steps"] == 2  # both stages' logs kept
+    assert (folder / "prompts_heldout.txt").read_text().splitlines() == [m["prompt"] for m in
+                                                                          split_video_prompts("heldout")]
+    backbone = load_backbone(BackboneConfig(family="wan", path=str(folder), finetune="lora"))
+    assert (backbone.resolution, backbone.frames, backbone.max_sequence_length) == (32, 9, 12)
+    assert len(backbone.pipe.tokenizer("a square turning from purple to yellow").input_ids) == 9  # word-level
+    with torch.no_grad():
+        videos = backbone.decode(sample(backbone, backbone.encode_prompts(["a red circle moving up"]), 2, 1.0,
+                                        latents=initial_noise(backbone, 1, torch.Generator().manual_seed(0))).final)
+    assert videos.shape == (1, FRAMES, 3, 32, 32)

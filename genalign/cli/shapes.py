@@ -22,10 +22,11 @@ def add_commands(groups: dict[str, Any]) -> None:
                  "video_vae_steps"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=positive_int, default=None)
     p.add_argument("--stages", type=lambda text: tuple(text.split(",")), default=None,
-                   help="comma-separated subset of sd,flow,clip,edit,text,ocr,video (later stages alone reuse the saved "
+                   help="comma-separated subset of sd,flow,clip,edit,text,ocr,video_vae,video (later stages alone reuse the saved "
                         "sd/; only when named: edit, the FLUX.1 Kontext editing model, kontext/; text, the text task's "
-                        "FLUX model and its GOT-OCR reader, text/; ocr, that reader alone, text/ocr/; video, the "
-                        "moving-shapes world's Wan 2.1 model, video/)")
+                        "FLUX model and its GOT-OCR reader, text/; ocr, that reader alone, text/ocr/; video_vae and "
+                        "video, the moving-shapes world's Wan 2.1 model, video/: its VAE, then the rest on the saved "
+                        "VAE)")
     p.set_defaults(func=cmd_shapes_build)
 
     p = shapes.add_parser("prompts", help="write shapes-world prompts as a GenEval metadata file")

@@ -33,7 +33,7 @@ from torch import nn
 from genalign.shapes.world import IMAGE_SIZE, all_prompts, training_examples
 
 TEXT_HIDDEN = 128
-STAGES = ("sd", "flow", "clip", "edit", "text", "ocr", "video")
+STAGES = ("sd", "flow", "clip", "edit", "text", "ocr", "video_vae", "video")
 MAX_TOKENS = 16
 T5_TOKENS = 1  # the SD3 model has no T5: one zero token instead of diffusers' 256 (recorded in genalign.json)
 
@@ -68,7 +68,7 @@ class BuildConfig:
     video_dataset_size: int = 4000
     video_vae_steps: int = 1000
     video_vae_batch_size: int = 16
-    video_steps: int = 1500
+    video_steps: int = 3000
     video_batch_size: int = 48
     video_lr: float = 1e-3
 
@@ -329,7 +329,7 @@ def build(config: BuildConfig) -> dict[str, Any]:
     unknown = set(config.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown shapes build stages {sorted(unknown)}; known: {', '.join(STAGES)}")
-    own_models = {"edit": "kontext", "text": "text", "ocr": "text", "video": "video"}  # stages with a folder (and log) of their own
+    own_models = {"edit": "kontext", "text": "text", "ocr": "text", "video_vae": "video", "video": "video"}  # stages with a folder (and log) of their own
     world = set(config.stages) - set(own_models)
     torch.manual_seed(config.seed)
     if world:
@@ -367,7 +367,7 @@ def build(config: BuildConfig) -> dict[str, Any]:
     if "text" in config.stages or "ocr" in config.stages:
         make_text_ocr(out / "text" / "ocr", config.seed + 7)
         train_text_ocr(out / "text" / "ocr", config, log)
-    if "video" in config.stages:
+    if "video" in config.stages or "video_vae" in config.stages:
         from genalign.shapes.video_model import build_video
 
         build_video(config, out, log)

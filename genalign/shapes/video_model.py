@@ -1,4 +1,4 @@
-"""The moving-shapes world's video model (``genalign shapes build --stages video``): a tiny Wan 2.1
+"""The moving-shapes world's video model (``genalign shapes build --stages video_vae,video``): a tiny Wan 2.1
 (WanPipeline: AutoencoderKLWan, WanTransformer3DModel, UMT5EncoderModel) trained from scratch on the
 world's videos (``genalign.shapes.video``), saved to ``<out>/video`` with its ``build.json``.
 
@@ -174,12 +174,21 @@ def write_video_prompts(folder: Path) -> None:
 
 
 def build_video(config: Any, out: Path, log: dict[str, Any]) -> None:
+    """Stage ``video_vae`` trains and saves the VAE (``video/vae``); stage ``video`` trains the
+    transformer and text encoder on the saved VAE (fp16 weights, as shipped), so that ``video`` alone
+    gives what a build of both gives."""
+    from diffusers import AutoencoderKLWan
+
     from genalign.core.experiment import BackboneConfig
     from genalign.pipelines.wan import WanBackbone
 
     folder = out / "video"
     videos, prompts = make_video_dataset(config.video_dataset_size, config.seed + 8)
-    vae = train_video_vae(videos, config, log)
+    if "video_vae" in config.stages:
+        train_video_vae(videos, config, log).to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
+    if "video" not in config.stages:
+        return
+    vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
     pipe = make_video_pipeline(vae, config.seed + 9)
     pipe.genalign_defaults = {}
     backbone = WanBackbone(pipe, BackboneConfig(family="wan", finetune="full", resolution=IMAGE_SIZE, frames=FRAMES,
