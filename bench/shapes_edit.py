@@ -179,6 +179,7 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]], groups: Sequen
         begin, end = f"<!-- {tag}{name}: begin ({script}) -->", f"<!-- {tag}{name}: end -->"
         command = " ".join([f"python {script}", *(["--config", args.config] if stem else []),
                             *(["--set", *args.set] if args.set else []),
+                            *(["--steps", str(args.steps)] if args.steps is not None else []),
                             *(["--runs", args.runs] if args.runs != default_runs else []),
                             *(["--out", args.out] if args.out != default_out else []),
                             *(["--per-group", str(args.per_group)] if args.per_group != args.default_per_group else []),
