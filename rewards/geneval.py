@@ -67,14 +67,9 @@ class GenEvalReward(RewardModel):
                                     color_function(image, self.color_classifier), self.options.position_threshold))
         return results
 
-    def __call__(self, images: Tensor, prompts: Any, metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
-        from genalign.rewards.base import check_inputs
-
-        check_inputs(images, prompts, metadata)
-        if images.ndim == 5:  # a video: its frames, as every image reward scores them
-            return self._score_frames(images, prompts, metadata)
+    def score_with_subscores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[
+            Tensor, dict[str, Tensor]]:
         verdicts = self.verdicts(images, metadata)
         clauses = torch.tensor([v.fraction for v in verdicts])
         strict = torch.tensor([float(v.correct) for v in verdicts])
-        scores = clauses if self.mode == "clauses" else strict
-        return scores, {self.name: scores, "geneval_clauses": clauses, "geneval_strict": strict}
+        return clauses if self.mode == "clauses" else strict, {"geneval_clauses": clauses, "geneval_strict": strict}

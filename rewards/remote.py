@@ -36,7 +36,7 @@ from torch import Tensor
 
 from genalign.core.experiment import RewardConfig
 from genalign.rewards import register
-from genalign.rewards.base import Metadata, RewardInputError, RewardModel, check_inputs, check_options
+from genalign.rewards.base import Metadata, RewardInputError, RewardModel, check_options
 
 ENCODINGS = ("float32", "uint8", "png")
 
@@ -206,15 +206,14 @@ class RemoteReward(RewardModel):
     def score(self, images: Tensor, prompts: list[str], metadata: Metadata) -> Tensor:
         return torch.tensor(self._score(images, prompts, metadata)["scores"], dtype=torch.float32, device=images.device)
 
-    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
-        check_inputs(images, prompts, metadata)
-        if images.ndim == 5:  # a video: its frames, as every image reward scores them
-            return self._score_frames(images, prompts, metadata)
+    def score_with_subscores(self, images: Tensor, prompts: list[str], metadata: Metadata) -> tuple[
+            Tensor, dict[str, Tensor]]:
+        """The server's scores and sub-scores (its own total's sub-score is the scores, under ``label``)."""
         answer = self._score(images, prompts, metadata)
         scores = torch.tensor(answer["scores"], dtype=torch.float32, device=images.device)
         subscores = {name: torch.tensor(values, dtype=torch.float32, device=images.device)
-                     for name, values in answer.get("subscores", {}).items()}
-        return scores, {**subscores, self.label: scores}
+                     for name, values in answer.get("subscores", {}).items() if name != self.label}
+        return scores, subscores
 
 
 def _message(response: Any) -> str:
