@@ -326,7 +326,7 @@ class DiffusersBackbone:
         packed into one token (``latent_patch``: FLUX-style 2x2 packing doubles it)."""
         return self.latent_patch * self.vae_scale_factor
 
-    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         height, width = height or self.resolution, width or self.resolution
         f = self.latent_multiple
         if height % f or width % f:
@@ -366,13 +366,31 @@ class DiffusersBackbone:
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    # Wan-style VAEs (Qwen-Image's, Wan's): frame-axis latents (B, C, F, h, w), normalised per channel
+    # by the config's ``latents_mean`` / ``latents_std``.
+
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Wan-style VAEs (Qwen-Image's, Wan's): the per-channel ``latents_mean`` / ``latents_std`` of
-        its config, shaped (1, C, 1, 1, 1) like ``like``'s (B, C, F, h, w) latents."""
+        """The per-channel mean and std, shaped (1, C, 1, 1, 1) like ``like``'s latents."""
         config = self.pipe.vae.config
         mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1)
         std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1)
         return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+    def _decode_normalised(self, latents: Tensor) -> Tensor:
+        """Normalised latents (B, C, F, h, w) -> pixels (B, 3, F, H, W) in [-1, 1], in the VAE's dtype."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        mean, std = self._latent_stats(latents)
+        return vae.decode(latents * std + mean, return_dict=False)[0]
+
+    def _encode_normalised(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels (B, 3, F, H, W) in [-1, 1] -> normalised latents (B, C, F, h, w): the VAE's mean (its
+        mode), or a sample with ``generator``."""
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator)
+        mean, std = self._latent_stats(latents)
+        return (latents - mean) / std
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         vae = self.pipe.vae

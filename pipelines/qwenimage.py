@@ -119,15 +119,8 @@ class QwenImageBackbone(DiffusersBackbone):
         return self.pipeline_class._unpack_latents(out, h * f, w * f, f)[:, :, 0]
 
     def decode(self, latents: Tensor) -> Tensor:
-        vae = self.pipe.vae
-        latents = latents.unsqueeze(2).to(vae.dtype)  # one frame
-        mean, std = self._latent_stats(latents)
-        images = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+        images = self._decode_normalised(latents.unsqueeze(2))[:, :, 0]  # one frame
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        vae = self.pipe.vae
-        dist = vae.encode((images * 2 - 1).unsqueeze(2).to(self.device, vae.dtype)).latent_dist
-        latents = dist.mean if generator is None else dist.sample(generator)
-        mean, std = self._latent_stats(latents)
-        return ((latents - mean) / std)[:, :, 0].to(self.dtype)
+        return self._encode_normalised((images * 2 - 1).unsqueeze(2), generator)[:, :, 0].to(self.dtype)

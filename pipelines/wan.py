@@ -87,8 +87,9 @@ class WanBackbone(DiffusersBackbone):
         return int(self.pipe.vae_scale_factor_temporal)
 
     @property
-    def latent_patch(self) -> int:  # type: ignore[override]
-        return int(self.unwrapped_denoiser.config.patch_size[1])
+    def latent_multiple(self) -> int:
+        """The VAE factor times the transformer's spatial patch side (its patching is inside the model)."""
+        return int(self.unwrapped_denoiser.config.patch_size[1]) * self.vae_scale_factor
 
     @property
     def native_resolution(self) -> int:
@@ -104,7 +105,7 @@ class WanBackbone(DiffusersBackbone):
                              f"(e.g. {(frames - 1) // self.temporal_factor * self.temporal_factor + 1})")
         return frames
 
-    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:  # type: ignore[override]
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         channels, h, w = super().latent_shape(height, width)
         return (channels, (self.frames - 1) // self.temporal_factor + 1, h, w)
 
@@ -158,7 +159,7 @@ class WanBackbone(DiffusersBackbone):
         return out
 
     def _call(self, module: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        timestep = t.to(x.dtype) if x.is_floating_point() else t
+        timestep = t.to(x.dtype)
         if self.pipe.config.expand_timesteps:  # TI2V-5B: one timestep per latent token (2x2 patches)
             _, _, f, h, w = x.shape
             timestep = timestep[:, None].expand(-1, f * (h // 2) * (w // 2))
@@ -169,21 +170,14 @@ class WanBackbone(DiffusersBackbone):
 
     def decode(self, latents: Tensor) -> Tensor:
         """(B, C, f, h, w) latents -> (B, F, 3, H, W) video in [0, 1]."""
-        vae = self.pipe.vae
-        latents = latents.to(vae.dtype)
-        mean, std = self._latent_stats(latents)
-        video = vae.decode(latents * std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
+        video = self._decode_normalised(latents)  # (B, 3, F, H, W) in [-1, 1]
         return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, F, 3, H, W) video in [0, 1] -> normalised latents (B, C, f, h, w) (the VAE mean, or a sample)."""
         if images.ndim != 5:
             raise ValueError(f"Wan encodes videos (B, F, 3, H, W); got {tuple(images.shape)}")
-        vae = self.pipe.vae
-        dist = vae.encode((images * 2 - 1).permute(0, 2, 1, 3, 4).to(self.device, vae.dtype)).latent_dist
-        latents = dist.mean if generator is None else dist.sample(generator)
-        mean, std = self._latent_stats(latents)
-        return ((latents - mean) / std).to(self.dtype)
+        return self._encode_normalised((images * 2 - 1).permute(0, 2, 1, 3, 4), generator).to(self.dtype)
 
     def load_lora(self, path: str | Path) -> None:
         """A diffusers-format Wan LoRA; for the low-noise expert of Wan 2.2 A14B it goes into ``transformer_2``."""
@@ -236,10 +230,7 @@ class WanImageToVideoBackbone(WanBackbone):
         size = self.resolution
         pixels = self.pipe.video_processor.preprocess(images, height=size, width=size).to(self.device, torch.float32)
         video = torch.cat([pixels[:, :, None], pixels.new_zeros(len(prompts), 3, self.frames - 1, size, size)], dim=2)
-        vae = self.pipe.vae
-        latents = vae.encode(video.to(vae.dtype)).latent_dist.mode()
-        mean, std = self._latent_stats(latents)
-        latents = (latents - mean) / std
+        latents = self._encode_normalised(video)  # the mode, as the pipeline ("argmax")
         _, _, f, h, w = latents.shape
         mask = torch.zeros(len(prompts), self.temporal_factor, f, h, w, dtype=latents.dtype, device=latents.device)
         mask[:, :, 0] = 1  # the first frame is given (its temporal_factor slots: the first frame repeated)
