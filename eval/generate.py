@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from genalign.core.images import to_pil_images
+from genalign.core.images import save_grid, to_pil_images
 from genalign.core.rollout import rollout
 from genalign.core.types import Backbone
 
@@ -68,10 +68,7 @@ def write_samples(out: Path, images: Tensor, prompts: list[str], fps: int = 8) -
         else:
             names.append(f"{i:04d}.png")
             save_image(image, out / names[-1])
-    if images.ndim == 5:
-        save_image(images.float().flatten(0, 1), out / "grid.png", nrow=images.shape[1])
-    else:
-        save_image(images, out / "grid.png", nrow=min(8, len(images)))
+    save_grid(images, out / "grid.png")
     (out / "prompts.tsv").write_text("".join(f"{n}\t{p}\n" for n, p in zip(names, prompts)))
 
 

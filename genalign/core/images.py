@@ -20,6 +20,18 @@ def to_pil_images(images: Tensor) -> list[Any]:
     return [Image.fromarray(array) for array in pixels]
 
 
+def save_grid(images: Tensor, path: str | Path, per_row: int = 8) -> None:
+    """A grid PNG of images (B, 3, H, W), ``per_row`` a row, or of videos (B, F, 3, H, W), a row of
+    frames each (torchvision's layout: 2 px padding)."""
+    from torchvision.utils import save_image
+
+    images = images.detach().float().clamp(0, 1)
+    if images.ndim == 5:
+        save_image(images.flatten(0, 1), path, nrow=images.shape[1])
+    else:
+        save_image(images, path, nrow=min(per_row, len(images)))
+
+
 def load_image(path: str | Path) -> Tensor:
     """(3, H, W) float in [0, 1] from an image file (converted to RGB)."""
     import numpy as np

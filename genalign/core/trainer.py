@@ -226,7 +226,7 @@ class Trainer:
         gathers parameters from every process)."""
         if not (self.accelerator.is_main_process or self.sharded):
             return None
-        from torchvision.utils import save_image
+        from genalign.core.images import save_grid
 
         prompts = list(self.sample_config.prompts) or self.finetuner.prompts_of(self.source.items[:4])
         with torch.no_grad(), self.accelerator.autocast():
@@ -235,10 +235,7 @@ class Trainer:
             return None
         path = self.output_dir / "samples" / f"{tag}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if images.ndim == 5:  # videos: one row of frames each
-            save_image(images.float().clamp(0, 1).flatten(0, 1), path, nrow=images.shape[1])
-        else:
-            save_image(images.float().clamp(0, 1), path, nrow=min(len(prompts), 8))
+        save_grid(images, path)
         (path.with_suffix(".txt")).write_text("\n".join(prompts) + "\n")
         return path
 
