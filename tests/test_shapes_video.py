@@ -118,13 +118,10 @@ def test_tensors_and_the_gold_reward():
         reward(video, [motion] * FRAMES)
 
 
-SHIPPED = __import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "shapes"
-
-
 def test_video_stages_build_a_wan_model_and_video_alone_reuses_the_saved_vae(tmp_path):
-    """Toy scale: video_vae then video writes a WanPipeline folder genalign loads as wan (32 px, 9
-    frames, 12 word-level prompt tokens) with its prompt files; the stage video alone trains on the
-    saved VAE and leaves it as it was."""
+    """Toy scale, in an empty folder (the video stages need no sd/): video_vae then video writes a
+    WanPipeline folder genalign loads as wan (32 px, 9 frames, 12 word-level prompt tokens) with its
+    prompt files; the stage video alone trains on the saved VAE and leaves it as it was."""
     import json
 
     from safetensors.torch import load_file
@@ -134,7 +131,6 @@ def test_video_stages_build_a_wan_model_and_video_alone_reuses_the_saved_vae(tmp
     from genalign.pipelines import load_backbone
     from genalign.shapes.build import BuildConfig, build
 
-    (tmp_path / "sd").symlink_to(SHIPPED / "sd")
     small = dict(video_dataset_size=8, video_vae_steps=2, video_vae_batch_size=2, video_steps=2, video_batch_size=2)
     build(BuildConfig(out=str(tmp_path), stages=("video_vae", "video"), **small))
     folder = tmp_path / "video"
@@ -155,3 +151,4 @@ def test_video_stages_build_a_wan_model_and_video_alone_reuses_the_saved_vae(tmp
         videos = backbone.decode(sample(backbone, backbone.encode_prompts(["a red circle moving up"]), 2, 1.0,
                                         latents=initial_noise(backbone, 1, torch.Generator().manual_seed(0))).final)
     assert videos.shape == (1, FRAMES, 3, 32, 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video"]

@@ -334,9 +334,9 @@ def build(config: BuildConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     if world:
         images, captions = make_dataset(config.dataset_size, config.seed)
-    tokenizer = build_clip_tokenizer(words=world_words(), max_length=MAX_TOKENS)
 
     if "sd" in config.stages:
+        tokenizer = build_clip_tokenizer(words=world_words(), max_length=MAX_TOKENS)
         vae = train_vae(images, config, log)
         unet, text_encoder = train_sd(encode_latents(vae, images), captions, tokenizer, config, log)
         sd = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -344,10 +344,12 @@ def build(config: BuildConfig) -> dict[str, Any]:
                                      requires_safety_checker=False)
         sd.to(torch.float16).save_pretrained(out / "sd", safe_serialization=True)
     # Later stages use the SD model as saved (fp16 weights), so that rerunning them alone
-    # (stages=flow,clip) gives exactly what a full build gives.
-    sd = StableDiffusionPipeline.from_pretrained(out / "sd", dtype=torch.float32, safety_checker=None,
-                                                 requires_safety_checker=False)
-    vae, text_encoder, tokenizer = sd.vae.eval(), sd.text_encoder.eval(), sd.tokenizer
+    # (stages=flow,clip) gives exactly what a full build gives; the OCR reader and the video model
+    # use none of it.
+    if world or {"edit", "text"} & set(config.stages):
+        sd = StableDiffusionPipeline.from_pretrained(out / "sd", dtype=torch.float32, safety_checker=None,
+                                                     requires_safety_checker=False)
+        vae, text_encoder, tokenizer = sd.vae.eval(), sd.text_encoder.eval(), sd.tokenizer
     if world:
         latents = encode_latents(vae, images)
 
