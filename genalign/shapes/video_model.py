@@ -5,8 +5,8 @@ world's videos (``genalign.shapes.video``), saved to ``<out>/video`` with its ``
 * VAE: Wan's causal 3D VAE at factor 2 in space and time (9 x 32 x 32 x 3 videos <-> 5 x 16 x 16 x
   4 latents), L1 reconstruction with object pixels weighted 10x + 1e-6 KL (through its output clamp
   with a straight-through gradient), lr 2e-3; then per-channel ``latents_mean`` / ``latents_std``
-  measured on the training videos (what the pipeline normalises with). (Factor 4 in space, 8
-  channels, plain L1: stuck at an all-black reconstruction, L1 0.061, for 500 steps.)
+  measured on the training videos (what the pipeline normalises with). Why these settings:
+  docs/shapes.md, "Moving shapes (video)".
 * Transformer (4 blocks, width 128, 4x4 patches: 80 tokens a video) and text encoder (a 2-layer
   UMT5 on a word-level tokenizer of the world's prompts) trained together by flow matching through
   genalign's Wan backbone (logit-normal sigmas, 10% empty prompts for guidance).
@@ -75,8 +75,7 @@ def make_video_dataset(size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
 class _StraightThroughClamp:
     """``torch`` as AutoencoderKLWan's module sees it, but ``clamp`` passes gradients through: its
     decoder clamps to [-1, 1], and a decoder that starts below -1 everywhere (an all-black video,
-    which the black backgrounds make likely) then gets no gradient at all (measured: L1 stuck at
-    0.061 from step 70 of 500). The forward is unchanged."""
+    which the black backgrounds make likely) then gets no gradient at all. The forward is unchanged."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
