@@ -1,6 +1,6 @@
 """SD3, FLUX, FLUX.2 [dev] and [klein], Qwen-Image, Z-Image and the editing backbones (FLUX.1 Kontext,
 Qwen-Image-Edit and -Edit-2509 / 2511) on tiny models: pipeline parity, SDE rollouts, LoRA, inversion,
-training."""
+training; Wan's SDE rollouts and training too (its parity and the rest: tests/test_wan.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ PROMPTS = ["a photo of a red circle", "two blue squares"]
 # tiny checkpoint -> backbone family
 FAMILY = {"sd3": "sd3", "flux": "flux", "flux-schnell": "flux", "qwenimage": "qwenimage", "zimage": "zimage",
           "flux2": "flux2", "flux2-klein": "flux2-klein", "flux-kontext": "flux-kontext",
-          "qwenimage-edit": "qwenimage-edit", "qwenimage-edit-plus": "qwenimage-edit-plus", "wan": "wan"}
+          "qwenimage-edit": "qwenimage-edit", "qwenimage-edit-plus": "qwenimage-edit-plus", "wan": "wan", "wan22": "wan",
+          "wan22-ti2v": "wan"}
+# Wan 2.2 A14B trains one expert: the low-noise one denoises the last steps, whose gradients tests check
+LOAD_OPTIONS = {"wan22": {"expert": "low"}}
 QWEN_EDITS = ("qwenimage-edit", "qwenimage-edit-plus")
 
 
@@ -60,7 +63,8 @@ def _tiny_source_areas(backbone):
 
 
 def _load(tiny_models, tiny, **kwargs):
-    return _with_sources(load_backbone(BackboneConfig(family=FAMILY[tiny], path=tiny_models(tiny), **kwargs)))
+    config = BackboneConfig(family=FAMILY[tiny], path=tiny_models(tiny), **{**LOAD_OPTIONS.get(tiny, {}), **kwargs})
+    return _with_sources(load_backbone(config))
 
 
 def _pipeline_latents(backbone, latents, steps, guidance):
@@ -135,7 +139,7 @@ def test_ode_sampler_reproduces_the_diffusers_pipeline(tiny_models, tiny, steps,
 
 
 @pytest.mark.parametrize("tiny", ["sd3", "flux", "qwenimage", "zimage", "flux2-klein", "flux2", "flux-kontext", "qwenimage-edit",
-                                  "qwenimage-edit-plus"])
+                                  "qwenimage-edit-plus", "wan", "wan22", "wan22-ti2v"])
 def test_sde_rollouts_log_probs_and_last_k_gradients(tiny_models, tiny):
     backbone = _load(tiny_models, tiny, finetune="lora")
     cond = backbone.encode_prompts(PROMPTS[:1], guidance=False)
