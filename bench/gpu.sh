@@ -8,8 +8,9 @@
 #   SDPA), LoRA vs LoRA + checkpointing (full fine-tuning of SDXL is not a single-GPU recipe); then
 #   Flow-GRPO and DiffusionNFT on a Wan-2.1-1.3B-sized video transformer (60x60 latents x 9 latent
 #   frames = 480 px and 33 frames through Wan's VAE, one prompt, 2 videos, bf16), LoRA vs LoRA +
-#   checkpointing. On the CPU (2 cores, fp32, 16x16 x 2 latent frames, one prompt) Flow-GRPO's
-#   LoRA + checkpointing step measured the figure in bench/README.md ("Video").
+#   checkpointing. On the CPU (2026-12-06, 2 cores, fp32, 16x16 x 2 latent frames, one prompt, 2
+#   videos) one step's peak above the loaded model was: Flow-GRPO LoRA 2.17 GiB, LoRA + checkpointing
+#   0.71 GiB; DiffusionNFT 2.09 / 0.52 GiB (bench/README.md, "Video").
 # Every configuration runs in its own process (bench/peak_memory.py); the tables are printed and
 # the JSON lands in bench/results/gpu/. Record the printed tables, with the date and the GPU, in
 # bench/README.md.
