@@ -20,9 +20,10 @@ noise), ``transformer_2`` below. One is trained (``backbone.expert``: ``high`` b
 ``low``), as DiffSynth-Studio and musubi-tuner train them, and the other stays frozen; ``predict``
 sends each sample to the expert of its timestep (a batch may mix them), with one guidance scale for
 both (the pipeline's default when ``guidance_scale_2`` is not given). A LoRA of the low expert loads
-with ``load_lora_weights(..., load_into_transformer_2=True)``. TI2V-5B (``expand_timesteps``) takes
-one timestep per latent token, all equal for text-to-video. Image-to-video: ``wan-i2v``
-(:class:`WanImageToVideoBackbone`).
+with ``load_lora_weights(..., load_into_transformer_2=True)``. Under FSDP both experts are sharded
+and an expert runs on every process as soon as one process has samples for it. TI2V-5B
+(``expand_timesteps``) takes one timestep per latent token, all equal for text-to-video.
+Image-to-video: ``wan-i2v`` (:class:`WanImageToVideoBackbone`).
 """
 
 from __future__ import annotations
@@ -142,21 +143,68 @@ class WanBackbone(DiffusersBackbone):
             return None
         return float(self.pipe.config.boundary_ratio) * self.pipe.scheduler.config.num_train_timesteps
 
+    @property
+    def frozen_expert(self) -> nn.Module | None:
+        """Wan 2.2 A14B: the expert that is not trained (None: one expert)."""
+        if self.expert is None:
+            return None
+        return getattr(self.pipe, EXPERTS["low" if self.expert == "high" else "high"])
+
+    def shard(self, plan: Any) -> int:
+        """FSDP: the trained denoiser as every backbone shards it, and under Wan 2.2 A14B the frozen
+        expert too (14B parameters that each process would otherwise hold whole)."""
+        from genalign.core.sharding import shard_module
+
+        units = super().shard(plan)
+        other = self.frozen_expert
+        return units + (shard_module(other.requires_grad_(False), plan) if other is not None else 0)
+
     def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         if self.expert is None:
             return self._call(self.denoiser, x, t, cond)
         high = t >= self.boundary
         trained = high if self.expert == "high" else ~high
-        other = getattr(self.pipe, EXPERTS["low" if self.expert == "high" else "high"])
+        other = self.frozen_expert
+        assert other is not None
+        routes = ((self.denoiser, trained), (other, ~trained))
+        if self.sharded:
+            return self._denoise_sharded(x, t, cond, routes)
         if bool(trained.all()):
             return self._call(self.denoiser, x, t, cond)
         if not bool(trained.any()):
-            return self._call(other, x.to(other.dtype), t, cond).to(x.dtype)
+            return self._call_frozen(other, x, t, cond)
         out = torch.empty_like(x)
-        for module, rows in ((self.denoiser, trained), (other, ~trained)):
+        for module, rows in routes:
             part = {k: v[rows] for k, v in cond.items()}
-            out[rows] = self._call(module, x[rows].to(module.dtype), t[rows], part).to(x.dtype)
+            call = self._call if module is self.denoiser else self._call_frozen
+            out[rows] = call(module, x[rows], t[rows], part)
         return out
+
+    def _denoise_sharded(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], routes: Any) -> Tensor:
+        """Expert routing under FSDP: a sharded expert's forward (and the trained one's backward) is a
+        collective, so every process runs an expert when any process has samples for it; a process
+        with none runs it on one of its samples and adds the result times 0 (zero gradient, the same
+        collectives as the others)."""
+        import torch.distributed as dist
+
+        wanted = torch.stack([rows.any() for _, rows in routes]).to(torch.int32)
+        dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
+        out, unused = torch.empty_like(x), x.new_zeros(())
+        for (module, rows), needed in zip(routes, wanted.tolist()):
+            call = self._call if module is self.denoiser else self._call_frozen
+            if not needed:
+                continue
+            if bool(rows.any()):
+                out[rows] = call(module, x[rows], t[rows], {k: v[rows] for k, v in cond.items()})
+            else:
+                unused = unused + call(module, x[:1], t[:1], {k: v[:1] for k, v in cond.items()}).sum() * 0.0
+        return out + unused
+
+    def _call_frozen(self, module: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The frozen expert, in its own dtype; without a graph unless the input needs one (ReNO's
+        gradient through the sampler), so that no parameters stay gathered for a backward under FSDP."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+            return self._call(module, x.to(module.dtype), t, cond).to(x.dtype)
 
     def _call(self, module: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         timestep = t.to(x.dtype)

@@ -173,3 +173,66 @@ def test_a_batch_with_nothing_to_train_fails_clearly_under_fsdp_instead_of_skipp
     method.backbone = SimpleNamespace(sharded=True)
     with pytest.raises(RuntimeError, match="cannot skip its denoiser passes"):
         method.zero_loss()
+
+
+ROUTING_SCRIPT = """\
+import sys
+
+import torch
+import torch.distributed as dist
+
+from genalign.core.experiment import BackboneConfig
+from genalign.core.sharding import ShardingPlan
+from genalign.pipelines import load_backbone
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+backbone = load_backbone(BackboneConfig(family="wan", path=sys.argv[1], finetune="lora", lora_rank=4, lora_alpha=4,
+                                        expert="low", frames=5, resolution=16))
+x = torch.randn(4, *backbone.latent_shape())
+embeds = torch.randn(4, 8, backbone.pipe.transformer.config.text_dim)
+t = torch.tensor([950.0, 950.0, 500.0, 300.0])  # high, high (the frozen expert), low, low (the trained one)
+if sys.argv[3] == "one":  # the reference: one process, the whole batch
+    out = backbone._denoise(x, t, {"prompt_embeds": embeds})
+    (out.pow(2).sum() / 4).backward()
+    grads = {n: p.grad for n, p in backbone.unwrapped_denoiser.named_parameters() if p.requires_grad}
+else:  # rank 0 holds only high-noise samples: it runs the trained expert for nothing, with rank 1
+    backbone.shard(ShardingPlan())
+    rows = slice(0, 2) if rank == 0 else slice(2, 4)
+    part = backbone._denoise(x[rows], t[rows], {"prompt_embeds": embeds[rows]})
+    (part.pow(2).sum() / 4 * 2).backward()  # FSDP averages gradients over the 2 processes
+    parts = [torch.empty_like(part) for _ in range(2)]
+    dist.all_gather(parts, part.detach())
+    out = torch.cat(parts)
+    grads = {n: p.grad.full_tensor() for n, p in backbone.unwrapped_denoiser.named_parameters() if p.requires_grad}
+if rank == 0:
+    torch.save({"out": out.detach(), "grads": grads}, sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def _torchrun(tmp_path: Path, processes: int, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    script = tmp_path / "routing.py"
+    script.write_text(ROUTING_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(processes), str(script), *args], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_wan22_expert_routing_under_fsdp_equals_one_process_when_a_process_has_no_sample_for_an_expert(
+        tiny_models, tmp_path):
+    """Wan 2.2 A14B under FSDP: both experts sharded; rank 0's samples are all high-noise (the
+    frozen expert) and rank 1's all low-noise (the trained one). Without a matching forward on rank
+    0 the trained expert's all-gather would wait for ever; with it, outputs and LoRA gradients
+    equal one process running the whole batch."""
+    path = tiny_models("wan22", "flow")
+    _torchrun(tmp_path, 1, path, str(tmp_path / "one.pt"), "one")
+    _torchrun(tmp_path, 2, path, str(tmp_path / "two.pt"), "two")
+    one, two = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
+    assert torch.allclose(one["out"], two["out"], atol=1e-5)
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 0
+    assert max(float(g.abs().max()) for g in one["grads"].values()) > 1e-4  # the trained expert has a gradient
+    assert _max_difference(one["grads"], two["grads"]) < 1e-5
