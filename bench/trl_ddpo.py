@@ -11,6 +11,8 @@ slow format (vocab.json + merges.txt) that transformers 4.57's CLIPTokenizer nee
 throughput: seconds per rollout of ``--batch`` images (prompt encoding, sampling with per-step
 log-probs, VAE decode), genalign's sampler in this process and TRL's ``_generate_samples`` in its
 environment, alternating ``--rounds`` times, medians; prints genalign's speed over TRL's.
+``--compile``: genalign's denoiser compiled (``backbone.compile``; TRL has no such lever);
+``--bf16``: both under bf16 autocast (as ``run.mixed_precision=bf16`` and TRL's ``mixed_precision``).
 train: TRL's DDPOTrainer with the settings of configs/shapes/ddpo.yaml (16 images per rollout, 4
 per prompt, 2 minibatches, 10 DDIM eta-1 steps, guidance 2, lr 1e-3, clip 1e-4, per-prompt
 stat tracking); its LoRA (TRL's fixed rank 4) lands in OUT/final for ``genalign eval shapes --lora``.
@@ -100,7 +102,8 @@ def throughput(args: argparse.Namespace, python: Path, model: Path) -> None:
     from genalign.pipelines import load_backbone
 
     backbone = load_backbone(BackboneConfig(family="sd", path=args.model, finetune="lora", lora_rank=4,
-                                            lora_alpha=4), "cpu")
+                                            lora_alpha=4,
+                                            compile="sampling" if args.compile else "none"), "cpu")
     prompts = [line.strip() for line in (ROOT / "configs/shapes/prompts_train.txt").read_text().splitlines()]
     prompts = prompts[: args.batch]
 
@@ -108,27 +111,33 @@ def throughput(args: argparse.Namespace, python: Path, model: Path) -> None:
     def ours() -> float:
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
-        cond = backbone.encode_prompts(prompts, guidance=True)
-        noise = initial_noise(backbone, len(prompts), generator)
-        trajectory = sample(backbone, cond, args.steps, args.guidance, eta=args.eta, generator=generator,
-                            latents=noise)
-        backbone.decode(trajectory.final)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            cond = backbone.encode_prompts(prompts, guidance=True)
+            noise = initial_noise(backbone, len(prompts), generator)
+            trajectory = sample(backbone, cond, args.steps, args.guidance, eta=args.eta, generator=generator,
+                                latents=noise)
+            backbone.decode(trajectory.final)
         return time.perf_counter() - start
 
-    ours()  # warm-up
+    start = time.perf_counter()
+    ours()  # warm-up (and the compile with --compile)
+    print(f"genalign's first rollout: {time.perf_counter() - start:.1f} s", flush=True)
     times: dict[str, list[float]] = {"genalign": [], "trl": []}
     out = Path(args.out).with_suffix(".trl-rollout.json")
     for _ in range(args.rounds):
         times["genalign"].extend(ours() for _ in range(args.repeats))
         _driver(python, "rollout", str(model), str(out), "--batch", str(args.batch), "--steps", str(args.steps),
-                "--guidance", str(args.guidance), "--eta", str(args.eta), "--repeats", str(args.repeats))
+                "--guidance", str(args.guidance), "--eta", str(args.eta), "--repeats", str(args.repeats),
+                *(["--bf16"] if args.bf16 else []))
         times["trl"].extend(json.loads(out.read_text())["seconds"])
     medians = {k: statistics.median(v) for k, v in times.items()}
     ratio = medians["trl"] / medians["genalign"]
-    print(f"rollouts of {args.batch} images, {args.steps} steps, guidance {args.guidance}, eta {args.eta}: "
+    setting = ("genalign compiled, " if args.compile else "") + ("both under bf16 autocast" if args.bf16 else "fp32")
+    print(f"rollouts of {args.batch} images, {args.steps} steps, guidance {args.guidance}, eta {args.eta}, {setting}: "
           f"genalign {medians['genalign']:.3f} s, TRL 0.23.1 {medians['trl']:.3f} s; genalign's speed / TRL's: "
           f"{ratio:.2f}")
-    Path(args.out).write_text(json.dumps({"batch": args.batch, "steps": args.steps, "seconds": times,
+    Path(args.out).write_text(json.dumps({"batch": args.batch, "steps": args.steps, "compile": args.compile,
+                                          "bf16": args.bf16, "seconds": times,
                                           "median_seconds": medians, "speed_ratio": ratio}, indent=1) + "\n")
 
 
@@ -159,6 +168,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=0.0, help="train: stop after this long (0: no limit)")
+    parser.add_argument("--compile", action="store_true", help="throughput: genalign's denoiser compiled")
+    parser.add_argument("--bf16", action="store_true", help="throughput: both rollouts under bf16 autocast")
     parser.add_argument("--out", default="bench/results/trl_ddpo_throughput.json")
     parser.add_argument("--train-out", default="runs/shapes-trl-ddpo")
     args = parser.parse_args()

@@ -80,7 +80,7 @@ def _gold_reward():
 def rollout(args: argparse.Namespace) -> None:
     reward_fn = lambda images, prompts, metadata: (torch.zeros(len(prompts)), {})  # noqa: E731
     trainer = _trainer(args, reward_fn, _prompt_fn(args), str(Path(args.out).parent / "trl-logs"))
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         trainer._generate_samples(1, args.batch)  # warm-up
         times = []
         for _ in range(args.repeats):
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--prompt-file", default=str(ROOT / "configs" / "shapes" / "prompts_train.txt"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="rollout: under bf16 autocast")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="train: stop after this long (0: no limit)")
     args = parser.parse_args()
     (rollout if args.mode == "rollout" else train)(args)

@@ -63,6 +63,11 @@ class BackboneConfig:
     vae_tiling: bool = field(False, help="decode (and encode) in overlapping tiles: less memory for large images "
                                         "and videos, e.g. decoding inside the reward (gradients still flow)")
     vae_slicing: bool = field(False, help="decode a batch one sample at a time (less memory)")
+    compile: Literal["none", "sampling", "all"] = field(
+        "none", help="torch.compile the denoiser (inductor) for its forwards without gradient (sampling: rollouts, "
+                     "grids, evaluation) or for every forward and backward (all); a one-off compile of minutes, "
+                     "seconds from inductor's cache; eager with a warning where the device cannot compile"
+    )
     expert: Literal["high", "low"] | None = field(
         None, help="Wan 2.2 A14B: the expert trained (high: the high-noise transformer, low: transformer_2); the "
                    "other stays frozen; default high"
@@ -130,7 +135,11 @@ class RunConfig:
     adam_betas: tuple[float, float] = field((0.9, 0.999), help="AdamW betas")
     adam_eps: float = field(1e-8, help="AdamW epsilon")
     max_grad_norm: float = field(1.0, help="gradient clipping by global norm; 0 disables")
-    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", help="autocast precision (fp16 needs a GPU)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        "no", help="autocast precision (fp16 needs a GPU; bf16 also speeds up CPUs with AMX / AVX-512 bf16)"
+    )
+    threads: int = field(0, help="torch CPU threads of each process; 0: OMP_NUM_THREADS when set, else the cores "
+                                 "this process may use divided by the launch's processes on this machine")
     ema: bool = field(False, help="keep an exponential moving average of the trained weights")
     ema_decay: float = field(
         0.999, help="EMA decay; diffusers' EMAModel ramps it up as min(decay, (1 + s) / (10 + s)) at step s"
@@ -155,6 +164,7 @@ class RunConfig:
         check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        check(self.threads >= 0, f"threads must be >= 0 (0: automatic), got {self.threads}")
         check(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         check(self.nan_tolerance >= 0, f"nan_tolerance must be >= 0, got {self.nan_tolerance}")

@@ -1,0 +1,91 @@
+"""Two process-wide speed levers: the torch thread count, and whether ``torch.compile`` can compile.
+
+Threads. torch starts with one intra-op thread per physical core of the machine, whatever share
+of it this process has: on a 2-core machine two training processes of 2 threads each run several
+times slower than of 1 (measured, bench/README.md). :func:`set_threads` sets the count from the
+cores this process may run on (its CPU affinity, bounded by a cgroup CPU quota) divided by the
+processes of this launch on this machine (``LOCAL_WORLD_SIZE``, which torchrun and
+``accelerate launch`` set); an explicit ``OMP_NUM_THREADS`` (torchrun sets 1) or a requested count
+wins.
+
+Compile. Inductor compiles CPU kernels with a C++ compiler and GPU kernels with triton;
+:func:`compile_unavailable` names what is missing so that a backbone falls back to eager
+(``backbone.compile``) with a warning instead of failing at its first step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def _cgroup_cores() -> float | None:
+    """The CPU quota of this process's cgroup in cores (v2 ``cpu.max``, v1 ``cfs_quota_us``), None without one."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity, bounded by a cgroup quota (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cores()
+    if quota is not None:
+        cores = min(cores, max(1, int(quota)))
+    return max(1, cores)
+
+
+def local_processes() -> int:
+    """Processes of this launch on this machine (torchrun / accelerate's LOCAL_WORLD_SIZE, else 1)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def default_threads() -> int:
+    """This process's share of the cores: available cores // local processes (at least 1)."""
+    return max(1, available_cores() // local_processes())
+
+
+def set_threads(requested: int = 0) -> int:
+    """Set torch's intra-op threads: ``requested`` when > 0, else OMP_NUM_THREADS when set, else
+    :func:`default_threads`. Returns the count in effect."""
+    if requested < 0:
+        raise ValueError(f"threads must be >= 0 (0: automatic), got {requested}")
+    if requested:
+        torch.set_num_threads(requested)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(default_threads())
+    return torch.get_num_threads()
+
+
+def compile_unavailable(device: torch.device | str) -> str | None:
+    """Why inductor cannot compile for ``device`` here, or None when it can."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+        if compiler is None or (os.sep in compiler and not Path(compiler).exists()):
+            return "inductor needs a C++ compiler for CPU kernels and none was found (install g++)"
+        return None
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "inductor needs triton for GPU kernels and it does not import"
+        return None
+    return f"torch.compile is not set up for {device.type} devices in genalign"

@@ -1,0 +1,144 @@
+"""The speed levers: the thread count from the cores a process has, and ``backbone.compile``
+(torch.compile of the denoiser) giving what the eager denoiser gives, with LoRA, its reference
+(adapters off), gradients and an optimizer step in between."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from genalign.core import speed
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_are_the_cores_of_this_process_shared_among_the_launchs_processes(monkeypatch, threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(speed, "available_cores", lambda: 6)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert speed.set_threads() == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes on 6 cores: 1 thread each, not 6
+    assert speed.default_threads() == 1 and speed.set_threads() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert speed.set_threads() == 3
+    assert speed.set_threads(2) == 2  # a requested count wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun sets it: left to torch
+    torch.set_num_threads(5)
+    assert speed.set_threads() == 5
+    with pytest.raises(ValueError, match=">= 0"):
+        speed.set_threads(-1)
+
+
+def test_available_cores_are_bounded_by_the_affinity_and_a_cgroup_quota(monkeypatch):
+    monkeypatch.setattr(speed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(speed, "_cgroup_cores", lambda: None)
+    assert speed.available_cores() == 4
+    monkeypatch.setattr(speed, "_cgroup_cores", lambda: 2.5)  # cpu.max "250000 100000"
+    assert speed.available_cores() == 2
+    monkeypatch.setattr(speed, "_cgroup_cores", lambda: 0.5)
+    assert speed.available_cores() == 1
+
+
+def test_run_threads_is_checked():
+    from genalign.core.config import ConfigError
+    from genalign.core.experiment import RunConfig
+
+    with pytest.raises(ConfigError, match="threads"):
+        RunConfig(threads=-2)
+
+
+def test_compile_falls_back_to_eager_with_a_warning_where_inductor_cannot_compile(tiny_models, monkeypatch):
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    assert "C++ compiler" in speed.compile_unavailable("cpu")
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        backbone = load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora", compile="all"))
+    assert backbone.denoiser is backbone.unwrapped_denoiser
+
+
+def test_compiled_denoiser_equals_the_eager_one_with_lora_its_reference_and_a_training_step(tiny_models):
+    """One backbone compiled, a twin eager, the same LoRA initialisation: predictions (guided, no
+    gradient), the reference's (adapters disabled), the loss's gradients, and the predictions after
+    an AdamW step agree; the compiled module is a wrapper around the very same module."""
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+
+    def build(compile: bool):
+        torch.manual_seed(0)
+        return load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora", lora_rank=4,
+                                            lora_alpha=4, compile="all" if compile else "none"))
+
+    eager, compiled = build(False), build(True)
+    assert compiled.denoiser is not compiled.unwrapped_denoiser
+    assert compiled.denoiser.module is compiled.unwrapped_denoiser
+    compiled.denoiser.warmup = 0  # compiled from the first call
+    prompts = ["a red circle", "two blue squares"]
+    cond = eager.encode_prompts(prompts)
+    x = torch.randn(2, *eager.latent_shape(), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([700, 300])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            for backbone in (eager, compiled):  # the LoRA's B starts at 0: make it matter
+                for name, p in backbone.unwrapped_denoiser.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        results = []
+        for backbone in (eager, compiled):
+            params = [p for p in backbone.unwrapped_denoiser.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-2)
+            with torch.no_grad():
+                guided = backbone.predict(x, t, cond, 2.0)
+                with backbone.reference():
+                    reference = backbone.predict(x, t, cond, 2.0)
+            with backbone.training():
+                backbone.predict(x, t, cond, 1.0).square().mean().backward()
+            grads = torch.cat([p.grad.flatten() for p in params])
+            optimizer.step()
+            with torch.no_grad():
+                after = backbone.predict(x, t, cond, 2.0)
+            results.append((guided, reference, grads, after))
+    for name, a, b in zip(("guided", "reference", "gradients", "after a step"), *results):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    assert not torch.allclose(results[0][0], results[0][1], atol=1e-3)  # LoRA on and off differ
+    assert not torch.allclose(results[0][0], results[0][3], atol=1e-4)  # the step moved the prediction
+
+
+def test_a_kind_of_call_runs_eagerly_until_it_has_been_seen_warmup_times_and_sampling_mode_leaves_training_eager():
+    from genalign.pipelines.base import CompiledDenoiser
+
+    calls: list[str] = []
+    module = torch.nn.Linear(3, 3)
+    wrapper = CompiledDenoiser(module, "sampling")
+    wrapper.warmup = 2
+    wrapper.compiled = lambda x: calls.append("compiled") or module(x)
+    x, y = torch.ones(2, 3), torch.ones(5, 3)
+    with torch.no_grad():
+        for _ in range(3):
+            wrapper(x)
+        wrapper(y)
+    assert calls == ["compiled"]  # the third call of shape (2, 3); (5, 3) is new
+    wrapper.in_reference = True
+    with torch.no_grad():
+        for _ in range(3):
+            wrapper(x)
+    wrapper.in_reference = False
+    for _ in range(3):
+        wrapper(x).sum().backward()  # with gradient: eager under "sampling"
+    assert calls == ["compiled"]
+    wrapper.mode = "all"
+    for _ in range(3):
+        wrapper(x).sum().backward()
+    assert calls == ["compiled", "compiled"]
+    assert wrapper.weight is module.weight and wrapper.in_features == 3
