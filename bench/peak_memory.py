@@ -88,10 +88,43 @@ def wan_backbone(args: argparse.Namespace, finetune: str, checkpointing: bool) -
     return WanBackbone(pipe, config, args.device)
 
 
+def sd35m_backbone(args: argparse.Namespace, finetune: str, checkpointing: bool) -> Any:
+    """SD3.5 Medium's transformer (random weights, 2.2B parameters) behind genalign's SD3 backbone,
+    with one-layer CLIP-L / CLIP-G of the real widths (pooled 768 + 1280), no T5 (the pipeline
+    fills its 4096-wide part with zeros) and the two-block flow VAE with 16 latent channels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines.sd3 import StableDiffusion3Backbone
+    from genalign.pipelines.tiny import _vae, build_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer()
+    with torch.device(args.device):  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
+        transformer = SD3Transformer2DModel(
+            sample_size=args.latent, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+            pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
+               latent_channels=16, sample_size=2 * args.latent)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=_text_encoder(tokenizer, 768, projection=True), tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(tokenizer, 1280, projection=True), tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.to(dtype=getattr(torch, args.dtype))
+    config = BackboneConfig(family="sd3", path="", finetune=finetune, lora_rank=8, lora_alpha=8, dtype=args.dtype,
+                            gradient_checkpointing=checkpointing, resolution=2 * args.latent, drop_t5=True)
+    return StableDiffusion3Backbone(pipe, config, args.device)
+
+
 def sized_backbone(args: argparse.Namespace, finetune: str, checkpointing: bool) -> Any:
-    """The SD1.5- or SDXL-sized pipeline (random weights) behind genalign's backbone class."""
+    """The SD1.5- or SDXL-sized pipeline (random weights) behind genalign's backbone class (or
+    Wan 2.1 1.3B's / SD3.5 Medium's transformer: :func:`wan_backbone`, :func:`sd35m_backbone`)."""
     if args.model == "wan13b":
         return wan_backbone(args, finetune, checkpointing)
+    if args.model == "sd35m":
+        return sd35m_backbone(args, finetune, checkpointing)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from genalign.core.experiment import BackboneConfig

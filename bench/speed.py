@@ -11,6 +11,11 @@ eager, latents out) on the same prompts, steps, guidance and noise. Alternating 
 bench/step_overhead.py's set-ups) with the denoiser compiled over the same step eager, in fp32 (and
 with ``--bf16`` also both under bf16 autocast).
 
+``images`` (for a GPU: ``bench/gpu.sh``): images per second of whole training iterations
+(rollouts, loss and backward, AdamW) on random-weight models of real sizes, eager and compiled:
+Flow-GRPO on an SD3.5-Medium-sized transformer (512 px, 10 steps, a group of 24, CFG 4.5) and
+Diffusion-DPO on an SDXL-sized UNet (pairs of policy samples), bf16 autocast.
+
 ``job``: the README main job (``configs/shapes/diffusion_dpo.yaml``) trained three times: as shipped,
 with ``run.mixed_precision=bf16``, and with ``backbone.compile=sampling`` as well, each from a cold
 compile cache, then each scored by ``genalign eval shapes`` against the base (the same held-out
@@ -20,6 +25,7 @@ prompts and seeds): wall-time ratios and the gold figures.
     .venv/bin/python bench/speed.py rollout --family sd3 --backbone models/shapes/sd3 --eta 0.7
     .venv/bin/python bench/speed.py step --methods diffusion_dpo ddpo flow_grpo
     .venv/bin/python bench/speed.py job --out-dir runs/speed-job
+    .venv/bin/python bench/speed.py images --device cuda          # bench/gpu.sh
 
 Compile times are printed apart (the first call of each compiled setting, with the process's
 inductor cache; the job starts each run from an empty one).
@@ -177,6 +183,92 @@ def step(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch": args.batch, "num_steps": args.num_steps, "methods": results}
 
 
+def _images_method(name: str, backbone: Any, args: argparse.Namespace) -> tuple[Any, int]:
+    """The method of an ``images`` row and the images one iteration makes."""
+    from types import SimpleNamespace
+
+    from peak_memory import _Brightness
+
+    from genalign.core.experiment import SampleConfig
+
+    if name == "flow_grpo":  # flow_grpo's SD3.5-M GenEval recipe: groups of 24, 10 steps, CFG 4.5, noise 0.7
+        from genalign.finetuners.flow_grpo import FlowGRPO, FlowGRPOConfig
+
+        config = FlowGRPOConfig(samples_per_prompt=args.group, minibatches=max(1, args.group // 8), beta=0.0)
+        sample = SampleConfig(num_steps=args.num_steps, guidance_scale=4.5, eta=0.7)
+        return FlowGRPO.build(SimpleNamespace(method=config, sample=sample), backbone, _Brightness()), args.group
+    from genalign.finetuners.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
+
+    sample = SampleConfig(num_steps=args.num_steps, guidance_scale=5.0)
+    method = DiffusionDPO(DiffusionDPOConfig(pairs_from="policy", samples_per_prompt=2), backbone, _Brightness(), sample)
+    return method, 2 * args.prompts
+
+
+def images(args: argparse.Namespace) -> dict[str, Any]:
+    """Images per second of a whole training iteration (rollouts with log-probs or pairs, the loss
+    and backward, clipping, AdamW), eager and compiled, on random-weight models of real sizes."""
+    from types import SimpleNamespace
+
+    from peak_memory import sized_backbone
+
+    from genalign.core.trainer import loss_and_backward
+
+    device = torch.device(args.device)
+    rows = {"sd35m": "flow_grpo", "sdxl": "diffusion_dpo"}
+    sizes = {"sd35m": "SD3.5-Medium-sized transformer", "sdxl": "SDXL-sized UNet"}
+    results: dict[str, Any] = {}
+    print(f"images: {device}, {args.dtype}, {args.latent}x{args.latent} latents ({8 * args.latent} px through a real "
+          f"VAE; the stand-in VAE here is two blocks), {args.num_steps} sampling steps, LoRA r8"
+          + (" + checkpointing" if args.checkpointing else "") + f"; median of {args.repeats}")
+    print("| model | method | images an iteration | setting | seconds | images / s | first (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for model in args.models:
+        spec = SimpleNamespace(model=model, latent=args.latent, dtype=args.dtype, device=args.device, attention="sdpa",
+                               latent_frames=2)
+        backbone = sized_backbone(spec, "lora", args.checkpointing)
+        method, count = _images_method(rows[model], backbone, args)
+        params = list(method.named_trainable_parameters().values())
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
+        prompts = [f"a photo of prompt {i}" for i in range(1 if rows[model] == "flow_grpo" else args.prompts)]
+        eager = backbone.unwrapped_denoiser
+        modules = {"eager": eager}
+        if "compiled" in args.settings:
+            backbone.compile_denoiser("all")
+            backbone.denoiser.warmup = 0
+            modules["compiled"] = backbone.denoiser
+        modules = {k: v for k, v in modules.items() if k in args.settings}
+
+        def iteration(module: Any, backbone: Any = backbone, method: Any = method, params: list[Any] = params,
+                      optimizer: Any = optimizer, prompts: list[str] = prompts) -> float:
+            backbone.denoiser = module
+            _sync(device)
+            start = time.perf_counter()
+            with _autocast(device, args.dtype == "bfloat16"):
+                with torch.no_grad():
+                    batch = method.collect(prompts, torch.Generator().manual_seed(0))
+                loss_and_backward(method, batch, torch.Tensor.backward)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            return time.perf_counter() - start
+
+        fns = {name: (lambda m=module: iteration(m)) for name, module in modules.items()}
+        first = {name: fn() for name, fn in fns.items()}
+        median = _median_ratios(fns, args.repeats)
+        results[model] = {"method": rows[model], "images": count, "seconds": median, "first_call": first,
+                          "images_per_second": {k: count / v for k, v in median.items()}}
+        for name, seconds in median.items():
+            print(f"| {sizes[model]} | {rows[model]} | {count} | {name} | {seconds:.2f} | {count / seconds:.2f} | "
+                  f"{first[name]:.1f} |", flush=True)
+        if "compiled" in median:
+            print(f"  compiled / eager: {median['eager'] / median['compiled']:.2f}" if "eager" in median else "")
+        del backbone, method, optimizer, modules, fns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"latent": args.latent, "num_steps": args.num_steps, "dtype": args.dtype, "models": results}
+
+
 def _gold(eval_dir: Path) -> dict[str, Any]:
     scores = json.loads((eval_dir / "scores.json").read_text())
     return {key: scores[key] for key in ("gold", "base", "gain")}
@@ -235,6 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="prompts per micro-batch")
     p.add_argument("--num-steps", type=int, default=8)
     p.add_argument("--bf16", action="store_true", help="also both under bf16 autocast")
+    p = sub.add_parser("images")
+    p.add_argument("--models", nargs="+", default=["sd35m", "sdxl"], choices=["sd35m", "sdxl"],
+                   help="sd35m: Flow-GRPO on an SD3.5-Medium-sized transformer; sdxl: Diffusion-DPO on an SDXL-sized UNet")
+    p.add_argument("--latent", type=int, default=64, help="latent side (64: 512 px through the real VAE)")
+    p.add_argument("--num-steps", type=int, default=10)
+    p.add_argument("--group", type=int, default=24, help="Flow-GRPO: images a prompt")
+    p.add_argument("--prompts", type=int, default=4, help="Diffusion-DPO: prompts an iteration (2 images each)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--settings", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p = sub.add_parser("job")
     p.add_argument("--config", default="configs/shapes/diffusion_dpo.yaml")
     p.add_argument("--out-dir", default="runs/speed-job")
@@ -247,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     from genalign.core.speed import set_threads
 
     set_threads(args.threads)
-    result = {"rollout": rollout, "step": step, "job": job}[args.bench](args)
+    result = {"rollout": rollout, "step": step, "images": images, "job": job}[args.bench](args)
     result |= {"device": args.device, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out or f"bench/results/speed_{args.bench}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -594,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # what run.threads 0 (automatic) then keeps
     configs = args.configs or sorted(str(c) for c in Path("configs/shapes").glob("*.yaml"))
     if not configs:
         raise SystemExit("no configs: run from the repository root or give --configs")

@@ -42,6 +42,9 @@ def add_model(p: argparse.ArgumentParser, backbone_help: str = "diffusers checkp
     if dtype:
         p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--compile", default="none", choices=("none", "sampling", "all"),
+                   help="torch.compile the denoiser: sampling (forwards without gradient), all (ReNO's too); "
+                        "a one-off compile of minutes, worth it for long runs")
 
 
 def load_model(args: argparse.Namespace, **config: Any) -> Any:
@@ -53,6 +56,7 @@ def load_model(args: argparse.Namespace, **config: Any) -> Any:
         raise ConfigError("give --backbone (a diffusers checkpoint: hub id or local folder)")
     if getattr(args, "dtype", None):
         config.setdefault("dtype", args.dtype)
+    config.setdefault("compile", getattr(args, "compile", "none"))
     return load_backbone(BackboneConfig(family=args.family, path=args.backbone, finetune="none", **config),
                          device(args.device), lora=args.lora)
 
