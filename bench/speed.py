@@ -105,7 +105,9 @@ def rollout(args: argparse.Namespace) -> dict[str, Any]:
 
     @torch.no_grad()
     def pipeline() -> float:
-        kwargs = {} if flow else {"eta": args.eta}
+        kwargs = {} if flow else {"eta": args.eta}  # diffusers' flow pipelines sample the ODE only
+        if flow and backbone.max_sequence_length:  # the T5 length genalign encodes with
+            kwargs["max_sequence_length"] = backbone.max_sequence_length
         _sync(device)
         start = time.perf_counter()
         pipe(prompts, latents=noise.clone(), num_inference_steps=args.steps, guidance_scale=args.guidance_scale,

@@ -526,3 +526,34 @@ def test_flow_grpo_with_grpo_guard(tiny_models):
     advantages = grpo.rollout["advantages"][batch.rows].clamp(-5, 5)
     assert loss.item() == pytest.approx(-advantages.mean().item() * sum(weights) / len(weights), rel=1e-4)
     assert_backward_loss_matches_loss(grpo, batch, expected_parts=len(batch.steps))
+
+
+@pytest.mark.parametrize("ratio_norm", [False, True])
+def test_a_compiled_denoisers_rollout_log_probs_are_recomputed_by_the_training_pass(tiny_models, ratio_norm):
+    """backbone.compile: rollouts and training passes take different graphs and round differently.
+    Here the 'compiled' path is the eager module with its output scaled by 1 + 1e-2 (of the order of
+    bf16 rounding; no real compile): the stored rollout log-probs differ from what the loss computes, so PPO's
+    clip range 1e-4 clips samples at the first update; recomputed by the training pass, the first
+    update's ratio is 1 and nothing is clipped (GRPO-Guard's stored step means too)."""
+    from genalign.pipelines.base import CompiledDenoiser
+
+    config = FlowGRPOConfig(samples_per_prompt=3, minibatches=1, clip_range=1e-4, beta=0.0, ratio_norm=ratio_norm)
+    results = {}
+    for recompute in (False, True):
+        grpo = _method(tiny_models, FlowGRPO, config, "sd3", 0.7)
+        module = grpo.backbone.unwrapped_denoiser
+        wrapper = CompiledDenoiser(module, "sampling")
+        wrapper.warmup = 0
+        wrapper.compiled = lambda *a, **k: (module(*a, **k)[0] * (1 + 1e-2),)  # noqa: B023
+        grpo.backbone.denoiser = wrapper
+        type(grpo).recomputes_old_log_probs = property(lambda self, r=recompute: r)
+        try:
+            batch = grpo.collect(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+            _, metrics = grpo.loss(batch)
+        finally:
+            del type(grpo).recomputes_old_log_probs
+        results[recompute] = metrics
+    assert results[False]["clipfrac"].item() > 0.2  # the rounding difference alone clips
+    assert results[True]["clipfrac"].item() == 0.0
+    assert results[True]["ratio"].item() == pytest.approx(1.0, abs=1e-6)
+    assert FlowGRPO.recomputes_old_log_probs.fget(SimpleNamespace(backbone=SimpleNamespace(denoiser=wrapper)))
