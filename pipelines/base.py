@@ -23,7 +23,7 @@ from genalign.core.experiment import BackboneConfig
 from genalign.core.images import check_images, read_source_images
 from genalign.core.loading import WeightsNotFoundError, from_pretrained_or_explain
 from genalign.core.schedules import DiffusionSchedule, NoiseSchedule
-from genalign.core.speed import compile_unavailable
+from genalign.core.speed import CompiledDenoiser, compile_unavailable
 from genalign.core.types import Conditioning
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -589,36 +589,3 @@ class DiffusersBackbone:
     def unload_lora(self) -> None:
         """Remove what :meth:`load_lora` loaded: the pipeline samples as the base again."""
         self.pipe.unload_lora_weights()
-
-
-class CompiledDenoiser:
-    """A denoiser called through ``torch.compile`` for the calls its mode covers (``sampling``:
-    without gradient and outside :meth:`DiffusersBackbone.reference`; ``all``: every call) and
-    eagerly otherwise, so that a mode compiles only the graphs it uses. A kind of call (input
-    shape, gradient, reference) runs eagerly its first ``warmup`` times: every new kind costs a
-    compile (the shapes UNet: about a minute on 2 CPU cores), which pays for the rollouts and
-    evaluation batches repeated all run long but not for a one-off sample grid. Attributes
-    (``dtype``, ``config``) are the module's."""
-
-    warmup = 16  # calls of a kind before it is compiled: a second 10-step rollout compiles, a 16-step grid does not
-
-    def __init__(self, module: nn.Module, mode: str):
-        self.module, self.mode, self.in_reference = module, mode, False
-        self.compiled = torch.compile(module)
-        self.seen: dict[tuple[Any, ...], int] = {}
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        grad = torch.is_grad_enabled()
-        if self.mode == "all" or not (grad or self.in_reference):
-            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-            kind = (None if first is None else tuple(first.shape), grad, self.in_reference)
-            calls = self.seen.get(kind, 0)
-            if calls >= self.warmup:
-                return self.compiled(*args, **kwargs)
-            self.seen[kind] = calls + 1
-        return self.module(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # only for names the wrapper itself lacks
-        if name in ("module", "compiled", "mode", "in_reference", "seen") or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.module, name)

@@ -535,7 +535,7 @@ def test_a_compiled_denoisers_rollout_log_probs_are_recomputed_by_the_training_p
     bf16 rounding; no real compile): the stored rollout log-probs differ from what the loss computes, so PPO's
     clip range 1e-4 clips samples at the first update; recomputed by the training pass, the first
     update's ratio is 1 and nothing is clipped (GRPO-Guard's stored step means too)."""
-    from genalign.pipelines.base import CompiledDenoiser
+    from genalign.core.speed import CompiledDenoiser
 
     config = FlowGRPOConfig(samples_per_prompt=3, minibatches=1, clip_range=1e-4, beta=0.0, ratio_norm=ratio_norm)
     results = {}

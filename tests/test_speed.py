@@ -116,7 +116,7 @@ def test_compiled_denoiser_equals_the_eager_one_with_lora_its_reference_and_a_tr
 
 
 def test_a_kind_of_call_runs_eagerly_until_it_has_been_seen_warmup_times_and_sampling_mode_leaves_training_eager():
-    from genalign.pipelines.base import CompiledDenoiser
+    from genalign.core.speed import CompiledDenoiser
 
     calls: list[str] = []
     module = torch.nn.Linear(3, 3)

@@ -1,4 +1,5 @@
-"""Two process-wide speed levers: the torch thread count, and whether ``torch.compile`` can compile.
+"""Speed levers: the torch thread count, whether ``torch.compile`` can compile here, and the
+compiled denoiser (:class:`CompiledDenoiser`, what ``backbone.compile`` puts in front of it).
 
 Threads. torch starts with one intra-op thread per physical core of the machine, whatever share
 of it this process has: on a 2-core machine two training processes of 2 threads each run several
@@ -18,8 +19,10 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 
 def _cgroup_cores() -> float | None:
@@ -89,3 +92,36 @@ def compile_unavailable(device: torch.device | str) -> str | None:
             return "inductor needs triton for GPU kernels and it does not import"
         return None
     return f"torch.compile is not set up for {device.type} devices in genalign"
+
+
+class CompiledDenoiser:
+    """A denoiser called through ``torch.compile`` for the calls its mode covers (``sampling``:
+    without gradient and outside the backbone's ``reference()``; ``all``: every call) and
+    eagerly otherwise, so that a mode compiles only the graphs it uses. A kind of call (input
+    shape, gradient, reference) runs eagerly its first ``warmup`` times: every new kind costs a
+    compile (the shapes UNet: about a minute on 2 CPU cores), which pays for the rollouts and
+    evaluation batches repeated all run long but not for a one-off sample grid. Attributes
+    (``dtype``, ``config``) are the module's."""
+
+    warmup = 16  # calls of a kind before it is compiled: a second 10-step rollout compiles, a 16-step grid does not
+
+    def __init__(self, module: nn.Module, mode: str):
+        self.module, self.mode, self.in_reference = module, mode, False
+        self.compiled = torch.compile(module)
+        self.seen: dict[tuple[Any, ...], int] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        grad = torch.is_grad_enabled()
+        if self.mode == "all" or not (grad or self.in_reference):
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+            kind = (None if first is None else tuple(first.shape), grad, self.in_reference)
+            calls = self.seen.get(kind, 0)
+            if calls >= self.warmup:
+                return self.compiled(*args, **kwargs)
+            self.seen[kind] = calls + 1
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # only for names the wrapper itself lacks
+        if name in ("module", "compiled", "mode", "in_reference", "seen") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.module, name)

@@ -345,7 +345,7 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         Flow-GRPO's shapes samples under bf16). Recomputed the way the loss computes them, the
         first update's ratio is 1 again, as in the official codes (verl recomputes a rollout
         engine's log-probs with the actor for the same reason)."""
-        from genalign.pipelines.base import CompiledDenoiser
+        from genalign.core.speed import CompiledDenoiser
 
         return isinstance(getattr(self.backbone, "denoiser", None), CompiledDenoiser)
 
