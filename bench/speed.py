@@ -132,10 +132,9 @@ def rollout(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step(args: argparse.Namespace) -> dict[str, Any]:
-    from step_overhead import METHODS, _step, _timed
+    from step_overhead import _step, _timed, set_up
 
-    from genalign.core.experiment import BackboneConfig, RewardConfig
-    from genalign.pipelines import load_backbone
+    from genalign.core.experiment import RewardConfig
     from genalign.rewards import load_reward
 
     device = torch.device(args.device)
@@ -147,13 +146,8 @@ def step(args: argparse.Namespace) -> dict[str, Any]:
                                                                              if args.bf16 else ""))
     print("|---|---|---|---|---|" + ("---|---|---|" if args.bf16 else ""))
     for name in args.methods:
-        family, make = METHODS[name]
-        torch.manual_seed(0)
-        path = args.sd if family == "sd" else args.sd3
-        backbone = load_backbone(BackboneConfig(family=family, path=path, finetune="lora", lora_rank=8, lora_alpha=8),
-                                 device)
-        method, batch, _ = make(backbone, reward, args)
-        params = list(method.named_trainable_parameters().values())
+        s = set_up(name, reward, args, device)
+        backbone, method, batch, params, path = s.backbone, s.method, s.batch, s.params, s.path
         eager = backbone.unwrapped_denoiser
         backbone.compile_denoiser()
         compiled = backbone.denoiser

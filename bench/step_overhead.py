@@ -233,6 +233,19 @@ METHODS = {"diffusion_dpo": ("sd", _dpo), "inversion_dpo": ("sd", _inversion_dpo
            "vard": ("sd", _vard), "ac_flow": ("sd3", _ac_flow)}
 
 
+def set_up(name: str, reward: Any, args: argparse.Namespace, device: torch.device) -> SimpleNamespace:
+    """Method ``name`` on its shapes backbone (LoRA r8) with one collected micro-batch: backbone,
+    method, batch, floor (the backbone passes the step cannot avoid), params, path."""
+    family, make = METHODS[name]
+    torch.manual_seed(0)
+    path = args.sd if family == "sd" else args.sd3
+    backbone = load_backbone(BackboneConfig(family=family, path=path, finetune="lora", lora_rank=8, lora_alpha=8),
+                             device)
+    method, batch, floor = make(backbone, reward, args)
+    return SimpleNamespace(backbone=backbone, method=method, batch=batch, floor=floor, path=path,
+                           params=list(method.named_trainable_parameters().values()))
+
+
 def _step(method: Any, batch: Any) -> None:
     loss_and_backward(method, batch, torch.Tensor.backward)
 
@@ -254,13 +267,8 @@ def main() -> None:
     reward = load_reward(RewardConfig(name="clip", path=args.reward_path), device)
     results = {}
     for name in args.methods:
-        family, make = METHODS[name]
-        torch.manual_seed(0)
-        path = args.sd if family == "sd" else args.sd3
-        backbone = load_backbone(BackboneConfig(family=family, path=path, finetune="lora", lora_rank=8, lora_alpha=8),
-                                 device)
-        method, batch, floor = make(backbone, reward, args)
-        params = list(method.named_trainable_parameters().values())
+        s = set_up(name, reward, args, device)
+        method, batch, floor, params, path = s.method, s.batch, s.floor, s.params, s.path
         train_step = functools.partial(_step, method, batch)
         _timed(train_step, params, device), _timed(floor, params, device)  # warm-up
         times = SimpleNamespace(step=[], floor=[])
