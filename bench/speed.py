@@ -61,7 +61,7 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def _median_ratios(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+def _medians(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Median seconds of each function, called in alternating rounds."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -118,7 +118,7 @@ def rollout(args: argparse.Namespace) -> dict[str, Any]:
     fns = {"eager fp32": ours(eager, False), "compiled fp32": ours(compiled, False),
            "eager bf16": ours(eager, True), "compiled bf16": ours(compiled, True), "diffusers pipeline": pipeline}
     first = {name: fn() for name, fn in fns.items()}  # warm-up; compiled: the compile
-    median = _median_ratios(fns, args.repeats)
+    median = _medians(fns, args.repeats)
     base, plain = median["eager fp32"], median["diffusers pipeline"]
     print(f"rollout: {args.family} {args.backbone}, {args.batch} images, {args.steps} steps, guidance "
           f"{args.guidance_scale}, eta {args.eta}, {device}, {torch.get_num_threads()} threads; median of {args.repeats}")
@@ -165,7 +165,7 @@ def step(args: argparse.Namespace) -> dict[str, Any]:
         if args.bf16:
             fns |= {"eager bf16": timed(eager, True), "compiled bf16": timed(compiled, True)}
         first = {k: fn() for k, fn in fns.items()}
-        median = _median_ratios(fns, args.repeats)
+        median = _medians(fns, args.repeats)
         row = {"backbone": path, "seconds": median, "first_call": first,
                "speedup": median["eager"] / median["compiled"]}
         line = (f"| {name} | {median['eager'] * 1e3:.1f} | {median['compiled'] * 1e3:.1f} | {row['speedup']:.2f} | "
@@ -251,7 +251,7 @@ def images(args: argparse.Namespace) -> dict[str, Any]:
 
         fns = {name: (lambda m=module: iteration(m)) for name, module in modules.items()}
         first = {name: fn() for name, fn in fns.items()}
-        median = _median_ratios(fns, args.repeats)
+        median = _medians(fns, args.repeats)
         results[model] = {"method": rows[model], "images": count, "seconds": median, "first_call": first,
                           "images_per_second": {k: count / v for k, v in median.items()}}
         for name, seconds in median.items():

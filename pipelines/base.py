@@ -183,10 +183,10 @@ class DiffusersBackbone:
         ``sampling``, the forwards without gradient with the adapters on (rollouts, sample grids,
         evaluation); ``all``, every forward and backward (training, reference passes). The others
         run eagerly. :attr:`denoiser` becomes a :class:`CompiledDenoiser`, :attr:`unwrapped_denoiser`
-        stays the module itself (LoRA, state dicts, export and FSDP read it). Compilation happens at
-        each kind of call's first use (the shapes UNet: about 4 minutes on 2 CPU cores from a cold
-        cache for ``all``, seconds from inductor's on-disk cache). Returns False, with a warning,
-        where inductor cannot compile (a CPU with no C++ compiler, a GPU without triton)."""
+        stays the module itself (LoRA, state dicts, export and FSDP read it). Each kind of call is
+        compiled after its warm-up (:class:`CompiledDenoiser`; compile times: docs/training.md,
+        "Speed"). Returns False, with a warning, where inductor cannot compile (a CPU with no C++
+        compiler, a GPU without triton)."""
         if mode not in ("sampling", "all"):
             raise ValueError(f"backbone.compile must be none, sampling or all, got {mode!r}")
         reason = compile_unavailable(self.device)
@@ -502,6 +502,10 @@ class DiffusersBackbone:
         from genalign.core.sharding import is_sharded_module
 
         return is_sharded_module(self.unwrapped_denoiser)
+
+    @property
+    def compiled(self) -> str:
+        return self.denoiser.mode if isinstance(self.denoiser, CompiledDenoiser) else "none"
 
     def shard(self, plan: Any) -> int:
         """Shard the denoiser across the processes (FSDP, ``genalign.core.sharding``); under full

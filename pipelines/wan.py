@@ -157,7 +157,7 @@ class WanBackbone(DiffusersBackbone):
 
         units = super().shard(plan)
         other = self.frozen_expert
-        return units + (shard_module(other.requires_grad_(False), plan) if other is not None else 0)
+        return units + (shard_module(other, plan) if other is not None else 0)  # frozen since loading
 
     def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         if self.expert is None:
@@ -166,7 +166,8 @@ class WanBackbone(DiffusersBackbone):
         trained = high if self.expert == "high" else ~high
         other = self.frozen_expert
         assert other is not None
-        routes = ((self.denoiser, trained), (other, ~trained))
+        # (expert, its rows, how it is called): the trained one as it is, the frozen one in its dtype
+        routes = ((self.denoiser, trained, self._call), (other, ~trained, self._call_frozen))
         if self.sharded:
             return self._denoise_sharded(x, t, cond, routes)
         if bool(trained.all()):
@@ -174,10 +175,8 @@ class WanBackbone(DiffusersBackbone):
         if not bool(trained.any()):
             return self._call_frozen(other, x, t, cond)
         out = torch.empty_like(x)
-        for module, rows in routes:
-            part = {k: v[rows] for k, v in cond.items()}
-            call = self._call if module is self.denoiser else self._call_frozen
-            out[rows] = call(module, x[rows], t[rows], part)
+        for module, rows, call in routes:
+            out[rows] = call(module, x[rows], t[rows], {k: v[rows] for k, v in cond.items()})
         return out
 
     def _denoise_sharded(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], routes: Any) -> Tensor:
@@ -187,11 +186,10 @@ class WanBackbone(DiffusersBackbone):
         collectives as the others)."""
         import torch.distributed as dist
 
-        wanted = torch.stack([rows.any() for _, rows in routes]).to(torch.int32)
+        wanted = torch.stack([rows.any() for _, rows, _ in routes]).to(torch.int32)
         dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
         out, unused = torch.empty_like(x), x.new_zeros(())
-        for (module, rows), needed in zip(routes, wanted.tolist()):
-            call = self._call if module is self.denoiser else self._call_frozen
+        for (module, rows, call), needed in zip(routes, wanted.tolist()):
             if not needed:
                 continue
             if bool(rows.any()):

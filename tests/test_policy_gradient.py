@@ -556,4 +556,4 @@ def test_a_compiled_denoisers_rollout_log_probs_are_recomputed_by_the_training_p
     assert results[False]["clipfrac"].item() > 0.2  # the rounding difference alone clips
     assert results[True]["clipfrac"].item() == 0.0
     assert results[True]["ratio"].item() == pytest.approx(1.0, abs=1e-6)
-    assert FlowGRPO.recomputes_old_log_probs.fget(SimpleNamespace(backbone=SimpleNamespace(denoiser=wrapper)))
+    assert grpo.backbone.compiled == "sampling" and grpo.recomputes_old_log_probs  # what decides it, unpatched

@@ -99,9 +99,9 @@ class CompiledDenoiser:
     without gradient and outside the backbone's ``reference()``; ``all``: every call) and
     eagerly otherwise, so that a mode compiles only the graphs it uses. A kind of call (input
     shape, gradient, reference) runs eagerly its first ``warmup`` times: every new kind costs a
-    compile (the shapes UNet: about a minute on 2 CPU cores), which pays for the rollouts and
-    evaluation batches repeated all run long but not for a one-off sample grid. Attributes
-    (``dtype``, ``config``) are the module's."""
+    compile (docs/training.md, "Speed"), which pays for the rollouts and evaluation batches
+    repeated all run long but not for a one-off sample grid. Attributes (``dtype``, ``config``)
+    are the module's."""
 
     warmup = 16  # calls of a kind before it is compiled: a second 10-step rollout compiles, a 16-step grid does not
 

@@ -166,6 +166,11 @@ class Backbone(Protocol):
     def sharded(self) -> bool:
         """Whether the denoiser is sharded across processes (FSDP)."""
 
+    @property
+    def compiled(self) -> str:
+        """Which of the denoiser's calls go through ``torch.compile``: none, sampling or all
+        (``backbone.compile``; none where it fell back to eager)."""
+
     def load_lora(self, path: str | Path) -> None:
         """Load LoRA weights (a diffusers-format file or folder) into the denoiser."""
 

@@ -211,12 +211,12 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
                               "(SD: DDIM eta 1.0; flow models: the SDE noise level, Flow-GRPO 0.7)")
         if config.beta > 0:  # the KL's reference: the frozen starting model
             backbone.keep_reference()
-        if getattr(getattr(backbone, "denoiser", None), "mode", None) == "all":
+        if backbone.compiled == "all":
             import warnings
 
             warnings.warn(f"{self.name}: backbone.compile=all compiles the training pass too, whose graph rounds "
                           "unlike the rollout's even when the old log-probs are recomputed, so PPO's clip range "
-                          "clips samples at the first update (measured: 22% under bf16); use "
+                          "clips samples at the first update (docs/training.md, 'Speed'); use "
                           "backbone.compile=sampling (the first update's ratio is then exactly 1)", stacklevel=2)
         self.metadata = read_prompt_metadata(config.prompt_metadata) if config.prompt_metadata else {}
         self.rollout: dict[str, Any] = {}  # the current rollout's tensors and prompts
@@ -341,13 +341,11 @@ class PolicyGradientMethod(LossInParts, BackboneMethod):
         """Whether the rollout's log-probs are recomputed by the training pass before any update:
         when the denoiser is compiled (``backbone.compile``), rollouts (graphs without gradient)
         and training passes (eager, or a graph with gradient) round differently, and with PPO's
-        clip range of 1e-4 that alone clips most samples at the first update (measured: 33-87% of
-        Flow-GRPO's shapes samples under bf16). Recomputed the way the loss computes them, the
-        first update's ratio is 1 again, as in the official codes (verl recomputes a rollout
-        engine's log-probs with the actor for the same reason)."""
-        from genalign.core.speed import CompiledDenoiser
-
-        return isinstance(getattr(self.backbone, "denoiser", None), CompiledDenoiser)
+        clip range of 1e-4 that alone clips most samples at the first update (docs/training.md,
+        "Speed"). Recomputed the way the loss computes them, the first update's ratio is 1 again,
+        as in the official codes (verl recomputes a rollout engine's log-probs with the actor for
+        the same reason)."""
+        return self.backbone.compiled != "none"
 
     def _recompute_old_log_probs(self) -> None:
         """Each pending minibatch's (rows, trained steps) through :meth:`_step` as the loss calls it
