@@ -7,7 +7,9 @@
 #      `backbone.compile`, bf16: Flow-GRPO on an SD3.5-Medium-sized transformer (random weights,
 #      64x64 latents = 512 px, 10 steps, one prompt's group of 24, CFG 4.5), then Diffusion-DPO on
 #      an SDXL-sized UNet (128x128 latents = 1024 px, 4 prompts = 8 images, 10 steps). The numbers
-#      to set beside flow_grpo's and verl-omni's published throughput.
+#      to set beside flow_grpo's and verl-omni's published throughput. Then the other levers
+#      (bench/speed.py levers): fused AdamW over torch's default (shapes SD UNet, LoRA and full),
+#      channels-last in a Diffusion-DPO step, TF32 on a 4096 x 4096 fp32 matmul.
 #   2. Memory (issue #14, bench/peak_memory.py): peak memory and step time of Diffusion-DPO, D3PO and
 #      DDPO on an SD1.5-sized UNet (64x64 latents = 512 px, 4 prompts), full fine-tuning vs LoRA vs
 #      LoRA + gradient checkpointing, bf16 autocast (trained weights fp32), SDPA; then LoRA with
@@ -48,6 +50,8 @@ section 140 "Flow-GRPO, SD3.5-Medium-sized, images/s" "$PY" bench/speed.py image
   --latent 64 --group 24 --num-steps 10 --repeats 2 --out "$OUT/speed_images_sd35m.json"
 section 110 "Diffusion-DPO, SDXL-sized, images/s" "$PY" bench/speed.py images --device cuda --models sdxl \
   --latent 128 --prompts 4 --num-steps 10 --repeats 2 --out "$OUT/speed_images_sdxl.json"
+section 25 "levers: fused AdamW, channels-last, TF32" "$PY" bench/speed.py levers --device cuda --repeats 3 \
+  --out "$OUT/speed_levers.json"
 COMMON=(--device cuda --latent 64 --prompts 4 --num-steps 4)
 section 60 "peak memory, SD1.5-sized, bf16" "$PY" bench/peak_memory.py "${COMMON[@]}" --dtype bfloat16 \
   --out "$OUT/peak_memory_bfloat16_sdpa.json"

@@ -16,15 +16,24 @@ with ``--bf16`` also both under bf16 autocast).
 Flow-GRPO on an SD3.5-Medium-sized transformer (512 px, 10 steps, a group of 24, CFG 4.5) and
 Diffusion-DPO on an SDXL-sized UNet (pairs of policy samples), bf16 autocast.
 
-``job``: the README main job (``configs/shapes/diffusion_dpo.yaml``) trained three times: as shipped,
-with ``run.mixed_precision=bf16``, and with ``backbone.compile=sampling`` as well, each from a cold
-compile cache, then each scored by ``genalign eval shapes`` against the base (the same held-out
-prompts and seeds): wall-time ratios and the gold figures.
+``levers``: fused AdamW over torch's default, channels-last UNets, TF32 (CUDA), each against its
+absence. ``step --profile`` adds the time inside the kernels compile calls and cannot change
+(convolutions, matrix products, attention): the bound they put on its speed-up. ``syncs``: the host
+syncs in each method's step and rollout, by the line that asks.
+
+``job``: the README main job (``configs/shapes/diffusion_dpo.yaml``) trained as shipped, with
+``run.mixed_precision=bf16``, and with ``backbone.compile=sampling`` as well, each from a cold
+compile cache (``--warm``: a setting again with the cache its cold run left, as a second run on the
+same machine finds it), then each scored by ``genalign eval shapes`` against the base (the same
+held-out prompts and seeds): wall-time ratios and the gold figures.
 
     .venv/bin/python bench/speed.py rollout
     .venv/bin/python bench/speed.py rollout --family sd3 --backbone models/shapes/sd3 --eta 0.7
     .venv/bin/python bench/speed.py step --methods diffusion_dpo ddpo flow_grpo
-    .venv/bin/python bench/speed.py job --out-dir runs/speed-job
+    .venv/bin/python bench/speed.py step --profile
+    .venv/bin/python bench/speed.py levers
+    .venv/bin/python bench/speed.py syncs --methods diffusion_dpo flow_grpo
+    .venv/bin/python bench/speed.py job --out-dir runs/speed-job --settings shipped compile+bf16 --warm compile+bf16
     .venv/bin/python bench/speed.py images --device cuda          # bench/gpu.sh
 
 Compile times are printed apart (the first call of each compiled setting, with the process's
@@ -131,6 +140,25 @@ def rollout(args: argparse.Namespace) -> dict[str, Any]:
             "speedup_over_pipeline": {k: plain / v for k, v in median.items()}}
 
 
+# Kernels inductor calls rather than generates (oneDNN / MKL / attention): compile cannot make them faster.
+EXTERN_KERNELS = {
+    "aten::mkldnn_convolution", "aten::convolution_backward", "aten::cudnn_convolution", "aten::mm", "aten::addmm",
+    "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_flash_attention_backward", "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_efficient_attention_backward", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_cudnn_attention_backward"}
+
+
+def _extern_seconds(fn: Callable[[], float]) -> float:
+    """CPU seconds one call of ``fn`` spends inside :data:`EXTERN_KERNELS` (the profiler's self times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in EXTERN_KERNELS) / 1e6
+
+
 def step(args: argparse.Namespace) -> dict[str, Any]:
     from step_overhead import _step, _timed, set_up
 
@@ -142,9 +170,15 @@ def step(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     print(f"step: {device}, {torch.get_num_threads()} threads, {args.batch} prompts a micro-batch, "
           f"{args.num_steps} sampling steps; median of {args.repeats}")
-    print("| method | eager (ms) | compiled (ms) | speed-up | compile (s) |" + (" bf16 eager | bf16 compiled | speed-up |"
-                                                                             if args.bf16 else ""))
-    print("|---|---|---|---|---|" + ("---|---|---|" if args.bf16 else ""))
+    head = "| method | eager (ms) | compiled (ms) | speed-up | compile (s) |"
+    rule = "|---|---|---|---|---|"
+    if args.profile:
+        head += " extern kernels (ms) | rest eager (ms) | rest compiled (ms) | bound |"
+        rule += "---|---|---|---|"
+    if args.bf16:
+        head += " bf16 eager | bf16 compiled | speed-up |"
+        rule += "---|---|---|"
+    print(head + "\n" + rule)
     for name in args.methods:
         s = set_up(name, reward, args, device)
         backbone, method, batch, params, path = s.backbone, s.method, s.batch, s.params, s.path
@@ -170,13 +204,181 @@ def step(args: argparse.Namespace) -> dict[str, Any]:
                "speedup": median["eager"] / median["compiled"]}
         line = (f"| {name} | {median['eager'] * 1e3:.1f} | {median['compiled'] * 1e3:.1f} | {row['speedup']:.2f} | "
                 f"{first['compiled']:.1f} |")
+        if args.profile:  # what compile can act on: everything but the extern kernels
+            extern = {k: _extern_seconds(fns[k]) for k in ("eager", "compiled")}
+            rest = {k: median[k] - extern[k] for k in extern}
+            row |= {"extern_seconds": extern, "rest_seconds": rest, "bound": median["eager"] / extern["eager"]}
+            line += (f" {extern['eager'] * 1e3:.0f} / {extern['compiled'] * 1e3:.0f} | {rest['eager'] * 1e3:.0f} | "
+                     f"{rest['compiled'] * 1e3:.0f} | {row['bound']:.2f} |")
         if args.bf16:
             row["speedup_bf16"] = median["eager bf16"] / median["compiled bf16"]
             line += (f" {median['eager bf16'] * 1e3:.1f} | {median['compiled bf16'] * 1e3:.1f} | "
                      f"{row['speedup_bf16']:.2f} |")
         print(line, flush=True)
         results[name] = row
+    if args.profile:
+        print("extern kernels: convolutions, matrix products and attention (oneDNN / MKL), which inductor calls and "
+              "does not generate; rest: the step's time outside them (generated or ATen elementwise and "
+              "normalisation kernels, Python); bound: eager over extern, the speed-up were the rest free")
     return {"batch": args.batch, "num_steps": args.num_steps, "methods": results}
+
+
+def levers(args: argparse.Namespace) -> dict[str, Any]:
+    """The standard levers beside compile and bf16, each against its absence: fused AdamW over
+    torch's default on the shapes SD UNet's LoRA (the main job's) and on all its weights (full
+    fine-tuning); channels-last memory for the UNet and its inputs in Diffusion-DPO's step (fp32
+    and bf16); TF32 for fp32 matrix products (CUDA only)."""
+    from step_overhead import _step, _timed, set_up
+
+    from genalign.core.experiment import BackboneConfig, RewardConfig
+    from genalign.core.optimization import fusable
+    from genalign.pipelines import load_backbone
+    from genalign.rewards import load_reward
+
+    device = torch.device(args.device)
+    out: dict[str, Any] = {}
+    print(f"levers: {device}, {torch.get_num_threads()} threads; median of {args.repeats}")
+    print("| lever | workload | without (ms) | with (ms) | speed-up |\n|---|---|---|---|---|")
+
+    def report(lever: str, workload: str, times: dict[str, float]) -> None:
+        out[f"{lever}: {workload}"] = times | {"speedup": times["without"] / times["with"]}
+        print(f"| {lever} | {workload} | {times['without'] * 1e3:.2f} | {times['with'] * 1e3:.2f} | "
+              f"{times['without'] / times['with']:.2f} |", flush=True)
+
+    for finetune in ("lora", "full"):
+        backbone = load_backbone(BackboneConfig(family="sd", path=args.sd, finetune=finetune, lora_rank=8, lora_alpha=8),
+                                 device)
+        params = backbone.trainable_parameters()
+        if not fusable(params):
+            print(f"| fused AdamW | {finetune} | - | - | (no fused kernel on {device.type}) |")
+            continue
+
+        def adamw(fused: bool, params: list[Any] = params) -> Callable[[], float]:
+            copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            for c in copies:
+                c.grad = torch.randn_like(c)
+            optimizer = torch.optim.AdamW(copies, lr=1e-4, fused=fused or None)
+            optimizer.step()  # allocates the state
+
+            def run() -> float:
+                _sync(device)
+                start = time.perf_counter()
+                optimizer.step()
+                _sync(device)
+                return time.perf_counter() - start
+            return run
+
+        count = sum(p.numel() for p in params)
+        report("fused AdamW", f"shapes SD {finetune} ({count / 1e6:.2f} M weights)",
+               _medians({"without": adamw(False), "with": adamw(True)}, 5 * args.repeats))
+        del backbone, params
+
+    reward = load_reward(RewardConfig(name="clip", path=args.reward_path), device)
+    s = set_up("diffusion_dpo", reward, args, device)
+    unet = s.backbone.unwrapped_denoiser
+    for bf16 in (False, True):
+        def dpo(channels_last: bool, bf16: bool = bf16) -> Callable[[], float]:
+            def run() -> float:
+                unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                with _autocast(device, bf16):
+                    return _timed(lambda: _step(s.method, _channels_last(s.batch, channels_last)), s.params, device)
+            return run
+
+        report("channels-last", "Diffusion-DPO step, shapes SD" + (", bf16" if bf16 else ""),
+               _medians({"without": dpo(False), "with": dpo(True)}, args.repeats))
+    unet.to(memory_format=torch.contiguous_format)
+
+    if device.type == "cuda":
+        a, b = torch.randn(4096, 4096, device=device), torch.randn(4096, 4096, device=device)
+
+        def matmul(tf32: bool) -> Callable[[], float]:
+            def run() -> float:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(10):
+                    a @ b
+                _sync(device)
+                return (time.perf_counter() - start) / 10
+            return run
+
+        report("TF32", "fp32 4096 x 4096 matmul", _medians({"without": matmul(False), "with": matmul(True)},
+                                                          args.repeats))
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        print("| TF32 | - | - | - | (CUDA only) |")
+    return out
+
+
+def _channels_last(batch: Any, on: bool) -> Any:
+    """``batch`` with its 4-d tensors in channels-last memory (``on``) or contiguous."""
+    import dataclasses
+
+    form = torch.channels_last if on else torch.contiguous_format
+
+    def convert(value: Any) -> Any:
+        return value.contiguous(memory_format=form) if isinstance(value, torch.Tensor) and value.dim() == 4 else value
+
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(batch, **{f.name: convert(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+    if isinstance(batch, dict):
+        return {k: convert(v) for k, v in batch.items()}
+    return batch
+
+
+SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero",
+           "masked_select", "unique", "repeat_interleave"}
+
+
+def syncs(args: argparse.Namespace) -> dict[str, Any]:
+    """Host syncs inside each method's step, by the genalign line that asks: tensor calls that
+    read values on the host or size an output by them (``item``, ``bool``, ``cpu``, ``nonzero``,
+    boolean-mask indexing ...), counted by a torch function mode over the loss + backward of one
+    collected micro-batch and over one rollout (``collect``). On a CPU they cost nothing; on a GPU
+    each one waits for the queued kernels. An upper count: a call on a tensor that already lives
+    on the host is counted too."""
+    import collections
+    import traceback
+
+    from step_overhead import _step, set_up
+    from torch.overrides import TorchFunctionMode
+
+    from genalign.core.experiment import RewardConfig
+    from genalign.rewards import load_reward
+
+    class Counter(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sites: collections.Counter[str] = collections.Counter()
+
+        def __torch_function__(self, func: Any, types: Any, fargs: Any = (), kwargs: Any = None) -> Any:
+            name = getattr(func, "__name__", "")
+            index = fargs[1] if name in ("__getitem__", "__setitem__") and len(fargs) > 1 else ()
+            masks = [i for i in (index if isinstance(index, tuple) else (index,))
+                     if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
+            if name in SYNCING or masks:
+                ours = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}genalign{os.sep}" in f.filename]
+                where = f"{Path(ours[-1].filename).relative_to(ROOT)}:{ours[-1].lineno}" if ours else "?"
+                self.sites[f"{where} ({name})"] += 1
+            return func(*fargs, **(kwargs or {}))
+
+    device = torch.device(args.device)
+    reward = load_reward(RewardConfig(name="clip", path=args.reward_path), device)
+    results: dict[str, Any] = {}
+    for name in args.methods:
+        s = set_up(name, reward, args, device)
+        with Counter() as step_syncs:
+            _step(s.method, s.batch)
+        with Counter() as rollout_syncs, torch.no_grad():
+            s.method.collect(["a red circle", "two blue squares"], torch.Generator().manual_seed(0))
+        results[name] = {"step": dict(step_syncs.sites), "rollout": dict(rollout_syncs.sites)}
+        print(f"{name}: {sum(step_syncs.sites.values())} in the step (loss + backward), "
+              f"{sum(rollout_syncs.sites.values())} in a rollout of 2 prompts, {args.num_steps} steps")
+        for site, count in sorted(step_syncs.sites.items()):
+            print(f"  step     {count:3d}  {site}")
+        for site, count in sorted(rollout_syncs.sites.items()):
+            print(f"  rollout  {count:3d}  {site}")
+    return {"num_steps": args.num_steps, "methods": results}
 
 
 def _images_method(name: str, backbone: Any, args: argparse.Namespace) -> tuple[Any, int]:
@@ -275,24 +477,28 @@ def job(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"shipped": [], "bf16": ["run.mixed_precision=bf16"],
                 "compile+bf16": ["backbone.compile=sampling", "run.mixed_precision=bf16"]}
+    runs = [(name, settings[name], False) for name in args.settings]
+    runs += [(name, settings[name], True) for name in args.warm]  # again, with the kernels its cold run compiled
     genalign = [sys.executable, "-m", "genalign"]
     result: dict[str, Any] = {}
-    for name, overrides in settings.items():
-        run = out / name.replace("+", "-")
-        with tempfile.TemporaryDirectory() as cache:  # a cold compile cache, as on a fresh machine
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as caches:
+        for name, overrides, warm in runs:
+            label = f"{name}, warm cache" if warm else name
+            run = out / (name.replace("+", "-") + ("-warm" if warm else ""))
+            cache = Path(caches) / name.replace("+", "-")  # a cold compile cache, as on a fresh machine
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
             start = time.perf_counter()
-            subprocess.run([*genalign, "train", args.config, f"run.output_dir={run}", *overrides], env=env, check=True,
-                           cwd=ROOT, stdout=subprocess.DEVNULL)
+            subprocess.run([*genalign, "train", args.config, f"run.output_dir={run}", *overrides], env=env,
+                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             seconds = time.perf_counter() - start
-        subprocess.run([*genalign, "eval", "shapes", "--backbone", "models/shapes/sd", "--clip", "models/shapes/clip",
-                        "--lora", str(run / "final" / "pytorch_lora_weights.safetensors"), "--with-base",
-                        "--out", str(run / "eval")], env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
-        result[name] = {"train_seconds": seconds, "eval": _gold(run / "eval")}
-        print(f"{name}: trained in {seconds:.0f} s", flush=True)
-    base = result["shipped"]
-    print(f"main job ({args.config}), {torch.get_num_threads()} threads, cold compile cache:")
+            subprocess.run([*genalign, "eval", "shapes", "--backbone", "models/shapes/sd", "--clip",
+                            "models/shapes/clip", "--lora", str(run / "final" / "pytorch_lora_weights.safetensors"),
+                            "--with-base", "--out", str(run / "eval")], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            result[label] = {"train_seconds": seconds, "eval": _gold(run / "eval")}
+            print(f"{label}: trained in {seconds:.0f} s", flush=True)
+    base = next(iter(result.values()))
+    print(f"main job ({args.config}), {torch.get_num_threads()} threads; over {next(iter(result))}:")
     print("| setting | training (s) | speed-up | held-out gold (base -> tuned) | gain (SE) |")
     print("|---|---|---|---|---|")
     for name, row in result.items():
@@ -323,6 +529,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="prompts per micro-batch")
     p.add_argument("--num-steps", type=int, default=8)
     p.add_argument("--bf16", action="store_true", help="also both under bf16 autocast")
+    p.add_argument("--profile", action="store_true",
+                   help="also the time inside extern kernels (profiler), and the bound it puts on compile's speed-up")
+    p = sub.add_parser("levers")
+    p.add_argument("--sd", default="models/shapes/sd")
+    p.add_argument("--sd3", default="models/shapes/sd3")
+    p.add_argument("--reward-path", default="models/shapes/clip")
+    p.add_argument("--batch", type=int, default=8, help="prompts per micro-batch")
+    p.add_argument("--num-steps", type=int, default=8)
+    p = sub.add_parser("syncs")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--sd", default="models/shapes/sd")
+    p.add_argument("--sd3", default="models/shapes/sd3")
+    p.add_argument("--reward-path", default="models/shapes/clip")
+    p.add_argument("--batch", type=int, default=4, help="prompts per micro-batch")
+    p.add_argument("--num-steps", type=int, default=4)
     p = sub.add_parser("images")
     p.add_argument("--models", nargs="+", default=["sd35m", "sdxl"], choices=["sd35m", "sdxl"],
                    help="sd35m: Flow-GRPO on an SD3.5-Medium-sized transformer; sdxl: Diffusion-DPO on an SDXL-sized UNet")
@@ -336,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("job")
     p.add_argument("--config", default="configs/shapes/diffusion_dpo.yaml")
     p.add_argument("--out-dir", default="runs/speed-job")
+    p.add_argument("--settings", nargs="+", default=["shipped", "bf16", "compile+bf16"],
+                   choices=["shipped", "bf16", "compile+bf16"], help="each from a cold compile cache; the first is 1.00")
+    p.add_argument("--warm", nargs="*", default=[], choices=["bf16", "compile+bf16"],
+                   help="then these again, with the compile cache their cold run left (a second run on a machine)")
     for p in sub.choices.values():
         p.add_argument("--repeats", type=int, default=5)
         p.add_argument("--device", default="cpu")
@@ -345,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     from genalign.core.speed import set_threads
 
     set_threads(args.threads)
-    result = {"rollout": rollout, "step": step, "images": images, "job": job}[args.bench](args)
+    result = {"rollout": rollout, "step": step, "levers": levers, "syncs": syncs, "images": images, "job": job}[args.bench](args)
     result |= {"device": args.device, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out or f"bench/results/speed_{args.bench}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

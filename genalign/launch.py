@@ -19,12 +19,13 @@ def run_experiment(config: Any, resume: str | None = None) -> Any:
     the main process."""
     from accelerate.utils import set_seed
 
-    from genalign.core.speed import set_threads
+    from genalign.core.speed import set_tf32, set_threads
     from genalign.core.trainer import Trainer, make_accelerator
     from genalign.finetuners import METHODS
 
     run = config.run
     set_threads(run.threads)
+    set_tf32(run.tf32)
     accelerator = make_accelerator(run)
     set_seed(run.seed)  # LoRA and head initialisations draw from the global RNGs
     backbone = None

@@ -174,3 +174,19 @@ def test_clean_estimate_of_the_exact_target_is_the_clean_sample(kind):
     elif kind == "epsilon":
         a = schedule.alpha_prod(torch.tensor(500))
         torch.testing.assert_close(estimate[1], (x_t[1] - (1 - a).sqrt() * noise[1]) / a.sqrt(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_flow_sde_training_step_reads_nothing_back_from_the_device():
+    """The training pass's step (its sample given) holds no host sync: on the meta device, which
+    stands in for a GPU here, any read-back fails. sigma = 1 takes sigma_max without a check."""
+    from genalign.core.sampling import flow_sde_step, gaussian_kl_equal_std
+
+    x = torch.randn(2, 4, 8, 8)
+    sigma, sigma_next = torch.tensor([1.0, 0.5]), torch.tensor([0.9, 0.4])
+    on_cpu = flow_sde_step(x, -x, sigma, sigma_next, 0.7, prev_sample=x, sigma_max=0.95)
+    on_meta = flow_sde_step(x.to("meta"), -x.to("meta"), sigma.to("meta"), sigma_next.to("meta"), 0.7,
+                            prev_sample=x.to("meta"), sigma_max=0.95)
+    assert [t.shape for t in on_meta] == [t.shape for t in on_cpu] and on_meta[1].device.type == "meta"
+    assert gaussian_kl_equal_std(x.to("meta"), x.to("meta"), on_meta[3]).shape == (2,)
+    with pytest.raises(ValueError, match="sigma_max"):
+        flow_sde_step(x, -x, sigma, sigma_next, 0.7, prev_sample=x)

@@ -272,6 +272,23 @@ def test_euler_configs_end_the_chain_at_alpha_one():
     assert DiffusionSchedule(config).final_alpha_cumprod == 1.0
 
 
+def test_alpha_prod_is_looked_up_on_the_timesteps_device_without_a_round_trip_to_the_host():
+    """A GPU run's timesteps live on the GPU: the lookup stays there (no host sync); the meta
+    device stands in for it here (a copy to the host would fail on it)."""
+    from diffusers import DDIMScheduler
+
+    from genalign.core.schedules import DiffusionSchedule
+
+    schedule = DiffusionSchedule(DDIMScheduler(beta_schedule="scaled_linear").config)
+    t = torch.tensor([999, 500, 0, -1])
+    values = schedule.alpha_prod(t)
+    expected = torch.cat([DDIMScheduler(beta_schedule="scaled_linear").alphas_cumprod[[999, 500, 0]].double(),
+                          torch.tensor([schedule.final_alpha_cumprod], dtype=torch.float64)])
+    assert torch.equal(values, expected)
+    on_device = schedule.alpha_prod(t.to("meta"))
+    assert on_device.device.type == "meta" and on_device.shape == (4,)
+
+
 @pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
 def test_a_too_long_prompt_is_reported_once_and_non_strings_are_refused(tiny_models, family, capsys):
     backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(family), finetune="none"))

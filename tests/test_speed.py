@@ -115,6 +115,54 @@ def test_compiled_denoiser_equals_the_eager_one_with_lora_its_reference_and_a_tr
     assert not torch.allclose(results[0][0], results[0][3], atol=1e-4)  # the step moved the prediction
 
 
+def test_a_compiled_training_pass_with_gradient_checkpointing_gives_the_eager_gradients(tiny_models):
+    """``backbone.compile=all`` with ``gradient_checkpointing``: the checkpointed blocks are traced
+    by dynamo (torch's checkpoint higher-order op); loss and LoRA gradients equal the eager twin's."""
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+
+    def build(compile: bool):
+        torch.manual_seed(0)
+        return load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora", lora_rank=4,
+                                            lora_alpha=4, gradient_checkpointing=True,
+                                            compile="all" if compile else "none"))
+
+    eager, compiled = build(False), build(True)
+    compiled.denoiser.warmup = 0
+    cond = eager.encode_prompts(["a red circle", "two blue squares"])
+    x = torch.randn(2, *eager.latent_shape(), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([700, 300])
+    grads = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for backbone in (eager, compiled):
+            with torch.no_grad():
+                for name, p in backbone.unwrapped_denoiser.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+            params = [p for p in backbone.unwrapped_denoiser.parameters() if p.requires_grad]
+            with backbone.training():
+                assert backbone.unwrapped_denoiser.is_gradient_checkpointing
+                loss = backbone.predict(x, t, cond, 1.0).square().mean()
+                loss.backward()
+            grads.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+    assert grads[0][1].abs().sum() > 0
+
+
+def test_a_compiled_denoiser_lifts_dynamos_graph_limit_so_its_kinds_of_call_stay_compiled():
+    """dynamo keeps 8 graphs of a code object and runs it eagerly after (silently but for one
+    warning); a denoiser's forward meets more kinds than that in one run."""
+    import torch._dynamo.config as dynamo
+
+    from genalign.core.speed import RECOMPILES, CompiledDenoiser
+
+    with dynamo.patch(recompile_limit=8):
+        CompiledDenoiser(torch.nn.Linear(2, 2), "sampling")
+        assert dynamo.recompile_limit == RECOMPILES >= 32
+
+
 def test_a_kind_of_call_runs_eagerly_until_it_has_been_seen_warmup_times_and_sampling_mode_leaves_training_eager():
     from genalign.core.speed import CompiledDenoiser
 
@@ -142,3 +190,62 @@ def test_a_kind_of_call_runs_eagerly_until_it_has_been_seen_warmup_times_and_sam
         wrapper(x).sum().backward()
     assert calls == ["compiled", "compiled"]
     assert wrapper.weight is module.weight and wrapper.in_features == 3
+
+
+def _adamw_by_hand(p0, grads, lr, betas, eps, wd):
+    """AdamW (Loshchilov and Hutter 2019, Algorithm 2 with torch's bias corrections), step by step."""
+    p, m, v = p0.clone().double(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        p = p * (1 - lr * wd)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+        p = p - lr * m_hat / (v_hat.sqrt() + eps)
+    return p
+
+
+def test_the_run_optimizer_is_fused_adamw_where_the_device_has_it_and_updates_as_adamw_does():
+    from types import SimpleNamespace
+
+    from genalign.core.experiment import RunConfig
+    from genalign.core.optimization import fusable, make_optimization
+
+    accelerator = SimpleNamespace(prepare=lambda optimizer: optimizer)
+    torch.manual_seed(0)
+    p0 = torch.randn(5, 3)
+    grads = [torch.randn(5, 3) for _ in range(3)]
+    run = RunConfig(lr=0.01, weight_decay=0.1, adam_betas=(0.8, 0.9), adam_eps=1e-3, steps=3)
+    for fused in (True, False):
+        param = torch.nn.Parameter(p0.clone())
+        optimizer, _, _ = make_optimization(RunConfig(**{**run.__dict__, "fused_adamw": fused}), [param], accelerator)
+        assert bool(optimizer.defaults["fused"]) is fused
+        for g in grads:
+            param.grad = g.clone()
+            optimizer.step()
+        expected = _adamw_by_hand(p0, grads, 0.01, (0.8, 0.9), 1e-3, 0.1)
+        assert torch.allclose(param.detach().double(), expected, atol=1e-6), fused
+    assert fusable([torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))])
+    assert not fusable([torch.nn.Parameter(torch.ones(2)), torch.ones(2, device="meta")])  # two kinds of device
+
+
+def test_tf32_is_set_for_cuda_matmuls_and_convolutions_and_can_be_turned_off():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        speed.set_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        speed.set_tf32()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_the_gpu_scripts_sections_fit_in_its_eight_minutes():
+    """bench/gpu.sh must end within 8 minutes on one GPU (the time a lent GPU gives): its sections'
+    own time limits, which stop a section that runs long, add up to less."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu.sh").read_text()
+    limits = [int(n) for n in re.findall(r"^\s*section (\d+) ", script, flags=re.M)]
+    assert len(limits) >= 6 and sum(limits) <= 470, limits

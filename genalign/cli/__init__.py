@@ -61,9 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; errors a user meets are one clear line (exit 2 for bad input, 1 for failed
     runs), the traceback only with ``--debug``."""
     args = build_parser().parse_args(argv)
-    from genalign.core.speed import set_threads
+    from genalign.core.speed import set_tf32, set_threads
 
     set_threads()  # this process's share of the cores (train: run.threads may ask for another count)
+    set_tf32()  # fp32 sampling and scoring on GPUs (train: run.tf32 may turn it off)
     if args.debug:
         return int(args.func(args))
     try:

@@ -134,6 +134,10 @@ class RunConfig:
     weight_decay: float = field(1e-4, help="AdamW weight decay")
     adam_betas: tuple[float, float] = field((0.9, 0.999), help="AdamW betas")
     adam_eps: float = field(1e-8, help="AdamW epsilon")
+    fused_adamw: bool = field(True, help="AdamW's fused kernel (one update for all parameters) where the device "
+                                         "has one (CUDA, CPU, MPS ...); false: torch's default (foreach / for-loop)")
+    tf32: bool = field(True, help="TF32 matmuls and convolutions for fp32 work on CUDA GPUs (Ampere and later; no "
+                                  "effect elsewhere); false: full fp32")
     max_grad_norm: float = field(1.0, help="gradient clipping by global norm; 0 disables")
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
         "no", help="autocast precision (fp16 needs a GPU; bf16 also speeds up CPUs with AMX / AVX-512 bf16)"

@@ -181,7 +181,7 @@ def gaussian_kl_equal_std(mean_p: Tensor, mean_q: Tensor, std: Tensor | float) -
     dimensions matches the log-prob convention above. ``std`` must be positive.
     """
     std = torch.as_tensor(std, dtype=mean_p.dtype, device=mean_p.device)
-    if bool((std <= 0).any()):
+    if std.device.type == "cpu" and bool((std <= 0).any()):  # checked where free: on a GPU the KL is inf instead
         raise ValueError("gaussian_kl_equal_std needs std > 0 (a deterministic step has no KL)")
     kl = (mean_p - mean_q) ** 2 / (2 * std**2)
     return kl.mean(dim=tuple(range(1, mean_p.ndim)))
@@ -298,11 +298,10 @@ def flow_sde_step(
     if noise_level == 0:
         mean = flow_euler_step(x, velocity, sigma, sigma_next)
         return _finish_step(mean, torch.zeros_like(s_t), prev_sample, generator, noise)
-    at_one = s_t >= 1
-    if bool(at_one.any()):
-        if sigma_max is None:
-            raise ValueError("flow_sde_step at sigma = 1 needs sigma_max (the schedule's sigmas[1])")
-        denominator = 1 - torch.where(at_one, _as_batch_broadcast(sigma_max, x) * torch.ones_like(s_t), s_t)
+    if sigma_max is not None:  # no host sync: sigma = 1 takes sigma_max wherever it occurs
+        denominator = 1 - torch.where(s_t >= 1, _as_batch_broadcast(sigma_max, x) * torch.ones_like(s_t), s_t)
+    elif bool((s_t >= 1).any()):
+        raise ValueError("flow_sde_step at sigma = 1 needs sigma_max (the schedule's sigmas[1])")
     else:
         denominator = 1 - s_t
     s = noise_level * (s_t / denominator).sqrt()

@@ -129,6 +129,7 @@ class DiffusionSchedule:
         self.timestep_spacing: str = self._ddim.config.timestep_spacing
         self.alphas_cumprod: Tensor = self._ddim.alphas_cumprod.to(torch.float64)
         self.final_alpha_cumprod: float = float(self._ddim.final_alpha_cumprod)
+        self._tables: dict[torch.device, Tensor] = {}  # alphas_cumprod on each device it was looked up on
 
     def timesteps(self, num_steps: int) -> Tensor:
         if num_steps < 1:
@@ -158,11 +159,15 @@ class DiffusionSchedule:
         return DDPMSDE(self, num_steps)
 
     def alpha_prod(self, timestep: Tensor) -> Tensor:
-        """alpha_prod at integer timesteps; negative timesteps mean the end of the chain."""
+        """alpha_prod at integer timesteps, on their device (a lookup there: no host sync);
+        negative timesteps mean the end of the chain."""
         timestep = torch.as_tensor(timestep)
-        ends = timestep < 0
-        values = self.alphas_cumprod[timestep.clamp(min=0).long().cpu()]
-        return torch.where(ends.cpu(), torch.full_like(values, self.final_alpha_cumprod), values)
+        table = self._tables.get(timestep.device)
+        if table is None:  # float64 where the device has it (MPS has not)
+            dtype = torch.float32 if timestep.device.type == "mps" else torch.float64
+            table = self._tables[timestep.device] = self.alphas_cumprod.to(timestep.device, dtype)
+        values = table[timestep.clamp(min=0).long()]
+        return torch.where(timestep < 0, torch.full_like(values, self.final_alpha_cumprod), values)
 
     def _alphas(self, timestep: Tensor, num_steps: int, like: Tensor) -> tuple[Tensor, Tensor]:
         a_t = self.alpha_prod(timestep).to(like.device, like.dtype)

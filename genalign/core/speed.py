@@ -77,6 +77,14 @@ def set_threads(requested: int = 0) -> int:
     return torch.get_num_threads()
 
 
+def set_tf32(enabled: bool = True) -> None:
+    """TF32 for fp32 matrix products and convolutions on CUDA GPUs (Ampere and later: ~8x fp32's
+    tensor-core rate, a 10-bit mantissa; what diffusers' training scripts call ``--allow_tf32``).
+    Leaves CPUs alone (torch's CPU fp32 precision flag is not TF32)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def compile_unavailable(device: torch.device | str) -> str | None:
     """Why inductor cannot compile for ``device`` here, or None when it can."""
     device = torch.device(device)
@@ -94,6 +102,22 @@ def compile_unavailable(device: torch.device | str) -> str | None:
     return f"torch.compile is not set up for {device.type} devices in genalign"
 
 
+RECOMPILES = 64  # graphs of one denoiser's code: kinds of call (shape, gradient, inputs' requires_grad, autocast)
+
+
+def allow_recompiles(limit: int = RECOMPILES) -> None:
+    """Raise dynamo's limit on graphs per code object (8 by default) to ``limit``. A denoiser's
+    forward is one code object whatever the call: rollouts, training passes, the reference,
+    evaluation batches and a second backbone's calls (ReNO, a bench of several methods) are each a
+    graph of it, and past the limit dynamo silently runs that code eagerly from then on."""
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(dynamo, name, max(getattr(dynamo, name), limit))
+    if hasattr(dynamo, "accumulated_recompile_limit"):
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
+
+
 class CompiledDenoiser:
     """A denoiser called through ``torch.compile`` for the calls its mode covers (``sampling``:
     without gradient and outside the backbone's ``reference()``; ``all``: every call) and
@@ -108,6 +132,7 @@ class CompiledDenoiser:
     def __init__(self, module: nn.Module, mode: str):
         self.module, self.mode, self.in_reference = module, mode, False
         self.compiled = torch.compile(module)
+        allow_recompiles()
         self.seen: dict[tuple[Any, ...], int] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

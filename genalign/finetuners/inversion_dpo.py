@@ -129,7 +129,7 @@ class InversionDPO(DiffusionDPO):
     def step_weights(self, timesteps: Tensor) -> Tensor:
         if self.weighting == "uniform":
             return torch.ones(timesteps.shape[0], device=self.backbone.device)
-        alpha_prod = self.backbone.schedule.alpha_prod(timesteps.cpu())
+        alpha_prod = self.backbone.schedule.alpha_prod(timesteps)
         assert alpha_prod is not None  # checked when the method was built
         return (1.0 / (2.0 * alpha_prod.float())).to(self.backbone.device)
 
