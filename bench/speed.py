@@ -519,31 +519,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--batch", type=int, default=16)
-    p = sub.add_parser("step")
     from step_overhead import METHODS
 
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--sd", default="models/shapes/sd")
-    p.add_argument("--sd3", default="models/shapes/sd3")
-    p.add_argument("--reward-path", default="models/shapes/clip")
-    p.add_argument("--batch", type=int, default=8, help="prompts per micro-batch")
-    p.add_argument("--num-steps", type=int, default=8)
+    def shapes_models(p: argparse.ArgumentParser, batch: int, steps: int, methods: bool = True) -> None:
+        """The options of a bench on the shapes models (step_overhead.set_up's arguments)."""
+        if methods:
+            p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+        p.add_argument("--sd", default="models/shapes/sd")
+        p.add_argument("--sd3", default="models/shapes/sd3")
+        p.add_argument("--reward-path", default="models/shapes/clip")
+        p.add_argument("--batch", type=int, default=batch, help="prompts per micro-batch")
+        p.add_argument("--num-steps", type=int, default=steps)
+
+    p = sub.add_parser("step")
+    shapes_models(p, 8, 8)
     p.add_argument("--bf16", action="store_true", help="also both under bf16 autocast")
     p.add_argument("--profile", action="store_true",
                    help="also the time inside extern kernels (profiler), and the bound it puts on compile's speed-up")
-    p = sub.add_parser("levers")
-    p.add_argument("--sd", default="models/shapes/sd")
-    p.add_argument("--sd3", default="models/shapes/sd3")
-    p.add_argument("--reward-path", default="models/shapes/clip")
-    p.add_argument("--batch", type=int, default=8, help="prompts per micro-batch")
-    p.add_argument("--num-steps", type=int, default=8)
-    p = sub.add_parser("syncs")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--sd", default="models/shapes/sd")
-    p.add_argument("--sd3", default="models/shapes/sd3")
-    p.add_argument("--reward-path", default="models/shapes/clip")
-    p.add_argument("--batch", type=int, default=4, help="prompts per micro-batch")
-    p.add_argument("--num-steps", type=int, default=4)
+    shapes_models(sub.add_parser("levers"), 8, 8, methods=False)
+    shapes_models(sub.add_parser("syncs"), 4, 4)
     p = sub.add_parser("images")
     p.add_argument("--models", nargs="+", default=["sd35m", "sdxl"], choices=["sd35m", "sdxl"],
                    help="sd35m: Flow-GRPO on an SD3.5-Medium-sized transformer; sdxl: Diffusion-DPO on an SDXL-sized UNet")
