@@ -50,8 +50,12 @@ def test_run_threads_is_checked():
     from genalign.core.config import ConfigError
     from genalign.core.experiment import RunConfig
 
+    from genalign.core.experiment import BackboneConfig
+
     with pytest.raises(ConfigError, match="threads"):
         RunConfig(threads=-2)
+    with pytest.raises(ConfigError, match="compile_warmup"):
+        BackboneConfig(compile_warmup=-1)
 
 
 def test_compile_falls_back_to_eager_with_a_warning_where_inductor_cannot_compile(tiny_models, monkeypatch):
@@ -124,11 +128,11 @@ def test_a_compiled_training_pass_with_gradient_checkpointing_gives_the_eager_gr
     def build(compile: bool):
         torch.manual_seed(0)
         return load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora", lora_rank=4,
-                                            lora_alpha=4, gradient_checkpointing=True,
+                                            lora_alpha=4, gradient_checkpointing=True, compile_warmup=0,
                                             compile="all" if compile else "none"))
 
     eager, compiled = build(False), build(True)
-    compiled.denoiser.warmup = 0
+    assert compiled.denoiser.warmup == 0  # backbone.compile_warmup: compiled from the first call
     cond = eager.encode_prompts(["a red circle", "two blue squares"])
     x = torch.randn(2, *eager.latent_shape(), generator=torch.Generator().manual_seed(1))
     t = torch.tensor([700, 300])

@@ -68,6 +68,9 @@ class BackboneConfig:
                      "grids, evaluation) or for every forward and backward (all); a one-off compile of minutes, "
                      "seconds from inductor's cache; eager with a warning where the device cannot compile"
     )
+    compile_warmup: int = field(
+        16, help="backbone.compile: calls of a kind (input shape, gradient, reference) run eagerly before it is "
+                 "compiled (a one-off sample grid is not worth a compile; 0: compile from the first call)")
     expert: Literal["high", "low"] | None = field(
         None, help="Wan 2.2 A14B: the expert trained (high: the high-noise transformer, low: transformer_2); the "
                    "other stays frozen; default high"
@@ -77,6 +80,7 @@ class BackboneConfig:
         check(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         check(self.frames is None or self.frames >= 1, f"frames must be >= 1, got {self.frames}")
+        check(self.compile_warmup >= 0, f"compile_warmup must be >= 0, got {self.compile_warmup}")
 
 
 @dataclass
