@@ -122,7 +122,7 @@ class DiffusersBackbone:
         if config.gradient_checkpointing:
             self.unwrapped_denoiser.enable_gradient_checkpointing()
         if config.compile != "none":
-            self.compile_denoiser(config.compile)
+            self.compile_denoiser(config.compile, config.compile_warmup)
         if config.frames is not None and not self.video:
             raise ValueError(f"backbone.frames: {config.family} makes images, not videos")
         self.source_images: dict[str, Tensor] = {}
@@ -178,13 +178,13 @@ class DiffusersBackbone:
             raise RuntimeError("backbone.attention=xformers but xformers is not installed (pip install genalign[xformers])") from err
         self.unwrapped_denoiser.enable_xformers_memory_efficient_attention()
 
-    def compile_denoiser(self, mode: str = "all") -> bool:
+    def compile_denoiser(self, mode: str = "all", warmup: int = CompiledDenoiser.warmup) -> bool:
         """``torch.compile`` the denoiser (inductor, default mode) for the forwards ``mode`` names:
         ``sampling``, the forwards without gradient with the adapters on (rollouts, sample grids,
         evaluation); ``all``, every forward and backward (training, reference passes). The others
         run eagerly. :attr:`denoiser` becomes a :class:`CompiledDenoiser`, :attr:`unwrapped_denoiser`
         stays the module itself (LoRA, state dicts, export and FSDP read it). Each kind of call is
-        compiled after its warm-up (:class:`CompiledDenoiser`; compile times: docs/training.md,
+        compiled after ``warmup`` eager calls (:class:`CompiledDenoiser`; compile times: docs/training.md,
         "Speed"). Returns False, with a warning, where inductor cannot compile (a CPU with no C++
         compiler, a GPU without triton)."""
         if mode not in ("sampling", "all"):
@@ -194,6 +194,7 @@ class DiffusersBackbone:
             warnings.warn(f"backbone.compile: {reason}; the denoiser runs eagerly", stacklevel=2)
             return False
         self.denoiser = CompiledDenoiser(self.unwrapped_denoiser, mode)
+        self.denoiser.warmup = warmup
         return True
 
     # ------------------------------------------------------------------ the family-specific part

@@ -48,9 +48,7 @@ def test_available_cores_are_bounded_by_the_affinity_and_a_cgroup_quota(monkeypa
 
 def test_run_threads_is_checked():
     from genalign.core.config import ConfigError
-    from genalign.core.experiment import RunConfig
-
-    from genalign.core.experiment import BackboneConfig
+    from genalign.core.experiment import BackboneConfig, RunConfig
 
     with pytest.raises(ConfigError, match="threads"):
         RunConfig(threads=-2)
