@@ -23,7 +23,7 @@ from genalign.core.experiment import BackboneConfig
 from genalign.core.images import check_images, read_source_images
 from genalign.core.loading import WeightsNotFoundError, from_pretrained_or_explain
 from genalign.core.schedules import DiffusionSchedule, NoiseSchedule
-from genalign.core.speed import CompiledDenoiser, compile_unavailable
+from genalign.core.speed import WARMUP, CompiledDenoiser, compile_unavailable
 from genalign.core.types import Conditioning
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,7 +178,7 @@ class DiffusersBackbone:
             raise RuntimeError("backbone.attention=xformers but xformers is not installed (pip install genalign[xformers])") from err
         self.unwrapped_denoiser.enable_xformers_memory_efficient_attention()
 
-    def compile_denoiser(self, mode: str = "all", warmup: int = CompiledDenoiser.warmup) -> bool:
+    def compile_denoiser(self, mode: str = "all", warmup: int = WARMUP) -> bool:
         """``torch.compile`` the denoiser (inductor, default mode) for the forwards ``mode`` names:
         ``sampling``, the forwards without gradient with the adapters on (rollouts, sample grids,
         evaluation); ``all``, every forward and backward (training, reference passes). The others
@@ -193,8 +193,7 @@ class DiffusersBackbone:
         if reason:
             warnings.warn(f"backbone.compile: {reason}; the denoiser runs eagerly", stacklevel=2)
             return False
-        self.denoiser = CompiledDenoiser(self.unwrapped_denoiser, mode)
-        self.denoiser.warmup = warmup
+        self.denoiser = CompiledDenoiser(self.unwrapped_denoiser, mode, warmup)
         return True
 
     # ------------------------------------------------------------------ the family-specific part

@@ -542,8 +542,7 @@ def test_a_compiled_denoisers_rollout_log_probs_are_recomputed_by_the_training_p
     for recompute in (False, True):
         grpo = _method(tiny_models, FlowGRPO, config, "sd3", 0.7)
         module = grpo.backbone.unwrapped_denoiser
-        wrapper = CompiledDenoiser(module, "sampling")
-        wrapper.warmup = 0
+        wrapper = CompiledDenoiser(module, "sampling", warmup=0)
         wrapper.compiled = lambda *a, **k: (module(*a, **k)[0] * (1 + 1e-2),)  # noqa: B023
         grpo.backbone.denoiser = wrapper
         type(grpo).recomputes_old_log_probs = property(lambda self, r=recompute: r)

@@ -78,12 +78,11 @@ def test_compiled_denoiser_equals_the_eager_one_with_lora_its_reference_and_a_tr
     def build(compile: bool):
         torch.manual_seed(0)
         return load_backbone(BackboneConfig(family="sd", path=tiny_models("sd"), finetune="lora", lora_rank=4,
-                                            lora_alpha=4, compile="all" if compile else "none"))
+                                            lora_alpha=4, compile="all" if compile else "none", compile_warmup=0))
 
     eager, compiled = build(False), build(True)
     assert compiled.denoiser is not compiled.unwrapped_denoiser
     assert compiled.denoiser.module is compiled.unwrapped_denoiser
-    compiled.denoiser.warmup = 0  # compiled from the first call
     prompts = ["a red circle", "two blue squares"]
     cond = eager.encode_prompts(prompts)
     x = torch.randn(2, *eager.latent_shape(), generator=torch.Generator().manual_seed(1))

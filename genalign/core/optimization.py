@@ -35,8 +35,8 @@ def make_optimization(run: RunConfig, params: list[torch.nn.Parameter], accelera
 def fusable(params: list[torch.nn.Parameter]) -> bool:
     """Whether torch has a fused AdamW kernel for ``params``: floating point, all on one kind of
     device that has one (torch's own list; CUDA and CPU in every supported torch). The fused
-    update is one kernel for all parameters: 4x torch's default on CPUs, ahead of foreach on GPUs
-    (bench/speed.py levers)."""
+    update is one kernel for all parameters (measured against torch's default: docs/training.md,
+    "Speed")."""
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 

@@ -78,8 +78,8 @@ def set_threads(requested: int = 0) -> int:
 
 
 def set_tf32(enabled: bool = True) -> None:
-    """TF32 for fp32 matrix products and convolutions on CUDA GPUs (Ampere and later: ~8x fp32's
-    tensor-core rate, a 10-bit mantissa; what diffusers' training scripts call ``--allow_tf32``).
+    """TF32 for fp32 matrix products and convolutions on CUDA GPUs (Ampere and later: tensor cores
+    with a 10-bit mantissa; what diffusers' training scripts call ``--allow_tf32``).
     Leaves CPUs alone (torch's CPU fp32 precision flag is not TF32)."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
@@ -102,6 +102,7 @@ def compile_unavailable(device: torch.device | str) -> str | None:
     return f"torch.compile is not set up for {device.type} devices in genalign"
 
 
+WARMUP = 16  # calls of a kind before it is compiled: a second 10-step rollout compiles, a 16-step grid does not
 RECOMPILES = 64  # graphs of one denoiser's code: kinds of call (shape, gradient, inputs' requires_grad, autocast)
 
 
@@ -122,15 +123,13 @@ class CompiledDenoiser:
     """A denoiser called through ``torch.compile`` for the calls its mode covers (``sampling``:
     without gradient and outside the backbone's ``reference()``; ``all``: every call) and
     eagerly otherwise, so that a mode compiles only the graphs it uses. A kind of call (input
-    shape, gradient, reference) runs eagerly its first ``warmup`` times: every new kind costs a
+    shape, gradient, reference) runs eagerly its first ``warmup`` times (``backbone.compile_warmup``): every new kind costs a
     compile (docs/training.md, "Speed"), which pays for the rollouts and evaluation batches
     repeated all run long but not for a one-off sample grid. Attributes (``dtype``, ``config``)
     are the module's."""
 
-    warmup = 16  # calls of a kind before it is compiled: a second 10-step rollout compiles, a 16-step grid does not
-
-    def __init__(self, module: nn.Module, mode: str):
-        self.module, self.mode, self.in_reference = module, mode, False
+    def __init__(self, module: nn.Module, mode: str, warmup: int = WARMUP):
+        self.module, self.mode, self.warmup, self.in_reference = module, mode, warmup, False
         self.compiled = torch.compile(module)
         allow_recompiles()
         self.seen: dict[tuple[Any, ...], int] = {}
@@ -147,6 +146,6 @@ class CompiledDenoiser:
         return self.module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # only for names the wrapper itself lacks
-        if name in ("module", "compiled", "mode", "in_reference", "seen") or name.startswith("__"):
+        if name in ("module", "compiled", "mode", "warmup", "in_reference", "seen") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.module, name)
