@@ -139,6 +139,73 @@ def rollout(args: argparse.Namespace) -> dict[str, Any]:
             "speedup_over_pipeline": {k: plain / v for k, v in median.items()}}
 
 
+def _merge_rollouts(family: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from genalign.core.experiment import BackboneConfig
+    from genalign.core.sampler import initial_noise, sample
+    from genalign.pipelines import load_backbone
+
+    eta = 1.0 if family == "sd" else 0.7
+    backbone = load_backbone(BackboneConfig(family=family, path=f"models/shapes/{family}", finetune="lora",
+                                            lora_rank=8, lora_alpha=8), device)
+    with torch.no_grad():
+        for name, p in backbone.named_trainable_parameters().items():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+    prompts = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")]
+    prompts = (prompts * (args.batch // len(prompts) + 1))[: args.batch]
+    cond = backbone.encode_prompts(prompts, guidance=True)
+    noise = initial_noise(backbone, args.batch, torch.Generator().manual_seed(0))
+    eager = backbone.unwrapped_denoiser
+    backbone.compile_denoiser(warmup=0)
+    compiled = backbone.denoiser
+    log_probs: dict[str, torch.Tensor] = {}
+
+    def run(module: torch.nn.Module, merged: bool, name: str) -> Callable[[], float]:
+        @torch.no_grad()
+        def timed() -> float:
+            backbone.denoiser, backbone.config.merge_lora = module, merged
+            _sync(device)
+            start = time.perf_counter()
+            trajectory = sample(backbone, cond, args.steps, 2.0, eta, latents=noise,
+                                generator=torch.Generator().manual_seed(1))
+            _sync(device)
+            log_probs[name] = trajectory.log_probs
+            return time.perf_counter() - start
+        return timed
+
+    fns = {f"{kind} {'merged' if merged else 'unmerged'}": run(module, merged, f"{kind} {merged}")
+           for kind, module in (("eager", eager), ("compiled", compiled)) for merged in (False, True)}
+    first = {name: fn() for name, fn in fns.items()}
+    median = _medians(fns, args.repeats)
+    differences = {f"{kind} merged": (log_probs[f"{kind} True"] - log_probs["eager False"]).abs().max().item()
+                   for kind in ("eager", "compiled")}
+    print(f"merge: {family}, LoRA r8 on {len(backbone.unwrapped_denoiser.peft_config['default'].target_modules)} "
+          f"kinds of layer, {args.batch} images, {args.steps} steps, guidance 2, eta {eta}, {device}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats}")
+    print("| setting | seconds | merged over unmerged | largest log-prob difference from eager unmerged | first call (s) |")
+    print("|---|---|---|---|---|")
+    for name, seconds in median.items():
+        kind, how = name.split()
+        ratio = median[f"{kind} unmerged"] / seconds
+        difference = f"{differences[name]:.1e}" if how == "merged" else "-"
+        print(f"| {name} | {seconds:.3f} | {ratio:.2f} | {difference} | {first[name]:.1f} |")
+    extern = statistics.median(_extern_seconds(fns["compiled merged"]) for _ in range(3))
+    print(f"compiled merged: {extern:.3f} s inside the extern kernels (convolutions, matrix products, attention: "
+          f"{extern / median['compiled merged']:.0%}); no compile passes eager unmerged / extern = "
+          f"{median['eager unmerged'] / extern:.2f}x")
+    return {"seconds": median, "first_call": first, "log_prob_difference": differences, "extern_seconds": extern}
+
+
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """Rollouts (per-step log-probs, guidance, no decode) with a trained-looking LoRA (the shipped
+    configs' rank 8, every factor random), unmerged against merged (``backbone.merge_lora``), eager
+    and compiled, fp32; the largest log-prob difference from the unmerged eager rollout beside the
+    PPO clip range (1e-4); and the time the compiled merged rollout spends inside the kernels
+    compile calls and cannot change (``step --profile``'s), the bound on any rollout's speed-up."""
+    device = torch.device(args.device)
+    rows = {family: _merge_rollouts(family, args, device) for family in args.families}
+    return {"batch": args.batch, "steps": args.steps, "families": rows}
+
+
 # Kernels inductor calls rather than generates (oneDNN / MKL / attention): compile cannot make them faster.
 EXTERN_KERNELS = {
     "aten::mkldnn_convolution", "aten::convolution_backward", "aten::cudnn_convolution", "aten::mm", "aten::addmm",
@@ -472,8 +539,8 @@ def _gold(eval_dir: Path) -> dict[str, Any]:
 def job(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"shipped": [], "bf16": ["run.mixed_precision=bf16"],
-                "compile+bf16": ["backbone.compile=sampling", "run.mixed_precision=bf16"]}
+    settings = {"shipped": [], "unmerged": ["backbone.merge_lora=false"], "compile": ["backbone.compile=sampling"],
+                "bf16": ["run.mixed_precision=bf16"], "compile+bf16": ["backbone.compile=sampling", "run.mixed_precision=bf16"]}
     runs = [(name, settings[name], False) for name in args.settings]
     runs += [(name, settings[name], True) for name in args.warm]  # again, with the kernels its cold run compiled
     genalign = [sys.executable, "-m", "genalign"]
@@ -516,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--batch", type=int, default=16)
+    p = sub.add_parser("merge")
+    p.add_argument("--families", nargs="+", default=["sd", "sd3"], choices=["sd", "sd3"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=16)
     from step_overhead import METHODS
 
     def shapes_models(p: argparse.ArgumentParser, batch: int, steps: int, methods: bool = True) -> None:
@@ -549,8 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/shapes/diffusion_dpo.yaml")
     p.add_argument("--out-dir", default="runs/speed-job")
     p.add_argument("--settings", nargs="+", default=["shipped", "bf16", "compile+bf16"],
-                   choices=["shipped", "bf16", "compile+bf16"], help="each from a cold compile cache; the first is 1.00")
-    p.add_argument("--warm", nargs="*", default=[], choices=["bf16", "compile+bf16"],
+                   choices=["shipped", "unmerged", "compile", "bf16", "compile+bf16"],
+                   help="each from a cold compile cache; the first is 1.00 (unmerged: backbone.merge_lora=false)")
+    p.add_argument("--warm", nargs="*", default=[], choices=["compile", "bf16", "compile+bf16"],
                    help="then these again, with the compile cache their cold run left (a second run on a machine)")
     for p in sub.choices.values():
         p.add_argument("--repeats", type=int, default=5)
@@ -561,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     from genalign.core.speed import set_threads
 
     set_threads(args.threads)
-    result = {"rollout": rollout, "step": step, "levers": levers, "syncs": syncs, "images": images, "job": job}[args.bench](args)
+    result = {"rollout": rollout, "step": step, "levers": levers, "syncs": syncs, "images": images, "job": job,
+              "merge": merge}[args.bench](args)
     result |= {"device": args.device, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out or f"bench/results/speed_{args.bench}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

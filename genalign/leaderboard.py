@@ -51,6 +51,9 @@ from genalign.shapes.world import TASKS
 
 MARK_BEGIN = "<!-- leaderboard: begin (written by bench/leaderboard.py; edits here are overwritten) -->"
 MARK_END = "<!-- leaderboard: end -->"
+# How every record so far was made (eager, the LoRA unmerged): a speed default changed since would
+# mix rounding-level differences and other minutes into one table; change these with new records only.
+PINNED = ("backbone.compile=none", "backbone.merge_lora=false")
 PROXY_REWARDS = ("clip", "ensemble")  # trained on a proxy: the CLIP proxy is scored beside the gold
 
 
@@ -185,7 +188,7 @@ def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path,
 
     shutil.rmtree(folder, ignore_errors=True)  # an unfinished run starts again: its minutes are one launch's
     overrides = [f"run.seed={seed}", f"run.steps={steps}", f"run.output_dir={folder}", f"run.export_every={every}",
-                 "run.checkpoint_every=0", "run.sample_every=0", "run.tracker=none"]
+                 "run.checkpoint_every=0", "run.sample_every=0", "run.tracker=none", *PINNED]
     run_experiment(load_experiment(config_path, config_classes(), overrides))
     points = []
     for where in sorted((folder / "exports").glob("step-*")) + [folder / "final"]:
@@ -232,7 +235,8 @@ def evaluate(family: str, path: str, weights: str | None, eval_seed: int, s: Set
                                     f"points.json under the records to train it again)")
     key = (family, path, s.device)
     if key not in _BACKBONES:
-        _BACKBONES[key] = load_backbone(BackboneConfig(family=family, path=path, finetune="none"), s.device)
+        _BACKBONES[key] = load_backbone(BackboneConfig(family=family, path=path, finetune="none", merge_lora=False),
+                                        s.device)
     backbone = _BACKBONES[key]
     try:
         result, _ = evaluate_models(backbone, lora, False, s.per_task, s.eval_steps, s.guidance_scale, eval_seed,

@@ -29,6 +29,19 @@ from genalign.core.types import Conditioning
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _reduced_fp32(device: str) -> bool:
+    """Whether fp32 matrix products or convolutions on ``device`` run through a lower precision:
+    TF32 on CUDA (``run.tf32``), bf16 / TF32 in oneDNN on CPUs (``set_float32_matmul_precision
+    ("medium")``, ``torch.backends.mkldnn``'s ``fp32_precision``)."""
+    if device == "cuda":
+        return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    mkldnn = torch.backends.mkldnn
+    settings = (getattr(torch.backends, "fp32_precision", "none"), getattr(mkldnn, "fp32_precision", "none"),
+                getattr(getattr(mkldnn, "matmul", None), "fp32_precision", "none"),
+                getattr(getattr(mkldnn, "conv", None), "fp32_precision", "none"))
+    return any(setting in ("bf16", "tf32") for setting in settings)
+
+
 class _TruncationFilter(logging.Filter):
     """diffusers warns about a truncated prompt at every encode; the backbone reports it once."""
 
@@ -489,6 +502,63 @@ class DiffusersBackbone:
                 self.denoiser = current
         else:
             yield
+
+    @contextmanager
+    def merged(self) -> Iterator[None]:
+        """The denoiser's LoRA merged into its weights within the context, for sampling without
+        gradient (``backbone.merge_lora``): each wrapped layer computes ``x (W + s B A)^T`` in one
+        product, not ``x W^T + s (x A^T) B^T`` in three. The merged weight is a new tensor and
+        ``W`` is put back as it was (bitwise): training, checkpoints and the optimiser never see
+        the merge. Full fp32 products only: under bf16 / fp16 (weights or autocast) or TF32
+        (``run.tf32`` on CUDA) ``W + s B A`` rounds to the low precision and loses the updates
+        below its step (the unmerged path keeps them), so it samples as it is there, and likewise
+        with gradients on, inside :meth:`reference`, in train mode, under FSDP, or with a LoRA
+        variant (DoRA) that a plain sum does not merge. Costs a copy of the wrapped weights while
+        it lasts."""
+        layers = self._mergeable_lora_layers()
+        if not layers:
+            yield
+            return
+        denoiser = self.unwrapped_denoiser
+        trainable = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+        kept = []
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                kept.append((weight, weight.data))
+                weight.data = weight.data + delta
+        denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            denoiser.enable_adapters()  # peft's enable / disable also set the adapters' requires_grad: restored
+            for weight, data in kept:
+                weight.data = data
+            for param, flag in trainable:
+                param.requires_grad_(flag)
+
+    def _mergeable_lora_layers(self) -> list[nn.Module]:
+        """The LoRA layers :meth:`merged` merges, or none when it must sample unmerged."""
+        if not self.config.merge_lora or torch.is_grad_enabled() or self.sharded or self.dtype != torch.float32:
+            return []
+        device = self.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32:
+            return []
+        if _reduced_fp32(device):
+            return []  # fp32 products through TF32 / bf16 units: the same rounding as under autocast
+        denoiser = self.unwrapped_denoiser
+        if denoiser.training:
+            return []
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer)]
+        for layer in layers:
+            if layer.disable_adapters or layer.merged or getattr(layer, "lora_variant", None):
+                return []  # in reference(), merged by peft, or a variant: nothing (or not a plain sum) to merge
+            if layer.get_base_layer().weight.dtype != torch.float32:
+                return []
+        return layers
 
     def keep_reference(self) -> None:
         """Under full fine-tuning, keep a frozen copy of the starting denoiser (LoRA needs none)."""

@@ -250,3 +250,104 @@ def test_the_gpu_scripts_sections_fit_in_its_eight_minutes():
     script = (Path(__file__).resolve().parents[1] / "bench" / "gpu.sh").read_text()
     limits = [int(n) for n in re.findall(r"^\s*section (\d+) ", script, flags=re.M)]
     assert len(limits) >= 6 and sum(limits) <= 470, limits
+
+
+def _lora_backbone(tiny_models, family="sd", **settings):
+    from genalign.core.experiment import BackboneConfig
+    from genalign.pipelines import load_backbone
+
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(family=family, path=tiny_models(family), finetune="lora", lora_rank=4,
+                                            lora_alpha=8, **settings))
+    with torch.no_grad():  # the LoRA's B starts at 0: make it matter
+        for name, p in backbone.unwrapped_denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    return backbone
+
+
+def test_merged_lora_computes_w_plus_scaled_ba_and_puts_every_weight_back_bitwise(tiny_models):
+    """``backbone.merged()``: a wrapped linear layer computes x (W + (alpha / r) B A)^T + b (by hand
+    here) without calling its LoRA factors; afterwards every weight is the tensor it was (same
+    storage, same values) and the adapters' requires_grad is as before. It merges nothing with
+    gradients on, inside ``reference()``, under bf16 autocast or reduced-precision fp32 products, or
+    with ``merge_lora`` off."""
+    from peft.tuners.lora import LoraLayer
+
+    backbone = _lora_backbone(tiny_models)
+    denoiser = backbone.unwrapped_denoiser
+    layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer)]
+    layer = next(m for m in layers if isinstance(m.get_base_layer(), torch.nn.Linear))
+    base = layer.get_base_layer()
+    weights = {id(m): (m.get_base_layer().weight.data, m.get_base_layer().weight.detach().clone()) for m in layers}
+    flags = [p.requires_grad for p in denoiser.parameters()]
+    W, A, B = base.weight.detach().clone(), layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    x = torch.randn(3, W.shape[1], generator=torch.Generator().manual_seed(2))
+    by_hand = x @ (W + (8 / 4) * B @ A).T + (0 if base.bias is None else base.bias.detach())
+    calls = []
+    layer.lora_A["default"].register_forward_hook(lambda *a: calls.append(1))
+
+    def merged_in_effect() -> bool:
+        with backbone.merged():
+            return base.weight.data.data_ptr() != weights[id(layer)][0].data_ptr()
+
+    with torch.no_grad():
+        unmerged = layer(x)
+        assert len(calls) == 1
+        with backbone.merged():
+            merged = layer(x)
+        assert len(calls) == 1  # the factors were not used: the merged weight was
+    torch.testing.assert_close(merged, by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unmerged, by_hand, rtol=1e-5, atol=1e-6)
+    for m in layers:
+        data, values = weights[id(m)]
+        assert m.get_base_layer().weight.data.data_ptr() == data.data_ptr()
+        assert torch.equal(m.get_base_layer().weight, values)
+    assert [p.requires_grad for p in denoiser.parameters()] == flags and any(flags)
+    with torch.no_grad():
+        assert merged_in_effect()
+        with backbone.reference():
+            assert not merged_in_effect()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not merged_in_effect()
+        precision = torch.get_float32_matmul_precision()
+        tf32_flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        try:
+            speed.set_tf32(True)  # run.tf32 is CUDA's: a CPU's products stay fp32 and merge
+            assert merged_in_effect()
+            torch.set_float32_matmul_precision("medium")  # oneDNN's fp32 products through bf16
+            assert not merged_in_effect()
+        finally:
+            torch.set_float32_matmul_precision(precision)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_flags
+        backbone.config.merge_lora = False
+        assert not merged_in_effect()
+        backbone.config.merge_lora = True
+    assert not merged_in_effect()  # gradients on
+
+
+@pytest.mark.parametrize("family,eta", [("sd", 1.0), ("sd3", 0.7)])
+def test_a_merged_rollout_is_the_unmerged_one_to_rounding_far_inside_ppos_clip_range(tiny_models, family, eta):
+    """A rollout with the LoRA merged (the default) against the same rollout unmerged, and its
+    log-probs against the training pass's recomputation (gradients on, unmerged): within 1e-5,
+    a tenth of the PPO clip range of DDPO and Flow-GRPO (1e-4), so the first update's ratio is
+    not clipped and the old log-probs need no recomputation."""
+    from genalign.core.rollout import rollout
+    from genalign.core.sampler import log_probs_of
+
+    backbone = _lora_backbone(tiny_models, family)
+    runs = {}
+    for merge in (True, False):
+        backbone.config.merge_lora = merge
+        runs[merge] = rollout(backbone, ["a red circle", "two blue squares"], 4, 2.0, eta, samples_per_prompt=2,
+                              generator=torch.Generator().manual_seed(3))
+    merged, unmerged = runs[True].trajectory, runs[False].trajectory
+    assert (merged.log_probs - unmerged.log_probs).abs().max() < 1e-5
+    torch.testing.assert_close(merged.latents, unmerged.latents, rtol=1e-3, atol=1e-4)
+    with torch.enable_grad():
+        recomputed = log_probs_of(backbone, merged, list(range(4))).detach()
+    assert (recomputed - merged.log_probs).abs().max() < 1e-5
+    with torch.no_grad(), backbone.reference():  # the LoRA moved the samples: the comparison can fail
+        base = rollout(backbone, ["a red circle", "two blue squares"], 4, 2.0, eta, samples_per_prompt=2,
+                       generator=torch.Generator().manual_seed(3))
+    assert (base.trajectory.latents[-1] - unmerged.latents[-1]).abs().max() > 1e-3

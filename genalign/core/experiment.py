@@ -68,6 +68,11 @@ class BackboneConfig:
                      "grids, evaluation) or for every forward and backward (all); a one-off compile of minutes, "
                      "seconds from inductor's cache; eager with a warning where the device cannot compile"
     )
+    merge_lora: bool = field(
+        True, help="sampling without gradient (rollouts, grids, evaluation) uses the LoRA merged into a copy of the "
+                   "weights it wraps, one matrix product a layer instead of three, where they compute in full fp32 "
+                   "(bf16, fp16 or TF32 would round small updates away); the wrapped weights come back unchanged"
+    )
     compile_warmup: int = field(
         16, help="backbone.compile: calls of a kind (input shape, gradient, reference) run eagerly before it is "
                  "compiled (a one-off sample grid is not worth a compile; 0: compile from the first call)")

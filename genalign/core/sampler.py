@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -63,24 +63,29 @@ def sample(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, total=num_steps, desc="sampling", leave=False)
-    for i, t in steps:
-        with_grad = i >= first_grad_step and torch.is_grad_enabled()
-        eta_i = float(eta[i]) if isinstance(eta, (list, tuple)) else eta
-        noise = None
-        if eta_i > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
-        with nullcontext() if with_grad else torch.no_grad():
-            if with_grad and checkpoint_steps:
-                prev, log_prob, mean, std = checkpoint(
-                    _one_step, backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise, sde, use_reentrant=False
-                )
-            else:
-                prev, log_prob, mean, std = _one_step(backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise, sde)
-        xs.append(prev)
-        log_probs.append(log_prob)
-        means.append(mean)
-        stds.append(std)
-        x = prev
+    merged = getattr(backbone, "merged", None)  # backbones without it (test doubles) sample as they are
+    with ExitStack() as without_grad:
+        if merged is not None and (grad_last_k == 0 or not torch.is_grad_enabled()):
+            without_grad.enter_context(torch.no_grad())  # no step takes a gradient: the LoRA merged
+            without_grad.enter_context(merged())
+        for i, t in steps:
+            with_grad = i >= first_grad_step and torch.is_grad_enabled()
+            eta_i = float(eta[i]) if isinstance(eta, (list, tuple)) else eta
+            noise = None
+            if eta_i > 0:
+                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+            with nullcontext() if with_grad else torch.no_grad():
+                if with_grad and checkpoint_steps:
+                    prev, log_prob, mean, std = checkpoint(
+                        _one_step, backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise, sde, use_reentrant=False
+                    )
+                else:
+                    prev, log_prob, mean, std = _one_step(backbone, x, t, cond, num_steps, guidance_scale, eta_i, noise, sde)
+            xs.append(prev)
+            log_probs.append(log_prob)
+            means.append(mean)
+            stds.append(std)
+            x = prev
     return Trajectory(
         latents=torch.stack(xs),
         timesteps=timesteps,
