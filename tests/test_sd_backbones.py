@@ -64,8 +64,11 @@ def test_turbo_trailing_steps_match_the_euler_pipeline(tiny_models, family, step
 
 @pytest.mark.parametrize("family,alpha", [("sd", 4.0), ("sdxl", 4.0), ("sd", 16.0)])
 def test_lora_saved_by_genalign_loads_in_diffusers_and_gives_the_same_images(tiny_models, tmp_path, family, alpha):
-    """Also with alpha != rank: the saved file carries the LoRA config, so the scale survives."""
-    backbone = _load(tiny_models, family, finetune="lora", lora_rank=4, lora_alpha=alpha)
+    """Also with alpha != rank: the saved file carries the LoRA config, so the scale survives.
+    Sampled unmerged, as diffusers samples a loaded LoRA: with this LoRA much larger than the
+    random weights it wraps, the merged product's rounding (each layer within 4e-7 of fp64, as the
+    unmerged one) grows through 8 guided steps past the comparison's 1e-5."""
+    backbone = _load(tiny_models, family, finetune="lora", lora_rank=4, lora_alpha=alpha, merge_lora=False)
     with torch.no_grad():  # move the LoRA away from its near-zero init so that it matters
         for p in backbone.trainable_parameters():
             p.add_(0.3 * torch.randn_like(p))
