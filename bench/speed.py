@@ -536,6 +536,13 @@ def _gold(eval_dir: Path) -> dict[str, Any]:
     return {key: scores[key] for key in ("gold", "base", "gain")}
 
 
+def _finish(label: str, run: Path, process: Any, start: float, result: dict[str, Any]) -> None:
+    if process.wait() != 0:
+        raise SystemExit(f"{label}: training failed (exit {process.returncode})")
+    result[label] = {"train_seconds": time.perf_counter() - start, "run": str(run)}
+    print(f"{label}: trained in {result[label]['train_seconds']:.0f} s", flush=True)
+
+
 def job(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -545,24 +552,41 @@ def job(args: argparse.Namespace) -> dict[str, Any]:
     runs += [(name, settings[name], True) for name in args.warm]  # again, with the kernels its cold run compiled
     genalign = [sys.executable, "-m", "genalign"]
     result: dict[str, Any] = {}
+    side_by_side = args.side_by_side
+    if side_by_side and any(warm for _, _, warm in runs):
+        raise SystemExit("--side-by-side runs cold settings only")
     with tempfile.TemporaryDirectory() as caches:
+        started: list[tuple[str, Path, Any, float]] = []
         for name, overrides, warm in runs:
             label = f"{name}, warm cache" if warm else name
             run = out / (name.replace("+", "-") + ("-warm" if warm else ""))
             cache = Path(caches) / name.replace("+", "-")  # a cold compile cache, as on a fresh machine
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
-            start = time.perf_counter()
-            subprocess.run([*genalign, "train", args.config, f"run.output_dir={run}", *overrides], env=env,
-                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-            seconds = time.perf_counter() - start
+            threads = ["run.threads=1"] if side_by_side else []
+            process = subprocess.Popen([*genalign, "train", args.config, f"run.output_dir={run}", *overrides, *threads],
+                                       env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+            started.append((label, run, process, time.perf_counter()))
+            if not side_by_side:
+                _finish(*started.pop(), result)
+        while started:  # side by side: the machine's drift slows every setting alike; each timed to its own end
+            done = next((entry for entry in started if entry[2].poll() is not None), None)
+            if done is None:
+                time.sleep(0.5)
+                continue
+            started.remove(done)
+            _finish(*done, result)
+        order = [f"{name}, warm cache" if warm else name for name, _, warm in runs]
+        result = {label: result[label] for label in order}  # the first setting is 1.00, whichever ended first
+        for row in result.values():
+            run = Path(row.pop("run"))
             subprocess.run([*genalign, "eval", "shapes", "--backbone", "models/shapes/sd", "--clip",
                             "models/shapes/clip", "--lora", str(run / "final" / "pytorch_lora_weights.safetensors"),
                             "--with-base", "--out", str(run / "eval")], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                            check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-            result[label] = {"train_seconds": seconds, "eval": _gold(run / "eval")}
-            print(f"{label}: trained in {seconds:.0f} s", flush=True)
+            row["eval"] = _gold(run / "eval")
     base = next(iter(result.values()))
-    print(f"main job ({args.config}), {torch.get_num_threads()} threads; over {next(iter(result))}:")
+    how = "side by side, 1 thread each" if args.side_by_side else f"one after the other, {torch.get_num_threads()} threads"
+    print(f"main job ({args.config}), {how}; over {next(iter(result))}:")
     print("| setting | training (s) | speed-up | held-out gold (base -> tuned) | gain (SE) |")
     print("|---|---|---|---|---|")
     for name, row in result.items():
@@ -622,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", nargs="+", default=["shipped", "bf16", "compile+bf16"],
                    choices=["shipped", "unmerged", "compile", "bf16", "compile+bf16"],
                    help="each from a cold compile cache; the first is 1.00 (unmerged: backbone.merge_lora=false)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="train the settings at once, one thread each (a drifting machine slows them alike); "
+                        "otherwise one after the other at --threads")
     p.add_argument("--warm", nargs="*", default=[], choices=["compile", "bf16", "compile+bf16"],
                    help="then these again, with the compile cache their cold run left (a second run on a machine)")
     for p in sub.choices.values():
