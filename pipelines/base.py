@@ -522,16 +522,16 @@ class DiffusersBackbone:
         denoiser = self.unwrapped_denoiser
         trainable = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
         kept = []
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.get_base_layer().weight
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-                kept.append((weight, weight.data))
-                weight.data = weight.data + delta
-        denoiser.disable_adapters()
         try:
+            with torch.no_grad():
+                for layer in layers:
+                    weight = layer.get_base_layer().weight
+                    delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                    kept.append((weight, weight.data))
+                    weight.data = weight.data + delta
+            denoiser.disable_adapters()
             yield
-        finally:
+        finally:  # also when a merge fails half-way: the adapters were on, the weights are put back
             denoiser.enable_adapters()  # peft's enable / disable also set the adapters' requires_grad: restored
             for weight, data in kept:
                 weight.data = data

@@ -351,3 +351,22 @@ def test_a_merged_rollout_is_the_unmerged_one_to_rounding_far_inside_ppos_clip_r
         base = rollout(backbone, ["a red circle", "two blue squares"], 4, 2.0, eta, samples_per_prompt=2,
                        generator=torch.Generator().manual_seed(3))
     assert (base.trajectory.latents[-1] - unmerged.latents[-1]).abs().max() > 1e-3
+
+
+def test_a_merge_failing_half_way_puts_back_the_weights_it_had_merged(tiny_models):
+    from peft.tuners.lora import LoraLayer
+
+    backbone = _lora_backbone(tiny_models)
+    layers = [m for m in backbone.unwrapped_denoiser.modules() if isinstance(m, LoraLayer)]
+    before = [m.get_base_layer().weight.detach().clone() for m in layers]
+
+    def fails(adapter):
+        raise RuntimeError("no delta")
+
+    layers[len(layers) // 2].get_delta_weight = fails  # the layers before it are merged by then
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no delta"):
+        with backbone.merged():
+            pass
+    for m, weight in zip(layers, before):
+        assert torch.equal(m.get_base_layer().weight, weight)
+    assert all(not m.disable_adapters for m in layers)
