@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -252,6 +253,28 @@ def test_the_gpu_scripts_sections_fit_in_its_eight_minutes():
     assert len(limits) >= 6 and sum(limits) <= 470, limits
 
 
+@contextlib.contextmanager
+def fp32_products():
+    """Full fp32 products on this process's CPU within, its precision settings as they were after
+    (``set_float32_matmul_precision`` cannot restore them: reading "high" back and setting it
+    sends oneDNN's fp32 products through TF32, which turns the merge off)."""
+    mkldnn = torch.backends.mkldnn
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, mkldnn.matmul.fp32_precision,
+             mkldnn.conv.fp32_precision)
+    mkldnn.matmul.fp32_precision = mkldnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        mkldnn.matmul.fp32_precision, mkldnn.conv.fp32_precision = saved[2:]
+
+
+@pytest.fixture
+def full_fp32():
+    with fp32_products():
+        yield
+
+
 def _lora_backbone(tiny_models, family="sd", **settings):
     from genalign.core.experiment import BackboneConfig
     from genalign.pipelines import load_backbone
@@ -266,7 +289,7 @@ def _lora_backbone(tiny_models, family="sd", **settings):
     return backbone
 
 
-def test_merged_lora_computes_w_plus_scaled_ba_and_puts_every_weight_back_bitwise(tiny_models):
+def test_merged_lora_computes_w_plus_scaled_ba_and_puts_every_weight_back_bitwise(tiny_models, full_fp32):
     """``backbone.merged()``: a wrapped linear layer computes x (W + (alpha / r) B A)^T + b (by hand
     here) without calling its LoRA factors; afterwards every weight is the tensor it was (same
     storage, same values) and the adapters' requires_grad is as before. It merges nothing with
@@ -310,16 +333,11 @@ def test_merged_lora_computes_w_plus_scaled_ba_and_puts_every_weight_back_bitwis
             assert not merged_in_effect()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not merged_in_effect()
-        precision = torch.get_float32_matmul_precision()
-        tf32_flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        try:
+        with fp32_products():
             speed.set_tf32(True)  # run.tf32 is CUDA's: a CPU's products stay fp32 and merge
             assert merged_in_effect()
             torch.set_float32_matmul_precision("medium")  # oneDNN's fp32 products through bf16
             assert not merged_in_effect()
-        finally:
-            torch.set_float32_matmul_precision(precision)
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_flags
         backbone.config.merge_lora = False
         assert not merged_in_effect()
         backbone.config.merge_lora = True
@@ -327,7 +345,8 @@ def test_merged_lora_computes_w_plus_scaled_ba_and_puts_every_weight_back_bitwis
 
 
 @pytest.mark.parametrize("family,eta", [("sd", 1.0), ("sd3", 0.7)])
-def test_a_merged_rollout_is_the_unmerged_one_to_rounding_far_inside_ppos_clip_range(tiny_models, family, eta):
+def test_a_merged_rollout_is_the_unmerged_one_to_rounding_far_inside_ppos_clip_range(tiny_models, family, eta,
+                                                                                     full_fp32):
     """A rollout with the LoRA merged (the default) against the same rollout unmerged, and its
     log-probs against the training pass's recomputation (gradients on, unmerged): within 1e-5,
     a tenth of the PPO clip range of DDPO and Flow-GRPO (1e-4), so the first update's ratio is
@@ -353,7 +372,7 @@ def test_a_merged_rollout_is_the_unmerged_one_to_rounding_far_inside_ppos_clip_r
     assert (base.trajectory.latents[-1] - unmerged.latents[-1]).abs().max() > 1e-3
 
 
-def test_a_merge_failing_half_way_puts_back_the_weights_it_had_merged(tiny_models):
+def test_a_merge_failing_half_way_puts_back_the_weights_it_had_merged(tiny_models, full_fp32):
     from peft.tuners.lora import LoraLayer
 
     backbone = _lora_backbone(tiny_models)
