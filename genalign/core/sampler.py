@@ -63,11 +63,10 @@ def sample(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, total=num_steps, desc="sampling", leave=False)
-    merged = getattr(backbone, "merged", None)  # backbones without it (test doubles) sample as they are
     with ExitStack() as without_grad:
-        if merged is not None and (grad_last_k == 0 or not torch.is_grad_enabled()):
+        if grad_last_k == 0 or not torch.is_grad_enabled():
             without_grad.enter_context(torch.no_grad())  # no step takes a gradient: the LoRA merged
-            without_grad.enter_context(merged())
+            without_grad.enter_context(backbone.merged())
         for i, t in steps:
             with_grad = i >= first_grad_step and torch.is_grad_enabled()
             eta_i = float(eta[i]) if isinstance(eta, (list, tuple)) else eta

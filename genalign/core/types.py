@@ -153,6 +153,11 @@ class Backbone(Protocol):
     def reference(self) -> AbstractContextManager[None]:
         """Within this context ``predict`` is the frozen reference model."""
 
+    def merged(self) -> AbstractContextManager[None]:
+        """Within this context, calls without gradient may run the LoRA merged into the weights it
+        wraps (faster, the same within fp32 rounding); the weights are as before afterwards. The
+        sampler enters it for steps without gradient; a backbone with nothing to merge yields."""
+
     def keep_reference(self) -> None:
         """Make :meth:`reference` available: under full fine-tuning a frozen copy of the starting
         denoiser is kept (a no-op for LoRA, whose reference is the model with its adapters off).
