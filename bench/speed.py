@@ -79,6 +79,12 @@ def _medians(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, flo
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def _prompts(batch: int) -> list[str]:
+    """``batch`` shapes prompts, eight colour-shape pairs over and over."""
+    prompts = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")]
+    return (prompts * (batch // len(prompts) + 1))[:batch]
+
+
 def rollout(args: argparse.Namespace) -> dict[str, Any]:
     from genalign.core.experiment import BackboneConfig
     from genalign.core.sampler import initial_noise, sample
@@ -88,8 +94,7 @@ def rollout(args: argparse.Namespace) -> dict[str, Any]:
     backbone = load_backbone(BackboneConfig(family=args.family, path=args.backbone, finetune="none"), device)
     pipe = backbone.pipe
     pipe.set_progress_bar_config(disable=True)
-    prompts = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")]
-    prompts = (prompts * (args.batch // len(prompts) + 1))[: args.batch]
+    prompts = _prompts(args.batch)
     noise = initial_noise(backbone, args.batch, torch.Generator().manual_seed(0))
     eager = backbone.unwrapped_denoiser
     backbone.compile_denoiser(warmup=0)  # compiled from the first call: the warm-up round compiles
@@ -150,8 +155,7 @@ def _merge_rollouts(family: str, args: argparse.Namespace, device: torch.device)
     with torch.no_grad():
         for name, p in backbone.named_trainable_parameters().items():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
-    prompts = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")]
-    prompts = (prompts * (args.batch // len(prompts) + 1))[: args.batch]
+    prompts = _prompts(args.batch)
     cond = backbone.encode_prompts(prompts, guidance=True)
     noise = initial_noise(backbone, args.batch, torch.Generator().manual_seed(0))
     eager = backbone.unwrapped_denoiser
@@ -585,7 +589,7 @@ def job(args: argparse.Namespace) -> dict[str, Any]:
                            check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             row["eval"] = _gold(run / "eval")
     base = next(iter(result.values()))
-    how = "side by side, 1 thread each" if args.side_by_side else f"one after the other, {torch.get_num_threads()} threads"
+    how = "side by side, 1 thread each" if side_by_side else f"one after the other, {torch.get_num_threads()} threads"
     print(f"main job ({args.config}), {how}; over {next(iter(result))}:")
     print("| setting | training (s) | speed-up | held-out gold (base -> tuned) | gain (SE) |")
     print("|---|---|---|---|---|")
