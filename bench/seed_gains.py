@@ -1,8 +1,10 @@
 """Is a shapes-world method's gain real? Train its shipped config under several run seeds and
 evaluate each LoRA against the base over the same held-out prompts and seeds at several eval seeds
 (``genalign eval shapes --with-base``: the gain paired per image, with its standard error), then pool:
-each run's gains are averaged over the eval seeds, and the mean over runs is reported with the
-standard error over runs (it holds both the training noise and the eval noise).
+each run's gains are averaged over the eval seeds, and the mean over runs is reported with a
+standard error that pools the runs' spread (training noise) with the evaluation's (the per-image
+spread of the runs' mean difference; every run is compared with the same base images, whose noise
+the runs' spread cannot show): ``genalign.shapes.scoring.pooled_paired_gain``.
 
     .venv/bin/python bench/seed_gains.py configs/shapes/vard.yaml --seeds 0 1 2 3   # ~75 min on 2 cores
     .venv/bin/python bench/seed_gains.py configs/shapes/vard.yaml --seeds 0 --steps 2 --per-task 2  # a smoke run
@@ -14,23 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def pooled(gains: dict[int, list[float]]) -> tuple[float, float]:
-    """Mean over runs of each run's mean gain, and its standard error over runs (0 with one run)."""
-    per_run = [sum(g) / len(g) for g in gains.values()]
-    mean = sum(per_run) / len(per_run)
-    if len(per_run) < 2:
-        return mean, 0.0
-    variance = sum((g - mean) ** 2 for g in per_run) / (len(per_run) - 1)
-    return mean, math.sqrt(variance / len(per_run))
+from genalign.shapes.scoring import pooled_paired_gain  # noqa: E402
 
 
 def main() -> int:
@@ -50,7 +45,8 @@ def main() -> int:
 
     backbone = yaml.safe_load((ROOT / args.config).read_text())["backbone"]
     model = ["--backbone", backbone["path"], "--family", backbone.get("family", "sd")]
-    gains: dict[int, list[float]] = {}
+    differences: dict[int, list[float]] = {}
+    tags: list[str] = []
     for seed in args.seeds:
         run = out / f"seed{seed}"
         overrides = [f"run.seed={seed}", f"run.output_dir={run}"]
@@ -63,7 +59,7 @@ def main() -> int:
             subprocess.run([*cli, "train", args.config, *overrides], check=True, cwd=ROOT)
             timing.write_text(f"{(time.perf_counter() - start) / 60:.2f}\n")
         minutes = float(timing.read_text())
-        gains[seed] = []
+        differences[seed] = []
         for eval_seed in args.eval_seeds:
             where = run / (f"eval-seed{eval_seed}" if args.guidance_scale is None
                            else f"eval-seed{eval_seed}-g{args.guidance_scale:g}")
@@ -73,11 +69,14 @@ def main() -> int:
                                 "--per-task", str(args.per_task), "--seed", str(eval_seed), *guidance, "--out", str(where)],
                                check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             result = json.loads((where / "scores.json").read_text())
-            gains[seed].append(result["gain"]["gain"])
+            differences[seed] += [float(t) - float(b) for b, t in zip(result["base"]["verdicts"], result["verdicts"])]
+            if len(tags) < len(differences[seed]):  # the first run's images, eval seed by eval seed
+                tags += result["tags"]
             print(f"run.seed {seed} ({minutes:.1f} min), eval seed {eval_seed}: base {result['base']['gold']['overall']:.3f}, "
                   f"gain {result['gain']['gain']:+.3f} (standard error {result['gain']['standard_error']:.3f})", flush=True)
-    mean, error = pooled(gains)
-    print(f"{Path(args.config).name}: paired gold gain {mean:+.3f}, standard error {error:.3f} over {len(gains)} runs")
+    pooled = pooled_paired_gain(list(differences.values()), tags)
+    print(f"{Path(args.config).name}: paired gold gain {pooled['gain']:+.3f}, standard error {pooled['standard_error']:.3f} "
+          f"over {len(differences)} runs (runs' spread {pooled['seeds_error']:.3f}, evaluation's {pooled['images_error']:.3f})")
     return 0
 
 

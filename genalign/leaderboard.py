@@ -7,9 +7,10 @@ run gives the whole learning curve). Each budget's export (every export of a run
 whose curve between budgets shows over-optimisation) is scored by the exact evaluator on held-out
 prompts at several evaluation seeds and paired, image by image, with the base model's verdicts on
 the same prompts and seeds (``genalign.shapes.scoring.paired_gain``). A run's gain at a budget is
-the mean over evaluation seeds; a method's gain is the mean over training seeds with the standard
-error over them (the training noise and the evaluation's sampling noise per run; every run is
-scored on the same prompts and evaluation seeds, so it is the error given this evaluation set). Budgets are equal in reward
+the mean over evaluation seeds; a method's gain is the mean over training seeds, and its standard
+error pools the training noise (the seeds' spread) with the evaluation's (the paired per-image
+spread of the seeds' mean difference: every run shares the base's images, whose noise the seeds'
+spread cannot show; ``genalign.shapes.scoring.pooled_paired_gain``). Budgets are equal in reward
 queries (images the training reward scored, from the config's batch shape) and, separately, in
 training minutes (the last export within the minutes; a run with none within them counts as its base,
 gain 0). Minutes are CPU minutes: the training process's CPU time over all its threads, exports
@@ -113,6 +114,11 @@ def pooled(per_seed: Sequence[float]) -> tuple[float, float]:
     if n < 2:
         return mean, 0.0
     return mean, math.sqrt(sum((g - mean) ** 2 for g in per_seed) / (n - 1) / n)
+
+
+def _errors(pooled_gain: dict[str, Any]) -> dict[str, Any]:
+    """A budget's cell: the pooled gain, its standard error and the two parts of it, and each seed's gain."""
+    return {key: pooled_gain[key] for key in ("gain", "standard_error", "seeds_error", "images_error", "per_seed")}
 
 
 def within_minutes(points: Sequence[dict[str, Any]], minutes: float) -> dict[str, Any] | None:
@@ -311,7 +317,7 @@ def score_runs(name: str, family: str, path: str, with_proxy: bool, runs: dict[i
     base = {e: evaluate(family, path, None, e, s, folder / _eval_name(s, e), with_proxy) for e in s.eval_seeds}
     for seed, points in runs.items():
         for point in points:
-            point["gains"], point["per_task"], point["proxy_gain"] = {}, {}, {}
+            point["gains"], point["per_task"], point["proxy_gain"], point["differences"] = {}, {}, {}, []
             for e in s.eval_seeds:
                 cache = records / "runs" / name / f"seed{seed}" / "evals" / f"step-{point['step']:06d}-{_eval_name(s, e)}"
                 tuned = evaluate(family, path, point["weights"], e, s, cache, with_proxy)
@@ -319,6 +325,7 @@ def score_runs(name: str, family: str, path: str, with_proxy: bool, runs: dict[i
                     raise ValueError(f"{point['weights']}: evaluated on other prompts than the base")
                 gain = paired_gain(base[e]["verdicts"], tuned["verdicts"], tuned["tags"])
                 point["gains"][e] = gain["gain"]
+                point["differences"] += [float(t) - float(b) for b, t in zip(base[e]["verdicts"], tuned["verdicts"])]
                 point["per_task"][e] = gain["per_task"]
                 if with_proxy:
                     point["proxy_gain"][e] = tuned["proxy_reward"] - base[e]["proxy_reward"]
@@ -361,13 +368,18 @@ def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[
 def summarise(name: str, config_path: str, family: str, reward: str, per_step: float, steps: dict[int, int],
               runs: dict[int, list[dict[str, Any]]], base: dict[int, dict[str, Any]], s: Settings) -> dict[str, Any]:
     """Pool a method's runs: per budget (queries and minutes) and per export step (the curve)."""
+    from genalign.shapes.scoring import pooled_paired_gain
+
 
     def mean(values: Any) -> float:
         values = list(values)
         return sum(values) / len(values)
 
-    def at(point: dict[str, Any]) -> float:
-        return mean(point["gains"].values())
+    tags = [tag for e in s.eval_seeds for tag in base[e]["tags"]]  # every point's differences, image by image
+
+    def pool(points: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        """The gain of these runs' points (one a seed; None: the base, no difference) with its standard error."""
+        return pooled_paired_gain([p["differences"] if p is not None else [0.0] * len(tags) for p in points], tags)
 
     by_step: dict[int, list[dict[str, Any]]] = {}
     for points in runs.values():
@@ -376,9 +388,9 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
     curve = []
     for step in sorted(by_step):
         points = by_step[step]
-        gain, error = pooled([at(p) for p in points])
+        pooled_gain = pool(points)
         row = {"step": step, "queries": step * per_step, "minutes": mean(p["minutes"] for p in points),
-               "gain": gain, "standard_error": error, "seeds": len(points)}
+               "gain": pooled_gain["gain"], "standard_error": pooled_gain["standard_error"], "seeds": len(points)}
         if points[0]["proxy_gain"]:
             row["proxy_gain"], row["proxy_standard_error"] = pooled([mean(p["proxy_gain"].values()) for p in points])
         curve.append(row)
@@ -389,22 +401,19 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
         if not points:
             print(f"warning: {name} has no export at step {step} ({q} reward queries): left out of the table")
             continue
-        per_seed = [at(p) for p in points]
-        gain, error = pooled(per_seed)
+        pooled_gain = pool(points)
         per_task = {t: mean(mean(p["per_task"][e].get(t, 0.0) for e in p["per_task"]) for p in points) for t in TASKS}
-        budgets[str(q)] = {"step": step, "gain": gain, "standard_error": error, "per_seed": per_seed,
+        budgets[str(q)] = {"step": step, **_errors(pooled_gain),
                            "minutes": mean(p["minutes"] for p in points), "base_gold": base_gold,
-                           "gold": base_gold + gain, "per_task": per_task}
+                           "gold": base_gold + pooled_gain["gain"], "per_task": per_task}
     by_minutes = {}
     for m in s.minutes:
         chosen = [within_minutes(points, m) for points in runs.values()]
-        per_seed = [at(p) if p is not None else 0.0 for p in chosen]
-        gain, error = pooled(per_seed)
-        by_minutes[f"{m:g}"] = {"gain": gain, "standard_error": error, "per_seed": per_seed,
+        by_minutes[f"{m:g}"] = {**_errors(pool(chosen)),
                                 "queries": mean(p["queries"] if p is not None else 0.0 for p in chosen)}
     return {"config": config_path, "family": family, "reward": reward, "queries_per_step": per_step,
             "budgets": budgets, "minutes": by_minutes, "curve": curve,
-            "runs": {str(seed): [{k: v for k, v in p.items() if k != "weights"} for p in points]
+            "runs": {str(seed): [{k: v for k, v in p.items() if k not in ("weights", "differences")} for p in points]
                      for seed, points in runs.items()}}
 
 
@@ -470,7 +479,7 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel(label)
         ax.set_ylabel("held-out gold gain over the base (paired)")
-        ax.set_title("shapes world: gain with its standard error over training seeds")
+        ax.set_title("shapes world: gain with its standard error (training seeds and evaluation)")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(folder / name, dpi=110)
@@ -520,8 +529,9 @@ def report(results: dict[str, Any], plots: Sequence[Path], relative_to: Path) ->
              f"evaluator on {s['per_task']} {'held-out' if s['split'] == 'heldout' else s['split'] + '-split'} "
              f"prompts a task at evaluation seeds {s['eval_seeds']} "
              f"({s['eval_steps']} ODE/DDIM steps, guidance {s['guidance_scale']:g}) and paired image by image "
-             "with the base; the gain is the mean over training seeds with its standard error over them "
-             "(SE: how many standard errors the gain is).", "", *table(results), ""]
+             "with the base; the gain is the mean over training seeds, and its standard error pools the "
+             "seeds' spread with the evaluation's (the per-image spread of the seeds' mean difference; "
+             "SE: how many standard errors the gain is).", "", *table(results), ""]
     for path in plots:
         lines.append(f"![{path.stem}]({path.relative_to(relative_to).as_posix()})")
     lines += ["", MARK_END]
@@ -541,7 +551,8 @@ def write_readme(results: dict[str, Any], readme: Path) -> None:
     s = results["settings"]
     block = [README_BEGIN, "", f"{results['date']}, {results['machine']}; training seeds {s['seeds']}, "
              f"{s['per_task']} held-out prompts a task at evaluation seeds {s['eval_seeds']}, gain over the base "
-             "paired image by image (standard error over training seeds; SE: how many of them):", "",
+             "paired image by image (standard error pooling the training seeds' spread and the evaluation's; "
+             "SE: how many of them):", "",
              *table(results), "", README_END]
     write_block(readme, "\n".join(block), README_BEGIN, README_END)
 

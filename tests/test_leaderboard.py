@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -33,6 +34,24 @@ def test_budgets_and_pooling_by_hand():
     assert [p["step"] for p in scored_points(points, [2, 4], [1.7, 0.2])] == [2, 3, 4]  # 1.7 min: step 3; 0.2: none
 
 
+def test_pooled_paired_gain_by_hand():
+    """Two seeds, two tasks of two images: g_s = the task-balanced mean of seed s's differences;
+    SE^2 = (std of g_s / sqrt 2)^2 + the paired SE of the per-image mean over seeds."""
+    from genalign.shapes.scoring import pooled_paired_gain
+
+    tags = ["a", "a", "b", "b"]
+    out = pooled_paired_gain([[1, 0, 1, -1], [1, 1, 0, 0]], tags)
+    assert out["per_seed"] == pytest.approx([0.25, 0.5]) and out["gain"] == pytest.approx(0.375)
+    assert out["seeds_error"] == pytest.approx(0.125)  # |0.25 - 0.5| / sqrt(2) / sqrt(2)
+    # per-image means [1, 0.5 | 0.5, -0.5]: var a 0.125 / 2, var b 0.5 / 2; sqrt(0.3125) / 2 tasks
+    assert out["images_error"] == pytest.approx(math.sqrt(0.3125) / 2)
+    assert out["standard_error"] == pytest.approx(math.sqrt(0.125**2 + 0.3125 / 4))
+    one = pooled_paired_gain([[1, 0, 1, -1]], tags)  # one seed: the evaluation's error alone
+    assert one["seeds_error"] == 0.0 and one["standard_error"] == pytest.approx(math.sqrt(0.5 / 2 + 2 / 2) / 2)
+    with pytest.raises(ValueError, match="one difference per tag"):
+        pooled_paired_gain([[1, 0, 1]], tags)
+
+
 def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     """Flow-GRPO with an SDE window at a learning rate that moves the model in 2 steps, 2 seeds, budgets
     of 8 and 16 reward queries (1 and 2 steps), 2 held-out prompts a task at 2 sampling steps."""
@@ -56,7 +75,19 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     for budget, step in (("8", 1), ("16", 2)):
         b = m["budgets"][budget]
         assert b["step"] == step and len(b["per_seed"]) == 2
-        assert (b["gain"], b["standard_error"]) == pytest.approx(pooled(b["per_seed"]))
+        # the seeds' spread and the evaluation's, from the records' verdicts, by hand
+        base = json.loads(next((tmp_path / "records" / "base").glob("*/eval-seed1-*.json")).read_text())
+        tuned = [json.loads(next((tmp_path / "records" / "runs" / "toy_grpo" / f"seed{seed}" / "evals").glob(
+            f"step-{step:06d}-eval-seed1-*.json")).read_text()) for seed in (0, 1)]
+        d = np.array([t["verdicts"] for t in tuned], dtype=float) - np.array(base["verdicts"], dtype=float)
+        tags = np.array(base["tags"])
+        per_seed = [np.mean([row[tags == t].mean() for t in dict.fromkeys(base["tags"])]) for row in d]
+        mean_d = d.mean(0)
+        images = np.sqrt(sum(mean_d[tags == t].var(ddof=1) / 2 for t in dict.fromkeys(base["tags"]))) / 6
+        seeds = abs(per_seed[0] - per_seed[1]) / 2  # std (ddof 1) of two values / sqrt(2)
+        assert b["per_seed"] == pytest.approx(per_seed) and b["gain"] == pytest.approx(np.mean(per_seed))
+        assert (b["seeds_error"], b["images_error"]) == pytest.approx((seeds, images))
+        assert b["standard_error"] == pytest.approx(math.hypot(seeds, images))
     # seed 0's export at step 1, paired with the cached base, against the evaluator comparing both itself
     from genalign.core.experiment import BackboneConfig
     from genalign.pipelines import load_backbone

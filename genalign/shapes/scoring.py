@@ -73,6 +73,35 @@ def paired_gain(base: Sequence[bool], tuned: Sequence[bool], tags: Sequence[str]
             "standard_error": float(np.sqrt(variance)) / len(differences), "per_task": per_task}
 
 
+def pooled_paired_gain(differences: Sequence[Sequence[float]], tags: Sequence[str]) -> dict[str, Any]:
+    """A method's gain over the base pooled over training seeds, with one standard error for the
+    training noise and the evaluation's noise together. ``differences[s][i]``: tuned minus base
+    correctness of image i (its task ``tags[i]``; the images of every evaluation seed, one after the
+    other) for the run of training seed s, every run scored on the same images' prompts and seeds.
+
+    gain = mean over s of g_s, g_s = the task-balanced mean of differences[s] (:func:`paired_gain`).
+    SE^2 = SE_seeds^2 + SE_images^2: SE_seeds = std(g_s, ddof 1) / sqrt(S) (0 with one seed) is the
+    training noise given these images; SE_images = :func:`paired_gain`'s SE of the per-image mean
+    over seeds, mean_s differences[s][i], is the evaluation's (another draw of prompts and noise
+    seeds would give another gain, the base's images included: they are shared by every run, so
+    the seeds' spread cannot show their noise). Conservative by the (seed, image) residual's share
+    1 / (S N), which both terms count."""
+    if not differences:
+        raise ValueError("pooled_paired_gain needs at least one training seed")
+    if any(len(d) != len(tags) for d in differences):
+        raise ValueError(f"pooled_paired_gain needs one difference per tag ({len(tags)}) for every seed, got "
+                         f"{[len(d) for d in differences]}")
+    zeros = [0.0] * len(tags)
+    per_seed = [paired_gain(zeros, d, tags)["gain"] for d in differences]
+    n = len(per_seed)
+    gain = float(np.mean(per_seed))
+    seeds_error = float(np.std(per_seed, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    mean_image = np.mean(np.asarray(differences, dtype=float), axis=0)
+    images_error = paired_gain(zeros, list(mean_image), tags)["standard_error"]
+    return {"gain": gain, "standard_error": float(np.hypot(seeds_error, images_error)), "seeds_error": seeds_error,
+            "images_error": images_error, "per_seed": per_seed}
+
+
 def paired_gold(before: Tensor, after: Tensor, metas: list[dict[str, Any]]) -> dict[str, Any]:
     """The exact evaluator on two image sets of the same prompts and seeds (``metas``, one per
     image): each set's per-image verdicts and gold scores, and the paired gain of ``after``."""
