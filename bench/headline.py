@@ -6,10 +6,11 @@ probe for each candidate limit.
     python bench/headline.py probes --family sd3 --path models/shapes/sd3
     python bench/headline.py report --docs docs
 
-``run`` trains CONFIG (reward: its own, e.g. ``shapes_gold``) for ``--minutes`` minutes of training
-(``run.max_minutes``, exports not counted), exporting every ``--export-every`` steps, and scores the
-base and every export by the exact evaluator on the held-out and the training split (100 prompts a
-task, evaluation seed 1, 25 steps, guidance 2 unless told). ``probes`` measures the candidates:
+``run`` trains CONFIG (reward: its own, e.g. ``shapes_gold``) for ``--minutes`` CPU minutes of
+training (``run.max_cpu_minutes``: the process's CPU time over its threads, exports not counted),
+exporting every ``--export-every`` steps, and scores the base and every export by the exact
+evaluator on the held-out and the training split (100 prompts a task, evaluation seed 1, 25 steps,
+guidance 2 unless told). ``probes`` measures the candidates:
 
 * held-out colour combinations: the base's and the fine-tuned model's gold on both splits (from
   ``run``), and ``sft-heldout`` against ``sft-train`` below;
@@ -85,7 +86,7 @@ def long_run(args: argparse.Namespace) -> dict[str, Any]:
 
         shutil.rmtree(folder, ignore_errors=True)
         config = load_experiment(args.config, config_classes(), [
-            f"run.seed={args.seed}", "run.steps=1000000", f"run.max_minutes={args.minutes}",
+            f"run.seed={args.seed}", "run.steps=1000000", f"run.max_cpu_minutes={args.minutes}",
             f"run.export_every={args.export_every}", f"run.output_dir={folder}", "run.checkpoint_every=0",
             "run.sample_every=0", "run.tracker=none"])
         if config.run.lr_scheduler != "constant":
@@ -102,7 +103,7 @@ def long_run(args: argparse.Namespace) -> dict[str, Any]:
     base = scores(family, path, None, Path(args.records) / "base" / f"{family}-{Path(path).name}", args)
     curve = []
     for point in points:
-        print(f"{name}: scoring step {point['step']} ({point['minutes']:.1f} min)")
+        print(f"{name}: scoring step {point['step']} ({point['cpu_minutes']:.1f} CPU min)")
         curve.append({"step": point["step"], "minutes": point["minutes"], "cpu_minutes": point["cpu_minutes"],
                       "gold": scores(family, path, point["weights"], records / "evals" / f"step-{point['step']:06d}", args)})
     result = {"config": args.config, "family": family, "path": path, "seed": args.seed, "minutes": args.minutes,
@@ -112,7 +113,7 @@ def long_run(args: argparse.Namespace) -> dict[str, Any]:
     (records / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     best = curve[-1]["gold"]
     print(f"{name}: held-out {base['heldout']['overall']:.3f} -> {best['heldout']['overall']:.3f}, "
-          f"train split {base['train']['overall']:.3f} -> {best['train']['overall']:.3f} in {curve[-1]['minutes']:.1f} min")
+          f"train split {base['train']['overall']:.3f} -> {best['train']['overall']:.3f} in {curve[-1]['cpu_minutes']:.1f} CPU min")
     return result
 
 
@@ -259,7 +260,7 @@ def report(args: argparse.Namespace) -> list[Path]:
     if runs:
         fig, axes = plt.subplots(1, len(runs), figsize=(5.0 * len(runs), 3.8), squeeze=False)
         for ax, run in zip(axes[0], runs):
-            xs = [0.0] + [c["minutes"] for c in run["curve"]]
+            xs = [0.0] + [c["cpu_minutes"] for c in run["curve"]]
             for split, style in (("heldout", "-o"), ("train", "--s")):
                 ax.plot(xs, [run["base"][split]["overall"]] + [c["gold"][split]["overall"] for c in run["curve"]], style,
                         ms=3, label=f"{split} prompts")
@@ -272,12 +273,12 @@ def report(args: argparse.Namespace) -> list[Path]:
         fig.savefig(docs / "img" / "headline_runs.png", dpi=110)
         plt.close(fig)
         written.append(docs / "img" / "headline_runs.png")
-        lines += ["| run | minutes | held-out gold: base -> tuned | train-split gold: base -> tuned | held-out per task (tuned) |",
+        lines += ["| run | CPU minutes | held-out gold: base -> tuned | train-split gold: base -> tuned | held-out per task (tuned) |",
                   "|---|---|---|---|---|"]
         for run in runs:
             last = run["curve"][-1]["gold"]
             tasks = ", ".join(f"{t} {last['heldout'][t]:.2f}" for t in TASKS)
-            lines.append(f"| `{run['config']}` on `{run['path']}` ({run['date']}) | {run['curve'][-1]['minutes']:.0f} | "
+            lines.append(f"| `{run['config']}` on `{run['path']}` ({run['date']}) | {run['curve'][-1]['cpu_minutes']:.0f} | "
                          f"{run['base']['heldout']['overall']:.3f} -> {last['heldout']['overall']:.3f} | "
                          f"{run['base']['train']['overall']:.3f} -> {last['train']['overall']:.3f} | {tasks} |")
         lines.append("")

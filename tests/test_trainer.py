@@ -259,6 +259,34 @@ def test_max_minutes_stops_the_run_early_with_its_final_checkpoint(tmp_path, mon
         _run(tmp_path, max_minutes=-1.0)
 
 
+def test_max_cpu_minutes_counts_this_processs_cpu_time_not_the_wall_clock(tmp_path, monkeypatch):
+    """run.max_cpu_minutes: a step that waits (sleeps, as on a machine busy with other work) does not
+    use up the budget; one that computes does."""
+    toy = _toy()
+    loss_of = toy.loss
+
+    def waiting_loss(batch):
+        time.sleep(0.05)
+        return loss_of(batch)
+
+    monkeypatch.setattr(toy, "loss", waiting_loss)
+    # 30 steps of 0.05 s: 1.5 s of wall clock, past 0.6 s, and a few ms of CPU time a step
+    assert Trainer(toy, _run(tmp_path / "waits", steps=30, checkpoint_every=0, max_cpu_minutes=0.01)).train().steps_done == 30
+
+    def computing_loss(batch):
+        start = time.process_time()
+        while time.process_time() - start < 0.1:
+            pass
+        return loss_of(batch)
+
+    monkeypatch.setattr(toy, "loss", computing_loss)
+    result = Trainer(toy, _run(tmp_path / "computes", steps=1000, checkpoint_every=0, max_cpu_minutes=0.01)).train()
+    assert 1 <= result.steps_done <= 7  # 0.6 s of CPU time at 0.1 s a step
+    assert [p.name for p in (tmp_path / "computes" / "checkpoints").iterdir()] == [f"step-{result.steps_done:06d}"]
+    with pytest.raises(ConfigError, match="max_cpu_minutes must be >= 0"):
+        _run(tmp_path, max_cpu_minutes=-1.0)
+
+
 def test_export_every_writes_the_run_stopped_there(tmp_path):
     """run.export_every: exports/step-N/ holds the weights after N steps with export.json; with a
     constant learning rate they are a run of N steps' final weights exactly (a learning curve from

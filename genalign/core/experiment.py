@@ -170,6 +170,9 @@ class RunConfig:
         0.0, help="stop after this many minutes of training in this launch (export.json's clock: exports not "
                   "counted), saving and exporting as at the end "
                   "(0: no limit; the learning-rate schedule still spans all the configured steps)")
+    max_cpu_minutes: float = field(
+        0.0, help="the same in CPU minutes: this process's CPU time over all its threads (export.json's "
+                  "train_cpu_seconds), which other work on a shared machine does not use up; 0: no limit")
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -181,7 +184,8 @@ class RunConfig:
         check(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         check(self.nan_tolerance >= 0, f"nan_tolerance must be >= 0, got {self.nan_tolerance}")
-        for name in ("log_every", "sample_every", "checkpoint_every", "export_every", "warmup_steps", "max_minutes"):
+        for name in ("log_every", "sample_every", "checkpoint_every", "export_every", "warmup_steps", "max_minutes",
+                     "max_cpu_minutes"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
     def load_prompts(self) -> list[str]:

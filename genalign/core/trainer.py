@@ -174,6 +174,13 @@ class Trainer:
             )
         self.accelerator.print(f"step {self.step + 1}: {what} is not finite; step skipped")
 
+    def _out_of_time(self) -> bool:
+        """Whether this process's training time is past ``run.max_minutes`` (wall clock) or
+        ``run.max_cpu_minutes`` (its CPU time, all threads); a limit of 0 is none."""
+        wall, cpu = self.clock.seconds()
+        return bool(self.run.max_minutes and wall > 60 * self.run.max_minutes) or bool(
+            self.run.max_cpu_minutes and cpu > 60 * self.run.max_cpu_minutes)
+
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; returns the logged metrics, or None when the step was skipped."""
         acc = self.accelerator
@@ -249,8 +256,9 @@ class Trainer:
         bar = tqdm(total=run.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
         with bar, self.stop_signals:
             while self.step < run.steps:
-                if run.max_minutes and any_process(acc, self.clock.seconds()[0] > 60 * run.max_minutes):
-                    acc.print(f"run.max_minutes={run.max_minutes} reached at step {self.step}; saving and exporting")
+                if (run.max_minutes or run.max_cpu_minutes) and any_process(acc, self._out_of_time()):
+                    acc.print(f"run.max_minutes={run.max_minutes} / run.max_cpu_minutes={run.max_cpu_minutes} "
+                              f"reached at step {self.step}; saving and exporting")
                     break
                 metrics = self.train_step()
                 self.step += 1
