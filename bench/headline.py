@@ -79,7 +79,7 @@ def long_run(args: argparse.Namespace) -> dict[str, Any]:
     name = Path(args.config).stem
     records, folder = Path(args.records) / "runs" / name, Path(args.out) / "runs" / name
     record = records / "points.json"
-    made_from = fingerprint(Path(args.config).read_text(), args.seed, args.minutes, args.export_every)
+    made_from = fingerprint(Path(args.config).read_text(), args.seed, args.minutes, "cpu", args.export_every)
     points = read_points(record, made_from)
     if points is None:
         import shutil

@@ -47,6 +47,7 @@ def main() -> int:
     model = ["--backbone", backbone["path"], "--family", backbone.get("family", "sd")]
     differences: dict[int, list[float]] = {}
     tags: list[str] = []
+    base: dict[int, list[bool]] = {}  # eval seed -> the base's verdicts: every run must pair with the same images
     for seed in args.seeds:
         run = out / f"seed{seed}"
         overrides = [f"run.seed={seed}", f"run.output_dir={run}"]
@@ -69,9 +70,14 @@ def main() -> int:
                                 "--per-task", str(args.per_task), "--seed", str(eval_seed), *guidance, "--out", str(where)],
                                check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             result = json.loads((where / "scores.json").read_text())
-            differences[seed] += [float(t) - float(b) for b, t in zip(result["base"]["verdicts"], result["verdicts"])]
-            if len(tags) < len(differences[seed]):  # the first run's images, eval seed by eval seed
+            if base.setdefault(eval_seed, result["base"]["verdicts"]) != result["base"]["verdicts"]:
+                raise SystemExit(f"{where}: the base's verdicts differ from the first run's at eval seed {eval_seed} "
+                                 "(another model, prompt set or evaluator): its runs cannot be pooled")
+            if len(tags) < len(differences[seed]) + len(result["tags"]):  # the first run's images, eval seed by eval seed
                 tags += result["tags"]
+            if result["tags"] != tags[len(differences[seed]):len(differences[seed]) + len(result["tags"])]:
+                raise SystemExit(f"{where}: scored on other prompts than the first run at eval seed {eval_seed}")
+            differences[seed] += [float(t) - float(b) for b, t in zip(result["base"]["verdicts"], result["verdicts"])]
             print(f"run.seed {seed} ({minutes:.1f} min), eval seed {eval_seed}: base {result['base']['gold']['overall']:.3f}, "
                   f"gain {result['gain']['gain']:+.3f} (standard error {result['gain']['standard_error']:.3f})", flush=True)
     pooled = pooled_paired_gain(list(differences.values()), tags)

@@ -10,7 +10,10 @@ the same prompts and seeds (``genalign.shapes.scoring.paired_gain``). A run's ga
 the mean over evaluation seeds; a method's gain is the mean over training seeds, and its standard
 error pools the training noise (the seeds' spread) with the evaluation's (the paired per-image
 spread of the seeds' mean difference: every run shares the base's images, whose noise the seeds'
-spread cannot show; ``genalign.shapes.scoring.pooled_paired_gain``). Budgets are equal in reward
+spread cannot show; ``genalign.shapes.scoring.pooled_paired_gain``): the noise of another draw of
+the noise seeds, given each task's held-out prompt pool (at 100 a task the pools are cycled
+through whole). The CLIP proxy's gain, a mean score without per-image values, has the seeds'
+spread alone for its standard error. Budgets are equal in reward
 queries (images the training reward scored, from the config's batch shape) and, separately, in
 training minutes (the last export within the minutes; a run with none within them counts as its base,
 gain 0). Minutes are CPU minutes: the training process's CPU time over all its threads, exports
@@ -369,7 +372,6 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
               runs: dict[int, list[dict[str, Any]]], base: dict[int, dict[str, Any]], s: Settings) -> dict[str, Any]:
     """Pool a method's runs: per budget (queries and minutes) and per export step (the curve)."""
     from genalign.shapes.scoring import pooled_paired_gain
-
 
     def mean(values: Any) -> float:
         values = list(values)

@@ -36,7 +36,8 @@ def test_budgets_and_pooling_by_hand():
 
 def test_pooled_paired_gain_by_hand():
     """Two seeds, two tasks of two images: g_s = the task-balanced mean of seed s's differences;
-    SE^2 = (std of g_s / sqrt 2)^2 + the paired SE of the per-image mean over seeds."""
+    SE^2 = (std of g_s / sqrt 2)^2 + the paired SE^2 of the per-image mean over seeds - the
+    seed-by-image residual counted twice (sum_t MS_e,t / (S n_t) / T^2)."""
     from genalign.shapes.scoring import pooled_paired_gain
 
     tags = ["a", "a", "b", "b"]
@@ -45,7 +46,9 @@ def test_pooled_paired_gain_by_hand():
     assert out["seeds_error"] == pytest.approx(0.125)  # |0.25 - 0.5| / sqrt(2) / sqrt(2)
     # per-image means [1, 0.5 | 0.5, -0.5]: var a 0.125 / 2, var b 0.5 / 2; sqrt(0.3125) / 2 tasks
     assert out["images_error"] == pytest.approx(math.sqrt(0.3125) / 2)
-    assert out["standard_error"] == pytest.approx(math.sqrt(0.125**2 + 0.3125 / 4))
+    # residuals d - row mean - column mean + mean: task a +-0.25 (MS 0.25 / 1 df), task b +-0.5 (MS 1.0)
+    correction = (0.25 / (2 * 2) + 1.0 / (2 * 2)) / 2**2
+    assert out["standard_error"] == pytest.approx(math.sqrt(0.125**2 + 0.3125 / 4 - correction))  # 0.125
     one = pooled_paired_gain([[1, 0, 1, -1]], tags)  # one seed: the evaluation's error alone
     assert one["seeds_error"] == 0.0 and one["standard_error"] == pytest.approx(math.sqrt(0.5 / 2 + 2 / 2) / 2)
     with pytest.raises(ValueError, match="one difference per tag"):
@@ -85,9 +88,13 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
         mean_d = d.mean(0)
         images = np.sqrt(sum(mean_d[tags == t].var(ddof=1) / 2 for t in dict.fromkeys(base["tags"]))) / 6
         seeds = abs(per_seed[0] - per_seed[1]) / 2  # std (ddof 1) of two values / sqrt(2)
+        residual = 0.0  # the seed-by-image residual, counted in both: (S - 1)(n - 1) = 1 degree of freedom a task
+        for t in dict.fromkeys(base["tags"]):
+            x = d[:, tags == t]
+            residual += ((x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + x.mean()) ** 2).sum() / (2 * 2)
         assert b["per_seed"] == pytest.approx(per_seed) and b["gain"] == pytest.approx(np.mean(per_seed))
         assert (b["seeds_error"], b["images_error"]) == pytest.approx((seeds, images))
-        assert b["standard_error"] == pytest.approx(math.hypot(seeds, images))
+        assert b["standard_error"] == pytest.approx(math.sqrt(max(seeds**2 + images**2 - residual / 36, 0.0)))
     # seed 0's export at step 1, paired with the cached base, against the evaluator comparing both itself
     from genalign.core.experiment import BackboneConfig
     from genalign.pipelines import load_backbone

@@ -79,13 +79,17 @@ def pooled_paired_gain(differences: Sequence[Sequence[float]], tags: Sequence[st
     correctness of image i (its task ``tags[i]``; the images of every evaluation seed, one after the
     other) for the run of training seed s, every run scored on the same images' prompts and seeds.
 
-    gain = mean over s of g_s, g_s = the task-balanced mean of differences[s] (:func:`paired_gain`).
-    SE^2 = SE_seeds^2 + SE_images^2: SE_seeds = std(g_s, ddof 1) / sqrt(S) (0 with one seed) is the
-    training noise given these images; SE_images = :func:`paired_gain`'s SE of the per-image mean
-    over seeds, mean_s differences[s][i], is the evaluation's (another draw of prompts and noise
-    seeds would give another gain, the base's images included: they are shared by every run, so
-    the seeds' spread cannot show their noise). Conservative by the (seed, image) residual's share
-    1 / (S N), which both terms count."""
+    A seed-by-image design per task t: d_si = mu + a_s + b_i + e_si (seed, image, residual), so
+    Var(gain) = sum_t (s_a^2 / S + s_b,t^2 / n_t + s_e,t^2 / (S n_t)) / T^2, with the seed effects
+    pooled over tasks through each seed's task-balanced gain. gain = mean over s of g_s, g_s = the
+    task-balanced mean of differences[s] (:func:`paired_gain`). SE^2 = SE_seeds^2 + SE_images^2 -
+    R: SE_seeds = std(g_s, ddof 1) / sqrt(S), the training noise given these images; SE_images =
+    :func:`paired_gain`'s SE of the per-image mean over seeds, the evaluation's (other noise seeds,
+    and other prompts where a task's pool is larger than its share, would give another gain, the
+    base's images included: every run shares them, so the seeds' spread cannot show their noise);
+    each counts the residual once, and R = sum_t MS_e,t / (S n_t) / T^2 takes one count out (MS_e,t:
+    the two-way residual mean square, sum r^2 / ((S - 1)(n_t - 1))). Unbiased for the variance; the
+    SE is clamped at 0. With one seed: SE_seeds = R = 0, the one run's paired SE."""
     if not differences:
         raise ValueError("pooled_paired_gain needs at least one training seed")
     if any(len(d) != len(tags) for d in differences):
@@ -96,9 +100,18 @@ def pooled_paired_gain(differences: Sequence[Sequence[float]], tags: Sequence[st
     n = len(per_seed)
     gain = float(np.mean(per_seed))
     seeds_error = float(np.std(per_seed, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-    mean_image = np.mean(np.asarray(differences, dtype=float), axis=0)
-    images_error = paired_gain(zeros, list(mean_image), tags)["standard_error"]
-    return {"gain": gain, "standard_error": float(np.hypot(seeds_error, images_error)), "seeds_error": seeds_error,
+    table = np.asarray(differences, dtype=float)
+    images_error = paired_gain(zeros, list(table.mean(axis=0)), tags)["standard_error"]
+    residual = 0.0
+    columns = np.asarray(tags)
+    names = list(dict.fromkeys(tags))
+    for name in names:
+        d = table[:, columns == name]
+        if n > 1 and d.shape[1] > 1:
+            r = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0, keepdims=True) + d.mean()
+            residual += float((r**2).sum()) / ((n - 1) * (d.shape[1] - 1)) / (n * d.shape[1])
+    variance = seeds_error**2 + images_error**2 - residual / len(names) ** 2
+    return {"gain": gain, "standard_error": float(np.sqrt(max(variance, 0.0))), "seeds_error": seeds_error,
             "images_error": images_error, "per_seed": per_seed}
 
 
