@@ -507,15 +507,19 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(proxied), figsize=(max(6.0, 4.2 * len(proxied)), 3.8), squeeze=False)
         for ax, (method, m) in zip(axes[0], proxied.items()):
             xs = [0.0] + [c["queries"] for c in m["curve"]]
-            ax.plot(xs, [0.0] + [c["gain"] for c in m["curve"]], marker="o", ms=3, label="gold (exact evaluator)")
             twin = ax.twinx()
-            twin.plot(xs, [0.0] + [c["proxy_gain"] for c in m["curve"]], marker="s", ms=3, color="tab:red",
-                      label=f"proxy ({Path(results['settings']['clip']).name})")
+            for axis, key, colour, marker in ((ax, "", "tab:blue", "o"), (twin, "proxy_", "tab:red", "s")):
+                ys = [0.0] + [c[f"{key}gain"] for c in m["curve"]]
+                se = [0.0] + [c[f"{key}standard_error"] for c in m["curve"]]
+                axis.plot(xs, ys, marker=marker, ms=3, color=colour)
+                axis.fill_between(xs, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)], color=colour,
+                                  alpha=0.15, linewidth=0)
+            ax.axhline(0.0, color="grey", linewidth=0.6)
             ax.set_title(f"{method} (trained on {m['reward']})", fontsize=9)
             ax.set_xlabel("reward queries")
-            ax.set_ylabel("gold gain")
-            twin.set_ylabel("proxy gain", color="tab:red")
-        fig.suptitle("over-optimisation: the proxy trained on and the gold, over training", fontsize=9)
+            ax.set_ylabel("gold gain (exact evaluator)", color="tab:blue")
+            twin.set_ylabel(f"proxy gain ({Path(results['settings']['clip']).name})", color="tab:red")
+        fig.suptitle("over-optimisation: the proxy trained on and the gold (bands: one standard error)", fontsize=9)
         fig.tight_layout()
         fig.savefig(folder / "leaderboard_overoptimisation.png", dpi=110)
         plt.close(fig)
