@@ -302,7 +302,9 @@ class D3PO(LossInParts, BackboneMethod):
             preference = preferences_from_scores(scores[a], scores[b], self.config.tie_margin)
             total = scores if scores.ndim == 1 else scores.sum(1)
             metrics = {"reward_mean": total.mean(), "ties": (preference == 0).float().mean()}
-        keep = preference != 0  # ties give no gradient: skip their compute
+        # ties give no gradient: skip their compute. On the host, where the pair indices live (a CUDA
+        # mask cannot index a CPU tensor, and the kept count sizes the batch: one sync a rollout)
+        keep = (preference != 0).cpu()
         steps = torch.arange(trajectory.num_steps)
         trained = max(1, math.ceil(self.config.timestep_fraction * trajectory.num_steps))
         if trained < trajectory.num_steps:
