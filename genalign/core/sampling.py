@@ -150,7 +150,8 @@ def _finish_step(
         prev_sample = mean  # deterministic step: nothing to draw
     elif prev_sample is None:
         if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            where = generator.device if generator is not None else mean.device  # a host generator draws on the host
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=where).to(mean.device)
         prev_sample = mean + std * noise.to(mean.dtype)
     log_prob = gaussian_log_prob(prev_sample, mean, std)
     return prev_sample, log_prob, mean, std

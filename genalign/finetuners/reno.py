@@ -147,7 +147,7 @@ def reno(
         done = iteration + 1
         if done == config.iterations or (config.patience and stale >= config.patience):
             break
-        loss = -scores + config.reg_weight * noise_regularizer(noise)
+        loss = -scores.to(noise.device) + config.reg_weight * noise_regularizer(noise)
         optimizer.zero_grad()
         loss.sum().backward()  # samples are independent: the sum gives each its own gradient
         if config.grad_clip:
