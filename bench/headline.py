@@ -47,6 +47,7 @@ from genalign.leaderboard import Settings, evaluate, fingerprint, read_points, w
 MARK_BEGIN = "<!-- headline: begin (written by bench/headline.py; edits here are overwritten) -->"
 MARK_END = "<!-- headline: end -->"
 SPLITS = ("heldout", "train")
+TARGETS = {"sd": 0.75, "sd3": 0.70}  # the held-out gold the headline asks of each shapes model
 
 
 def _settings(args: argparse.Namespace, split: str) -> Settings:
@@ -264,6 +265,9 @@ def report(args: argparse.Namespace) -> list[Path]:
             for split, style in (("heldout", "-o"), ("train", "--s")):
                 ax.plot(xs, [run["base"][split]["overall"]] + [c["gold"][split]["overall"] for c in run["curve"]], style,
                         ms=3, label=f"{split} prompts")
+            if run["family"] in TARGETS:
+                ax.axhline(TARGETS[run["family"]], color="grey", linestyle=":", linewidth=1,
+                           label=f"target, held-out ({TARGETS[run['family']]:.2f})")
             ax.set_title(f"{Path(run['config']).stem} on {Path(run['path']).name}", fontsize=9)
             ax.set_xlabel("training minutes (CPU)")
             ax.set_ylabel("gold (exact evaluator)")
