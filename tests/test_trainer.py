@@ -242,15 +242,27 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_s
     assert resumed.train(resume="latest").steps_done == 8
 
 
-def test_max_minutes_stops_the_run_early_with_its_final_checkpoint(tmp_path, monkeypatch):
+def _toy_whose_step_first(spend, monkeypatch):
+    """A toy regression whose loss first calls ``spend()`` (sleeps or computes)."""
     toy = _toy()
     loss_of = toy.loss
 
-    def slow_loss(batch):
-        time.sleep(0.05)
+    def loss(batch):
+        spend()
         return loss_of(batch)
 
-    monkeypatch.setattr(toy, "loss", slow_loss)
+    monkeypatch.setattr(toy, "loss", loss)
+    return toy
+
+
+def _compute(seconds):
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+
+
+def test_max_minutes_stops_the_run_early_with_its_final_checkpoint(tmp_path, monkeypatch):
+    toy = _toy_whose_step_first(lambda: time.sleep(0.05), monkeypatch)
     result = Trainer(toy, _run(tmp_path, steps=1000, checkpoint_every=0, max_minutes=0.01)).train()  # 0.6 s
     assert 1 <= result.steps_done < 100
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"step-{result.steps_done:06d}"]
@@ -262,24 +274,10 @@ def test_max_minutes_stops_the_run_early_with_its_final_checkpoint(tmp_path, mon
 def test_max_cpu_minutes_counts_this_processs_cpu_time_not_the_wall_clock(tmp_path, monkeypatch):
     """run.max_cpu_minutes: a step that waits (sleeps, as on a machine busy with other work) does not
     use up the budget; one that computes does."""
-    toy = _toy()
-    loss_of = toy.loss
-
-    def waiting_loss(batch):
-        time.sleep(0.05)
-        return loss_of(batch)
-
-    monkeypatch.setattr(toy, "loss", waiting_loss)
+    toy = _toy_whose_step_first(lambda: time.sleep(0.05), monkeypatch)
     # 30 steps of 0.05 s: 1.5 s of wall clock, past 0.6 s, and a few ms of CPU time a step
     assert Trainer(toy, _run(tmp_path / "waits", steps=30, checkpoint_every=0, max_cpu_minutes=0.01)).train().steps_done == 30
-
-    def computing_loss(batch):
-        start = time.process_time()
-        while time.process_time() - start < 0.1:
-            pass
-        return loss_of(batch)
-
-    monkeypatch.setattr(toy, "loss", computing_loss)
+    toy = _toy_whose_step_first(lambda: _compute(0.1), monkeypatch)
     result = Trainer(toy, _run(tmp_path / "computes", steps=1000, checkpoint_every=0, max_cpu_minutes=0.01)).train()
     assert 1 <= result.steps_done <= 7  # 0.6 s of CPU time at 0.1 s a step
     assert [p.name for p in (tmp_path / "computes" / "checkpoints").iterdir()] == [f"step-{result.steps_done:06d}"]
