@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,3 +83,26 @@ def test_mixed_precision_lora_training_on_cuda(tmp_path, tiny_models, precision,
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after.values())
     assert any((after[k] - before[k]).abs().max() > 0 for k in before)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+SHAPES_CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "shapes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHAPES_CONFIGS)
+def test_every_shipped_shapes_config_trains_two_steps_on_cuda(tmp_path, monkeypatch, config):
+    """Each method end to end on the GPU, its reward's scores on the device: device mismatches
+    (a CUDA mask indexing a host tensor, a host generator drawing on the GPU) raise only here.
+    D3PO's tie mask indexed its host-side pair indices until 2026-12-07."""
+    from genalign.core.experiment import load_experiment
+    from genalign.finetuners import config_classes
+    from genalign.launch import run_experiment
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    experiment = load_experiment(root / "configs" / "shapes" / config, config_classes(),
+                                 ["run.steps=2", f"run.output_dir={tmp_path}", "run.checkpoint_every=0",
+                                  "run.sample_every=0", "run.tracker=none"])
+    result = run_experiment(experiment)
+    assert result.steps_done == 2
+    assert all(math.isfinite(h["loss"]) for h in result.history if "loss" in h)
+    assert (tmp_path / "final").is_dir() and any((tmp_path / "final").iterdir())
