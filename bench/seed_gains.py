@@ -46,8 +46,8 @@ def main() -> int:
     backbone = yaml.safe_load((ROOT / args.config).read_text())["backbone"]
     model = ["--backbone", backbone["path"], "--family", backbone.get("family", "sd")]
     differences: dict[int, list[float]] = {}
-    tags: list[str] = []
-    base: dict[int, list[bool]] = {}  # eval seed -> the base's verdicts: every run must pair with the same images
+    seen: dict[int, tuple[list[bool], list[str]]] = {}  # eval seed -> the base's verdicts and tags: every run must
+    # pair with the same images
     for seed in args.seeds:
         run = out / f"seed{seed}"
         overrides = [f"run.seed={seed}", f"run.output_dir={run}"]
@@ -70,16 +70,14 @@ def main() -> int:
                                 "--per-task", str(args.per_task), "--seed", str(eval_seed), *guidance, "--out", str(where)],
                                check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             result = json.loads((where / "scores.json").read_text())
-            if base.setdefault(eval_seed, result["base"]["verdicts"]) != result["base"]["verdicts"]:
-                raise SystemExit(f"{where}: the base's verdicts differ from the first run's at eval seed {eval_seed} "
-                                 "(another model, prompt set or evaluator): its runs cannot be pooled")
-            if len(tags) < len(differences[seed]) + len(result["tags"]):  # the first run's images, eval seed by eval seed
-                tags += result["tags"]
-            if result["tags"] != tags[len(differences[seed]):len(differences[seed]) + len(result["tags"])]:
-                raise SystemExit(f"{where}: scored on other prompts than the first run at eval seed {eval_seed}")
+            images = (result["base"]["verdicts"], result["tags"])
+            if seen.setdefault(eval_seed, images) != images:
+                raise SystemExit(f"{where}: the base's verdicts or the prompts differ from the first run's at eval seed "
+                                 f"{eval_seed} (another model, prompt set or evaluator): its runs cannot be pooled")
             differences[seed] += [float(t) - float(b) for b, t in zip(result["base"]["verdicts"], result["verdicts"])]
             print(f"run.seed {seed} ({minutes:.1f} min), eval seed {eval_seed}: base {result['base']['gold']['overall']:.3f}, "
                   f"gain {result['gain']['gain']:+.3f} (standard error {result['gain']['standard_error']:.3f})", flush=True)
+    tags = [tag for eval_seed in args.eval_seeds for tag in seen[eval_seed][1]]  # every run's images, in its order
     pooled = pooled_paired_gain(list(differences.values()), tags)
     print(f"{Path(args.config).name}: paired gold gain {pooled['gain']:+.3f}, standard error {pooled['standard_error']:.3f} "
           f"over {len(differences)} runs (runs' spread {pooled['seeds_error']:.3f}, evaluation's {pooled['images_error']:.3f})")
