@@ -127,7 +127,10 @@ class RewardModel:
         grad = torch.is_grad_enabled() and self.differentiable
         with torch.set_grad_enabled(grad):
             scores, extra = self.score_with_subscores(images.to(self.device), list(prompts), metadata)
-            scores = scores.float()
+            # rule-based adapters (the evaluators, OCR, compressibility) count on the host: the
+            # contract is scores on the reward's device, so a GPU trainer never mixes devices
+            scores = scores.float().to(self.device)
+            extra = {name: value.to(self.device) for name, value in extra.items()}
         if scores.shape != (images.shape[0],):
             raise RuntimeError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, "
                                f"expected ({images.shape[0]},)")

@@ -106,3 +106,19 @@ def test_every_shipped_shapes_config_trains_two_steps_on_cuda(tmp_path, monkeypa
     assert result.steps_done == 2
     assert all(math.isfinite(h["loss"]) for h in result.history if "loss" in h)
     assert (tmp_path / "final").is_dir() and any((tmp_path / "final").iterdir())
+
+
+@pytest.mark.parametrize("name", ["shapes_gold", "jpeg_compressibility"])
+def test_host_counting_rewards_return_scores_on_their_device(name):
+    """The contract (``RewardModel.score``: scores on ``self.device``) holds for the adapters that
+    count on the host (``RewardModel.__call__`` moves them; GenEval's came back on the CPU until
+    2026-12-07)."""
+    from genalign.core.experiment import RewardConfig
+    from genalign.rewards import load_reward
+    from genalign.shapes.world import split_prompts
+
+    reward = load_reward(RewardConfig(name=name), device="cuda")
+    rows = split_prompts("heldout")[:2]
+    images = torch.rand(2, 3, 64, 64, device="cuda")
+    scores, extra = reward(images, [r["prompt"] for r in rows], rows)
+    assert scores.device.type == "cuda" and all(v.device.type == "cuda" for v in extra.values())
