@@ -35,6 +35,7 @@ fresh checkout: it goes on where it stopped.
     # a 2-core machine: two shards at one thread each (1.3x the runs an hour of one process at two), then the report
     .venv/bin/python bench/leaderboard.py --shard 0/2 --threads 1 & .venv/bin/python bench/leaderboard.py --shard 1/2 --threads 1
     .venv/bin/python bench/leaderboard.py --threads 1 --docs docs --readme README.md
+    .venv/bin/python bench/leaderboard.py --recorded      # meanwhile: the table of what is on record
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Settings:
     out: str = "runs/leaderboard"
     records: str = "bench/leaderboard"
     device: str = "cpu"
+    recorded: bool = False  # report what is on record; train and evaluate nothing, delete nothing
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -147,9 +149,21 @@ def scored_points(points: Sequence[dict[str, Any]], budget_steps: Any, minutes: 
 def orphaned(points: Sequence[dict[str, Any]], evals: Path, s: Settings) -> bool:
     """Whether a recorded run cannot be scored: a point whose weights are gone (a fresh checkout) and
     whose evaluations are not all in ``evals``."""
-    return any(not Path(p["weights"]).is_dir()
-               and not all((evals / f"step-{p['step']:06d}-{_eval_name(s, e)}").is_file() for e in s.eval_seeds)
-               for p in points)
+    return any(not Path(p["weights"]).is_dir() and not evaluated([p], evals, s) for p in points)
+
+
+def on_record(record: Path, made_from: str, base: Path, s: Settings) -> list[dict[str, Any]] | None:
+    """A run's recorded points if its record was made from ``made_from`` and the base's evaluations
+    are on record; None otherwise. Reads only: what ``--recorded`` reports from."""
+    if not record.is_file() or not all((base / _eval_name(s, e)).is_file() for e in s.eval_seeds):
+        return None
+    data = json.loads(record.read_text())
+    return data["points"] if data.get("fingerprint") == made_from else None
+
+
+def evaluated(points: Sequence[dict[str, Any]], evals: Path, s: Settings) -> bool:
+    """Whether every evaluation of these points is in ``evals``."""
+    return all((evals / f"step-{p['step']:06d}-{_eval_name(s, e)}").is_file() for p in points for e in s.eval_seeds)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -182,13 +196,18 @@ def _write(path: Path, text: str) -> None:
     partial.replace(path)
 
 
+def run_fingerprint(config_path: str, seed: int, steps: int, every: int) -> str:
+    """What a run's record was made from: its config's text, seed, steps and export interval."""
+    return fingerprint(Path(config_path).read_text(), seed, steps, every)
+
+
 def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path, record: Path,
               per_step: float) -> bool:
     """Train ``config_path`` at ``run.seed = seed`` for ``steps`` steps in ``folder``, exporting every
     ``every``, and write its points (step, reward queries, minutes, weights folder) to ``record``,
     unless ``record`` already holds them for this config text, seed, steps and interval. Returns
     whether it trained."""
-    made_from = fingerprint(Path(config_path).read_text(), seed, steps, every)
+    made_from = run_fingerprint(config_path, seed, steps, every)
     if read_points(record, made_from) is not None:
         return False
     from genalign.core.experiment import load_experiment
@@ -286,6 +305,17 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
         for seed in s.seeds:  # each run is scored as soon as it is trained: its records are whole when committed
             record = records / "runs" / name / f"seed{seed}" / "points.json"
             folder = out / "runs" / name / f"seed{seed}"
+            if s.recorded:
+                points = on_record(record, run_fingerprint(config_path, seed, max(steps.values()), every),
+                                   base_folder(records, family, path), s)
+                if points is not None and not with_proxy:
+                    points = scored_points(points, steps.values(), s.minutes)
+                if points is None or not evaluated(points, record.parent / "evals", s):
+                    log(f"{name} seed {seed}: not on record (or not every evaluation is): left out")
+                    continue
+                score_runs(name, family, path, with_proxy, {seed: points}, records, s, log)
+                runs[seed] = points
+                continue
             for attempt in range(2):
                 started = time.monotonic()
                 if train_run(config_path, seed, max(steps.values()), every, folder, record, per_step):
@@ -298,16 +328,32 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
                     record.unlink()
                     continue
                 break
-            base = score_runs(name, family, path, with_proxy, {seed: points}, records, s, log)
+            score_runs(name, family, path, with_proxy, {seed: points}, records, s, log)
             runs[seed] = points
+        if not runs:
+            log(f"{name}: no run on record: left out of the report")
+            continue
+        base = score_runs(name, family, path, with_proxy, {}, records, s, log)
         methods[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
     if s.trl:
-        runs = {seed: trl_run(seed, s, out, records, log) for seed in s.seeds}
+        if s.recorded:
+            found = {seed: on_record(records / "runs" / TRL_NAME / f"seed{seed}" / "points.json", trl_fingerprint(seed, s),
+                                     base_folder(records, "sd", TRL_MODEL), s) for seed in s.seeds}
+            runs = {seed: points for seed, points in found.items()
+                    if points is not None and evaluated(points, records / "runs" / TRL_NAME / f"seed{seed}" / "evals", s)}
+        else:
+            runs = {seed: trl_run(seed, s, out, records, log) for seed in s.seeds}
+    if s.trl and runs:
         steps = {q: math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets}
         base = score_runs(TRL_NAME, "sd", TRL_MODEL, False, runs, records, s, log)
         methods[TRL_NAME] = summarise(TRL_NAME, "bench/trl_ddpo.py: TRL 0.23.1 DDPOTrainer, configs/shapes/ddpo.yaml settings", "sd",
                                       "shapes_gold", TRL_QUERIES_PER_EPOCH, steps, runs, base, s)
     return {"settings": asdict(s), "date": time.strftime("%Y-%m-%d"), "machine": machine(), "methods": methods}
+
+
+def base_folder(records: Path, family: str, path: str) -> Path:
+    """Where the base model's evaluations are kept (shared by every method on that backbone)."""
+    return records / "base" / f"{family}-{Path(path).name}-{fingerprint(path)[:8]}"
 
 
 def score_runs(name: str, family: str, path: str, with_proxy: bool, runs: dict[int, list[dict[str, Any]]],
@@ -316,7 +362,7 @@ def score_runs(name: str, family: str, path: str, with_proxy: bool, runs: dict[i
     when asked), in place; returns the base's evaluations."""
     from genalign.shapes.scoring import paired_gain
 
-    folder = records / "base" / f"{family}-{Path(path).name}-{fingerprint(path)[:8]}"
+    folder = base_folder(records, family, path)
     base = {e: evaluate(family, path, None, e, s, folder / _eval_name(s, e), with_proxy) for e in s.eval_seeds}
     for seed, points in runs.items():
         for point in points:
@@ -341,6 +387,14 @@ def score_runs(name: str, family: str, path: str, with_proxy: bool, runs: dict[i
 TRL_NAME, TRL_MODEL, TRL_QUERIES_PER_EPOCH = "trl_ddpo", "models/shapes/sd", 16
 
 
+def trl_epochs(s: Settings) -> list[int]:
+    return sorted({math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets})
+
+
+def trl_fingerprint(seed: int, s: Settings) -> str:
+    return fingerprint("trl_ddpo", seed, trl_epochs(s))
+
+
 def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[dict[str, Any]]:
     """TRL's DDPOTrainer (bench/trl_ddpo.py, its own environment) at configs/shapes/ddpo.yaml's settings,
     one run per budget (it exports no intermediate weights): the points of a seed."""
@@ -348,8 +402,8 @@ def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[
     import sys
 
     record = records / "runs" / TRL_NAME / f"seed{seed}" / "points.json"
-    all_epochs = sorted({math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets})
-    made_from = fingerprint("trl_ddpo", seed, all_epochs)
+    all_epochs = trl_epochs(s)
+    made_from = trl_fingerprint(seed, s)
     known = read_points(record, made_from)
     if known is not None:
         return known
@@ -604,6 +658,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--docs", default=None, help="write results.md's block and img/*.png here (e.g. docs)")
     p.add_argument("--readme", default=None, help="write the table between this README's leaderboard markers")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--recorded", action="store_true",
+                   help="report only the runs on record (with every evaluation): train, evaluate and delete nothing; "
+                        "the interim table of a leaderboard still running, its cells giving their seeds")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="measure only every N-th config from the I-th (0-based), to run N processes side by side; "
                         "a run without --shard then reports them all from the records")
@@ -635,8 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = Settings(configs=configs, seeds=args.seeds, budgets=budgets, minutes=sorted(set(args.minutes)),
                  per_task=args.per_task, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps,
                  guidance_scale=args.guidance_scale, split=args.split, clip=args.clip, trl=args.trl, out=args.out,
-                 records=args.records,
-                 device=args.device)
+                 records=args.records, device=args.device, recorded=args.recorded)
     results = measure(s)
     records = Path(s.records)
     records.mkdir(parents=True, exist_ok=True)

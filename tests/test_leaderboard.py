@@ -118,6 +118,21 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     assert leaderboard.main(args) == 0
     again = json.loads((tmp_path / "records" / "leaderboard.json").read_text())["methods"]["toy_grpo"]
     assert again["budgets"] == m["budgets"] and again["curve"] == m["curve"]
+    # --recorded reports what is on record and leaves out the rest (a seed without its record, a
+    # config never run), training, evaluating and deleting nothing
+    seed1 = tmp_path / "records" / "runs" / "toy_grpo" / "seed1"
+    (seed1 / "points.json").rename(seed1 / "points.json.aside")
+    other = tmp_path / "toy_other.yaml"
+    other.write_text(path.read_text())
+    kept = sorted((tmp_path / "records").rglob("*.json"))
+    recorded = [*args[:1], str(path), str(other), *args[2:3], "0", "1", "2", *args[5:], "--recorded"]
+    assert leaderboard.main(recorded) == 0
+    part = json.loads((tmp_path / "records" / "leaderboard.json").read_text())["methods"]
+    assert list(part) == ["toy_grpo"] and list(part["toy_grpo"]["runs"]) == ["0"]
+    for budget in ("8", "16"):
+        assert part["toy_grpo"]["budgets"][budget]["per_seed"] == [m["budgets"][budget]["per_seed"][0]]
+    assert sorted((tmp_path / "records").rglob("*.json")) == kept
+    (seed1 / "points.json.aside").rename(seed1 / "points.json")
     # a run on record whose weights are gone and one of whose evaluations is missing is trained again
     evals = tmp_path / "records" / "runs" / "toy_grpo" / "seed1" / "evals"
     sorted(evals.glob("step-000002-*.json"))[0].unlink()
