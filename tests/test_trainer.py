@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -271,15 +272,17 @@ def test_max_minutes_stops_the_run_early_with_its_final_checkpoint(tmp_path, mon
         _run(tmp_path, max_minutes=-1.0)
 
 
-def test_max_cpu_minutes_counts_this_processs_cpu_time_not_the_wall_clock(tmp_path, monkeypatch):
+def test_max_cpu_minutes_counts_this_processs_cpu_time_not_the_wall_clock(tmp_path, monkeypatch, capsys):
     """run.max_cpu_minutes: a step that waits (sleeps, as on a machine busy with other work) does not
-    use up the budget; one that computes does."""
+    use up the budget; one that computes does; the progress bar shows the clock against the limit."""
     toy = _toy_whose_step_first(lambda: time.sleep(0.05), monkeypatch)
     # 30 steps of 0.05 s: 1.5 s of wall clock, past 0.6 s, and a few ms of CPU time a step
     assert Trainer(toy, _run(tmp_path / "waits", steps=30, checkpoint_every=0, max_cpu_minutes=0.01)).train().steps_done == 30
     toy = _toy_whose_step_first(lambda: _compute(0.1), monkeypatch)
     result = Trainer(toy, _run(tmp_path / "computes", steps=1000, checkpoint_every=0, max_cpu_minutes=0.01)).train()
     assert 1 <= result.steps_done <= 7  # 0.6 s of CPU time at 0.1 s a step
+    shown = re.findall(r"cpu_min=(\d+\.\d)/0\.01", capsys.readouterr().err)
+    assert shown and float(shown[-1]) == pytest.approx(0.01, abs=0.05)
     assert [p.name for p in (tmp_path / "computes" / "checkpoints").iterdir()] == [f"step-{result.steps_done:06d}"]
     with pytest.raises(ConfigError, match="max_cpu_minutes must be >= 0"):
         _run(tmp_path, max_cpu_minutes=-1.0)

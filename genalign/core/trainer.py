@@ -181,6 +181,17 @@ class Trainer:
         return bool(self.run.max_minutes and wall > 60 * self.run.max_minutes) or bool(
             self.run.max_cpu_minutes and cpu > 60 * self.run.max_cpu_minutes)
 
+    def _clock_fields(self) -> dict[str, str]:
+        """The progress bar's view of a clock limit (the step count of a run stopped by the clock is
+        only a ceiling): minutes so far against ``run.max_minutes`` / ``run.max_cpu_minutes``."""
+        wall, cpu = self.clock.seconds()
+        fields = {}
+        if self.run.max_minutes:
+            fields["min"] = f"{wall / 60:.1f}/{self.run.max_minutes:g}"
+        if self.run.max_cpu_minutes:
+            fields["cpu_min"] = f"{cpu / 60:.1f}/{self.run.max_cpu_minutes:g}"
+        return fields
+
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; returns the logged metrics, or None when the step was skipped."""
         acc = self.accelerator
@@ -266,7 +277,7 @@ class Trainer:
                 if metrics is not None:
                     history.append({"step": self.step, **metrics})
                     self.log.append(history[-1])  # one JSON line a step: easy to plot or grep
-                    bar.set_postfix(progress_fields(metrics))
+                    bar.set_postfix({**progress_fields(metrics), **self._clock_fields()})
                     if run.log_every and self.step % run.log_every == 0:
                         acc.log({**metrics, "skipped_steps": self.skipped_steps}, step=self.step)
                 if run.sample_every and self.step % run.sample_every == 0:
