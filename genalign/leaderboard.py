@@ -522,21 +522,33 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     methods = results["methods"]
     written = []
+    cols = min(4, max(1, len(methods)))
+    rows = max(1, math.ceil(len(methods) / cols))
     for x, label, name in (("queries", "reward queries", "leaderboard_queries.png"),
                            ("minutes", "CPU minutes of training", "leaderboard_minutes.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, m in methods.items():
-            xs = [0.0] + [c[x] for c in m["curve"]]
-            ys = [0.0] + [c["gain"] for c in m["curve"]]
-            se = [0.0] + [c["standard_error"] for c in m["curve"]]
-            line, = ax.plot(xs, ys, marker="o", ms=3, label=method)
-            ax.fill_between(xs, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)],
-                            color=line.get_color(), alpha=0.15)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out gold gain over the base (paired)")
-        ax.set_title("shapes world: gain with its standard error (training seeds and evaluation)")
-        ax.legend(fontsize=7, ncol=2)
+        # small multiples: each method's curve with its band, every other method faint behind it
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows + 0.6), sharex=True, sharey=True,
+                                 squeeze=False)
+        curves = {method: ([0.0] + [c[x] for c in m["curve"]], [0.0] + [c["gain"] for c in m["curve"]],
+                           [0.0] + [c["standard_error"] for c in m["curve"]]) for method, m in methods.items()}
+        for ax, (method, (xs, ys, se)) in zip(axes.flat, curves.items()):
+            for other, (ox, oy, _) in curves.items():
+                if other != method:
+                    ax.plot(ox, oy, color="0.82", lw=0.8)
+            ax.plot(xs, ys, marker="o", ms=3, color="tab:blue")
+            ax.fill_between(xs, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)], color="tab:blue",
+                            alpha=0.2, linewidth=0)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_title(f"{method} ({methods[method]['family']}, {methods[method]['reward']})", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in axes.flat[len(curves):]:
+            ax.set_visible(False)
+        for ax in axes[-1]:
+            ax.set_xlabel(label, fontsize=8)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("held-out gold gain", fontsize=8)
+        fig.suptitle("shapes world: paired gain over the base, band one standard error (training seeds and evaluation)",
+                     fontsize=9)
         fig.tight_layout()
         fig.savefig(folder / name, dpi=110)
         plt.close(fig)
@@ -558,8 +570,12 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
     written.append(folder / "leaderboard_tasks.png")
     proxied = {n: m for n, m in methods.items() if m["curve"] and "proxy_gain" in m["curve"][0]}
     if proxied:
-        fig, axes = plt.subplots(1, len(proxied), figsize=(max(6.0, 4.2 * len(proxied)), 3.8), squeeze=False)
-        for ax, (method, m) in zip(axes[0], proxied.items()):
+        cols = min(3, len(proxied))
+        rows = math.ceil(len(proxied) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 4.4 * cols), 3.4 * rows + 0.4), squeeze=False)
+        for ax in axes.flat[len(proxied):]:
+            ax.set_visible(False)
+        for ax, (method, m) in zip(axes.flat, proxied.items()):
             xs = [0.0] + [c["queries"] for c in m["curve"]]
             twin = ax.twinx()
             for axis, key, colour, marker in ((ax, "", "tab:blue", "o"), (twin, "proxy_", "tab:red", "s")):
