@@ -575,9 +575,17 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
         fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 4.4 * cols), 3.4 * rows + 0.4), squeeze=False)
         for ax in axes.flat[len(proxied):]:
             ax.set_visible(False)
+        def limits(key: str) -> tuple[float, float]:  # one scale for every panel: the methods compare
+            values = [0.0] + [c[f"{key}gain"] + sign * c[f"{key}standard_error"] for m in proxied.values()
+                              for c in m["curve"] for sign in (-1, 1)]
+            pad = 0.05 * (max(values) - min(values) or 1.0)
+            return min(values) - pad, max(values) + pad
+
         for ax, (method, m) in zip(axes.flat, proxied.items()):
             xs = [0.0] + [c["queries"] for c in m["curve"]]
             twin = ax.twinx()
+            ax.set_ylim(*limits(""))
+            twin.set_ylim(*limits("proxy_"))
             for axis, key, colour, marker in ((ax, "", "tab:blue", "o"), (twin, "proxy_", "tab:red", "s")):
                 ys = [0.0] + [c[f"{key}gain"] for c in m["curve"]]
                 se = [0.0] + [c[f"{key}standard_error"] for c in m["curve"]]

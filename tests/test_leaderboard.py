@@ -204,6 +204,45 @@ def test_the_table_says_which_methods_clear_three_standard_errors():
     assert rows["two_seeds"].endswith("| no |")
 
 
+def test_the_overoptimisation_panels_share_one_scale(tmp_path, monkeypatch):
+    """Proxy and gold of every proxy-trained method on the same two scales (a method that moves the
+    proxy three times as far looks it), and every plot written."""
+    import matplotlib.figure
+
+    from genalign.shapes.world import TASKS
+
+    scales = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        scales[leaderboard.Path(path).name] = [((ax.get_ylabel().split() or [""])[0], ax.get_ylim()) for ax in fig.axes
+                                               if ax.get_visible()]
+        return real(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+
+    def method(scale):
+        curve = [{"queries": q, "minutes": q / 100, "gain": 0.01 * scale * q / 800, "standard_error": 0.005,
+                  "proxy_gain": 0.1 * scale * q / 800, "proxy_standard_error": 0.02} for q in (800, 1600)]
+        return {"family": "sd3", "reward": "clip", "curve": curve,
+                "budgets": {"1600": {"per_task": dict.fromkeys(TASKS, 0.0)}}}
+
+    results = {"settings": {"budgets": [1600], "clip": "models/shapes/clip"},
+               "methods": {"small": method(1), "large": method(3)}}
+    written = leaderboard.plot(results, tmp_path)
+    assert [p.name for p in written] == ["leaderboard_queries.png", "leaderboard_minutes.png", "leaderboard_tasks.png",
+                                         "leaderboard_overoptimisation.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    panels = scales["leaderboard_overoptimisation.png"]
+    gold = {lim for label, lim in panels if label == "gold"}
+    proxy = {lim for label, lim in panels if label == "proxy"}
+    assert len(gold) == 1 and len(proxy) == 1 and len(panels) == 4
+    (low, high), = gold
+    assert low <= 0.0 and high >= 0.06 + 0.005  # the base and the large method's last point with its band
+    (low, high), = proxy
+    assert high >= 0.6 + 0.02
+
+
 def test_shards_split_the_configs_and_leave_the_report_to_a_whole_run(tmp_path, monkeypatch):
     seen = []
 
