@@ -465,6 +465,8 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
     by_minutes = {}
     for m in s.minutes:
         chosen = [within_minutes(points, m) for points in runs.values()]
+        if all(c is None for c in chosen):  # no run exported within m minutes: a blank cell, not a gain of 0
+            continue
         by_minutes[f"{m:g}"] = {**_errors(pool(chosen)),
                                 "queries": mean(p["queries"] if p is not None else 0.0 for p in chosen)}
     return {"config": config_path, "family": family, "reward": reward, "queries_per_step": per_step,
@@ -476,7 +478,7 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
 def machine() -> str:
     import torch
 
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} at {torch.get_num_threads()} threads"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} at {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
 
 
 # ------------------------------------------------------------------ the report

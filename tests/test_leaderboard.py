@@ -204,6 +204,20 @@ def test_the_table_says_which_methods_clear_three_standard_errors():
     assert rows["two_seeds"].endswith("| no |")
 
 
+def test_a_minute_budget_before_any_export_is_left_blank():
+    """No run exported within 4 minutes: no cell (it read +0.000 (0.000) before 2026-12-07); within 8
+    minutes one of two runs did: its gain pooled with the other's base (gain 0)."""
+    tags = ["single_object", "single_object", "counting", "counting"]
+    base = {1: {"tags": tags, "gold": {"overall": 0.5}}}
+    runs = {seed: [{"step": 1, "queries": 8.0, "minutes": minutes, "proxy_gain": {}, "per_task": {1: {}},
+                    "differences": [1.0, 0.0, 0.0, 0.0]}] for seed, minutes in ((0, 5.0), (1, 9.0))}
+    s = leaderboard.Settings(configs=[], seeds=[0, 1], budgets=[8], minutes=[4.0, 8.0], eval_seeds=[1])
+    m = leaderboard.summarise("m", "m.yaml", "sd", "shapes_gold", 8.0, {8: 1}, runs, base, s)
+    assert set(m["minutes"]) == {"8"} and m["minutes"]["8"]["per_seed"] == pytest.approx([0.25, 0.0])
+    results = {"settings": {"budgets": [8], "minutes": [4.0, 8.0]}, "methods": {"m": m}}
+    assert leaderboard.table(results)[2].split(" | ")[4] == "-"  # the 4-minute cell
+
+
 def test_the_overoptimisation_panels_share_one_scale(tmp_path, monkeypatch):
     """Proxy and gold of every proxy-trained method on the same two scales (a method that moves the
     proxy three times as far looks it), and every plot written."""
