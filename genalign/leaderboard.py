@@ -313,7 +313,7 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
                 if points is None or not evaluated(points, record.parent / "evals", s):
                     log(f"{name} seed {seed}: not on record (or not every evaluation is): left out")
                     continue
-                score_runs(name, family, path, with_proxy, {seed: points}, records, s, log)
+                base = score_runs(name, family, path, with_proxy, {seed: points}, records, s, log)
                 runs[seed] = points
                 continue
             for attempt in range(2):
@@ -328,12 +328,11 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
                     record.unlink()
                     continue
                 break
-            score_runs(name, family, path, with_proxy, {seed: points}, records, s, log)
+            base = score_runs(name, family, path, with_proxy, {seed: points}, records, s, log)
             runs[seed] = points
         if not runs:
             log(f"{name}: no run on record: left out of the report")
             continue
-        base = score_runs(name, family, path, with_proxy, {}, records, s, log)
         methods[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
     if s.trl:
         if s.recorded:
@@ -343,11 +342,11 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
                     if points is not None and evaluated(points, records / "runs" / TRL_NAME / f"seed{seed}" / "evals", s)}
         else:
             runs = {seed: trl_run(seed, s, out, records, log) for seed in s.seeds}
-    if s.trl and runs:
-        steps = {q: math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets}
-        base = score_runs(TRL_NAME, "sd", TRL_MODEL, False, runs, records, s, log)
-        methods[TRL_NAME] = summarise(TRL_NAME, "bench/trl_ddpo.py: TRL 0.23.1 DDPOTrainer, configs/shapes/ddpo.yaml settings", "sd",
-                                      "shapes_gold", TRL_QUERIES_PER_EPOCH, steps, runs, base, s)
+        if runs:
+            steps = {q: math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets}
+            base = score_runs(TRL_NAME, "sd", TRL_MODEL, False, runs, records, s, log)
+            methods[TRL_NAME] = summarise(TRL_NAME, "bench/trl_ddpo.py: TRL 0.23.1 DDPOTrainer, configs/shapes/ddpo.yaml "
+                                          "settings", "sd", "shapes_gold", TRL_QUERIES_PER_EPOCH, steps, runs, base, s)
     return {"settings": asdict(s), "date": time.strftime("%Y-%m-%d"), "machine": machine(), "methods": methods}
 
 
@@ -478,7 +477,8 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
 def machine() -> str:
     import torch
 
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} at {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
+    threads = torch.get_num_threads()
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} at {threads} thread{'s' * (threads != 1)}"
 
 
 # ------------------------------------------------------------------ the report
