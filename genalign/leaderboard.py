@@ -490,7 +490,8 @@ def table(results: dict[str, Any]) -> list[str]:
     budgets = [str(q) for q in s["budgets"]]
     minutes = [f"{m:g}" for m in s["minutes"]]
     head = ["method (config)", "backbone", "training reward", *(f"gain at {int(q):,} queries" for q in budgets),
-            *(f"gain in {m} min" for m in minutes), "CPU min a run (largest budget)", "3 SE at the largest budget"]
+            *(f"gain in {m} min" for m in minutes), "CPU min a run (largest budget)", "3 SE at the largest budget",
+            "CLIP proxy's gain (largest budget)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["methods"].items():
         cells = [f"`{name}`", m["family"], m["reward"]]
@@ -504,6 +505,9 @@ def table(results: dict[str, Any]) -> list[str]:
         cells.append(f"{last['minutes']:.1f}" if last else "-")
         cells.append("-" if not last else "yes" if last["standard_error"] > 0 and len(last["per_seed"]) >= 3
                      and last["gain"] >= 3 * last["standard_error"] else "no")
+        proxy = [row for row in m.get("curve", []) if last and row["step"] == last["step"] and "proxy_gain" in row]
+        # a proxy-trained method: how far it moved what it was trained on, beside the gold it gained
+        cells.append(f"{proxy[0]['proxy_gain']:+.2f} ({proxy[0]['proxy_standard_error']:.2f})" if proxy else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -199,9 +199,25 @@ def test_the_table_says_which_methods_clear_three_standard_errors():
                            "noisy": method([0.0, 0.06, 0.12]),       # 0.06 / 0.0346: 1.7 SE
                            "two_seeds": method([0.05, 0.06])}}
     rows = {line.split(" | ")[0][3:-1]: line for line in leaderboard.table(results)[2:]}
-    assert rows["clear"].endswith("| yes |") and "10.4 SE; 3 seeds" in rows["clear"]
-    assert rows["noisy"].endswith("| no |") and "1.7 SE" in rows["noisy"]
-    assert rows["two_seeds"].endswith("| no |")
+    assert rows["clear"].endswith("| yes | - |") and "10.4 SE; 3 seeds" in rows["clear"]
+    assert rows["noisy"].endswith("| no | - |") and "1.7 SE" in rows["noisy"]
+    assert rows["two_seeds"].endswith("| no | - |")
+
+
+def test_the_table_shows_how_far_a_proxy_trained_method_moved_its_proxy():
+    """The proxy's gain at the largest budget's step (not at another export), and none for a gold-trained method."""
+    def method(reward, curve):
+        return {"family": "sd3", "reward": reward, "minutes": {}, "curve": curve,
+                "budgets": {"1600": {"step": 20, "gain": 0.05, "standard_error": 0.01, "per_seed": [0.05] * 3,
+                                     "minutes": 2.0}}}
+
+    curve = [{"step": 10, "proxy_gain": 0.30, "proxy_standard_error": 0.05},
+             {"step": 20, "proxy_gain": 0.62, "proxy_standard_error": 0.04}]
+    results = {"settings": {"budgets": [1600], "minutes": []},
+               "methods": {"proxy": method("clip", curve), "gold": method("shapes_gold", [{"step": 20}])}}
+    rows = {line.split(" | ")[0][3:-1]: line for line in leaderboard.table(results)[2:]}
+    assert rows["proxy"].endswith("| yes | +0.62 (0.04) |")
+    assert rows["gold"].endswith("| yes | - |")
 
 
 def test_a_minute_budget_before_any_export_is_left_blank():
