@@ -10,10 +10,8 @@ Per step, with rho_i = clamp(p_theta(x_{t-1}^i | x_t^i) / p_ref(...), 1 - c, 1 +
 is the official code's (yk7333/d3po, scripts/train.py): a hard clamp of the ratio (its gradient is
 zero outside [1 - c, 1 + c], unlike PPO's min), log-probs averaged over the latent's elements, a
 frozen copy of the starting model as reference, classifier-free guidance applied to policy and
-reference alike; defaults beta 0.1, c = 0.1, eta 1, lr 3e-5, LoRA. The clamp: the official
-``config/base.py`` sets ``train.eps = 0.1`` ("the coefficient constraining the probability ratio"),
-but ``scripts/train.py`` hard-codes the clamp to [0.8, 1.2] and never reads it; genalign's default
-c = 0.1 follows the config, ``clip_range: 0.2`` reproduces what train.py runs.
+reference alike; defaults beta 0.1, c = 0.1 (``train.eps``), eta 1, lr 3e-5, LoRA. The official code takes one
+optimizer step per pair (``train.batch_size = 1``); genalign one per rollout over all its pairs.
 
 Preferences come from a reward (scalar: the higher score wins; a weighted sum's member scores as
 a vector: Pareto dominance), or from human labels of pairs written by ``genalign d3po sample``.
@@ -192,7 +190,7 @@ class D3POBatch:
 class D3POConfig:
     beta: float = field(0.1, help="DPO temperature on the per-step log-ratios (paper: 0.1)")
     clip_range: float = field(
-        0.1, help="the ratio is clamped to [1 - c, 1 + c] (official config: 0.1; its train.py hard-codes 0.2)")
+        0.1, help="the ratio is clamped to [1 - c, 1 + c] (official: train.eps = 0.1)")
     timestep_fraction: float = field(1.0, help="fraction of the denoising steps trained per batch (paper: 1.0)")
     samples_per_prompt: int = field(2, help="trajectories per prompt from the same initial noise; all pairs are used")
     sample_batch_size: int = field(0, help="images per sampling call during rollouts (0: the whole rollout at once; "
