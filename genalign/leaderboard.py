@@ -514,7 +514,7 @@ def table(results: dict[str, Any]) -> list[str]:
 
 def _cell(gain: float, error: float, seeds: int) -> str:
     sigmas = f", {gain / error:.1f} SE" if error > 0 else ""
-    return f"{gain:+.3f} ({error:.3f}{sigmas}; {seeds} seeds)"
+    return f"{gain:+.3f} ({error:.3f}{sigmas}; {seeds} seed{'s' * (seeds != 1)})"
 
 
 def plot(results: dict[str, Any], folder: Path) -> list[Path]:

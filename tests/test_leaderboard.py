@@ -151,7 +151,7 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     readme = (docs / "README.md").read_text()
     assert "old table" not in readme and readme.endswith(f"{leaderboard.README_END}\nkept below\n")
     row = next(line for line in readme.splitlines() if line.startswith("| `toy_grpo`"))
-    assert row.endswith("| no |")  # two seeds: the bar needs three
+    assert row.endswith("| no | - |")  # fewer than three seeds: the bar needs three; trained on the gold: no proxy column
     for name in ("leaderboard_queries.png", "leaderboard_minutes.png", "leaderboard_tasks.png"):
         assert (docs / "img" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -197,11 +197,12 @@ def test_the_table_says_which_methods_clear_three_standard_errors():
     results = {"settings": {"budgets": [800], "minutes": []},
                "methods": {"clear": method([0.05, 0.06, 0.07]),      # 0.06 / 0.0058: 10.4 SE
                            "noisy": method([0.0, 0.06, 0.12]),       # 0.06 / 0.0346: 1.7 SE
-                           "two_seeds": method([0.05, 0.06])}}
+                           "two_seeds": method([0.05, 0.06]), "one_seed": method([0.05])}}
     rows = {line.split(" | ")[0][3:-1]: line for line in leaderboard.table(results)[2:]}
     assert rows["clear"].endswith("| yes | - |") and "10.4 SE; 3 seeds" in rows["clear"]
     assert rows["noisy"].endswith("| no | - |") and "1.7 SE" in rows["noisy"]
-    assert rows["two_seeds"].endswith("| no | - |")
+    assert rows["two_seeds"].endswith("| no | - |") and "; 2 seeds)" in rows["two_seeds"]
+    assert "; 1 seed)" in rows["one_seed"] and rows["one_seed"].endswith("| no | - |")
 
 
 def test_the_table_shows_how_far_a_proxy_trained_method_moved_its_proxy():
