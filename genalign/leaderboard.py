@@ -505,9 +505,14 @@ def table(results: dict[str, Any]) -> list[str]:
         cells.append(f"{last['minutes']:.1f}" if last else "-")
         cells.append("-" if not last else "yes" if last["standard_error"] > 0 and len(last["per_seed"]) >= 3
                      and last["gain"] >= 3 * last["standard_error"] else "no")
-        proxy = [row for row in m.get("curve", []) if last and row["step"] == last["step"] and "proxy_gain" in row]
-        # a proxy-trained method: how far it moved what it was trained on, beside the gold it gained
-        cells.append(f"{proxy[0]['proxy_gain']:+.2f} ({proxy[0]['proxy_standard_error']:.2f})" if proxy else "-")
+        # a proxy-trained method: how far it moved what it was trained on, beside the gold it gained; the
+        # proxy's error is the seeds' spread alone, so one seed has none to show
+        row = next((r for r in m.get("curve", []) if last and r["step"] == last["step"] and "proxy_gain" in r), None)
+        if row is None:
+            cells.append("-")
+        else:
+            error = f"{row['proxy_standard_error']:.2f}" if row["seeds"] > 1 else "1 seed"
+            cells.append(f"{row['proxy_gain']:+.2f} ({error})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

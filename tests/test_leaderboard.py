@@ -212,12 +212,15 @@ def test_the_table_shows_how_far_a_proxy_trained_method_moved_its_proxy():
                 "budgets": {"1600": {"step": 20, "gain": 0.05, "standard_error": 0.01, "per_seed": [0.05] * 3,
                                      "minutes": 2.0}}}
 
-    curve = [{"step": 10, "proxy_gain": 0.30, "proxy_standard_error": 0.05},
-             {"step": 20, "proxy_gain": 0.62, "proxy_standard_error": 0.04}]
+    curve = [{"step": 10, "proxy_gain": 0.30, "proxy_standard_error": 0.05, "seeds": 3},
+             {"step": 20, "proxy_gain": 0.62, "proxy_standard_error": 0.04, "seeds": 3}]
+    one = [{"step": 20, "proxy_gain": 0.04, "proxy_standard_error": 0.0, "seeds": 1}]  # one seed: no spread to show
     results = {"settings": {"budgets": [1600], "minutes": []},
-               "methods": {"proxy": method("clip", curve), "gold": method("shapes_gold", [{"step": 20}])}}
+               "methods": {"proxy": method("clip", curve), "one_seed": method("clip", one),
+                           "gold": method("shapes_gold", [{"step": 20, "seeds": 3}])}}
     rows = {line.split(" | ")[0][3:-1]: line for line in leaderboard.table(results)[2:]}
     assert rows["proxy"].endswith("| yes | +0.62 (0.04) |")
+    assert rows["one_seed"].endswith("| +0.04 (1 seed) |")
     assert rows["gold"].endswith("| yes | - |")
 
 
