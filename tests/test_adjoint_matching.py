@@ -323,3 +323,22 @@ def test_backward_loss_gives_the_loss_and_gradient_of_the_whole_loss(tiny_models
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     metrics = assert_backward_loss_matches_loss(am, batch, expected_parts=len(batch.steps))
     assert "clipped_fraction" in metrics
+
+
+def test_the_ddpm_sde_drift_is_diffusers_ddim_eta_1_mean_and_draws_nothing():
+    # drift = (mean - x) / h with mean diffusers' DDIM step at eta = 1 and zero variance noise
+    from diffusers import DDIMScheduler
+
+    from genalign.core.schedules import DiffusionSchedule
+
+    reference = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False)  # SD's
+    sde = DiffusionSchedule({**reference.config, "_class_name": "DDIMScheduler"}).memoryless_sde(4)
+    reference.set_timesteps(4)
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for k, t in enumerate(reference.timesteps):
+        mean = reference.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+        h = 250 / 1000  # T // N of the 1,000 training timesteps, over T
+        state = torch.get_rng_state()
+        drift = sde.drift(x, eps, k)
+        assert torch.equal(torch.get_rng_state(), state)  # the unused noise of a DDPM step is not drawn
+        torch.testing.assert_close(drift, (mean - x) / h, rtol=1e-4, atol=1e-4)

@@ -99,8 +99,9 @@ class DDPMSDE:
             self.sigma.append(float(std.reshape(-1)[0]) / math.sqrt(self.h[k]))
 
     def drift(self, x: Tensor, model_output: Tensor, k: int) -> Tensor:
-        step = self.schedule.step(x.float(), model_output.float(), self.timesteps[k], self.num_steps, eta=1.0)
-        return (step.mean - x.float()) / self.h[k]
+        x32 = x.float()  # prev_sample given: the step draws no noise it would not use
+        step = self.schedule.step(x32, model_output.float(), self.timesteps[k], self.num_steps, eta=1.0, prev_sample=x32)
+        return (step.mean - x32) / self.h[k]
 
     def std(self, k: int) -> float:
         return math.sqrt(self.h[k]) * self.sigma[k]
