@@ -147,6 +147,27 @@ def test_paired_gain_by_hand():
         paired_gain([], [], [])
 
 
+def test_pair_agreement_by_hand():
+    from genalign.shapes.scoring import pair_agreement
+
+    # group 0: proxy 3, 1, 2; gold 1, 0, 0: pairs (0,1) and (0,2) decided and ordered alike, (1,2) a gold tie
+    # group 1: proxy 1, 2, 2; gold 1, 0, 1: (0,1) decided, ordered the other way; (1,2) decided, a proxy tie
+    result = pair_agreement([3, 1, 2, 1, 2, 2], [1, 0, 0, 1, 0, 1], [0, 0, 0, 1, 1, 1])
+    assert result["pairs"] == 6
+    assert result["decided"] == pytest.approx(2 / 3) and result["decided_se"] == pytest.approx(0.0)
+    assert result["agree"] == pytest.approx((2 + 0.5) / 4)  # a proxy tie counts a half
+    # ratio estimator over groups: residuals a_g - r d_g = 2 - 1.25, 0.5 - 1.25; sqrt(1.125 / 2) * 2 / 4
+    assert result["agree_se"] == pytest.approx(0.375)
+    # net signal per pair, per group: 2 / 3 and -1 / 3; mean 1/6, SE = std([2/3, -1/3], ddof 1) / sqrt 2 = 0.5
+    assert result["signal"] == pytest.approx(1 / 6) and result["signal_se"] == pytest.approx(0.5)
+    # the gold as its own proxy agrees on every decided pair; a reversed one on none
+    gold = [1, 0, 0, 1, 0, 1]
+    assert pair_agreement(gold, gold, [0, 0, 0, 1, 1, 1])["agree"] == 1.0
+    assert pair_agreement([-g for g in gold], gold, [0, 0, 0, 1, 1, 1])["signal"] == pytest.approx(-2 / 3)
+    with pytest.raises(ValueError, match="two samples"):
+        pair_agreement([1.0, 2.0], [0, 1], [0, 1])
+
+
 def test_eval_shapes_compares_base_and_fine_tuned_on_the_same_seeds(toy_build, tmp_path, capsys):
     out, _ = toy_build
     backbone = load_backbone(BackboneConfig(family="sd", path=str(out / "sd"), finetune="lora"))

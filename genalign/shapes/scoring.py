@@ -209,3 +209,78 @@ def diversity(
     result = {task: float(np.mean(v)) for task, v in per_task.items()}
     result["overall"] = float(np.mean(list(result.values())))
     return result
+
+
+def pair_agreement(proxy: Sequence[float], gold: Sequence[float], groups: Sequence[int]) -> dict[str, float]:
+    """How a proxy orders the pairs of samples of one prompt against the gold, the label a
+    preference method (Diffusion-DPO, D3PO) or a within-prompt baseline (AC-Flow, GRPO) learns from.
+
+    Over every pair i < j within a group (the samples of one prompt): ``decided``, the share of pairs
+    whose gold scores differ; ``agree``, among those, the share the proxy orders as the gold does (a
+    proxy tie counts a half; 0.5 is a coin); ``signal`` = (agreeing - disagreeing) / all pairs, the
+    net share of pairs that tell a method the gold's order (0 for a random proxy, 1 for the gold
+    itself, negative for a proxy that prefers the gold's loser). Standard errors are over groups
+    (pairs of one prompt are not independent): the ratio estimator's for ``agree``, the groups'
+    spread for ``decided`` and ``signal`` (each group's share weighted equally: groups are equal size).
+    """
+    by_group: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(int(g), []).append(i)
+    decided, agreeing, net, size = [], [], [], []
+    for members in by_group.values():
+        d = a = s = n = 0.0
+        for x in range(len(members)):
+            for y in range(x + 1, len(members)):
+                i, j = members[x], members[y]
+                n += 1
+                if gold[i] == gold[j]:
+                    continue
+                d += 1
+                order = np.sign(proxy[i] - proxy[j]) * np.sign(gold[i] - gold[j])  # +1 agree, 0 tie, -1 not
+                a += (order + 1) / 2
+                s += order
+        decided.append(d), agreeing.append(a), net.append(s), size.append(n)
+    if not any(size):
+        raise ValueError("pair_agreement: no group has two samples")
+    g = len(size)
+    d_, a_, s_, n_ = (np.array(v) for v in (decided, agreeing, net, size))
+
+    def spread(values: np.ndarray) -> float:
+        return float(values.std(ddof=1) / np.sqrt(g)) if g > 1 else float("nan")
+
+    agree = float(a_.sum() / d_.sum()) if d_.sum() else float("nan")
+    ratio_se = float(np.sqrt(((a_ - agree * d_) ** 2).sum() / (g * (g - 1))) * g / d_.sum()) if g > 1 and d_.sum() else float("nan")
+    return {"pairs": float(n_.sum()), "decided": float((d_ / n_).mean()), "decided_se": spread(d_ / n_),
+            "agree": agree, "agree_se": ratio_se, "signal": float((s_ / n_).mean()), "signal_se": spread(s_ / n_)}
+
+
+@torch.no_grad()
+def proxy_pairs(backbone: Backbone, clip_path: str, split: str = "train", per_task: int = 25, samples: int = 4,
+                num_steps: int = 10, guidance_scale: float = 2.0, eta: float = 0.0, shared_noise: bool = False,
+                seed: int = 0) -> dict[str, dict[str, float]]:
+    """:func:`pair_agreement` of the CLIP proxy at ``clip_path`` with the exact evaluator (its strict
+    verdict, the leaderboard's, and its share of clauses, the gold reward's) on ``samples`` images
+    of each of ``per_task`` prompts a task, sampled as a fine-tuner samples its pairs (``eta``,
+    ``shared_noise``: D3PO's one initial noise a prompt); per task and over all tasks."""
+    from genalign.core.experiment import RewardConfig
+    from genalign.rewards import load_reward
+    from genalign.shapes.reward import ShapesGold
+
+    metas = evaluation_set(split, per_task=per_task, seed=seed)
+    images = torch.cat([rollout(backbone, [m["prompt"] for m in metas[i : i + 25]], num_steps, guidance_scale, eta,
+                                samples_per_prompt=samples, shared_noise=shared_noise,
+                                generator=torch.Generator().manual_seed(seed * 1_000_003 + i)).images.cpu()
+                        for i in range(0, len(metas), 25)])
+    rows = [m for m in metas for _ in range(samples)]
+    prompts = [m["prompt"] for m in rows]
+    reward = load_reward(RewardConfig(name="clip", path=clip_path))
+    proxy = torch.cat([reward(images[i : i + 100].float().clamp(0, 1), prompts[i : i + 100])[0].cpu()
+                       for i in range(0, len(rows), 100)]).tolist()
+    share, strict = (v.tolist() for v in ShapesGold().scores(images, prompts, rows))
+    groups = [i // samples for i in range(len(rows))]
+    result = {}
+    for task in [*dict.fromkeys(m["tag"] for m in metas), "overall"]:
+        keep = [i for i, m in enumerate(rows) if task in ("overall", m["tag"])]
+        p, s, c, g = ([values[i] for i in keep] for values in (proxy, strict, share, groups))
+        result[task] = {"strict": pair_agreement(p, s, g), "share": pair_agreement(p, c, g), "gold": float(np.mean(s))}
+    return result
