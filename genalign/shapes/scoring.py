@@ -161,16 +161,20 @@ def clip_agreement(clip_path: str, per_task: int = 50, seed: int = 0) -> dict[st
 
 
 @torch.no_grad()
-def proxy_reward(clip_path: str, images: Tensor, metas: list[dict[str, Any]], batch_size: int = 100) -> dict[str, float]:
-    """Mean CLIP reward of generated ``images`` against their prompts, per task and overall (the
-    quantity the fine-tuners optimise; its rise next to the gold score's shows reward hacking or not)."""
+def proxy_scores(clip_path: str, images: Tensor, prompts: list[str], batch_size: int = 100) -> Tensor:
+    """The CLIP reward at ``clip_path`` of each of ``images`` against its prompt, (N,) on the host."""
     from genalign.core.experiment import RewardConfig
     from genalign.rewards import load_reward
 
     reward = load_reward(RewardConfig(name="clip", path=clip_path))
-    prompts = [m["prompt"] for m in metas]
-    scores = torch.cat([reward(images[i : i + batch_size].float().clamp(0, 1), prompts[i : i + batch_size])[0].cpu()
-                        for i in range(0, len(prompts), batch_size)])
+    return torch.cat([reward(images[i : i + batch_size].float().clamp(0, 1), prompts[i : i + batch_size])[0].cpu()
+                      for i in range(0, len(prompts), batch_size)])
+
+
+def proxy_reward(clip_path: str, images: Tensor, metas: list[dict[str, Any]], batch_size: int = 100) -> dict[str, float]:
+    """Mean CLIP reward of generated ``images`` against their prompts, per task and overall (the
+    quantity the fine-tuners optimise; its rise next to the gold score's shows reward hacking or not)."""
+    scores = proxy_scores(clip_path, images, [m["prompt"] for m in metas], batch_size)
     per_task: dict[str, list[float]] = {}
     for meta, value in zip(metas, scores.tolist()):
         per_task.setdefault(meta["tag"], []).append(value)
@@ -226,7 +230,7 @@ def pair_agreement(proxy: Sequence[float], gold: Sequence[float], groups: Sequen
     by_group: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         by_group.setdefault(int(g), []).append(i)
-    decided, agreeing, net, size = [], [], [], []
+    counts = []  # per group: decided pairs, agreeing (ties a half), agreeing - disagreeing, all pairs
     for members in by_group.values():
         d = a = s = n = 0.0
         for x in range(len(members)):
@@ -239,11 +243,11 @@ def pair_agreement(proxy: Sequence[float], gold: Sequence[float], groups: Sequen
                 order = np.sign(proxy[i] - proxy[j]) * np.sign(gold[i] - gold[j])  # +1 agree, 0 tie, -1 not
                 a += (order + 1) / 2
                 s += order
-        decided.append(d), agreeing.append(a), net.append(s), size.append(n)
-    if not any(size):
+        counts.append((d, a, s, n))
+    d_, a_, s_, n_ = np.array(counts).T
+    if not n_.any():
         raise ValueError("pair_agreement: no group has two samples")
-    g = len(size)
-    d_, a_, s_, n_ = (np.array(v) for v in (decided, agreeing, net, size))
+    g = len(counts)
 
     def spread(values: np.ndarray) -> float:
         return float(values.std(ddof=1) / np.sqrt(g)) if g > 1 else float("nan")
@@ -262,8 +266,6 @@ def proxy_pairs(backbone: Backbone, clip_path: str, split: str = "train", per_ta
     verdict, the leaderboard's, and its share of clauses, the gold reward's) on ``samples`` images
     of each of ``per_task`` prompts a task, sampled as a fine-tuner samples its pairs (``eta``,
     ``shared_noise``: D3PO's one initial noise a prompt); per task and over all tasks."""
-    from genalign.core.experiment import RewardConfig
-    from genalign.rewards import load_reward
     from genalign.shapes.reward import ShapesGold
 
     metas = evaluation_set(split, per_task=per_task, seed=seed)
@@ -273,9 +275,7 @@ def proxy_pairs(backbone: Backbone, clip_path: str, split: str = "train", per_ta
                         for i in range(0, len(metas), 25)])
     rows = [m for m in metas for _ in range(samples)]
     prompts = [m["prompt"] for m in rows]
-    reward = load_reward(RewardConfig(name="clip", path=clip_path))
-    proxy = torch.cat([reward(images[i : i + 100].float().clamp(0, 1), prompts[i : i + 100])[0].cpu()
-                       for i in range(0, len(rows), 100)]).tolist()
+    proxy = proxy_scores(clip_path, images, prompts).tolist()
     share, strict = (v.tolist() for v in ShapesGold().scores(images, prompts, rows))
     groups = [i // samples for i in range(len(rows))]
     result = {}
