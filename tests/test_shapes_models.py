@@ -166,6 +166,10 @@ def test_pair_agreement_by_hand():
     assert pair_agreement([-g for g in gold], gold, [0, 0, 0, 1, 1, 1])["signal"] == pytest.approx(-2 / 3)
     with pytest.raises(ValueError, match="two samples"):
         pair_agreement([1.0, 2.0], [0, 1], [0, 1])
+    # a group of one sample has no pairs: left out, not a nan; the first case's figures stand
+    beside = pair_agreement([3, 1, 2, 1, 2, 2, 5], [1, 0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 1, 1, 2])
+    assert beside["pairs"] == 6 and beside["decided"] == pytest.approx(2 / 3)
+    assert beside["signal"] == pytest.approx(1 / 6) and beside["signal_se"] == pytest.approx(0.5)
 
 
 def test_eval_shapes_compares_base_and_fine_tuned_on_the_same_seeds(toy_build, tmp_path, capsys):

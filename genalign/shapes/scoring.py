@@ -226,6 +226,7 @@ def pair_agreement(proxy: Sequence[float], gold: Sequence[float], groups: Sequen
     itself, negative for a proxy that prefers the gold's loser). Standard errors are over groups
     (pairs of one prompt are not independent): the ratio estimator's for ``agree``, the groups'
     spread for ``decided`` and ``signal`` (each group's share weighted equally: groups are equal size).
+    A group of one sample has no pairs and is left out.
     """
     by_group: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
@@ -243,10 +244,11 @@ def pair_agreement(proxy: Sequence[float], gold: Sequence[float], groups: Sequen
                 order = np.sign(proxy[i] - proxy[j]) * np.sign(gold[i] - gold[j])  # +1 agree, 0 tie, -1 not
                 a += (order + 1) / 2
                 s += order
-        counts.append((d, a, s, n))
-    d_, a_, s_, n_ = np.array(counts).T
-    if not n_.any():
+        if n:
+            counts.append((d, a, s, n))
+    if not counts:
         raise ValueError("pair_agreement: no group has two samples")
+    d_, a_, s_, n_ = np.array(counts).T
     g = len(counts)
 
     def spread(values: np.ndarray) -> float:
