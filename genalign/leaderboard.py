@@ -26,8 +26,8 @@ Two folders: ``out`` (default ``runs/leaderboard``) holds the runs (weights, met
 finished run's ``points.json`` (its exports' steps, reward queries and minutes) and each evaluation
 (the base's per family and evaluation seed, each export's) as a JSON file with its per-image
 verdicts, and ``leaderboard.json``. A run with its ``points.json`` is finished and never trained
-again (an unfinished one is trained again from the start, so its minutes are one launch's); an
-evaluation on record is never repeated. Stop it any time and run it again, on this machine or on a
+again; an unfinished one resumes from its last checkpoint (kept at every export; its minutes add up
+its launches); an evaluation on record is never repeated. Stop it any time and run it again, on this machine or on a
 fresh checkout: it goes on where it stopped.
 
     .venv/bin/python bench/leaderboard.py                       # every shapes config, 3 seeds, 800 and 3,200 queries
@@ -205,8 +205,9 @@ def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path,
               per_step: float) -> bool:
     """Train ``config_path`` at ``run.seed = seed`` for ``steps`` steps in ``folder``, exporting every
     ``every``, and write its points (step, reward queries, minutes, weights folder) to ``record``,
-    unless ``record`` already holds them for this config text, seed, steps and interval. Returns
-    whether it trained."""
+    unless ``record`` already holds them for this config text, seed, steps and interval. A run stopped
+    part way (its folder made from the same, with a checkpoint: one is kept at every export) resumes
+    from its last checkpoint, exactly, its minutes the sum of its launches'. Returns whether it trained."""
     made_from = run_fingerprint(config_path, seed, steps, every)
     if read_points(record, made_from) is not None:
         return False
@@ -214,10 +215,16 @@ def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path,
     from genalign.finetuners import config_classes
     from genalign.launch import run_experiment
 
-    shutil.rmtree(folder, ignore_errors=True)  # an unfinished run starts again: its minutes are one launch's
+    stamp = folder / "leaderboard-run.json"  # what the folder's checkpoints were made from
+    resumable = (stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == made_from
+                 and any((folder / "checkpoints").glob("step-*/COMPLETE")))
+    if not resumable:
+        shutil.rmtree(folder, ignore_errors=True)
+        _write(stamp, json.dumps({"fingerprint": made_from}) + "\n")
     overrides = [f"run.seed={seed}", f"run.steps={steps}", f"run.output_dir={folder}", f"run.export_every={every}",
-                 "run.checkpoint_every=0", "run.sample_every=0", "run.tracker=none", *PINNED]
-    run_experiment(load_experiment(config_path, config_classes(), overrides))
+                 f"run.checkpoint_every={every}", "run.keep_checkpoints=1", "run.sample_every=0", "run.tracker=none",
+                 *PINNED]
+    run_experiment(load_experiment(config_path, config_classes(), overrides), resume="latest" if resumable else None)
     points = []
     for where in sorted((folder / "exports").glob("step-*")) + [folder / "final"]:
         meta = json.loads((where / "export.json").read_text())

@@ -301,3 +301,51 @@ def test_shards_split_the_configs_and_leave_the_report_to_a_whole_run(tmp_path, 
     for bad in (["--shard", "2/2"], ["--shard", "x"], ["--shard", "0/2", "--docs", str(tmp_path)]):
         with pytest.raises(SystemExit):
             leaderboard.main([*common, *bad])
+
+
+def test_an_unfinished_run_resumes_from_its_last_checkpoint_exactly(tmp_path, monkeypatch):
+    """A run killed in step 4 of 4 (checkpoint and export at 2) is resumed by the next leaderboard
+    launch from step 2 and ends bit-identical to a run never stopped; a folder made from another
+    config (its stamp) starts again."""
+    from safetensors.torch import load_file
+
+    import genalign.launch
+    from genalign.core.trainer import Trainer
+
+    monkeypatch.chdir(leaderboard.Path(__file__).resolve().parents[1])
+    config = yaml.safe_load(open("configs/shapes/flow_grpo_fast.yaml"))
+    config["run"].update(lr=0.05, batch_size=2)
+    config["method"].update(clip_range=0.5, samples_per_prompt=2, minibatches=1)
+    config["sample"]["num_steps"] = 6
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launches = []
+    real = genalign.launch.run_experiment
+    monkeypatch.setattr(genalign.launch, "run_experiment", lambda c, resume=None: launches.append(resume) or real(c, resume))
+
+    def train(name):
+        return leaderboard.train_run(str(path), 0, 4, 2, tmp_path / name, tmp_path / "records" / name / "points.json", 4.0)
+
+    assert train("whole") and launches == [None]
+    step = Trainer.train_step
+
+    def killed(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train("cut")
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000002"]
+    assert train("cut") and launches[-1] == "latest"
+    weights = [load_file(str(tmp_path / name / "final" / "pytorch_lora_weights.safetensors")) for name in ("whole", "cut")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    points = json.loads((tmp_path / "records" / "cut" / "points.json").read_text())["points"]
+    assert [p["step"] for p in points] == [2, 4] and points[1]["minutes"] > points[0]["minutes"] > 0
+    # a folder whose checkpoints were made from something else is not resumed
+    (tmp_path / "records" / "cut" / "points.json").unlink()
+    (tmp_path / "cut" / "leaderboard-run.json").write_text('{"fingerprint": "another"}\n')
+    assert train("cut") and launches[-1] is None

@@ -329,3 +329,42 @@ def test_the_training_clock_leaves_out_paused_work_and_counts_cpu_apart_from_wai
     wall, cpu = clock.seconds()
     assert cpu == pytest.approx(0.2, abs=0.05)
     assert wall >= 0.4 - 0.01 and wall - cpu >= 0.19  # the sleep, on the wall clock only
+
+
+def test_a_resumed_runs_clock_adds_up_its_launches_and_leaves_checkpoints_out(tmp_path, monkeypatch):
+    """export.json's seconds (and run.max_cpu_minutes) count a resumed run's earlier launches: a fake
+    clock that moves one second per loss() and ten per checkpoint written gives an uninterrupted
+    8-step run 8 s, and the same run killed in step 6 (checkpoint at 4) and resumed 4 + 4 s."""
+    import types
+
+    import genalign.core.checkpoint as checkpoint_module
+    import genalign.core.trainer as trainer_module
+
+    now = [0.0]
+    fake = types.SimpleNamespace(monotonic=lambda: now[0], process_time=lambda: now[0])
+    monkeypatch.setattr(trainer_module, "time", fake)
+    save = checkpoint_module.Checkpoints.save
+
+    def slow_save(self, *args, **kwargs):
+        now[0] += 10.0
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.Checkpoints, "save", slow_save)
+
+    class Ticking(ToyRegression):
+        def loss(self, batch):
+            now[0] += 1.0
+            return super().loss(batch)
+
+    def seconds(folder):
+        meta = json.loads((folder / "final" / "export.json").read_text())
+        return meta["train_seconds"], meta["train_cpu_seconds"]
+
+    common = dict(steps=8, checkpoint_every=4)
+    Trainer(Ticking(ToyRegression.Config()), _run(tmp_path / "a", **common)).train()
+    assert seconds(tmp_path / "a") == (8.0, 8.0)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(Ticking(ToyRegression.Config(crash_at_call=6)), _run(tmp_path / "b", **common)).train()
+    assert json.loads((tmp_path / "b" / "checkpoints" / "step-000004" / "state.json").read_text())["train_seconds"] == [4.0, 4.0]
+    Trainer(Ticking(ToyRegression.Config()), _run(tmp_path / "b", **common)).train(resume="latest")
+    assert seconds(tmp_path / "b") == (8.0, 8.0)

@@ -50,7 +50,7 @@ class TrainingState:
     finetuner: FineTuner
     source: Any  # the data source: ``state_dict()`` / ``load_state_dict``
     sharded: bool
-    counters: Callable[[], dict[str, int]]
+    counters: Callable[[], dict[str, Any]]
 
 
 class Checkpoints:

@@ -167,8 +167,8 @@ class RunConfig:
                 "learning rate each is the run stopped there); 0: only final/")
     nan_tolerance: int = field(0, help="non-finite steps in a row that are skipped before the run stops")
     max_minutes: float = field(
-        0.0, help="stop after this many minutes of training in this launch (export.json's clock: exports not "
-                  "counted), saving and exporting as at the end "
+        0.0, help="stop after this many minutes of training (export.json's clock: exports and checkpoints not "
+                  "counted; a resumed run counts its earlier launches), saving and exporting as at the end "
                   "(0: no limit; the learning-rate schedule still spans all the configured steps)")
     max_cpu_minutes: float = field(
         0.0, help="the same in CPU minutes: this process's CPU time over all its threads (export.json's "

@@ -90,6 +90,7 @@ class Trainer:
         self.sample_config = sample or SampleConfig()
         self.output_dir = Path(run.output_dir)
         self.clock = TrainingClock()  # export.json's clock (restarted by train())
+        self.resumed_seconds = (0.0, 0.0)  # a resumed run's training seconds before this launch (wall, CPU)
         self.accelerator = accelerator or make_accelerator(run)
         acc = self.accelerator
         # the training items: prompts, or the method's own data (rows, pairs)
@@ -114,9 +115,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _counters(self) -> dict[str, int]:
+    def _counters(self) -> dict[str, Any]:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "scaler_skips_in_a_row": self.scaler_skips_in_a_row}
+                "scaler_skips_in_a_row": self.scaler_skips_in_a_row, "train_seconds": list(self.clock.seconds())}
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -126,7 +127,9 @@ class Trainer:
         return self.store.save(self.step, self.state)
 
     def load_checkpoint(self, path: Path) -> None:
-        for name, value in self.store.load(path, self.state).items():
+        counters = self.store.load(path, self.state)
+        self.resumed_seconds = tuple(counters.pop("train_seconds", (0.0, 0.0)))  # older checkpoints: none
+        for name, value in counters.items():
             setattr(self, name, value)
 
     def resume(self, checkpoint: str | Path = "latest") -> bool:
@@ -263,7 +266,7 @@ class Trainer:
         acc, run = self.accelerator, self.run
         self._start(resume)
         history: list[dict[str, float]] = []
-        self.clock = TrainingClock()  # export.json's clock: training time only
+        self.clock = TrainingClock(self.resumed_seconds)  # export.json's clock: training time only, resumes included
         bar = tqdm(total=run.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
         with bar, self.stop_signals:
             while self.step < run.steps:
@@ -283,7 +286,8 @@ class Trainer:
                 if run.sample_every and self.step % run.sample_every == 0:
                     self.write_samples(f"step-{self.step:06d}")
                 if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step < run.steps:
-                    self.save_checkpoint()
+                    with self.clock.paused():
+                        self.save_checkpoint()
                 if run.export_every and self.step % run.export_every == 0 and self.step < run.steps:
                     self.export(self.output_dir / "exports" / f"step-{self.step:06d}")
                 if any_process(acc, self.stop_signals.received is not None) and self.step < run.steps:
@@ -320,8 +324,8 @@ class Trainer:
 
     def export(self, folder: Path) -> None:
         """The weights in the backbone's own format (the EMA's when kept), with ``export.json``: the
-        step and the seconds of training since this launch began, not counting exports, the final
-        checkpoint and sample grid (``run.export_every``'s learning curves): wall-clock
+        step and the seconds of training (a resumed run's launches added up), not counting exports,
+        checkpoints and sample grids (``run.export_every``'s learning curves): wall-clock
         (``train_seconds``) and this process's CPU time, every thread's (``train_cpu_seconds``: the
         same on a busy machine as on an idle one)."""
         acc = self.accelerator
@@ -338,24 +342,35 @@ class Trainer:
 
 class TrainingClock:
     """Seconds of training since it started, wall-clock and this process's CPU time (all its
-    threads), leaving out what ran inside :meth:`paused` (exports, the final checkpoint)."""
+    threads), leaving out what ran inside :meth:`paused` (exports, checkpoints), plus ``before``:
+    the seconds a resumed run had trained before this launch (saved in its checkpoint)."""
 
-    def __init__(self) -> None:
+    def __init__(self, before: Sequence[float] = (0.0, 0.0)) -> None:
         self.started = (time.monotonic(), time.process_time())
         self.paused_for = [0.0, 0.0]
+        self.before = (float(before[0]), float(before[1]))
+        self.frozen: tuple[float, float] | None = None  # the reading while paused (a checkpoint saves it)
 
     def seconds(self) -> tuple[float, float]:
+        if self.frozen is not None:
+            return self.frozen
         now = (time.monotonic(), time.process_time())
-        return now[0] - self.started[0] - self.paused_for[0], now[1] - self.started[1] - self.paused_for[1]
+        wall = self.before[0] + now[0] - self.started[0] - self.paused_for[0]
+        return wall, self.before[1] + now[1] - self.started[1] - self.paused_for[1]
 
     @contextmanager
     def paused(self) -> Iterator[None]:
+        if self.frozen is not None:  # already paused
+            yield
+            return
+        self.frozen = self.seconds()
         began = (time.monotonic(), time.process_time())
         try:
             yield
         finally:
             self.paused_for[0] += time.monotonic() - began[0]
             self.paused_for[1] += time.process_time() - began[1]
+            self.frozen = None
 
 
 __all__ = ["CheckpointWriteError", "DataSource", "NonFiniteError", "PromptSource", "TrainResult", "Trainer", "TrainingClock", "TrainingInterrupted",
