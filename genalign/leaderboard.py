@@ -18,7 +18,10 @@ queries (images the training reward scored, from the config's batch shape) and, 
 training minutes (the last export within the minutes; a run with none within them counts as its base,
 gain 0). Minutes are CPU minutes: the training process's CPU time over all its threads, exports
 left out (``export.json``'s ``train_cpu_seconds``), the same whatever else the machine runs; the
-wall-clock minutes are kept beside them. ``--trl`` adds TRL 0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside
+wall-clock minutes are kept beside them. Each method is also compared with a reference on its
+backbone (``--references``, default Flow-GRPO on the flow model and DDPO on the SD one): the
+difference of the two gains paired image by image, and seed by seed where both ran the same training
+seeds (a seed's runs share its initialisation, prompts and first rollouts). ``--trl`` adds TRL 0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside
 reference (one run per budget: it exports nothing on the way).
 
 Two folders: ``out`` (default ``runs/leaderboard``) holds the runs (weights, metrics), and
@@ -79,6 +82,7 @@ class Settings:
     records: str = "bench/leaderboard"
     device: str = "cpu"
     recorded: bool = False  # report what is on record; train and evaluate nothing, delete nothing
+    references: list[str] = field(default_factory=lambda: ["flow_grpo", "ddpo"])  # compared with, per backbone
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -341,6 +345,7 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
             log(f"{name}: no run on record: left out of the report")
             continue
         methods[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
+        methods[name]["model"] = path
     if s.trl:
         if s.recorded:
             found = {seed: on_record(records / "runs" / TRL_NAME / f"seed{seed}" / "points.json", trl_fingerprint(seed, s),
@@ -354,7 +359,47 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
             base = score_runs(TRL_NAME, "sd", TRL_MODEL, False, runs, records, s, log)
             methods[TRL_NAME] = summarise(TRL_NAME, "bench/trl_ddpo.py: TRL 0.23.1 DDPOTrainer, configs/shapes/ddpo.yaml "
                                           "settings", "sd", "shapes_gold", TRL_QUERIES_PER_EPOCH, steps, runs, base, s)
-    return {"settings": asdict(s), "date": time.strftime("%Y-%m-%d"), "machine": machine(), "methods": methods}
+            methods[TRL_NAME]["model"] = TRL_MODEL
+    compared = comparisons(methods, s.references)
+    for m in methods.values():
+        m.pop("_inputs"), m.pop("_tags")
+    return {"settings": asdict(s), "date": time.strftime("%Y-%m-%d"), "machine": machine(), "methods": methods,
+            "comparisons": compared}
+
+
+def comparisons(methods: dict[str, Any], references: Sequence[str]) -> list[dict[str, Any]]:
+    """Each method against the reference method on its backbone (the first of ``references`` on the
+    same model), at every budget both have: the difference of their gains, paired image by image
+    (the base cancels). Runs of the same training seed share its draws (initialisation, prompts,
+    first rollouts), so where both methods ran the same seeds the difference is paired by seed too
+    (``pooled_paired_gain`` of the per-seed, per-image differences); otherwise the seeds are
+    independent (``pooled_difference``)."""
+    from genalign.shapes.scoring import pooled_difference, pooled_paired_gain
+
+    out = []
+    for name, m in methods.items():
+        reference = next((r for r in references if r in methods and methods[r]["model"] == m["model"]), None)
+        if reference is None or reference == name:
+            continue
+        ref = methods[reference]
+        if ref["_tags"] != m["_tags"]:
+            raise ValueError(f"{name} and {reference} were scored on other images: they cannot be paired")
+        row: dict[str, Any] = {"method": name, "reference": reference}
+        for kind in ("budgets", "minutes"):
+            row[kind] = {}
+            for key, a in m["_inputs"][kind].items():
+                b = ref["_inputs"][kind].get(key)
+                if b is None:
+                    continue
+                if sorted(a) == sorted(b):
+                    both = pooled_paired_gain([[x - y for x, y in zip(a[seed], b[seed])] for seed in a], m["_tags"])
+                    d = {"difference": both["gain"], "standard_error": both["standard_error"], "paired_seeds": True}
+                else:
+                    one = pooled_difference(list(a.values()), list(b.values()), m["_tags"])
+                    d = {"difference": one["difference"], "standard_error": one["standard_error"], "paired_seeds": False}
+                row[kind][key] = {**d, "seeds": [len(a), len(b)]}
+        out.append(row)
+    return out
 
 
 def base_folder(records: Path, family: str, path: str) -> Path:
@@ -439,9 +484,15 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
 
     tags = [tag for e in s.eval_seeds for tag in base[e]["tags"]]  # every point's differences, image by image
 
+    def rows(points: Sequence[dict[str, Any] | None]) -> list[list[float]]:
+        """These runs' points' per-image differences (one a seed; None: the base, no difference)."""
+        return [p["differences"] if p is not None else [0.0] * len(tags) for p in points]
+
     def pool(points: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        """The gain of these runs' points (one a seed; None: the base, no difference) with its standard error."""
-        return pooled_paired_gain([p["differences"] if p is not None else [0.0] * len(tags) for p in points], tags)
+        """The gain of these runs' points with its standard error."""
+        return pooled_paired_gain(rows(points), tags)
+
+    inputs: dict[str, dict[str, dict[int, list[float]]]] = {"budgets": {}, "minutes": {}}  # for comparisons, by seed
 
     by_step: dict[int, list[dict[str, Any]]] = {}
     for points in runs.values():
@@ -464,6 +515,8 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
             print(f"warning: {name} has no export at step {step} ({q} reward queries): left out of the table")
             continue
         pooled_gain = pool(points)
+        inputs["budgets"][str(q)] = {seed: row for seed, row in zip(runs, rows([next(
+            (p for p in runs[seed] if p["step"] == step), None) for seed in runs]))}
         per_task = {t: mean(mean(p["per_task"][e].get(t, 0.0) for e in p["per_task"]) for p in points) for t in TASKS}
         budgets[str(q)] = {"step": step, **_errors(pooled_gain),
                            "minutes": mean(p["minutes"] for p in points), "base_gold": base_gold,
@@ -475,8 +528,9 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
             continue
         by_minutes[f"{m:g}"] = {**_errors(pool(chosen)),
                                 "queries": mean(p["queries"] if p is not None else 0.0 for p in chosen)}
+        inputs["minutes"][f"{m:g}"] = dict(zip(runs, rows(chosen)))
     return {"config": config_path, "family": family, "reward": reward, "queries_per_step": per_step,
-            "budgets": budgets, "minutes": by_minutes, "curve": curve,
+            "budgets": budgets, "minutes": by_minutes, "curve": curve, "_inputs": inputs, "_tags": tags,
             "runs": {str(seed): [{k: v for k, v in p.items() if k not in ("weights", "differences")} for p in points]
                      for seed, points in runs.items()}}
 
@@ -522,6 +576,37 @@ def table(results: dict[str, Any]) -> list[str]:
             cells.append(f"{row['proxy_gain']:+.2f} ({error})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def comparison_table(results: dict[str, Any]) -> list[str]:
+    """The markdown table of each method against its backbone's reference (none: no lines)."""
+    rows = results.get("comparisons") or []
+    if not rows:
+        return []
+    s = results["settings"]
+    budgets, minutes = [str(q) for q in s["budgets"]], [f"{m:g}" for m in s["minutes"]]
+    head = ["method", "against", *(f"difference at {int(q):,} queries" for q in budgets),
+            *(f"difference in {m} min" for m in minutes)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"`{row['method']}`", f"`{row['reference']}`"]
+        for kind, keys in (("budgets", budgets), ("minutes", minutes)):
+            for key in keys:
+                d = row[kind].get(key)
+                if d is None:
+                    cells.append("-")
+                    continue
+                sigmas = f", {d['difference'] / d['standard_error']:.1f} SE" if d["standard_error"] > 0 else ""
+                seeds = f"{d['seeds'][0]} seeds, paired" if d["paired_seeds"] else f"{d['seeds'][0]} v {d['seeds'][1]} seeds"
+                cells.append(f"{d['difference']:+.3f} ({d['standard_error']:.3f}{sigmas}; {seeds})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+COMPARED = ("Each method against the reference on its backbone: the difference of the two gains, paired image by "
+            "image (the base's images cancel) and, where both ran the same training seeds, seed by seed (runs of "
+            "one seed share its initialisation, prompts and first rollouts); its standard error pools the seeds' "
+            "spread with the evaluation's:")
 
 
 def _cell(gain: float, error: float, seeds: int) -> str:
@@ -634,6 +719,8 @@ def report(results: dict[str, Any], plots: Sequence[Path], relative_to: Path) ->
              "with the base; the gain is the mean over training seeds, and its standard error pools the "
              "seeds' spread with the evaluation's (the per-image spread of the seeds' mean difference; "
              "SE: how many standard errors the gain is).", "", *table(results), ""]
+    if comparison_table(results):
+        lines += [COMPARED, "", *comparison_table(results), ""]
     for path in plots:
         lines.append(f"![{path.stem}]({path.relative_to(relative_to).as_posix()})")
     lines += ["", MARK_END]
@@ -655,7 +742,8 @@ def write_readme(results: dict[str, Any], readme: Path) -> None:
              f"{s['per_task']} held-out prompts a task at evaluation seeds {s['eval_seeds']}, gain over the base "
              "paired image by image (standard error pooling the training seeds' spread and the evaluation's; "
              "SE: how many of them):", "",
-             *table(results), "", README_END]
+             *table(results), "", *([COMPARED, "", *comparison_table(results), ""] if comparison_table(results) else []),
+             README_END]
     write_block(readme, "\n".join(block), README_BEGIN, README_END)
 
 
@@ -694,6 +782,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clip", default="models/shapes/clip", help="the CLIP proxy scored beside the gold for CLIP-trained methods")
     p.add_argument("--trl", action="store_true", help="also TRL 0.23.1's DDPOTrainer (bench/trl_ddpo.py; its own "
                    "environment, made on first use) at configs/shapes/ddpo.yaml's settings, the outside reference")
+    p.add_argument("--references", nargs="*", default=["flow_grpo", "ddpo"],
+                   help="methods every other on the same backbone is compared with, paired image by image "
+                        "(the first one present on a backbone)")
     p.add_argument("--out", default="runs/leaderboard", help="the runs: weights and metrics")
     p.add_argument("--records", default="bench/leaderboard",
                    help="what the numbers come from (kept in git): runs' points, evaluations, leaderboard.json")
@@ -734,7 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = Settings(configs=configs, seeds=args.seeds, budgets=budgets, minutes=sorted(set(args.minutes)),
                  per_task=args.per_task, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps,
                  guidance_scale=args.guidance_scale, split=args.split, clip=args.clip, trl=args.trl, out=args.out,
-                 records=args.records, device=args.device, recorded=args.recorded)
+                 records=args.records, device=args.device, recorded=args.recorded, references=args.references)
     results = measure(s)
     records = Path(s.records)
     records.mkdir(parents=True, exist_ok=True)
@@ -748,5 +839,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Settings", "budget_steps", "export_interval", "main", "measure", "plot", "pooled", "queries_per_step",
-           "scored_points", "table", "within_minutes", "write_block", "write_docs", "write_readme"]
+__all__ = ["Settings", "budget_steps", "comparison_table", "comparisons", "export_interval", "main", "measure", "plot",
+           "pooled", "queries_per_step", "scored_points", "table", "within_minutes", "write_block", "write_docs", "write_readme"]

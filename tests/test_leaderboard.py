@@ -55,6 +55,55 @@ def test_pooled_paired_gain_by_hand():
         pooled_paired_gain([[1, 0, 1]], tags)
 
 
+def test_pooled_difference_by_hand():
+    """Method A's gain minus B's on the same images: the base cancels image by image. Additive seed
+    and image effects (no residual): A = [0, 0.2] + [1, 0, 0.5], B = [0, 0.4] + [0, 0, 1], one task."""
+    from genalign.shapes.scoring import pooled_difference
+
+    tags = ["a"] * 3
+    out = pooled_difference([[1, 0, 0.5], [1.2, 0.2, 0.7]], [[0, 0, 1], [0.4, 0.4, 1.4]], tags)
+    assert out["per_seed_a"] == pytest.approx([0.5, 0.7]) and out["per_seed_b"] == pytest.approx([1 / 3, 1 / 3 + 0.4])
+    assert out["difference"] == pytest.approx(0.6 - (1 / 3 + 0.2))
+    assert out["seeds_error"] == pytest.approx(math.hypot(0.1, 0.2))  # each: |g_1 - g_2| / 2
+    # per-image seed means A [1.1, 0.1, 0.6], B [0.2, 0.2, 1.2]: differences 0.9, -0.1, -0.6, var 7/12
+    assert out["images_error"] == pytest.approx(math.sqrt(7 / 12 / 3))
+    assert out["standard_error"] == pytest.approx(math.sqrt(0.01 + 0.04 + 7 / 36))
+    # residuals of +-0.25 in each (MS 0.25, R = 0.25 / (2 x 2)) take out what the seeds' spread and the
+    # images' both count: seeds 0.25^2 + 0.25^2, images 0 (per-image differences 0.5, 0.5), less 2 x 0.0625
+    both = pooled_difference([[1, 0], [1, 1]], [[0, 0], [1, 0]], ["a", "a"])
+    assert both["difference"] == pytest.approx(0.5) and both["seeds_error"] == pytest.approx(math.sqrt(0.125))
+    assert both["images_error"] == pytest.approx(0.0) and both["standard_error"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="one difference per tag"):
+        pooled_difference([[1, 0]], [[1, 0, 0]], ["a", "a"])
+
+
+def test_each_method_is_compared_with_its_backbones_reference_paired_by_seed_where_it_can():
+    """comparisons(): a method on the reference's model against it, image by image; the same seeds:
+    paired seed by seed too (per-seed differences [1, 0, 0] and [1, 0, 0]: +1/3, SE = the paired SE
+    of the per-image means [1, 0, 0], 1/3); other seeds: independent; other models: not compared."""
+    tags = ["t"] * 3
+
+    def method(model, budgets, tags=tags):
+        return {"model": model, "_tags": tags, "_inputs": {"budgets": budgets, "minutes": {}}}
+
+    methods = {"ref": method("sd3", {"800": {0: [0, 0, 1], 1: [0, 1, 0]}}),
+               "same_seeds": method("sd3", {"800": {0: [1, 0, 1], 1: [1, 1, 0]}}),
+               "other_seeds": method("sd3", {"800": {2: [1, 0, 1], 3: [1, 1, 0]}}),
+               "elsewhere": method("sd", {"800": {0: [1, 1, 1]}})}
+    rows = {r["method"]: r for r in leaderboard.comparisons(methods, ["ref"])}
+    assert sorted(rows) == ["other_seeds", "same_seeds"] and rows["same_seeds"]["reference"] == "ref"
+    paired = rows["same_seeds"]["budgets"]["800"]
+    assert paired["paired_seeds"] and paired["difference"] == pytest.approx(1 / 3)
+    assert paired["standard_error"] == pytest.approx(1 / 3) and paired["seeds"] == [2, 2]
+    independent = rows["other_seeds"]["budgets"]["800"]
+    assert not independent["paired_seeds"] and independent["difference"] == pytest.approx(1 / 3)
+    lines = leaderboard.comparison_table({"settings": {"budgets": [800], "minutes": []}, "comparisons": list(rows.values())})
+    assert "| `same_seeds` | `ref` | +0.333 (0.333, 1.0 SE; 2 seeds, paired) |" in lines
+    methods["same_seeds"]["_tags"] = ["u"] * 3
+    with pytest.raises(ValueError, match="other images"):
+        leaderboard.comparisons(methods, ["ref"])
+
+
 def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     """Flow-GRPO with an SDE window at a learning rate that moves the model in 2 steps, 2 seeds, budgets
     of 8 and 16 reward queries (1 and 2 steps), 2 held-out prompts a task at 2 sampling steps."""

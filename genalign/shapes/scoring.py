@@ -90,18 +90,43 @@ def pooled_paired_gain(differences: Sequence[Sequence[float]], tags: Sequence[st
     each counts the residual once, and R = sum_t MS_e,t / (S n_t) / T^2 takes one count out (MS_e,t:
     the two-way residual mean square, sum r^2 / ((S - 1)(n_t - 1))). Unbiased for the variance; the
     SE is clamped at 0. With one seed: SE_seeds = R = 0, the one run's paired SE."""
+    per_seed, seeds_error, table, residual = _seed_terms(differences, tags, "pooled_paired_gain")
+    images_error = paired_gain([0.0] * len(tags), list(table.mean(axis=0)), tags)["standard_error"]
+    variance = seeds_error**2 + images_error**2 - residual
+    return {"gain": float(np.mean(per_seed)), "standard_error": float(np.sqrt(max(variance, 0.0))),
+            "seeds_error": seeds_error, "images_error": images_error, "per_seed": per_seed}
+
+
+def pooled_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], tags: Sequence[str]) -> dict[str, Any]:
+    """Method A's pooled gain minus method B's, both scored on the same images (prompts and noise
+    seeds) against the same base, with one standard error: ``a[s][i]`` and ``b[s][i]`` as
+    :func:`pooled_paired_gain`'s ``differences`` (their training seeds independent, any number each).
+    The base cancels image by image, so the evaluation's part is the paired SE of the per-image
+    difference of the two methods' seed means, far less than the two gains' SEs added; the training
+    noise is each method's seeds' spread, added: SE^2 = SE_seeds,A^2 + SE_seeds,B^2 + SE_images^2 -
+    R_A - R_B (each residual counted once, as in :func:`pooled_paired_gain`)."""
+    per_a, error_a, table_a, residual_a = _seed_terms(a, tags, "pooled_difference")
+    per_b, error_b, table_b, residual_b = _seed_terms(b, tags, "pooled_difference")
+    images_error = paired_gain([0.0] * len(tags), list(table_a.mean(axis=0) - table_b.mean(axis=0)), tags)["standard_error"]
+    seeds_error = float(np.hypot(error_a, error_b))
+    variance = seeds_error**2 + images_error**2 - residual_a - residual_b
+    return {"difference": float(np.mean(per_a) - np.mean(per_b)), "standard_error": float(np.sqrt(max(variance, 0.0))),
+            "seeds_error": seeds_error, "images_error": images_error, "per_seed_a": per_a, "per_seed_b": per_b}
+
+
+def _seed_terms(differences: Sequence[Sequence[float]], tags: Sequence[str], who: str) -> tuple[list[float], float, np.ndarray, float]:
+    """Per seed task-balanced gains, the seeds' SE, the seed-by-image table and the residual term R
+    of :func:`pooled_paired_gain`."""
     if not differences:
-        raise ValueError("pooled_paired_gain needs at least one training seed")
+        raise ValueError(f"{who} needs at least one training seed")
     if any(len(d) != len(tags) for d in differences):
-        raise ValueError(f"pooled_paired_gain needs one difference per tag ({len(tags)}) for every seed, got "
+        raise ValueError(f"{who} needs one difference per tag ({len(tags)}) for every seed, got "
                          f"{[len(d) for d in differences]}")
     zeros = [0.0] * len(tags)
     per_seed = [paired_gain(zeros, d, tags)["gain"] for d in differences]
     n = len(per_seed)
-    gain = float(np.mean(per_seed))
     seeds_error = float(np.std(per_seed, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
     table = np.asarray(differences, dtype=float)
-    images_error = paired_gain(zeros, list(table.mean(axis=0)), tags)["standard_error"]
     residual = 0.0
     columns = np.asarray(tags)
     names = list(dict.fromkeys(tags))
@@ -110,9 +135,7 @@ def pooled_paired_gain(differences: Sequence[Sequence[float]], tags: Sequence[st
         if n > 1 and d.shape[1] > 1:
             r = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0, keepdims=True) + d.mean()
             residual += float((r**2).sum()) / ((n - 1) * (d.shape[1] - 1)) / (n * d.shape[1])
-    variance = seeds_error**2 + images_error**2 - residual / len(names) ** 2
-    return {"gain": gain, "standard_error": float(np.sqrt(max(variance, 0.0))), "seeds_error": seeds_error,
-            "images_error": images_error, "per_seed": per_seed}
+    return per_seed, seeds_error, table, residual / len(names) ** 2
 
 
 def paired_gold(before: Tensor, after: Tensor, metas: list[dict[str, Any]]) -> dict[str, Any]:
