@@ -21,8 +21,9 @@ left out (``export.json``'s ``train_cpu_seconds``), the same whatever else the m
 wall-clock minutes are kept beside them. Each method is also compared with a reference on its
 backbone (``--references``, default Flow-GRPO on the flow model and DDPO on the SD one): the
 difference of the two gains paired image by image, and seed by seed where both ran the same training
-seeds (a seed's runs share its initialisation, prompts and first rollouts). ``--trl`` adds TRL 0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside
-reference (one run per budget: it exports nothing on the way).
+seeds (a seed's runs share its initialisation, prompts and first rollouts). ``--trl`` adds TRL
+0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside reference (one run per
+budget: it exports nothing on the way).
 
 Two folders: ``out`` (default ``runs/leaderboard``) holds the runs (weights, metrics), and
 ``records`` (default ``bench/leaderboard``, kept in git) the small files the numbers come from: each
@@ -30,8 +31,8 @@ finished run's ``points.json`` (its exports' steps, reward queries and minutes) 
 (the base's per family and evaluation seed, each export's) as a JSON file with its per-image
 verdicts, and ``leaderboard.json``. A run with its ``points.json`` is finished and never trained
 again; an unfinished one resumes from its last checkpoint (kept at every export; its minutes add up
-its launches); an evaluation on record is never repeated. Stop it any time and run it again, on this machine or on a
-fresh checkout: it goes on where it stopped.
+its launches); an evaluation on record is never repeated. Stop it any time and run it again, on this
+machine or on a fresh checkout: it goes on where it stopped.
 
     .venv/bin/python bench/leaderboard.py                       # every shapes config, 3 seeds, 800 and 3,200 queries
     .venv/bin/python bench/leaderboard.py --configs configs/shapes/flow_grpo.yaml --seeds 0 --budgets 80 160 --per-task 5
@@ -515,8 +516,7 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
             print(f"warning: {name} has no export at step {step} ({q} reward queries): left out of the table")
             continue
         pooled_gain = pool(points)
-        inputs["budgets"][str(q)] = {seed: row for seed, row in zip(runs, rows([next(
-            (p for p in runs[seed] if p["step"] == step), None) for seed in runs]))}
+        inputs["budgets"][str(q)] = {seed: p["differences"] for seed in runs for p in runs[seed] if p["step"] == step}
         per_task = {t: mean(mean(p["per_task"][e].get(t, 0.0) for e in p["per_task"]) for p in points) for t in TASKS}
         budgets[str(q)] = {"step": step, **_errors(pooled_gain),
                            "minutes": mean(p["minutes"] for p in points), "base_gold": base_gold,
