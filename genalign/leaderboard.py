@@ -673,10 +673,10 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
     written.append(folder / "leaderboard_tasks.png")
     proxied = {n: m for n, m in methods.items() if m["curve"] and "proxy_gain" in m["curve"][0]}
     if proxied:
-        cols = min(3, len(proxied))
-        rows = math.ceil(len(proxied) / cols)
+        cols = min(3, len(proxied) + 1)
+        rows = math.ceil((len(proxied) + 1) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 4.4 * cols), 3.4 * rows + 0.4), squeeze=False)
-        for ax in axes.flat[len(proxied):]:
+        for ax in axes.flat[len(proxied) + 1:]:
             ax.set_visible(False)
         def limits(key: str) -> tuple[float, float]:  # one scale for every panel: the methods compare
             values = [0.0] + [c[f"{key}gain"] + sign * c[f"{key}standard_error"] for m in proxied.values()
@@ -700,6 +700,18 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
             ax.set_xlabel("reward queries")
             ax.set_ylabel("gold gain (exact evaluator)", color="tab:blue")
             twin.set_ylabel(f"proxy gain ({Path(results['settings']['clip']).name})", color="tab:red")
+        # every method in one panel, gold against the proxy (Gao et al.'s picture): a curve that bends
+        # down as the proxy keeps rising is over-optimisation
+        ax = axes.flat[len(proxied)]
+        for method, m in proxied.items():
+            ax.plot([0.0] + [c["proxy_gain"] for c in m["curve"]], [0.0] + [c["gain"] for c in m["curve"]],
+                    marker="o", ms=3, label=method)
+        ax.axhline(0.0, color="grey", linewidth=0.6)
+        ax.axvline(0.0, color="grey", linewidth=0.6)
+        ax.set_title("gold against proxy over training (each point an export)", fontsize=9)
+        ax.set_xlabel(f"proxy gain ({Path(results['settings']['clip']).name})")
+        ax.set_ylabel("gold gain (exact evaluator)")
+        ax.legend(fontsize=7)
         fig.suptitle("over-optimisation: the proxy trained on and the gold (bands: one standard error)", fontsize=9)
         fig.tight_layout()
         fig.savefig(folder / "leaderboard_overoptimisation.png", dpi=110)

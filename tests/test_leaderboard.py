@@ -294,12 +294,14 @@ def test_the_overoptimisation_panels_share_one_scale(tmp_path, monkeypatch):
 
     from genalign.shapes.world import TASKS
 
-    scales = {}
+    scales, together = {}, {}
     real = matplotlib.figure.Figure.savefig
 
     def keep(fig, path, *args, **kwargs):
         scales[leaderboard.Path(path).name] = [((ax.get_ylabel().split() or [""])[0], ax.get_ylim()) for ax in fig.axes
-                                               if ax.get_visible()]
+                                               if ax.get_visible() and not ax.get_title().startswith("gold against")]
+        together[leaderboard.Path(path).name] = [[list(line.get_data()[0]) for line in ax.get_lines() if line.get_label()[0] != "_"]
+                                                 for ax in fig.axes if ax.get_title().startswith("gold against")]
         return real(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
@@ -324,6 +326,9 @@ def test_the_overoptimisation_panels_share_one_scale(tmp_path, monkeypatch):
     assert low <= 0.0 and high >= 0.06 + 0.005  # the base and the large method's last point with its band
     (low, high), = proxy
     assert high >= 0.6 + 0.02
+    # and one panel of gold against proxy with every method: x runs through each one's proxy gains
+    assert len(together["leaderboard_overoptimisation.png"]) == 1
+    assert together["leaderboard_overoptimisation.png"][0] == [pytest.approx([0.0, 0.1, 0.2]), pytest.approx([0.0, 0.3, 0.6])]
 
 
 def test_shards_split_the_configs_and_leave_the_report_to_a_whole_run(tmp_path, monkeypatch):
