@@ -80,7 +80,7 @@ def plot(all_curves: dict[str, list[dict]], path: Path) -> None:
                         textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel("proxy gain (CLIP score the model was trained on, held-out prompts)")
+    ax.set_xlabel("proxy gain (models/shapes/clip's score on held-out prompts; the ensemble's first member)")
     ax.set_ylabel("gold gain (exact evaluator, held-out prompts)")
     ax.set_title("Adjoint Matching on the CLIP proxy: gold against proxy over training\n"
                  "(points: reward queries; bars: one standard error; dashed: 10x the tilt, one seed)", fontsize=9)
