@@ -53,9 +53,10 @@ def curves(results: dict, label: str) -> dict[str, list[dict]]:
     out = {}
     for name, m in results["methods"].items():
         seeds = len(m["runs"])
-        out[f"{name} ({label}, {seeds} seed{'s' * (seeds > 1)})"] = [{"queries": c["queries"], "proxy": c["proxy_gain"], "proxy_se": c["proxy_standard_error"],
-                                     "gold": c["gain"], "gold_se": c["standard_error"], "seeds": c["seeds"]}
-                                    for c in m["curve"] if "proxy_gain" in c]
+        out[f"{name} ({label}, {seeds} seed{'s' * (seeds > 1)})"] = [
+            {"queries": c["queries"], "proxy": c["proxy_gain"], "proxy_se": c["proxy_standard_error"],
+             "gold": c["gain"], "gold_se": c["standard_error"], "seeds": c["seeds"]}
+            for c in m["curve"] if "proxy_gain" in c]
     return out
 
 

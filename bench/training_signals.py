@@ -63,9 +63,7 @@ def table(method: str, keys: Sequence[str], runs: Path, parts: int = 4) -> list[
         if len(per_seed) > 1:
             cells = []
             for i in range(parts):
-                column = [row[i] for row in per_seed]
-                mean = sum(column) / len(column)
-                error = math.sqrt(sum((v - mean) ** 2 for v in column) / (len(column) - 1) / len(column))
+                mean, error, _ = quarters([row[i] for row in per_seed], 1)[0]  # the seeds as one piece
                 cells.append(f"{mean:.4g} ({error:.2g})")
             lines.append(f"| {key} | {len(per_seed)} seeds | " + " | ".join(cells) + " |")
     return lines

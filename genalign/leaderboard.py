@@ -596,9 +596,8 @@ def comparison_table(results: dict[str, Any]) -> list[str]:
                 if d is None:
                     cells.append("-")
                     continue
-                sigmas = f", {d['difference'] / d['standard_error']:.1f} SE" if d["standard_error"] > 0 else ""
                 seeds = f"{d['seeds'][0]} seeds, paired" if d["paired_seeds"] else f"{d['seeds'][0]} v {d['seeds'][1]} seeds"
-                cells.append(f"{d['difference']:+.3f} ({d['standard_error']:.3f}{sigmas}; {seeds})")
+                cells.append(_cell(d["difference"], d["standard_error"], seeds))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -609,9 +608,11 @@ COMPARED = ("Each method against the reference on its backbone: the difference o
             "spread with the evaluation's:")
 
 
-def _cell(gain: float, error: float, seeds: int) -> str:
+def _cell(gain: float, error: float, seeds: int | str) -> str:
+    """``+g (se, k SE; n seeds)``; ``seeds`` a count, or the words for it."""
     sigmas = f", {gain / error:.1f} SE" if error > 0 else ""
-    return f"{gain:+.3f} ({error:.3f}{sigmas}; {seeds} seed{'s' * (seeds != 1)})"
+    words = seeds if isinstance(seeds, str) else f"{seeds} seed{'s' * (seeds != 1)}"
+    return f"{gain:+.3f} ({error:.3f}{sigmas}; {words})"
 
 
 def plot(results: dict[str, Any], folder: Path) -> list[Path]:
