@@ -302,6 +302,7 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
     """Train and evaluate what is missing; return every number the report needs."""
     out, records = Path(s.out), Path(s.records)
     methods: dict[str, Any] = {}
+    differences: dict[str, Any] = {}  # for comparisons
     names = [Path(c).stem for c in s.configs]
     if len(set(names)) < len(names):
         raise ValueError(f"two configs of the same name among {s.configs}: their records would mix")
@@ -345,8 +346,8 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
         if not runs:
             log(f"{name}: no run on record: left out of the report")
             continue
-        methods[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
-        methods[name]["model"] = path
+        methods[name], differences[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
+        methods[name]["model"] = differences[name]["model"] = path
     if s.trl:
         if s.recorded:
             found = {seed: on_record(records / "runs" / TRL_NAME / f"seed{seed}" / "points.json", trl_fingerprint(seed, s),
@@ -358,18 +359,17 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
         if runs:
             steps = {q: math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets}
             base = score_runs(TRL_NAME, "sd", TRL_MODEL, False, runs, records, s, log)
-            methods[TRL_NAME] = summarise(TRL_NAME, "bench/trl_ddpo.py: TRL 0.23.1 DDPOTrainer, configs/shapes/ddpo.yaml "
-                                          "settings", "sd", "shapes_gold", TRL_QUERIES_PER_EPOCH, steps, runs, base, s)
-            methods[TRL_NAME]["model"] = TRL_MODEL
-    compared = comparisons(methods, s.references)
-    for m in methods.values():
-        m.pop("_inputs"), m.pop("_tags")
+            described = "bench/trl_ddpo.py: TRL 0.23.1 DDPOTrainer, configs/shapes/ddpo.yaml settings"
+            methods[TRL_NAME], differences[TRL_NAME] = summarise(TRL_NAME, described, "sd", "shapes_gold",
+                                                                 TRL_QUERIES_PER_EPOCH, steps, runs, base, s)
+            methods[TRL_NAME]["model"] = differences[TRL_NAME]["model"] = TRL_MODEL
     return {"settings": asdict(s), "date": time.strftime("%Y-%m-%d"), "machine": machine(), "methods": methods,
-            "comparisons": compared}
+            "comparisons": comparisons(differences, s.references)}
 
 
 def comparisons(methods: dict[str, Any], references: Sequence[str]) -> list[dict[str, Any]]:
-    """Each method against the reference method on its backbone (the first of ``references`` on the
+    """``methods``: each method's per-image differences from its base (summarise's second value, with
+    its ``model``). Each method against the reference method on its backbone (the first of ``references`` on the
     same model), at every budget both have: the difference of their gains, paired image by image
     (the base cancels). Runs of the same training seed share its draws (initialisation, prompts,
     first rollouts), so where both methods ran the same seeds the difference is paired by seed too
@@ -383,20 +383,20 @@ def comparisons(methods: dict[str, Any], references: Sequence[str]) -> list[dict
         if reference is None or reference == name:
             continue
         ref = methods[reference]
-        if ref["_tags"] != m["_tags"]:
+        if ref["tags"] != m["tags"]:
             raise ValueError(f"{name} and {reference} were scored on other images: they cannot be paired")
         row: dict[str, Any] = {"method": name, "reference": reference}
         for kind in ("budgets", "minutes"):
             row[kind] = {}
-            for key, a in m["_inputs"][kind].items():
-                b = ref["_inputs"][kind].get(key)
+            for key, a in m[kind].items():
+                b = ref[kind].get(key)
                 if b is None:
                     continue
                 if sorted(a) == sorted(b):
-                    both = pooled_paired_gain([[x - y for x, y in zip(a[seed], b[seed])] for seed in a], m["_tags"])
+                    both = pooled_paired_gain([[x - y for x, y in zip(a[seed], b[seed])] for seed in a], m["tags"])
                     d = {"difference": both["gain"], "standard_error": both["standard_error"], "paired_seeds": True}
                 else:
-                    one = pooled_difference(list(a.values()), list(b.values()), m["_tags"])
+                    one = pooled_difference(list(a.values()), list(b.values()), m["tags"])
                     d = {"difference": one["difference"], "standard_error": one["standard_error"], "paired_seeds": False}
                 row[kind][key] = {**d, "seeds": [len(a), len(b)]}
         out.append(row)
@@ -475,8 +475,10 @@ def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[
 
 
 def summarise(name: str, config_path: str, family: str, reward: str, per_step: float, steps: dict[int, int],
-              runs: dict[int, list[dict[str, Any]]], base: dict[int, dict[str, Any]], s: Settings) -> dict[str, Any]:
-    """Pool a method's runs: per budget (queries and minutes) and per export step (the curve)."""
+              runs: dict[int, list[dict[str, Any]]], base: dict[int, dict[str, Any]],
+              s: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pool a method's runs: per budget (queries and minutes) and per export step (the curve). Also
+    returns what comparisons pair: each budget's per-seed, per-image differences and the images' tags."""
     from genalign.shapes.scoring import pooled_paired_gain
 
     def mean(values: Any) -> float:
@@ -493,7 +495,7 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
         """The gain of these runs' points with its standard error."""
         return pooled_paired_gain(rows(points), tags)
 
-    inputs: dict[str, dict[str, dict[int, list[float]]]] = {"budgets": {}, "minutes": {}}  # for comparisons, by seed
+    inputs: dict[str, Any] = {"budgets": {}, "minutes": {}, "tags": tags}  # for comparisons, by seed
 
     by_step: dict[int, list[dict[str, Any]]] = {}
     for points in runs.values():
@@ -530,9 +532,9 @@ def summarise(name: str, config_path: str, family: str, reward: str, per_step: f
                                 "queries": mean(p["queries"] if p is not None else 0.0 for p in chosen)}
         inputs["minutes"][f"{m:g}"] = dict(zip(runs, rows(chosen)))
     return {"config": config_path, "family": family, "reward": reward, "queries_per_step": per_step,
-            "budgets": budgets, "minutes": by_minutes, "curve": curve, "_inputs": inputs, "_tags": tags,
+            "budgets": budgets, "minutes": by_minutes, "curve": curve,
             "runs": {str(seed): [{k: v for k, v in p.items() if k not in ("weights", "differences")} for p in points]
-                     for seed, points in runs.items()}}
+                     for seed, points in runs.items()}}, inputs
 
 
 def machine() -> str:

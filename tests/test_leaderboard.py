@@ -84,7 +84,7 @@ def test_each_method_is_compared_with_its_backbones_reference_paired_by_seed_whe
     tags = ["t"] * 3
 
     def method(model, budgets, tags=tags):
-        return {"model": model, "_tags": tags, "_inputs": {"budgets": budgets, "minutes": {}}}
+        return {"model": model, "tags": tags, "budgets": budgets, "minutes": {}}
 
     methods = {"ref": method("sd3", {"800": {0: [0, 0, 1], 1: [0, 1, 0]}}),
                "same_seeds": method("sd3", {"800": {0: [1, 0, 1], 1: [1, 1, 0]}}),
@@ -99,7 +99,7 @@ def test_each_method_is_compared_with_its_backbones_reference_paired_by_seed_whe
     assert not independent["paired_seeds"] and independent["difference"] == pytest.approx(1 / 3)
     lines = leaderboard.comparison_table({"settings": {"budgets": [800], "minutes": []}, "comparisons": list(rows.values())})
     assert "| `same_seeds` | `ref` | +0.333 (0.333, 1.0 SE; 2 seeds, paired) |" in lines
-    methods["same_seeds"]["_tags"] = ["u"] * 3
+    methods["same_seeds"]["tags"] = ["u"] * 3
     with pytest.raises(ValueError, match="other images"):
         leaderboard.comparisons(methods, ["ref"])
 
@@ -281,7 +281,7 @@ def test_a_minute_budget_before_any_export_is_left_blank():
     runs = {seed: [{"step": 1, "queries": 8.0, "minutes": minutes, "proxy_gain": {}, "per_task": {1: {}},
                     "differences": [1.0, 0.0, 0.0, 0.0]}] for seed, minutes in ((0, 5.0), (1, 9.0))}
     s = leaderboard.Settings(configs=[], seeds=[0, 1], budgets=[8], minutes=[4.0, 8.0], eval_seeds=[1])
-    m = leaderboard.summarise("m", "m.yaml", "sd", "shapes_gold", 8.0, {8: 1}, runs, base, s)
+    m, _ = leaderboard.summarise("m", "m.yaml", "sd", "shapes_gold", 8.0, {8: 1}, runs, base, s)
     assert set(m["minutes"]) == {"8"} and m["minutes"]["8"]["per_seed"] == pytest.approx([0.25, 0.0])
     results = {"settings": {"budgets": [8], "minutes": [4.0, 8.0]}, "methods": {"m": m}}
     assert leaderboard.table(results)[2].split(" | ")[4] == "-"  # the 4-minute cell
