@@ -60,9 +60,6 @@ from genalign.shapes.world import TASKS
 
 MARK_BEGIN = "<!-- leaderboard: begin (written by bench/leaderboard.py; edits here are overwritten) -->"
 MARK_END = "<!-- leaderboard: end -->"
-# How every record so far was made (eager, the LoRA unmerged): a speed default changed since would
-# mix rounding-level differences and other minutes into one table; change these with new records only.
-PINNED = ("backbone.compile=none", "backbone.merge_lora=false")
 PROXY_REWARDS = ("clip", "ensemble")  # trained on a proxy: the CLIP proxy is scored beside the gold
 
 
@@ -172,7 +169,7 @@ def evaluated(points: Sequence[dict[str, Any]], evals: Path, s: Settings) -> boo
 
 
 def fingerprint(*parts: Any) -> str:
-    """What a record was made from (a config's text, the steps, the seed ...): a changed one is redone."""
+    """What a record was made from (a config's settings, the steps, the seed ...): a changed one is redone."""
     import hashlib
 
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
@@ -201,16 +198,34 @@ def _write(path: Path, text: str) -> None:
     partial.replace(path)
 
 
+def run_overrides(seed: int, steps: int, every: int, folder: Path) -> dict[str, Any]:
+    """What the leaderboard sets in every config it trains, whatever the config says. compile and
+    merge_lora: how every record so far was made (eager, the LoRA unmerged); a speed default changed
+    since would mix rounding-level differences and other minutes into one table: change them with new
+    records only."""
+    return {"run.seed": seed, "run.steps": steps, "run.output_dir": folder, "run.export_every": every,
+            "run.checkpoint_every": every, "run.keep_checkpoints": 1, "run.sample_every": 0, "run.tracker": "none",
+            "backbone.compile": "none", "backbone.merge_lora": "false"}
+
+
 def run_fingerprint(config_path: str, seed: int, steps: int, every: int) -> str:
-    """What a run's record was made from: its config's text, seed, steps and export interval."""
-    return fingerprint(Path(config_path).read_text(), seed, steps, every)
+    """What a run's record was made from: its config's settings (the YAML as parsed, so that its
+    comments and layout can change, less what ``run_overrides`` sets), seed, steps and export interval."""
+    from genalign.core.config import read_yaml
+
+    settings = read_yaml(config_path)
+    for key in run_overrides(seed, steps, every, Path()):
+        section, name = key.split(".")
+        if isinstance(settings.get(section), dict):
+            settings[section].pop(name, None)
+    return fingerprint(json.dumps(settings, sort_keys=True), seed, steps, every)
 
 
 def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path, record: Path,
               per_step: float) -> bool:
     """Train ``config_path`` at ``run.seed = seed`` for ``steps`` steps in ``folder``, exporting every
     ``every``, and write its points (step, reward queries, minutes, weights folder) to ``record``,
-    unless ``record`` already holds them for this config text, seed, steps and interval. A run stopped
+    unless ``record`` already holds them for these settings, seed, steps and interval. A run stopped
     part way (its folder made from the same, with a checkpoint: one is kept at every export) resumes
     from its last checkpoint, exactly, its minutes the sum of its launches'. Returns whether it trained."""
     made_from = run_fingerprint(config_path, seed, steps, every)
@@ -226,9 +241,7 @@ def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path,
     if not resumable:
         shutil.rmtree(folder, ignore_errors=True)
         _write(stamp, json.dumps({"fingerprint": made_from}) + "\n")
-    overrides = [f"run.seed={seed}", f"run.steps={steps}", f"run.output_dir={folder}", f"run.export_every={every}",
-                 f"run.checkpoint_every={every}", "run.keep_checkpoints=1", "run.sample_every=0", "run.tracker=none",
-                 *PINNED]
+    overrides = [f"{key}={value}" for key, value in run_overrides(seed, steps, every, folder).items()]
     run_experiment(load_experiment(config_path, config_classes(), overrides), resume="latest" if resumable else None)
     points = []
     for where in sorted((folder / "exports").glob("step-*")) + [folder / "final"]:

@@ -77,6 +77,24 @@ def test_pooled_difference_by_hand():
         pooled_difference([[1, 0]], [[1, 0, 0]], ["a", "a"])
 
 
+def test_a_runs_fingerprint_follows_its_settings_not_its_comments(tmp_path):
+    """A comment, the layout, or a setting the leaderboard overrides (run.steps, run.seed) leaves a
+    record valid; a setting it trains with (the learning rate), the seed, the steps or the export
+    interval does not."""
+    path = tmp_path / "m.yaml"
+
+    def made_from(text, seed=0, steps=8, every=4):
+        path.write_text(text)
+        return leaderboard.run_fingerprint(str(path), seed, steps, every)
+
+    plain = made_from("method:\n  name: flow_grpo\nrun:\n  lr: 0.001\n  steps: 100\n")
+    assert made_from("# measured: +0.05\nmethod: {name: flow_grpo}\nrun:\n  steps: 250  # longer\n  lr: 1.0e-3\n"
+                     "  seed: 7\n") == plain
+    assert made_from("method:\n  name: flow_grpo\nrun:\n  lr: 0.002\n  steps: 100\n") != plain
+    text = "method:\n  name: flow_grpo\nrun:\n  lr: 0.001\n"
+    assert len({made_from(text), made_from(text, seed=1), made_from(text, steps=16), made_from(text, every=8)}) == 4
+
+
 def test_each_method_is_compared_with_its_backbones_reference_paired_by_seed_where_it_can():
     """comparisons(): a method on the reference's model against it, image by image; the same seeds:
     paired seed by seed too (per-seed differences [1, 0, 0] and [1, 0, 0]: +1/3, SE = the paired SE
