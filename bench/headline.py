@@ -42,7 +42,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from genalign.leaderboard import Settings, evaluate, fingerprint, read_points, write_block, write_points  # noqa: E402
+from genalign.leaderboard import (  # noqa: E402
+    Settings,
+    config_settings,
+    evaluate,
+    fingerprint,
+    read_points,
+    write_block,
+    write_points,
+)
 
 MARK_BEGIN = "<!-- headline: begin (written by bench/headline.py; edits here are overwritten) -->"
 MARK_END = "<!-- headline: end -->"
@@ -80,16 +88,16 @@ def long_run(args: argparse.Namespace) -> dict[str, Any]:
     name = Path(args.config).stem
     records, folder = Path(args.records) / "runs" / name, Path(args.out) / "runs" / name
     record = records / "points.json"
-    made_from = fingerprint(Path(args.config).read_text(), args.seed, args.minutes, "cpu", args.export_every)
+    overrides = {"run.seed": args.seed, "run.steps": 1000000, "run.max_cpu_minutes": args.minutes,
+                 "run.export_every": args.export_every, "run.output_dir": folder, "run.checkpoint_every": 0,
+                 "run.sample_every": 0, "run.tracker": "none"}
+    made_from = fingerprint(config_settings(args.config, overrides), args.seed, args.minutes, "cpu", args.export_every)
     points = read_points(record, made_from)
     if points is None:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
-        config = load_experiment(args.config, config_classes(), [
-            f"run.seed={args.seed}", "run.steps=1000000", f"run.max_cpu_minutes={args.minutes}",
-            f"run.export_every={args.export_every}", f"run.output_dir={folder}", "run.checkpoint_every=0",
-            "run.sample_every=0", "run.tracker=none"])
+        config = load_experiment(args.config, config_classes(), [f"{k}={v}" for k, v in overrides.items()])
         if config.run.lr_scheduler != "constant":
             raise SystemExit(f"{args.config}: a run stopped by the clock needs run.lr_scheduler: constant")
         run_experiment(config)

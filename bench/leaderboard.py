@@ -2,8 +2,9 @@
 reward-query budgets, each scored against its base on held-out prompts, pooled with its standard
 error; resumable. The whole story is in ``genalign/leaderboard.py``.
 
-    .venv/bin/python bench/leaderboard.py --docs docs                     # all configs: many CPU hours
-    .venv/bin/python bench/leaderboard.py --configs configs/shapes/diffusion_nft.yaml --seeds 0 --budgets 160 320 --per-task 10
+    .venv/bin/python bench/leaderboard.py --trl --docs docs --readme README.md   # all configs and TRL: many CPU hours
+    .venv/bin/python bench/leaderboard.py --configs configs/shapes/diffusion_nft.yaml --seeds 0 --budgets 160 320 \
+        --per-task 10 --records runs/try --out runs/try                           # a quick try, beside the records
 """
 
 import sys

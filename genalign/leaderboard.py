@@ -29,16 +29,20 @@ Two folders: ``out`` (default ``runs/leaderboard``) holds the runs (weights, met
 ``records`` (default ``bench/leaderboard``, kept in git) the small files the numbers come from: each
 finished run's ``points.json`` (its exports' steps, reward queries and minutes) and each evaluation
 (the base's per family and evaluation seed, each export's) as a JSON file with its per-image
-verdicts, and ``leaderboard.json``. A run with its ``points.json`` is finished and never trained
-again; an unfinished one resumes from its last checkpoint (kept at every export; its minutes add up
-its launches); an evaluation on record is never repeated. Stop it any time and run it again, on this
-machine or on a fresh checkout: it goes on where it stopped.
+verdicts, and the report's ``leaderboard.json`` (a run without ``--docs`` leaves its own, and its
+plots, in ``out``). A run with its ``points.json`` is finished and never trained again; an unfinished
+one resumes from its last checkpoint (kept at every export; its minutes add up its launches); an
+evaluation on record is never repeated. Stop it any time and run it again, on this machine or on a
+fresh checkout: it goes on where it stopped. A record is tied to the settings it was made from (the
+config's YAML as parsed, its comments aside, the seed, budgets and export interval): one made from
+others stops the run before anything starts, unless ``--redo`` replaces it.
 
-    .venv/bin/python bench/leaderboard.py                       # every shapes config, 3 seeds, 800 and 3,200 queries
-    .venv/bin/python bench/leaderboard.py --configs configs/shapes/flow_grpo.yaml --seeds 0 --budgets 80 160 --per-task 5
+    .venv/bin/python bench/leaderboard.py                       # every shapes config, 3 seeds, 800 and 3,200 queries, 4 and 8 min
+    .venv/bin/python bench/leaderboard.py --configs configs/shapes/flow_grpo.yaml --seeds 0 --budgets 80 160 \
+        --per-task 5 --records runs/try --out runs/try         # a quick try, beside the records
     # a 2-core machine: two shards at one thread each (1.3x the runs an hour of one process at two), then the report
     .venv/bin/python bench/leaderboard.py --shard 0/2 --threads 1 & .venv/bin/python bench/leaderboard.py --shard 1/2 --threads 1
-    .venv/bin/python bench/leaderboard.py --threads 1 --docs docs --readme README.md
+    .venv/bin/python bench/leaderboard.py --threads 1 --trl --docs docs --readme README.md   # the report, TRL's DDPO too
     .venv/bin/python bench/leaderboard.py --recorded      # meanwhile: the table of what is on record
 """
 
@@ -51,7 +55,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +72,7 @@ class Settings:
     configs: list[str]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     budgets: list[int] = field(default_factory=lambda: [800, 3200])
-    minutes: list[float] = field(default_factory=list)
+    minutes: list[float] = field(default_factory=lambda: [4.0, 8.0])
     per_task: int = 100
     eval_seeds: list[int] = field(default_factory=lambda: [1, 2])
     eval_steps: int = 25
@@ -80,6 +84,7 @@ class Settings:
     records: str = "bench/leaderboard"
     device: str = "cpu"
     recorded: bool = False  # report what is on record; train and evaluate nothing, delete nothing
+    redo: bool = False  # replace records made from other settings (otherwise: refuse, naming them)
     references: list[str] = field(default_factory=lambda: ["flow_grpo", "ddpo"])  # compared with, per backbone
 
 
@@ -208,17 +213,24 @@ def run_overrides(seed: int, steps: int, every: int, folder: Path) -> dict[str, 
             "backbone.compile": "none", "backbone.merge_lora": "false"}
 
 
-def run_fingerprint(config_path: str, seed: int, steps: int, every: int) -> str:
-    """What a run's record was made from: its config's settings (the YAML as parsed, so that its
-    comments and layout can change, less what ``run_overrides`` sets), seed, steps and export interval."""
+def config_settings(config_path: str, overridden: Iterable[str]) -> str:
+    """A config's settings as canonical JSON: its YAML as parsed (so that its comments and layout can
+    change), less the ``section.key`` settings a run ``overridden`` sets itself: what a record of a
+    run of it was made from."""
     from genalign.core.config import read_yaml
 
     settings = read_yaml(config_path)
-    for key in run_overrides(seed, steps, every, Path()):
+    for key in overridden:
         section, name = key.split(".")
         if isinstance(settings.get(section), dict):
             settings[section].pop(name, None)
-    return fingerprint(json.dumps(settings, sort_keys=True), seed, steps, every)
+    return json.dumps(settings, sort_keys=True)
+
+
+def run_fingerprint(config_path: str, seed: int, steps: int, every: int) -> str:
+    """What a run's record was made from: its config's settings (less what ``run_overrides`` sets),
+    seed, steps and export interval."""
+    return fingerprint(config_settings(config_path, run_overrides(seed, steps, every, Path())), seed, steps, every)
 
 
 def train_run(config_path: str, seed: int, steps: int, every: int, folder: Path, record: Path,
@@ -311,19 +323,49 @@ def _eval_name(s: Settings, eval_seed: int) -> str:
     return f"eval-seed{eval_seed}-p{s.per_task}-n{s.eval_steps}-g{s.guidance_scale:g}{split}{device}.json"
 
 
+def run_shape(config_path: str, s: Settings) -> tuple[dict[str, Any], float, dict[int, int], int]:
+    """A config's resolved settings, reward queries a step, each budget's step and the export interval."""
+    config = resolved(config_path)
+    per_step = queries_per_step(config)
+    steps = budget_steps(per_step, s.budgets)
+    return config, per_step, steps, export_interval(list(steps.values()))
+
+
+def made_otherwise(s: Settings) -> list[str]:
+    """The run records in ``s.records`` that these settings would replace: made from other settings
+    (an edited config, other budgets or export interval), for the same config name and seed."""
+    records = Path(s.records)
+    found = []
+    for config_path in s.configs:
+        _, _, steps, every = run_shape(config_path, s)
+        for seed in s.seeds:
+            record = records / "runs" / Path(config_path).stem / f"seed{seed}" / "points.json"
+            made_from = run_fingerprint(config_path, seed, max(steps.values()), every)
+            if record.is_file() and json.loads(record.read_text()).get("fingerprint") != made_from:
+                found.append(str(record.parent))
+    for seed in s.seeds if s.trl else []:
+        record = records / "runs" / TRL_NAME / f"seed{seed}" / "points.json"
+        if record.is_file() and json.loads(record.read_text()).get("fingerprint") != trl_fingerprint(seed, s):
+            found.append(str(record.parent))
+    return found
+
+
 def measure(s: Settings, log: Any = print) -> dict[str, Any]:
-    """Train and evaluate what is missing; return every number the report needs."""
+    """Train and evaluate what is missing; return every number the report needs. Records made from
+    other settings are replaced only with ``s.redo``: otherwise nothing starts (a ValueError names them)."""
     out, records = Path(s.out), Path(s.records)
     methods: dict[str, Any] = {}
     differences: dict[str, Any] = {}  # for comparisons
     names = [Path(c).stem for c in s.configs]
     if len(set(names)) < len(names):
         raise ValueError(f"two configs of the same name among {s.configs}: their records would mix")
+    stale = [] if s.recorded or s.redo else made_otherwise(s)
+    if stale:
+        raise ValueError(f"{len(stale)} run record(s) in {records} were made from other settings (an edited config, "
+                         f"other budgets): {', '.join(stale)}. Replace them (their evaluations too) with --redo, or "
+                         "keep them and write elsewhere with --records")
     for config_path, name in zip(s.configs, names):
-        config = resolved(config_path)
-        per_step = queries_per_step(config)
-        steps = budget_steps(per_step, s.budgets)
-        every = export_interval(list(steps.values()))
+        config, per_step, steps, every = run_shape(config_path, s)
         family, path = config["backbone"]["family"], config["backbone"]["path"]
         reward = "+".join(r["name"] for r in config["reward"]) or "-"
         with_proxy = reward in PROXY_REWARDS
@@ -800,7 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=None, help="shapes configs (default: configs/shapes/*.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (run.seed)")
     p.add_argument("--budgets", type=int, nargs="+", default=[800, 3200], help="reward-query budgets")
-    p.add_argument("--minutes", type=float, nargs="*", default=[], help="training-minute budgets (from the same runs)")
+    p.add_argument("--minutes", type=float, nargs="*", default=[4.0, 8.0],
+                   help="training-minute budgets (CPU minutes, from the same runs; none: no minute columns)")
     p.add_argument("--per-task", type=int, default=100, help="held-out prompts a task")
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--eval-steps", type=int, default=25)
@@ -822,6 +865,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--recorded", action="store_true",
                    help="report only the runs on record (with every evaluation): train, evaluate and delete nothing; "
                         "the interim table of a leaderboard still running, its cells giving their seeds")
+    p.add_argument("--redo", action="store_true",
+                   help="replace run records made from other settings (an edited config, other budgets); without "
+                        "it such records stop the run before anything starts")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="measure only every N-th config from the I-th (0-based), to run N processes side by side; "
                         "a run without --shard then reports them all from the records")
@@ -853,19 +899,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = Settings(configs=configs, seeds=args.seeds, budgets=budgets, minutes=sorted(set(args.minutes)),
                  per_task=args.per_task, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps,
                  guidance_scale=args.guidance_scale, split=args.split, clip=args.clip, trl=args.trl, out=args.out,
-                 records=args.records, device=args.device, recorded=args.recorded, references=args.references)
-    results = measure(s)
-    records = Path(s.records)
-    records.mkdir(parents=True, exist_ok=True)
-    (records / "leaderboard.json").write_text(json.dumps(results, indent=1) + "\n")
+                 records=args.records, device=args.device, recorded=args.recorded, references=args.references,
+                 redo=args.redo)
+    try:
+        results = measure(s)
+    except ValueError as err:
+        raise SystemExit(f"leaderboard: {err}") from None
+    # the report (--docs) keeps its numbers beside the records they came from; any other run (a shard,
+    # --recorded, a try) leaves its numbers and plots with its runs, so that the report's stay whole
+    kept = Path(s.records) if args.docs else Path(s.out)
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / "leaderboard.json").write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(table(results)))
-    written = write_docs(results, Path(args.docs)) if args.docs else plot(results, records)
+    written = write_docs(results, Path(args.docs)) if args.docs else plot(results, kept)
     if args.readme:
         write_readme(results, Path(args.readme))
         written.append(Path(args.readme))
-    print(f"wrote {records / 'leaderboard.json'} and {', '.join(str(w) for w in written)}")
+    print(f"wrote {kept / 'leaderboard.json'} and {', '.join(str(w) for w in written)}")
     return 0
 
 
-__all__ = ["Settings", "budget_steps", "comparison_table", "comparisons", "export_interval", "main", "measure", "plot",
+__all__ = ["Settings", "budget_steps", "comparison_table", "comparisons", "config_settings", "export_interval", "main", "measure", "plot",
            "pooled", "queries_per_step", "scored_points", "table", "within_minutes", "write_block", "write_docs", "write_readme"]

@@ -199,6 +199,13 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     for budget in ("8", "16"):
         assert part["toy_grpo"]["budgets"][budget]["per_seed"] == [m["budgets"][budget]["per_seed"][0]]
     assert sorted((tmp_path / "records").rglob("*.json")) == kept
+    # without --docs (an interim table, a shard) its numbers and plots stay with the runs: the
+    # report's leaderboard.json beside the records is the full run's
+    report = (tmp_path / "records" / "leaderboard.json").read_text()
+    assert leaderboard.main([a for a in recorded if a not in ("--docs", str(docs))]) == 0
+    assert (tmp_path / "records" / "leaderboard.json").read_text() == report
+    assert list(json.loads((tmp_path / "out" / "leaderboard.json").read_text())["methods"]) == ["toy_grpo"]
+    assert (tmp_path / "out" / "leaderboard_queries.png").is_file()
     (seed1 / "points.json.aside").rename(seed1 / "points.json")
     # a run on record whose weights are gone and one of whose evaluations is missing is trained again
     evals = tmp_path / "records" / "runs" / "toy_grpo" / "seed1" / "evals"
@@ -206,11 +213,16 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="trained again"):
         leaderboard.main(args)
     assert not (evals.parent / "points.json").exists() and (tmp_path / "records" / "runs" / "toy_grpo" / "seed0" / "points.json").exists()
-    # an edited config is trained again (and its old evaluations are not reused)
+    # an edited config stops the run before anything starts, its records named and kept; with --redo
+    # it is trained again (and its old evaluations are not reused)
     config["run"]["lr"] = 0.04
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(pytest.fail.Exception, match="trained again"):
+    kept = sorted((tmp_path / "records").rglob("*.json"))
+    with pytest.raises(SystemExit, match=r"made from other settings.*toy_grpo/seed0.*--redo"):
         leaderboard.main(args)
+    assert sorted((tmp_path / "records").rglob("*.json")) == kept
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        leaderboard.main([*args, "--redo"])
     assert not (tmp_path / "records" / "runs" / "toy_grpo" / "seed0" / "evals").exists()
     text = (docs / "results.md").read_text()
     assert text.startswith("# Results\n\nkept above\n") and text.count(leaderboard.MARK_BEGIN) == 1
