@@ -102,8 +102,8 @@ PASS, FAIL = (30, 160, 60), (200, 40, 40)
 def labelled_grid(models: list[tuple[str, Tensor]], verdicts: list[list[bool]], prompts: list[str], per_task: int,
                   per_row: int = 8) -> Any:
     """The first ``per_row`` images of each task, one task and model a row (base above fine-tuned),
-    each framed green where the exact evaluator passes it and red where it fails, its prompt under
-    it and the row's task and model on its left (a PIL image)."""
+    each framed green where the exact evaluator passes it and red where it fails, its verdict in
+    words and its prompt under it (``caption``), the row's task and model on its left (a PIL image)."""
     from PIL import Image, ImageDraw, ImageFont
 
     per_row = min(per_row, per_task)
@@ -111,7 +111,7 @@ def labelled_grid(models: list[tuple[str, Tensor]], verdicts: list[list[bool]], 
     row_height = CELL + CAPTION
     grid = Image.new("RGB", (LABEL + per_row * CELL, HEADER + len(TASKS) * len(models) * row_height), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), "frame: green = passes the exact evaluator, red = fails", fill="black", font=font)
+    draw.text((4, 4), "green frame, pass: passes the exact evaluator; red frame, FAIL: fails it", fill="black", font=font)
     inner = CELL - 2 * BORDER
     for t, task in enumerate(TASKS):
         for m, ((label, images), passed) in enumerate(zip(models, verdicts)):
@@ -123,9 +123,15 @@ def labelled_grid(models: list[tuple[str, Tensor]], verdicts: list[list[bool]], 
                 draw.rectangle((left, top, left + CELL - 1, top + CELL - 1), fill=PASS if passed[i] else FAIL)
                 pixels = (images[i].float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
                 grid.paste(Image.fromarray(pixels).resize((inner, inner), Image.NEAREST), (left + BORDER, top + BORDER))
-                draw.multiline_text((left + 2, top + CELL + 1), _wrap(prompts[i], 15, 3), fill="black", font=font,
-                                    spacing=0)
+                draw.multiline_text((left + 2, top + CELL + 1), caption(prompts[i], passed[i]), fill="black",
+                                    font=font, spacing=0)
     return grid
+
+
+def caption(prompt: str, passed: bool) -> str:
+    """An image's caption in the grid: its verdict in words (the frame's colour alone is lost on a
+    colour-blind reader and beside the world's red and green shapes), then its prompt."""
+    return _wrap(f"{'pass' if passed else 'FAIL'}: {prompt}", 15, 3)
 
 
 def _wrap(text: str, width: int, lines: int) -> str:
