@@ -673,8 +673,9 @@ def _cell(gain: float, error: float, seeds: int | str) -> str:
 
 
 def plot(results: dict[str, Any], folder: Path) -> list[Path]:
-    """PNG plots: gain against reward queries and against minutes (standard-error bands), per-task
-    gains at the largest budget, and proxy against gold over training for CLIP-trained methods."""
+    """PNG plots: gain against reward queries and against minutes (standard-error bands; the held-out
+    gold itself on each panel's right axis), per-task gains at the largest budget, and proxy against
+    gold over training for CLIP-trained methods."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -702,6 +703,11 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_title(f"{method} ({methods[method]['family']}, {methods[method]['reward']})", fontsize=8)
             ax.tick_params(labelsize=7)
+            base = next((b["base_gold"] for b in methods[method]["budgets"].values() if "base_gold" in b), None)
+            if base is not None:  # the held-out gold itself on the right: gain + the method's base
+                gold = ax.secondary_yaxis("right", functions=(lambda g, b=base: g + b, lambda y, b=base: y - b))
+                gold.set_ylabel(f"held-out gold (base {base:.3f})", fontsize=7)
+                gold.tick_params(labelsize=7)
         for ax in axes.flat[len(curves):]:
             ax.set_visible(False)
         for ax in axes[-1]:

@@ -324,12 +324,14 @@ def test_the_overoptimisation_panels_share_one_scale(tmp_path, monkeypatch):
 
     from genalign.shapes.world import TASKS
 
-    scales, together = {}, {}
+    scales, together, rights = {}, {}, {}
     real = matplotlib.figure.Figure.savefig
 
     def keep(fig, path, *args, **kwargs):
         scales[leaderboard.Path(path).name] = [((ax.get_ylabel().split() or [""])[0], ax.get_ylim()) for ax in fig.axes
                                                if ax.get_visible() and not ax.get_title().startswith("gold against")]
+        rights[leaderboard.Path(path).name] = [(ax.get_ylim(), [(c.get_ylabel(), c.get_ylim()) for c in ax.child_axes])
+                                               for ax in fig.axes if ax.get_visible()]
         together[leaderboard.Path(path).name] = [[list(line.get_data()[0]) for line in ax.get_lines() if line.get_label()[0] != "_"]
                                                  for ax in fig.axes if ax.get_title().startswith("gold against")]
         return real(fig, path, *args, **kwargs)
@@ -344,7 +346,13 @@ def test_the_overoptimisation_panels_share_one_scale(tmp_path, monkeypatch):
 
     results = {"settings": {"budgets": [1600], "clip": "models/shapes/clip"},
                "methods": {"small": method(1), "large": method(3)}}
+    results["methods"]["small"]["budgets"]["1600"]["base_gold"] = 0.3
     written = leaderboard.plot(results, tmp_path)
+    # the gain panels carry the held-out gold on their right axis (gain + base) where the base is known
+    (small_lim, small_right), (_, large_right) = rights["leaderboard_queries.png"]
+    (label, lim), = small_right
+    assert label == "held-out gold (base 0.300)" and lim == pytest.approx((small_lim[0] + 0.3, small_lim[1] + 0.3))
+    assert large_right == []
     assert [p.name for p in written] == ["leaderboard_queries.png", "leaderboard_minutes.png", "leaderboard_tasks.png",
                                          "leaderboard_overoptimisation.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
