@@ -721,17 +721,28 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
         plt.close(fig)
         written.append(folder / name)
     budget = str(results["settings"]["budgets"][-1])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # one panel a task, one bar a method (named on the axis: no legend colours to match), coloured by backbone
     names = [n for n, m in methods.items() if budget in m["budgets"]]
-    width = 0.8 / max(1, len(names))
-    for i, method in enumerate(names):
-        per_task = methods[method]["budgets"][budget]["per_task"]
-        ax.bar([t + i * width for t in range(len(TASKS))], [per_task[t] for t in TASKS], width, label=method)
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(TASKS))], TASKS, fontsize=8)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_ylabel(f"gold gain per task at {int(budget):,} queries")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    families = sorted({methods[n]["family"] for n in names})
+    colours = dict(zip(families, ("tab:purple", "tab:blue", "tab:green", "tab:orange")))
+    fig, axes = plt.subplots(2, 3, figsize=(11, 1.2 + 0.5 * max(3, len(names))), sharex=True, sharey=True,
+                             squeeze=False)  # one scale: the tasks' gains compare
+    for ax, task in zip(axes.flat, TASKS):
+        gains = [methods[n]["budgets"][budget]["per_task"][task] for n in names]
+        ax.barh(range(len(names)), gains, color=[colours[methods[n]["family"]] for n in names])
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_title(task, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks(range(len(names)), names)
+    axes[0, 0].invert_yaxis()  # the first method on top (the axis is shared)
+    for ax in axes[-1]:
+        ax.set_xlabel(f"gold gain at {int(budget):,} queries", fontsize=8)
+        ax.tick_params(labelbottom=True)
+    fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours[f]) for f in families], labels=families,
+               loc="upper right", fontsize=8, title="backbone", title_fontsize=8)
+    fig.suptitle(f"shapes world: held-out gold gain per task at {int(budget):,} reward queries (mean over training "
+                 "seeds)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
     fig.savefig(folder / "leaderboard_tasks.png", dpi=110)
     plt.close(fig)
     written.append(folder / "leaderboard_tasks.png")
