@@ -786,7 +786,7 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
         ax.set_title("gold against proxy over training (each point an export)", fontsize=9)
         ax.set_xlabel(f"proxy gain ({Path(results['settings']['clip']).name})")
         ax.set_ylabel("gold gain (exact evaluator)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the lines, not on them
         fig.suptitle("over-optimisation: the proxy trained on and the gold (bands: one standard error)", fontsize=9)
         fig.tight_layout()
         fig.savefig(folder / "leaderboard_overoptimisation.png", dpi=110)
