@@ -147,7 +147,7 @@ def train(args: argparse.Namespace, python: Path, model: Path) -> None:
     command = [str(python), str(DRIVER), "train", str(model), str(out), "--epochs", str(args.epochs),
                "--batch", "16", "--train-batch", "8", "--steps", "10", "--guidance", "2", "--eta", "1",
                "--lr", "1e-3", "--samples-per-prompt", "4", "--seed", str(args.seed),
-               "--max-minutes", str(args.max_minutes)]
+               "--max-minutes", str(args.max_minutes), "--save-at", *[str(e) for e in args.save_at]]
     subprocess.run(command, env=env, check=True)  # prints one JSON line per epoch
     print(f"TRL's LoRA: {out / 'final' / 'pytorch_lora_weights.safetensors'}; score it with\n  genalign eval shapes "
           f"--backbone {args.model} --family sd --clip models/shapes/clip --diversity 4 "
@@ -168,6 +168,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=0.0, help="train: stop after this long (0: no limit)")
+    parser.add_argument("--save-at", type=int, nargs="*", default=[],
+                        help="train: also save the LoRA after these epochs (OUT/epoch-00000E), the run stopped there")
     parser.add_argument("--compile", action="store_true", help="throughput: genalign's denoiser compiled")
     parser.add_argument("--bf16", action="store_true", help="throughput: both rollouts under bf16 autocast")
     parser.add_argument("--out", default="bench/results/trl_ddpo_throughput.json")

@@ -10,7 +10,8 @@ imported by it. Two modes, each writing one JSON file:
         DDPOTrainer.train on the shapes world's exact evaluator (the reward genalign's
         configs/shapes/ddpo.yaml trains on), prompts from PROMPT_FILE in a seeded order, each one
         ``--samples-per-prompt`` times in a row (the per-prompt groups of genalign's rollouts);
-        writes the LoRA (diffusers format) and per-epoch rewards and wall times.
+        writes the LoRA (diffusers format) and per-epoch rewards and wall times; ``--save-at E ...``
+        also the LoRA after each epoch E (OUT_DIR/epoch-00000E: the run stopped there).
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def train(args: argparse.Namespace) -> None:
         epochs.append({"epoch": epoch + 1, "reward_mean": sum(rewards) / len(rewards), "queries": len(log),
                        "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - start_cpu})
         print(json.dumps(epochs[-1]), flush=True)
+        if epoch + 1 in args.save_at:  # its time left out of the clock, as genalign's exports are
+            saving, saving_cpu = time.perf_counter(), time.process_time()
+            trainer.sd_pipeline.save_pretrained(str(out / f"epoch-{epoch + 1:06d}"))
+            start, start_cpu = start + time.perf_counter() - saving, start_cpu + time.process_time() - saving_cpu
     trainer.sd_pipeline.save_pretrained(str(out / "final"))
     (out / "epochs.json").write_text(json.dumps(epochs, indent=1) + "\n")
 
@@ -128,6 +133,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="rollout: under bf16 autocast")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="train: stop after this long (0: no limit)")
+    parser.add_argument("--save-at", type=int, nargs="*", default=[], help="train: also save the LoRA after these epochs")
     args = parser.parse_args()
     (rollout if args.mode == "rollout" else train)(args)
 

@@ -22,8 +22,8 @@ wall-clock minutes are kept beside them. Each method is also compared with a ref
 backbone (``--references``, default Flow-GRPO on the flow model and DDPO on the SD one): the
 difference of the two gains paired image by image, and seed by seed where both ran the same training
 seeds (a seed's runs share its initialisation, prompts and first rollouts). ``--trl`` adds TRL
-0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside reference (one run per
-budget: it exports nothing on the way).
+0.23.1's DDPOTrainer at configs/shapes/ddpo.yaml's settings, the outside reference (one run a seed,
+its LoRA saved at each budget's epoch).
 
 Two folders: ``out`` (default ``runs/leaderboard``) holds the runs (weights, metrics), and
 ``records`` (default ``bench/leaderboard``, kept in git) the small files the numbers come from: each
@@ -504,7 +504,9 @@ def trl_fingerprint(seed: int, s: Settings) -> str:
 
 def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[dict[str, Any]]:
     """TRL's DDPOTrainer (bench/trl_ddpo.py, its own environment) at configs/shapes/ddpo.yaml's settings,
-    one run per budget (it exports no intermediate weights): the points of a seed."""
+    one run to the largest budget's epoch, its LoRA saved after each budget's (the run stopped there:
+    a constant learning rate, and the epochs before it are the same whatever the run's length): the
+    points of a seed."""
     import subprocess
     import sys
 
@@ -514,16 +516,17 @@ def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[
     known = read_points(record, made_from)
     if known is not None:
         return known
+    folder = out / "runs" / "trl_ddpo" / f"seed{seed}"
+    shutil.rmtree(folder, ignore_errors=True)
+    subprocess.run([sys.executable, "bench/trl_ddpo.py", "train", "--epochs", str(all_epochs[-1]), "--seed", str(seed),
+                    "--train-out", str(folder), "--save-at", *[str(e) for e in all_epochs[:-1]]], check=True)
+    trained = {e["epoch"]: e for e in json.loads((folder / "epochs.json").read_text())}
     points = []
     for epochs in all_epochs:
-        folder = out / "runs" / "trl_ddpo" / f"seed{seed}" / f"epochs{epochs}"
-        shutil.rmtree(folder, ignore_errors=True)
-        subprocess.run([sys.executable, "bench/trl_ddpo.py", "train", "--epochs", str(epochs), "--seed", str(seed),
-                        "--train-out", str(folder)], check=True)
-        trained = json.loads((folder / "epochs.json").read_text())
-        points.append({"step": epochs, "queries": trained[-1]["queries"], "minutes": trained[-1]["cpu_seconds"] / 60,
-                       "wall_minutes": trained[-1]["seconds"] / 60,
-                       "weights": str(folder / "final")})
+        where = folder / ("final" if epochs == all_epochs[-1] else f"epoch-{epochs:06d}")
+        points.append({"step": epochs, "queries": trained[epochs]["queries"],
+                       "minutes": trained[epochs]["cpu_seconds"] / 60, "wall_minutes": trained[epochs]["seconds"] / 60,
+                       "weights": str(where)})
         log(f"{TRL_NAME} seed {seed}: {epochs} epochs in {points[-1]['minutes']:.1f} min")
     write_points(record, made_from, points)
     return points

@@ -236,9 +236,10 @@ def test_a_toy_leaderboard_end_to_end(tmp_path, monkeypatch):
 
 
 def test_trl_runs_join_the_table_through_their_driver(tmp_path, monkeypatch):
-    """--trl: one TRL run per budget through bench/trl_ddpo.py (here a stand-in that writes what the
-    driver writes: epochs.json and a LoRA in final/, a fresh one, i.e. the base); its points carry
-    the epochs, the driver's query count and minutes, and pair with the SD base like any run."""
+    """--trl: one TRL run a seed through bench/trl_ddpo.py to the largest budget's epoch, its LoRA
+    saved at the smaller budgets' (here a stand-in that writes what the driver writes: epochs.json
+    and LoRAs in epoch-E/ and final/, fresh ones, i.e. the base); its points carry the epochs, the
+    driver's query count and CPU minutes at each, and pair with the SD base like any run."""
     import subprocess
 
     from genalign.core.experiment import BackboneConfig
@@ -250,21 +251,25 @@ def test_trl_runs_join_the_table_through_their_driver(tmp_path, monkeypatch):
     def driver(command, check):
         out = leaderboard.Path(command[command.index("--train-out") + 1])
         epochs = int(command[command.index("--epochs") + 1])
-        calls.append((epochs, int(command[command.index("--seed") + 1])))
-        load_backbone(BackboneConfig(family="sd", path="models/shapes/sd", finetune="lora", lora_rank=4), "cpu").save_lora(
-            out / "final")
-        (out / "epochs.json").write_text(json.dumps([{"epoch": epochs, "queries": 16 * epochs, "seconds": 9.0 * epochs,
-                                                      "cpu_seconds": 6.0 * epochs}]))  # minutes: the CPU's
+        save_at = [int(e) for e in command[command.index("--save-at") + 1:]]
+        calls.append((epochs, int(command[command.index("--seed") + 1]), save_at))
+        lora = load_backbone(BackboneConfig(family="sd", path="models/shapes/sd", finetune="lora", lora_rank=4), "cpu")
+        for where in [f"epoch-{e:06d}" for e in save_at] + ["final"]:
+            lora.save_lora(out / where)
+        (out / "epochs.json").write_text(json.dumps([{"epoch": e, "queries": 16 * e, "seconds": 9.0 * e,
+                                                      "cpu_seconds": 6.0 * e} for e in range(1, epochs + 1)]))
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(subprocess, "run", driver)
-    s = leaderboard.Settings(configs=[], seeds=[3], budgets=[16, 32], per_task=1, eval_seeds=[1], eval_steps=2,
+    s = leaderboard.Settings(configs=[], seeds=[3], budgets=[16, 48], per_task=1, eval_seeds=[1], eval_steps=2,
                              trl=True, out=str(tmp_path / "out"), records=str(tmp_path / "records"))
     results = leaderboard.measure(s, log=lambda *a: None)
-    assert calls == [(1, 3), (2, 3)]
+    assert calls == [(3, 3, [1])]
     trl = results["methods"]["trl_ddpo"]
-    assert [(p["step"], p["queries"], p["minutes"]) for p in trl["runs"]["3"]] == [(1, 16, 0.1), (2, 32, 0.2)]
-    assert trl["budgets"]["32"]["gain"] == 0.0 and trl["family"] == "sd"  # a fresh LoRA is the base
+    assert [(p["step"], p["queries"], p["minutes"]) for p in trl["runs"]["3"]] == [(1, 16, 0.1), (3, 48, 0.3)]
+    assert trl["budgets"]["48"]["gain"] == 0.0 and trl["family"] == "sd"  # a fresh LoRA is the base
+    assert leaderboard.measure(s, log=lambda *a: None)["methods"]["trl_ddpo"]["runs"] == trl["runs"]
+    assert len(calls) == 1  # on record: not run again
 
 
 def test_the_table_says_which_methods_clear_three_standard_errors():
