@@ -92,6 +92,9 @@ def long_run(args: argparse.Namespace) -> dict[str, Any]:
                  "run.export_every": args.export_every, "run.output_dir": folder, "run.checkpoint_every": 0,
                  "run.sample_every": 0, "run.tracker": "none"}
     made_from = fingerprint(config_settings(args.config, overrides), args.seed, args.minutes, "cpu", args.export_every)
+    if record.is_file() and json.loads(record.read_text()).get("fingerprint") != made_from and not args.redo:
+        raise SystemExit(f"{record} was made from other settings (the config's, --seed, --minutes or --export-every): "
+                         "--redo replaces it and its evaluations, or keep it and write elsewhere with --records")
     points = read_points(record, made_from)
     if points is None:
         import shutil
@@ -332,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             q.add_argument("--minutes", type=float, default=60.0)
             q.add_argument("--export-every", type=int, default=250)
             q.add_argument("--seed", type=int, default=0)
+            q.add_argument("--redo", action="store_true", help="replace a record made from other settings")
         if name == "probes":
             q.add_argument("--family", default="sd3", choices=("sd", "sd3"))
             q.add_argument("--path", default="models/shapes/sd3")

@@ -92,6 +92,9 @@ def rollout(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
+    late = [e for e in args.save_at if not 1 <= e <= args.epochs]
+    if late:
+        raise SystemExit(f"--save-at {late}: not among the run's epochs 1-{args.epochs}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reward_fn, log = _gold_reward()

@@ -39,7 +39,7 @@ others stops the run before anything starts, unless ``--redo`` replaces it.
 
     .venv/bin/python bench/leaderboard.py                       # every shapes config, 3 seeds, 800 and 3,200 queries, 4 and 8 min
     .venv/bin/python bench/leaderboard.py --configs configs/shapes/flow_grpo.yaml --seeds 0 --budgets 80 160 \
-        --per-task 5 --records runs/try --out runs/try         # a quick try, beside the records
+        --per-task 5 --records runs/try/records --out runs/try   # a quick try, beside the records
     # a 2-core machine: two shards at one thread each (1.3x the runs an hour of one process at two), then the report
     .venv/bin/python bench/leaderboard.py --shard 0/2 --threads 1 & .venv/bin/python bench/leaderboard.py --shard 1/2 --threads 1
     .venv/bin/python bench/leaderboard.py --threads 1 --trl --docs docs --readme README.md   # the report, TRL's DDPO too
@@ -221,10 +221,10 @@ def config_settings(config_path: str, overridden: Iterable[str]) -> str:
 
     settings = read_yaml(config_path)
     for key in overridden:
-        section, name = key.split(".")
+        section, name = key.split(".", 1)
         if isinstance(settings.get(section), dict):
             settings[section].pop(name, None)
-    return json.dumps(settings, sort_keys=True)
+    return json.dumps(settings, sort_keys=True, default=str)
 
 
 def run_fingerprint(config_path: str, seed: int, steps: int, every: int) -> str:
@@ -323,6 +323,10 @@ def _eval_name(s: Settings, eval_seed: int) -> str:
     return f"eval-seed{eval_seed}-p{s.per_task}-n{s.eval_steps}-g{s.guidance_scale:g}{split}{device}.json"
 
 
+class StaleRecords(ValueError):
+    """Run records made from other settings than the ones asked for (``--redo`` replaces them)."""
+
+
 def run_shape(config_path: str, s: Settings) -> tuple[dict[str, Any], float, dict[int, int], int]:
     """A config's resolved settings, reward queries a step, each budget's step and the export interval."""
     config = resolved(config_path)
@@ -352,7 +356,7 @@ def made_otherwise(s: Settings) -> list[str]:
 
 def measure(s: Settings, log: Any = print) -> dict[str, Any]:
     """Train and evaluate what is missing; return every number the report needs. Records made from
-    other settings are replaced only with ``s.redo``: otherwise nothing starts (a ValueError names them)."""
+    other settings are replaced only with ``s.redo``: otherwise nothing starts (StaleRecords names them)."""
     out, records = Path(s.out), Path(s.records)
     methods: dict[str, Any] = {}
     differences: dict[str, Any] = {}  # for comparisons
@@ -361,9 +365,9 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
         raise ValueError(f"two configs of the same name among {s.configs}: their records would mix")
     stale = [] if s.recorded or s.redo else made_otherwise(s)
     if stale:
-        raise ValueError(f"{len(stale)} run record(s) in {records} were made from other settings (an edited config, "
-                         f"other budgets): {', '.join(stale)}. Replace them (their evaluations too) with --redo, or "
-                         "keep them and write elsewhere with --records")
+        raise StaleRecords(f"{len(stale)} run record(s) in {records} were made from other settings (an edited "
+                           f"config's settings, other budgets): {', '.join(stale)}. Replace them (their evaluations "
+                           "too) with --redo, or keep them and write elsewhere with --records")
     for config_path, name in zip(s.configs, names):
         config, per_step, steps, every = run_shape(config_path, s)
         family, path = config["backbone"]["family"], config["backbone"]["path"]
@@ -404,15 +408,19 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
         methods[name], differences[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
         methods[name]["model"] = differences[name]["model"] = path
     if s.trl:
-        if s.recorded:
-            found = {seed: on_record(records / "runs" / TRL_NAME / f"seed{seed}" / "points.json", trl_fingerprint(seed, s),
-                                     base_folder(records, "sd", TRL_MODEL), s) for seed in s.seeds}
-            runs = {seed: points for seed, points in found.items()
-                    if points is not None and evaluated(points, records / "runs" / TRL_NAME / f"seed{seed}" / "evals", s)}
-        else:
-            runs = {seed: trl_run(seed, s, out, records, log) for seed in s.seeds}
+        steps = {q: math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets}
+        runs = {}
+        for seed in s.seeds:  # scored like genalign's gold-trained runs: the budgets' epochs and the minutes'
+            if s.recorded:
+                points = on_record(records / "runs" / TRL_NAME / f"seed{seed}" / "points.json", trl_fingerprint(seed, s),
+                                   base_folder(records, "sd", TRL_MODEL), s)
+                points = None if points is None else scored_points(points, steps.values(), s.minutes)
+                if points is None or not evaluated(points, records / "runs" / TRL_NAME / f"seed{seed}" / "evals", s):
+                    continue
+            else:
+                points = scored_points(trl_run(seed, s, out, records, log), steps.values(), s.minutes)
+            runs[seed] = points
         if runs:
-            steps = {q: math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets}
             base = score_runs(TRL_NAME, "sd", TRL_MODEL, False, runs, records, s, log)
             described = "bench/trl_ddpo.py: TRL 0.23.1 DDPOTrainer, configs/shapes/ddpo.yaml settings"
             methods[TRL_NAME], differences[TRL_NAME] = summarise(TRL_NAME, described, "sd", "shapes_gold",
@@ -495,7 +503,11 @@ TRL_NAME, TRL_MODEL, TRL_QUERIES_PER_EPOCH = "trl_ddpo", "models/shapes/sd", 16
 
 
 def trl_epochs(s: Settings) -> list[int]:
-    return sorted({math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets})
+    """The epochs a TRL run saves its LoRA at: every ``export_interval`` of the budgets' epochs, as
+    genalign's runs export (the minute budgets read them)."""
+    budgets = sorted({math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets})
+    every = export_interval(budgets)
+    return list(range(every, budgets[-1] + 1, every))
 
 
 def trl_fingerprint(seed: int, s: Settings) -> str:
@@ -504,7 +516,7 @@ def trl_fingerprint(seed: int, s: Settings) -> str:
 
 def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[dict[str, Any]]:
     """TRL's DDPOTrainer (bench/trl_ddpo.py, its own environment) at configs/shapes/ddpo.yaml's settings,
-    one run to the largest budget's epoch, its LoRA saved after each budget's (the run stopped there:
+    one run to the largest budget's epoch, its LoRA saved at every ``trl_epochs`` (the run stopped there:
     a constant learning rate, and the epochs before it are the same whatever the run's length): the
     points of a seed."""
     import subprocess
@@ -521,13 +533,15 @@ def trl_run(seed: int, s: Settings, out: Path, records: Path, log: Any) -> list[
     subprocess.run([sys.executable, "bench/trl_ddpo.py", "train", "--epochs", str(all_epochs[-1]), "--seed", str(seed),
                     "--train-out", str(folder), "--save-at", *[str(e) for e in all_epochs[:-1]]], check=True)
     trained = {e["epoch"]: e for e in json.loads((folder / "epochs.json").read_text())}
+    if all_epochs[-1] not in trained:
+        raise RuntimeError(f"TRL's run in {folder} stopped before epoch {all_epochs[-1]}: see its output above")
     points = []
     for epochs in all_epochs:
         where = folder / ("final" if epochs == all_epochs[-1] else f"epoch-{epochs:06d}")
         points.append({"step": epochs, "queries": trained[epochs]["queries"],
                        "minutes": trained[epochs]["cpu_seconds"] / 60, "wall_minutes": trained[epochs]["seconds"] / 60,
                        "weights": str(where)})
-        log(f"{TRL_NAME} seed {seed}: {epochs} epochs in {points[-1]['minutes']:.1f} min")
+    log(f"{TRL_NAME} seed {seed}: {all_epochs[-1]} epochs in {points[-1]['minutes']:.1f} min")
     write_points(record, made_from, points)
     return points
 
@@ -727,9 +741,10 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
     # one panel a task, one bar a method (named on the axis: no legend colours to match), coloured by backbone
     names = [n for n, m in methods.items() if budget in m["budgets"]]
     families = sorted({methods[n]["family"] for n in names})
-    colours = dict(zip(families, ("tab:purple", "tab:blue", "tab:green", "tab:orange")))
-    fig, axes = plt.subplots(2, 3, figsize=(11, 1.2 + 0.5 * max(3, len(names))), sharex=True, sharey=True,
-                             squeeze=False)  # one scale: the tasks' gains compare
+    colours = {f: f"C{i}" for i, f in enumerate(families)}
+    task_rows = math.ceil(len(TASKS) / 3)
+    fig, axes = plt.subplots(task_rows, 3, figsize=(11, 1.2 + 0.25 * task_rows * max(3, len(names))), sharex=True,
+                             sharey=True, squeeze=False)  # one scale: the tasks' gains compare
     for ax, task in zip(axes.flat, TASKS):
         gains = [methods[n]["budgets"][budget]["per_task"][task] for n in names]
         ax.barh(range(len(names)), gains, color=[colours[methods[n]["family"]] for n in names])
@@ -737,6 +752,8 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
         ax.set_title(task, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.set_yticks(range(len(names)), names)
+    for ax in axes.flat[len(TASKS):]:
+        ax.set_visible(False)
     axes[0, 0].invert_yaxis()  # the first method on top (the axis is shared)
     for ax in axes[-1]:
         ax.set_xlabel(f"gold gain at {int(budget):,} queries", fontsize=8)
@@ -878,7 +895,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(the first one present on a backbone)")
     p.add_argument("--out", default="runs/leaderboard", help="the runs: weights and metrics")
     p.add_argument("--records", default="bench/leaderboard",
-                   help="what the numbers come from (kept in git): runs' points, evaluations, leaderboard.json")
+                   help="what the numbers come from (kept in git): runs' points, evaluations, and with --docs the "
+                        "report's leaderboard.json")
     p.add_argument("--docs", default=None, help="write results.md's block and img/*.png here (e.g. docs)")
     p.add_argument("--readme", default=None, help="write the table between this README's leaderboard markers")
     p.add_argument("--device", default="cpu")
@@ -923,19 +941,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                  redo=args.redo)
     try:
         results = measure(s)
-    except ValueError as err:
+    except StaleRecords as err:
         raise SystemExit(f"leaderboard: {err}") from None
     # the report (--docs) keeps its numbers beside the records they came from; any other run (a shard,
     # --recorded, a try) leaves its numbers and plots with its runs, so that the report's stay whole
     kept = Path(s.records) if args.docs else Path(s.out)
-    kept.mkdir(parents=True, exist_ok=True)
-    (kept / "leaderboard.json").write_text(json.dumps(results, indent=1) + "\n")
+    name = f"leaderboard-shard{index}of{count}.json" if args.shard else "leaderboard.json"  # shards share --out
+    _write(kept / name, json.dumps(results, indent=1) + "\n")
     print("\n".join(table(results)))
+    if args.shard:
+        print(f"wrote {kept / name} (the plots come with the report, a run without --shard)")
+        return 0
     written = write_docs(results, Path(args.docs)) if args.docs else plot(results, kept)
     if args.readme:
         write_readme(results, Path(args.readme))
         written.append(Path(args.readme))
-    print(f"wrote {kept / 'leaderboard.json'} and {', '.join(str(w) for w in written)}")
+    print(f"wrote {kept / name} and {', '.join(str(w) for w in written)}")
     return 0
 
 

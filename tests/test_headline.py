@@ -56,6 +56,11 @@ def test_long_run_probes_and_report_at_toy_scale(tmp_path, monkeypatch):
         for split in ("heldout", "train"):
             gold = point["gold"][split]
             assert 0 <= gold["overall"] <= 1 and set(gold) >= {"overall", "colors", "color_attr"}
+    # the same run at other settings stops before anything starts, its record kept (--redo replaces it)
+    kept = sorted((tmp_path / "records").rglob("*.json"))
+    with pytest.raises(SystemExit, match="made from other settings"):
+        headline.main(["run", str(path), "--minutes", "0.003", "--export-every", "1", *common])
+    assert sorted((tmp_path / "records").rglob("*.json")) == kept
     # the probes, with supervised fine-tuning replaced by a 1-step one
     real = headline.supervised
     monkeypatch.setattr(headline, "supervised", lambda *a, **k: real(*a[:4], 1, *a[5:], dataset_size=64))

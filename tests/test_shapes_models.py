@@ -199,5 +199,6 @@ def test_eval_shapes_compares_base_and_fine_tuned_on_the_same_seeds(toy_build, t
     assert len(result["prompts"]) == len(result["verdicts"]) == 6
     from genalign.shapes.report import caption
 
-    assert caption("a photo of two blue squares", True) == "pass: a photo\nof two blue\nsquares"
-    assert caption("a photo of a red circle and a green square", False).split("\n") == ["FAIL: a photo", "of a red circle", "and a green..."]
+    assert caption("a photo of two blue squares", True) == "pass\na photo of two\nblue squares"
+    assert caption("a photo of a red circle and a green square", False).split("\n") == [
+        "FAIL", "a photo of a", "red circle and", "a green square"]

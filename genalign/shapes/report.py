@@ -95,7 +95,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-CELL, BORDER, CAPTION, LABEL, HEADER = 96, 3, 36, 120, 22  # the labelled grid's geometry, in pixels
+CELL, BORDER, CAPTION, LABEL, HEADER = 96, 3, 48, 120, 22  # the labelled grid's geometry, in pixels
 PASS, FAIL = (30, 160, 60), (200, 40, 40)
 
 
@@ -129,9 +129,10 @@ def labelled_grid(models: list[tuple[str, Tensor]], verdicts: list[list[bool]], 
 
 
 def caption(prompt: str, passed: bool) -> str:
-    """An image's caption in the grid: its verdict in words (the frame's colour alone is lost on a
-    colour-blind reader and beside the world's red and green shapes), then its prompt."""
-    return _wrap(f"{'pass' if passed else 'FAIL'}: {prompt}", 15, 3)
+    """An image's caption in the grid: its verdict in words on a line of its own (the frame's colour
+    alone is lost on a colour-blind reader and beside the world's red and green shapes), then its
+    prompt in three lines."""
+    return f"{'pass' if passed else 'FAIL'}\n{_wrap(prompt, 15, 3)}"
 
 
 def _wrap(text: str, width: int, lines: int) -> str:
