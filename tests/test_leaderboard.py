@@ -388,7 +388,7 @@ def test_shards_split_the_configs_and_leave_the_report_to_a_whole_run(tmp_path, 
     monkeypatch.setattr(leaderboard, "measure", fake_measure)
     monkeypatch.setattr(leaderboard, "plot", lambda results, folder: [])
     configs = ["a.yaml", "b.yaml", "c.yaml"]
-    common = ["--configs", *configs, "--records", str(tmp_path)]
+    common = ["--configs", *configs, "--records", str(tmp_path), "--out", str(tmp_path / "out")]
     assert leaderboard.main([*common, "--shard", "0/2"]) == 0
     threads = torch.get_num_threads()
     try:
@@ -397,6 +397,9 @@ def test_shards_split_the_configs_and_leave_the_report_to_a_whole_run(tmp_path, 
     finally:
         torch.set_num_threads(threads)
     assert seen == [["a.yaml", "c.yaml"], ["b.yaml"]]
+    # each shard's numbers in a file of its own beside the runs, none beside the records
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["leaderboard-shard0of2.json", "leaderboard-shard1of2.json"]
+    assert not (tmp_path / "leaderboard.json").exists()
     for bad in (["--shard", "2/2"], ["--shard", "x"], ["--shard", "0/2", "--docs", str(tmp_path)]):
         with pytest.raises(SystemExit):
             leaderboard.main([*common, *bad])
