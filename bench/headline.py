@@ -47,6 +47,7 @@ from genalign.leaderboard import (  # noqa: E402
     config_settings,
     evaluate,
     fingerprint,
+    made_elsewhere,
     read_points,
     write_block,
     write_points,
@@ -92,7 +93,7 @@ def long_run(args: argparse.Namespace) -> dict[str, Any]:
                  "run.export_every": args.export_every, "run.output_dir": folder, "run.checkpoint_every": 0,
                  "run.sample_every": 0, "run.tracker": "none"}
     made_from = fingerprint(config_settings(args.config, overrides), args.seed, args.minutes, "cpu", args.export_every)
-    if record.is_file() and json.loads(record.read_text()).get("fingerprint") != made_from and not args.redo:
+    if made_elsewhere(record, made_from) and not args.redo:
         raise SystemExit(f"{record} was made from other settings (the config's, --seed, --minutes or --export-every): "
                          "--redo replaces it and its evaluations, or keep it and write elsewhere with --records")
     points = read_points(record, made_from)

@@ -191,6 +191,12 @@ def read_points(record: Path, made_from: str) -> list[dict[str, Any]] | None:
     return None
 
 
+def made_elsewhere(record: Path, made_from: str) -> bool:
+    """Whether ``record`` is there and was made from something other than ``made_from`` (what
+    ``read_points`` would throw away)."""
+    return record.is_file() and json.loads(record.read_text()).get("fingerprint") != made_from
+
+
 def write_points(record: Path, made_from: str, points: list[dict[str, Any]]) -> None:
     _write(record, json.dumps({"fingerprint": made_from, "points": points}, indent=1) + "\n")
 
@@ -335,21 +341,20 @@ def run_shape(config_path: str, s: Settings) -> tuple[dict[str, Any], float, dic
     return config, per_step, steps, export_interval(list(steps.values()))
 
 
-def made_otherwise(s: Settings) -> list[str]:
+def made_otherwise(s: Settings, shapes: dict[str, tuple[Any, float, dict[int, int], int]]) -> list[str]:
     """The run records in ``s.records`` that these settings would replace: made from other settings
-    (an edited config, other budgets or export interval), for the same config name and seed."""
+    (an edited config, other budgets or export interval), for the same config name and seed.
+    ``shapes``: each config's ``run_shape``."""
     records = Path(s.records)
     found = []
-    for config_path in s.configs:
-        _, _, steps, every = run_shape(config_path, s)
+    for config_path, (_, _, steps, every) in shapes.items():
         for seed in s.seeds:
             record = records / "runs" / Path(config_path).stem / f"seed{seed}" / "points.json"
-            made_from = run_fingerprint(config_path, seed, max(steps.values()), every)
-            if record.is_file() and json.loads(record.read_text()).get("fingerprint") != made_from:
+            if made_elsewhere(record, run_fingerprint(config_path, seed, max(steps.values()), every)):
                 found.append(str(record.parent))
     for seed in s.seeds if s.trl else []:
         record = records / "runs" / TRL_NAME / f"seed{seed}" / "points.json"
-        if record.is_file() and json.loads(record.read_text()).get("fingerprint") != trl_fingerprint(seed, s):
+        if made_elsewhere(record, trl_fingerprint(seed, s)):
             found.append(str(record.parent))
     return found
 
@@ -363,13 +368,14 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
     names = [Path(c).stem for c in s.configs]
     if len(set(names)) < len(names):
         raise ValueError(f"two configs of the same name among {s.configs}: their records would mix")
-    stale = [] if s.recorded or s.redo else made_otherwise(s)
+    shapes = {config_path: run_shape(config_path, s) for config_path in s.configs}
+    stale = [] if s.recorded or s.redo else made_otherwise(s, shapes)
     if stale:
         raise StaleRecords(f"{len(stale)} run record(s) in {records} were made from other settings (an edited "
                            f"config's settings, other budgets): {', '.join(stale)}. Replace them (their evaluations "
                            "too) with --redo, or keep them and write elsewhere with --records")
     for config_path, name in zip(s.configs, names):
-        config, per_step, steps, every = run_shape(config_path, s)
+        config, per_step, steps, every = shapes[config_path]
         family, path = config["backbone"]["family"], config["backbone"]["path"]
         reward = "+".join(r["name"] for r in config["reward"]) or "-"
         with_proxy = reward in PROXY_REWARDS
@@ -408,7 +414,7 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
         methods[name], differences[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
         methods[name]["model"] = differences[name]["model"] = path
     if s.trl:
-        steps = {q: math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets}
+        steps = trl_steps(s)
         runs = {}
         for seed in s.seeds:  # scored like genalign's gold-trained runs: the budgets' epochs and the minutes'
             if s.recorded:
@@ -502,10 +508,15 @@ def score_runs(name: str, family: str, path: str, with_proxy: bool, runs: dict[i
 TRL_NAME, TRL_MODEL, TRL_QUERIES_PER_EPOCH = "trl_ddpo", "models/shapes/sd", 16
 
 
+def trl_steps(s: Settings) -> dict[int, int]:
+    """Each reward-query budget's TRL epoch."""
+    return {q: math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets}
+
+
 def trl_epochs(s: Settings) -> list[int]:
     """The epochs a TRL run saves its LoRA at: every ``export_interval`` of the budgets' epochs, as
     genalign's runs export (the minute budgets read them)."""
-    budgets = sorted({math.ceil(q / TRL_QUERIES_PER_EPOCH) for q in s.budgets})
+    budgets = sorted(set(trl_steps(s).values()))
     every = export_interval(budgets)
     return list(range(every, budgets[-1] + 1, every))
 
