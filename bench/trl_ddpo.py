@@ -27,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,10 +177,12 @@ def main() -> None:
     parser.add_argument("--train-out", default="runs/shapes-trl-ddpo")
     args = parser.parse_args()
     python = ensure_venv(Path(args.venv))
-    model = trl_model_folder(ROOT / args.model, ROOT / "bench" / "results" / "trl-model")
-    check_model_loads(python, model)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    (throughput if args.mode == "throughput" else train)(args, python, model)
+    # A folder of this run's own: two runs side by side (the leaderboard's seeds) each rebuild it.
+    with tempfile.TemporaryDirectory(prefix="trl-model-") as folder:
+        model = trl_model_folder(ROOT / args.model, Path(folder) / "model")
+        check_model_loads(python, model)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        (throughput if args.mode == "throughput" else train)(args, python, model)
 
 
 if __name__ == "__main__":
