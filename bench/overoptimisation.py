@@ -1,6 +1,7 @@
 """Over-optimisation of the CLIP proxy, in the manner of Gao et al. (2023): the held-out gold
 against the proxy's own gain over training, for Adjoint Matching on the single proxy and on the
-worst-case ensemble of three, at the shipped tilt and at ten times it.
+worst-case ensemble of three, at the shipped tilt and at ten times it, and on the same three
+uncertainty-weighted (UWO, Coste et al. 2024: mean - lambda x the members' variance) at ten times it.
 
     python bench/overoptimisation.py                 # train and score the stronger runs (resumable), then plot
     python bench/overoptimisation.py --recorded      # plot from the records only
@@ -9,7 +10,10 @@ The shipped configs' curves come from the leaderboard's records (bench/leaderboa
 seeds x 2 evaluation seeds of 100 held-out prompts a task). The stronger tilt is each shipped config
 with ``method.reward_multiplier`` times ``--factor`` (written into ``<records>/configs/``), trained
 and scored by ``genalign.leaderboard`` with its own, cheaper settings (default: training seed 0,
-evaluation seed 1, 50 prompts a task: a hint, its gain paired with its own base images). Writes
+evaluation seed 1, 50 prompts a task: a hint, its gain paired with its own base images). The UWO run
+is the stronger worst-case config with ``aggregate: uncertainty`` and ``uncertainty_weight``
+``--uncertainty-weight`` (default 0.5, genalign's default; on members standardised by their spread
+on the base model's images, as the worst case's are). Writes
 ``overoptimisation.png`` (``--plot``) and prints each curve's points.
 """
 
@@ -23,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("configs/shapes/adjoint_matching.yaml", "configs/shapes/adjoint_matching_ensemble.yaml")
 NAMES = {"adjoint_matching": "am", "adjoint_matching_ensemble": "am_ensemble"}
+UWO_FROM = "adjoint_matching_ensemble"  # the worst-case config the UWO run is made from
 
 
 def stronger(config_text: str, factor: float) -> str:
@@ -34,13 +39,29 @@ def stronger(config_text: str, factor: float) -> str:
     return text
 
 
-def write_configs(records: Path, factor: float) -> list[str]:
+def uncertainty_weighted(config_text: str, weight: float) -> str:
+    """A worst-case ensemble config as the uncertainty-weighted one (UWO) with lambda ``weight``:
+    its ``aggregate: worst`` line becomes ``aggregate: uncertainty`` and ``uncertainty_weight``."""
+    text, count = re.subn(r"(?m)^(\s*)aggregate:\s*worst\s*$",
+                          lambda m: f"{m.group(1)}aggregate: uncertainty\n{m.group(1)}uncertainty_weight: {weight!r}",
+                          config_text)
+    if count != 1:
+        raise ValueError(f"expected one 'aggregate: worst' line, found {count}")
+    return text
+
+
+def write_configs(records: Path, factor: float, uncertainty_weight: float | None = None) -> list[str]:
+    """The stronger tilt's configs in ``records``/configs (rewritten only when changed); with
+    ``uncertainty_weight``, also the UWO run's."""
     folder = records / "configs"
     folder.mkdir(parents=True, exist_ok=True)
+    texts = {f"{NAMES[Path(s).stem]}_x{factor:g}": stronger((ROOT / s).read_text(), factor) for s in SHIPPED}
+    if uncertainty_weight is not None:
+        worst = texts[f"{NAMES[UWO_FROM]}_x{factor:g}"]
+        texts[f"am_uwo_x{factor:g}"] = uncertainty_weighted(worst, uncertainty_weight)
     paths = []
-    for shipped in SHIPPED:
-        path = folder / f"{NAMES[Path(shipped).stem]}_x{factor:g}.yaml"
-        text = stronger((ROOT / shipped).read_text(), factor)
+    for name, text in texts.items():
+        path = folder / f"{name}.yaml"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
         paths.append(str(path))
@@ -68,7 +89,7 @@ def plot(all_curves: dict[str, list[dict]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colours = {"adjoint_matching": "tab:blue", "adjoint_matching_ensemble": "tab:orange", "am": "tab:blue",
-               "am_ensemble": "tab:orange"}
+               "am_ensemble": "tab:orange", "am_uwo": "tab:green"}
     for name, points in all_curves.items():
         method = name.split(" ")[0]
         base = re.sub(r"_x[0-9.]+$", "", method)
@@ -100,6 +121,9 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--factor", type=float, default=10.0, help="the stronger tilt: reward_multiplier times this")
+    parser.add_argument("--uncertainty-weight", type=float, default=0.5,
+                        help="the UWO run's lambda (mean - lambda x variance over the standardised members)")
+    parser.add_argument("--no-uwo", action="store_true", help="leave the uncertainty-weighted run out")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--per-task", type=int, default=50)
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[1])
@@ -110,7 +134,9 @@ def main() -> int:
     parser.add_argument("--plot", default="docs/img/overoptimisation.png")
     args = parser.parse_args()
     records = Path(args.records)
-    configs = write_configs(records, args.factor)
+    if args.uncertainty_weight < 0:
+        parser.error(f"--uncertainty-weight must be >= 0, got {args.uncertainty_weight}")
+    configs = write_configs(records, args.factor, None if args.no_uwo else args.uncertainty_weight)
     common = ["--seeds", *map(str, args.seeds), "--per-task", str(args.per_task), "--eval-seeds",
               *map(str, args.eval_seeds), "--records", str(records), "--out", args.out, "--references"]
     if args.threads is not None:

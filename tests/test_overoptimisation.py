@@ -24,3 +24,27 @@ def test_the_stronger_config_changes_the_reward_multiplier_alone():
         assert len(changed) == 1 and len(text.splitlines()) == len(strong.splitlines())
     with pytest.raises(ValueError, match="one reward_multiplier line, found 0"):
         overoptimisation.stronger("method:\n  name: ddpo\n", 10.0)
+
+
+def test_the_uncertainty_weighted_config_changes_the_aggregate_alone():
+    worst = (ROOT / "configs/shapes/adjoint_matching_ensemble.yaml").read_text()
+    uwo = overoptimisation.uncertainty_weighted(worst, 0.25)
+    before, after = yaml.safe_load(worst), yaml.safe_load(uwo)
+    assert after["reward"]["options"]["aggregate"] == "uncertainty"
+    assert after["reward"]["options"].pop("uncertainty_weight") == 0.25
+    after["reward"]["options"]["aggregate"] = "worst"
+    assert after == before
+    with pytest.raises(ValueError, match="one 'aggregate: worst' line, found 0"):
+        overoptimisation.uncertainty_weighted(uwo, 0.5)
+
+
+def test_the_stronger_configs_are_written_once_and_named(tmp_path):
+    paths = overoptimisation.write_configs(tmp_path, 10.0, 0.5)
+    assert [Path(p).name for p in paths] == ["am_x10.yaml", "am_ensemble_x10.yaml", "am_uwo_x10.yaml"]
+    uwo = yaml.safe_load(Path(paths[2]).read_text())
+    worst = yaml.safe_load(Path(paths[1]).read_text())
+    assert uwo["method"] == worst["method"] and uwo["reward"]["options"]["members"] == worst["reward"]["options"]["members"]
+    assert uwo["reward"]["options"]["uncertainty_weight"] == 0.5
+    stamp = Path(paths[0]).stat().st_mtime_ns
+    assert overoptimisation.write_configs(tmp_path, 10.0, None) == paths[:2]
+    assert Path(paths[0]).stat().st_mtime_ns == stamp  # unchanged text: the file is left alone
