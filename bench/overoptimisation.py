@@ -87,7 +87,7 @@ def plot(all_curves: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     colours = {"adjoint_matching": "tab:blue", "adjoint_matching_ensemble": "tab:orange", "am": "tab:blue",
                "am_ensemble": "tab:orange", "am_uwo": "tab:green"}
     for name, points in all_curves.items():
@@ -108,7 +108,7 @@ def plot(all_curves: dict[str, list[dict]], path: Path) -> None:
     ax.set_ylabel("gold gain (exact evaluator, held-out prompts)")
     ax.set_title("Adjoint Matching on the CLIP proxy: gold against proxy over training\n"
                  "(points: reward queries; bars: one standard error; dashed: 10x the tilt)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, not on them
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
