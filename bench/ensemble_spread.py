@@ -5,8 +5,8 @@ penalises, on the base model's images and on fine-tuned ones.
     python bench/ensemble_spread.py                               # the base shapes flow model
     python bench/ensemble_spread.py --lora RUN/final [RUN2/final]   # and each LoRA's images
 
-Samples ``--per-task`` held-out prompts a task (10 ODE steps, guidance 2: the shipped ensemble
-config's rollouts, eta 0 here), scores every image with each member of the ensemble in ``--config``
+Samples ``--per-task`` held-out prompts a task (the config's ``sample`` steps and guidance, at eta 0),
+scores every image with each member of the ensemble in ``--config``
 (standardised by its ``member_stats`` as training standardises them) and prints, over the images:
 the members' mean, its spread across images, the mean within-image variance (what UWO subtracts,
 times lambda), the worst member's distance below the mean (what WCO gives up) and the members'
@@ -16,6 +16,7 @@ pairwise correlation across images.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def spread(scores: torch.Tensor) -> dict[str, float]:
-    """(K, N) standardised member scores -> the figures this script prints."""
+    """(K, N) standardised member scores, K >= 2 -> the figures this script prints."""
+    if scores.dim() != 2 or scores.shape[0] < 2:
+        raise ValueError(f"expected (members >= 2, images) scores, got shape {tuple(scores.shape)}")
     mean = scores.mean(0)
     variance = scores.var(0, unbiased=False)
     correlation = torch.corrcoef(scores)
@@ -44,9 +47,11 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="also write the table here (markdown)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from genalign.core.config import from_dict
     from genalign.core.experiment import BackboneConfig, RewardConfig
     from genalign.pipelines import load_backbone
     from genalign.rewards import load_reward
@@ -57,25 +62,32 @@ def main() -> None:
     options = config["reward"]["options"]
     if config["reward"]["name"] != "ensemble" or "member_stats" not in options:
         raise SystemExit(f"{args.config}: expected an ensemble reward with member_stats")
-    members = [load_reward(RewardConfig(**m)) for m in options["members"]]
+    members = [load_reward(from_dict(RewardConfig, m, "reward.options", f"members[{i}]."))
+               for i, m in enumerate(options["members"])]
     stats = torch.tensor(options["member_stats"])
+    steps = int(config.get("sample", {}).get("num_steps", 10))
+    guidance = float(config.get("sample", {}).get("guidance_scale", 2.0))
     prompts = [m["prompt"] for m in evaluation_set("heldout", per_task=args.per_task, seed=args.seed)]
     backbone_config = {k: v for k, v in config["backbone"].items() if k in ("family", "path")}
-    print(f"{len(prompts)} held-out prompts, 10 steps, guidance 2, seed {args.seed}; members standardised by "
-          f"{args.config}'s member_stats\n")
-    print("| images of | members' mean | its spread across images | mean within-image variance | worst below the mean "
-          "| members' pairwise correlation |\n|---|---|---|---|---|---|")
+    lines = ["python bench/ensemble_spread.py " + " ".join(sys.argv[1:]), "",
+             f"{len(prompts)} held-out prompts, {steps} steps, guidance {guidance:g}, seed {args.seed}; members "
+             f"standardised by {args.config}'s member_stats", "",
+             "| images of | members' mean | its spread across images | mean within-image variance | worst below the mean "
+             "| members' pairwise correlation |", "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for lora in [None, *args.lora]:
         started = time.process_time()
         backbone = load_backbone(BackboneConfig(**backbone_config, finetune="none"), "cpu", lora=lora)
         with torch.no_grad():
-            images = generate(backbone, prompts, num_steps=10, guidance_scale=2.0, seed=args.seed)
+            images = generate(backbone, prompts, num_steps=steps, guidance_scale=guidance, seed=args.seed)
             raw = torch.stack([m(images.clamp(0, 1), prompts)[0].float().cpu() for m in members])
         s = spread((raw - stats[:, :1]) / stats[:, 1:])
-        print(f"| {lora or 'the base ' + backbone_config['path']} | {s['mean']:+.2f} | {s['mean_sd_across_images']:.2f} | "
-              f"{s['within_image_variance']:.3f} | {s['worst_below_mean']:.2f} | {s['pairwise_correlation']:.2f} |",
-              flush=True)
-        print(f"<!-- {(time.process_time() - started) / 60:.1f} CPU min -->", flush=True)
+        lines.append(f"| {lora or 'the base ' + backbone_config['path']} | {s['mean']:+.2f} | "
+                     f"{s['mean_sd_across_images']:.2f} | {s['within_image_variance']:.3f} | {s['worst_below_mean']:.2f} | "
+                     f"{s['pairwise_correlation']:.2f} |")
+        print(lines[-1], f"<!-- {(time.process_time() - started) / 60:.1f} CPU min -->", flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,13 +41,21 @@ def stronger(config_text: str, factor: float) -> str:
 
 def uncertainty_weighted(config_text: str, weight: float) -> str:
     """A worst-case ensemble config as the uncertainty-weighted one (UWO) with lambda ``weight``:
-    its ``aggregate: worst`` line becomes ``aggregate: uncertainty`` and ``uncertainty_weight``."""
-    text, count = re.subn(r"(?m)^(\s*)aggregate:\s*worst\s*$",
+    its ``aggregate: worst`` line becomes ``aggregate: uncertainty`` and ``uncertainty_weight``, under
+    a first line saying so (the worst-case header below it describes the rest)."""
+    text, count = re.subn(r"(?m)^([ \t]*)aggregate:[ \t]*worst[ \t]*$",
                           lambda m: f"{m.group(1)}aggregate: uncertainty\n{m.group(1)}uncertainty_weight: {weight!r}",
                           config_text)
     if count != 1:
         raise ValueError(f"expected one 'aggregate: worst' line, found {count}")
-    return text
+    return (f"# bench/overoptimisation.py: the config below with aggregate: uncertainty (UWO, lambda {weight:g}) in "
+            "place of worst\n" + text)
+
+
+def uwo_name(factor: float, weight: float) -> str:
+    """The UWO run's name: its lambda in it where it is not the default 0.5 (so that records of one
+    lambda are never read as another's)."""
+    return f"am_uwo_x{factor:g}" if weight == 0.5 else f"am_uwo_l{weight:g}_x{factor:g}"
 
 
 def write_configs(records: Path, factor: float, uncertainty_weight: float | None = None) -> list[str]:
@@ -58,7 +66,7 @@ def write_configs(records: Path, factor: float, uncertainty_weight: float | None
     texts = {f"{NAMES[Path(s).stem]}_x{factor:g}": stronger((ROOT / s).read_text(), factor) for s in SHIPPED}
     if uncertainty_weight is not None:
         worst = texts[f"{NAMES[UWO_FROM]}_x{factor:g}"]
-        texts[f"am_uwo_x{factor:g}"] = uncertainty_weighted(worst, uncertainty_weight)
+        texts[uwo_name(factor, uncertainty_weight)] = uncertainty_weighted(worst, uncertainty_weight)
     paths = []
     for name, text in texts.items():
         path = folder / f"{name}.yaml"
@@ -92,7 +100,7 @@ def plot(all_curves: dict[str, list[dict]], path: Path) -> None:
                "am_ensemble": "tab:orange", "am_uwo": "tab:green"}
     for name, points in all_curves.items():
         method = name.split(" ")[0]
-        base = re.sub(r"_x[0-9.]+$", "", method)
+        base = re.sub(r"(_l[0-9.]+)?_x[0-9.]+$", "", method)
         dashed = base != method
         xs, ys = [0.0] + [p["proxy"] for p in points], [0.0] + [p["gold"] for p in points]
         ax.errorbar(xs, ys, yerr=[0.0] + [p["gold_se"] for p in points],

@@ -413,6 +413,7 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
             continue
         methods[name], differences[name] = summarise(name, config_path, family, reward, per_step, steps, runs, base, s)
         methods[name]["model"] = differences[name]["model"] = path
+        differences[name]["draws"] = "genalign"  # whose seeds: runs of one seed share draws only within one code
     if s.trl:
         steps = trl_steps(s)
         runs = {}
@@ -432,6 +433,7 @@ def measure(s: Settings, log: Any = print) -> dict[str, Any]:
             methods[TRL_NAME], differences[TRL_NAME] = summarise(TRL_NAME, described, "sd", "shapes_gold",
                                                                  TRL_QUERIES_PER_EPOCH, steps, runs, base, s)
             methods[TRL_NAME]["model"] = differences[TRL_NAME]["model"] = TRL_MODEL
+            differences[TRL_NAME]["draws"] = "trl"
     return {"settings": asdict(s), "date": time.strftime("%Y-%m-%d"), "machine": machine(), "methods": methods,
             "comparisons": comparisons(differences, s.references)}
 
@@ -441,9 +443,10 @@ def comparisons(methods: dict[str, Any], references: Sequence[str]) -> list[dict
     its ``model``). Each method against the reference method on its backbone (the first of ``references`` on the
     same model), at every budget both have: the difference of their gains, paired image by image
     (the base cancels). Runs of the same training seed share its draws (initialisation, prompts,
-    first rollouts), so where both methods ran the same seeds the difference is paired by seed too
+    first rollouts) when one code drew them (each method's ``draws``, default genalign's), so where
+    both methods ran the same seeds of one code the difference is paired by seed too
     (``pooled_paired_gain`` of the per-seed, per-image differences); otherwise the seeds are
-    independent (``pooled_difference``)."""
+    independent (``pooled_difference``: TRL's seed 0 shares nothing with genalign's)."""
     from genalign.shapes.scoring import pooled_difference, pooled_paired_gain
 
     out = []
@@ -461,7 +464,7 @@ def comparisons(methods: dict[str, Any], references: Sequence[str]) -> list[dict
                 b = ref[kind].get(key)
                 if b is None:
                     continue
-                if sorted(a) == sorted(b):
+                if sorted(a) == sorted(b) and m.get("draws", "genalign") == ref.get("draws", "genalign"):
                     both = pooled_paired_gain([[x - y for x, y in zip(a[seed], b[seed])] for seed in a], m["tags"])
                     d = {"difference": both["gain"], "standard_error": both["standard_error"], "paired_seeds": True}
                 else:
@@ -688,9 +691,9 @@ def comparison_table(results: dict[str, Any]) -> list[str]:
 
 
 COMPARED = ("Each method against the reference on its backbone: the difference of the two gains, paired image by "
-            "image (the base's images cancel) and, where both ran the same training seeds, seed by seed (runs of "
-            "one seed share its initialisation, prompts and first rollouts); its standard error pools the seeds' "
-            "spread with the evaluation's:")
+            "image (the base's images cancel) and, where both ran the same training seeds in one code, seed by seed "
+            "(runs of one seed share its initialisation, prompts and first rollouts; TRL's share nothing with "
+            "genalign's); its standard error pools the seeds' spread with the evaluation's:")
 
 
 def _cell(gain: float, error: float, seeds: int | str) -> str:

@@ -21,3 +21,8 @@ def test_the_spread_of_two_members_over_three_images():
     assert s["worst_below_mean"] == pytest.approx(1 / 3)
     # deviations (-2, 0, 2) and (-5/3, -2/3, 7/3): r = 8 / sqrt(8 x 78/9)
     assert s["pairwise_correlation"] == pytest.approx(8 / (8 * 78 / 9) ** 0.5)
+
+
+def test_one_member_has_no_spread():
+    with pytest.raises(ValueError, match="members >= 2"):
+        ensemble_spread.spread(torch.tensor([[0.0, 1.0, 2.0]]))

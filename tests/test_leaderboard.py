@@ -117,6 +117,10 @@ def test_each_method_is_compared_with_its_backbones_reference_paired_by_seed_whe
     assert not independent["paired_seeds"] and independent["difference"] == pytest.approx(1 / 3)
     lines = leaderboard.comparison_table({"settings": {"budgets": [800], "minutes": []}, "comparisons": list(rows.values())})
     assert "| `same_seeds` | `ref` | +0.333 (0.333, 1.0 SE; 2 seeds, paired) |" in lines
+    # the same seed numbers drawn by another code (TRL's) share nothing: independent, as other seeds
+    methods["other_code"] = {**method("sd3", {"800": {0: [1, 0, 1], 1: [1, 1, 0]}}), "draws": "trl"}
+    other_code = {r["method"]: r for r in leaderboard.comparisons(methods, ["ref"])}["other_code"]["budgets"]["800"]
+    assert not other_code["paired_seeds"] and other_code == {**independent, "seeds": [2, 2]}
     methods["same_seeds"]["tags"] = ["u"] * 3
     with pytest.raises(ValueError, match="other images"):
         leaderboard.comparisons(methods, ["ref"])

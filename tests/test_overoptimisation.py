@@ -36,6 +36,8 @@ def test_the_uncertainty_weighted_config_changes_the_aggregate_alone():
     assert after == before
     with pytest.raises(ValueError, match="one 'aggregate: worst' line, found 0"):
         overoptimisation.uncertainty_weighted(uwo, 0.5)
+    with pytest.raises(ValueError, match="found 0"):  # a line's end is not crossed
+        overoptimisation.uncertainty_weighted("options:\n  aggregate:\n\n  worst\n", 0.5)
 
 
 def test_the_stronger_configs_are_written_once_and_named(tmp_path):
@@ -45,6 +47,9 @@ def test_the_stronger_configs_are_written_once_and_named(tmp_path):
     worst = yaml.safe_load(Path(paths[1]).read_text())
     assert uwo["method"] == worst["method"] and uwo["reward"]["options"]["members"] == worst["reward"]["options"]["members"]
     assert uwo["reward"]["options"]["uncertainty_weight"] == 0.5
+    assert Path(paths[2]).read_text().startswith("# bench/overoptimisation.py: the config below with aggregate: "
+                                                 "uncertainty (UWO, lambda 0.5)")
+    assert Path(overoptimisation.write_configs(tmp_path, 10.0, 2.0)[2]).name == "am_uwo_l2_x10.yaml"
     stamp = Path(paths[0]).stat().st_mtime_ns
     assert overoptimisation.write_configs(tmp_path, 10.0, None) == paths[:2]
     assert Path(paths[0]).stat().st_mtime_ns == stamp  # unchanged text: the file is left alone
