@@ -6,8 +6,8 @@ penalises, on the base model's images and on fine-tuned ones.
     python bench/ensemble_spread.py --lora RUN/final [RUN2/final]   # and each LoRA's images
 
 Samples ``--per-task`` held-out prompts a task (the config's ``sample`` steps and guidance, at eta 0),
-scores every image with each member of the ensemble in ``--config``
-(standardised by its ``member_stats`` as training standardises them) and prints, over the images:
+scores every image with each member of the ensemble in ``--config`` (``Ensemble.member_scores``:
+standardised by its ``member_stats``, as training scores them) and prints, over the images:
 the members' mean, its spread across images, the mean within-image variance (what UWO subtracts,
 times lambda), the worst member's distance below the mean (what WCO gives up) and the members'
 pairwise correlation across images.
@@ -55,16 +55,14 @@ def main() -> None:
     from genalign.core.experiment import BackboneConfig, RewardConfig
     from genalign.pipelines import load_backbone
     from genalign.rewards import load_reward
+    from genalign.rewards.combine import Ensemble
     from genalign.shapes.scoring import generate
     from genalign.shapes.world import evaluation_set
 
     config = yaml.safe_load((ROOT / args.config).read_text())
-    options = config["reward"]["options"]
-    if config["reward"]["name"] != "ensemble" or "member_stats" not in options:
+    ensemble = load_reward(from_dict(RewardConfig, config["reward"], "reward"))
+    if not isinstance(ensemble, Ensemble) or not ensemble.member_stats:
         raise SystemExit(f"{args.config}: expected an ensemble reward with member_stats")
-    members = [load_reward(from_dict(RewardConfig, m, "reward.options", f"members[{i}]."))
-               for i, m in enumerate(options["members"])]
-    stats = torch.tensor(options["member_stats"])
     steps = int(config.get("sample", {}).get("num_steps", 10))
     guidance = float(config.get("sample", {}).get("guidance_scale", 2.0))
     prompts = [m["prompt"] for m in evaluation_set("heldout", per_task=args.per_task, seed=args.seed)]
@@ -80,8 +78,8 @@ def main() -> None:
         backbone = load_backbone(BackboneConfig(**backbone_config, finetune="none"), "cpu", lora=lora)
         with torch.no_grad():
             images = generate(backbone, prompts, num_steps=steps, guidance_scale=guidance, seed=args.seed)
-            raw = torch.stack([m(images.clamp(0, 1), prompts)[0].float().cpu() for m in members])
-        s = spread((raw - stats[:, :1]) / stats[:, 1:])
+            standardised = ensemble.member_scores(images.clamp(0, 1), prompts)[0].float().cpu()
+        s = spread(standardised)
         lines.append(f"| {lora or 'the base ' + backbone_config['path']} | {s['mean']:+.2f} | "
                      f"{s['mean_sd_across_images']:.2f} | {s['within_image_variance']:.3f} | {s['worst_below_mean']:.2f} | "
                      f"{s['pairwise_correlation']:.2f} |")

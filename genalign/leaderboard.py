@@ -443,7 +443,7 @@ def comparisons(methods: dict[str, Any], references: Sequence[str]) -> list[dict
     its ``model``). Each method against the reference method on its backbone (the first of ``references`` on the
     same model), at every budget both have: the difference of their gains, paired image by image
     (the base cancels). Runs of the same training seed share its draws (initialisation, prompts,
-    first rollouts) when one code drew them (each method's ``draws``, default genalign's), so where
+    first rollouts) when one code drew them (each method's ``draws``: "genalign", "trl"), so where
     both methods ran the same seeds of one code the difference is paired by seed too
     (``pooled_paired_gain`` of the per-seed, per-image differences); otherwise the seeds are
     independent (``pooled_difference``: TRL's seed 0 shares nothing with genalign's)."""
@@ -464,7 +464,7 @@ def comparisons(methods: dict[str, Any], references: Sequence[str]) -> list[dict
                 b = ref[kind].get(key)
                 if b is None:
                     continue
-                if sorted(a) == sorted(b) and m.get("draws", "genalign") == ref.get("draws", "genalign"):
+                if sorted(a) == sorted(b) and m.get("draws") == ref.get("draws"):
                     both = pooled_paired_gain([[x - y for x, y in zip(a[seed], b[seed])] for seed in a], m["tags"])
                     d = {"difference": both["gain"], "standard_error": both["standard_error"], "paired_seeds": True}
                 else:

@@ -102,7 +102,10 @@ class Ensemble(RewardModel):
             raise ConfigError(f"reward {config.name}: unknown option(s) {sorted(unknown)}")
         return cls([load_reward(c, device) for c in configs], **options)
 
-    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def member_scores(self, images: Tensor, prompts: Sequence[str],
+                      metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Each member's scores, standardised by ``member_stats`` where given: (K, B), with the members'
+        own subscores merged (what the aggregate is taken over)."""
         check_inputs(images, prompts, metadata)
         subscores: dict[str, Tensor] = {}
         members = []
@@ -114,7 +117,10 @@ class Ensemble(RewardModel):
                 mean, std = self.member_stats[i]
                 scores = (scores - mean) / std
             members.append(scores)
-        stacked = torch.stack(members)  # (K, B)
+        return torch.stack(members), subscores
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[Tensor, dict[str, Tensor]]:
+        stacked, subscores = self.member_scores(images, prompts, metadata)  # (K, B)
         mean = stacked.mean(0)
         variance = stacked.var(0, unbiased=False)
         subscores["ensemble_mean"], subscores["ensemble_variance"] = mean, variance

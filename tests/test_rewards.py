@@ -421,6 +421,9 @@ def test_ensemble_aggregations_by_hand():
     assert sub["ensemble_variance"].tolist() == pytest.approx([26 / 3, 0.0])
     standardised, _ = Ensemble(members[:2], "mean", member_stats=[[1.0, 2.0], [3.0, 1.0]])(images, prompts)
     assert standardised.tolist() == pytest.approx([(0.0 + 0.0) / 2, (0.5 - 1.0) / 2])
+    each, _ = Ensemble(members[:2], "mean", member_stats=[[1.0, 2.0], [3.0, 1.0]]).member_scores(images, prompts)
+    assert each.flatten().tolist() == pytest.approx([0.0, 0.5, 0.0, -1.0])  # (1-1)/2, (2-1)/2; (3-3)/1, (2-3)/1
+    assert each.shape == (2, 2)
 
 
 def test_rewards_are_selected_by_name_from_a_config(hf_clip, tmp_path):
